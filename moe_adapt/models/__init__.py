@@ -1,0 +1,1 @@
+from .moe_vit import *  # noqa: F401,F403

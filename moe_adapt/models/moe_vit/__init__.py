@@ -1,0 +1,12 @@
+from .configuration_moe_vit import PRESETS, TASK_TYPES, MoEViTConfig
+from .losses import MutualInformationLoss, load_balancing_loss, mutual_information_loss, router_z_loss
+from .modeling_moe_vit import (
+    ExpertDispatch,
+    MoEViTBackbone,
+    MoEViTForImageClassification,
+    MoEViTImageClassifierOutput,
+    MoEViTModel,
+    MoEViTModelOutput,
+    MoEViTPreTrainedModel,
+    RouterOutput,
+)

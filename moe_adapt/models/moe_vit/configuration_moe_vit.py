@@ -1,0 +1,275 @@
+"""Configuration of the multi-task mixture-of-experts Vision Transformer (``model_type="moe_vit"``)."""
+
+from __future__ import annotations
+
+import copy
+
+from transformers.backbone_utils import BackboneConfigMixin
+from transformers.configuration_utils import PreTrainedConfig
+
+TASK_TYPES = ("classification", "detection", "semantic_segmentation")
+
+# Mod-Squad layouts (Chen et al., CVPR 2023): even blocks hold a mixture of attention heads (MoA) and a dense MLP,
+# odd blocks a dense attention and a mixture of MLP experts.
+PRESETS: dict[str, dict] = {
+    "vit-s": dict(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+        image_size=224, patch_size=16, attn_num_experts=15, attn_top_k=6, mlp_num_experts=16, mlp_top_k=4,
+    ),
+    "vit-b": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        image_size=224, patch_size=16, attn_num_experts=24, attn_top_k=12, mlp_num_experts=16, mlp_top_k=4,
+    ),
+    # Small enough for unit tests on a laptop CPU (a forward pass takes milliseconds).
+    "tiny": dict(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+        image_size=32, patch_size=8, attn_num_experts=6, attn_top_k=2, mlp_num_experts=8, mlp_top_k=2,
+    ),
+    # The embedded mini benchmark's model (64x64 canvases): trains on 2 CPU cores in minutes.
+    "mini": dict(
+        hidden_size=96, num_hidden_layers=6, num_attention_heads=4, intermediate_size=384,
+        image_size=64, patch_size=8, attn_num_experts=8, attn_top_k=4, mlp_num_experts=8, mlp_top_k=2,
+    ),
+}
+
+
+def _per_layer(name: str, value, depth: int) -> list[int]:
+    if isinstance(value, int):
+        return [value] * depth
+    value = [int(v) for v in value]
+    if len(value) != depth:
+        raise ValueError(
+            f"MoEViTConfig.{name} has {len(value)} entries ({value}) but num_hidden_layers={depth}: "
+            "give one expert count per layer (0 = a dense layer)."
+        )
+    if any(v < 0 for v in value):
+        raise ValueError(f"MoEViTConfig.{name} has a negative expert count: {value}.")
+    return value
+
+
+class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
+    r"""Configuration of [`MoEViTModel`]: a ViT whose layers are mixtures of experts with one router per task.
+
+    Field names follow transformers' `ViTConfig`; the MoE fields are:
+
+    - `tasks` (`list[str]`): task names; each task owns a router in every MoE layer and a task embedding.
+    - `task_types` (`dict[str, str]`): `classification`, `detection` or `semantic_segmentation` per task
+      (default `classification`). `task_labels` (`dict[str, list[str]]`): label names per task.
+    - `attn_experts`, `mlp_experts` (`list[int]`): number of experts in each layer's attention / MLP; 0 = dense.
+      Per-layer lists let sliced models (fewer experts in some layers) save and reload exactly.
+    - `attn_top_k`, `mlp_top_k`: experts each token selects. `attn_expert_head_size` (default `2*d/heads`,
+      Mod-Squad's doubled head) is the width of one attention expert; `mlp_expert_size` (default
+      `4*d/mlp_top_k`, so the active width equals a dense ViT's) is the width of one MLP expert.
+    - `router_renormalize` (default True): renormalise the top-k gates to sum to one. This makes slicing exact
+      (Mod-Squad does not renormalise).
+    - `router_z_loss_weight`, `balance_loss_weight` (default 0): Switch-style auxiliary losses, added to
+      `aux_loss` of each forward. `mi_loss_weight` (0.005) and `mi_task_prior` (`"token_share"` or
+      `"uniform"`) configure [`MutualInformationLoss`], which spans every micro-batch of an optimisation step.
+    - `task_router_sizes` (`dict[task, {"attn": [...], "mlp": [...]}]`, optional): the number of leading experts
+      a task's router may choose in each layer. Absent means all experts. Tasks added by continual learning
+      leave old tasks routing over exactly their old experts this way.
+    - `attn_expert_groups`, `mlp_expert_groups` (optional, per layer lists of group sizes): experts stored as
+      several fused tensors (groups) so that one group can be frozen while another trains.
+    - `parent_expert_ids` (optional): for a sliced model, the parent's expert id of every kept expert.
+
+    Dense layers use standard ViT multi-head attention (`num_attention_heads` heads of `hidden_size /
+    num_attention_heads`) so that public ViT checkpoints upcycle exactly ([`MoEViTModel.from_dense`]).
+
+    Example:
+
+    ```python
+    >>> from moe_adapt import MoEViTConfig, MoEViTModel
+    >>> config = MoEViTConfig.from_preset("vit-s", tasks=["cls", "det", "seg"])
+    >>> config.attn_experts[:4], config.mlp_experts[:4]
+    ([15, 0, 15, 0], [0, 16, 0, 16])
+    >>> model = MoEViTModel(MoEViTConfig.from_preset("tiny", tasks=["a", "b"]))
+    ```
+    """
+
+    model_type = "moe_vit"
+
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    drop_path_rate: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    pooling: str = "cls"
+    tasks: list | None = None
+    task_types: dict | None = None
+    task_labels: dict | None = None
+    attn_experts: list | None = None
+    mlp_experts: list | None = None
+    attn_top_k: int = 4
+    mlp_top_k: int = 4
+    attn_expert_head_size: int | None = None
+    mlp_expert_size: int | None = None
+    router_renormalize: bool = True
+    router_z_loss_weight: float = 0.0
+    balance_loss_weight: float = 0.0
+    mi_loss_weight: float = 0.005
+    mi_task_prior: str = "token_share"
+    task_router_sizes: dict | None = None
+    attn_expert_groups: list | None = None
+    mlp_expert_groups: list | None = None
+    parent_expert_ids: dict | None = None
+    default_task: str | None = None
+    backbone_task: str | None = None
+    backbone_fpn: bool = True
+    _out_features: list | None = None
+    _out_indices: list | None = None
+
+    def __post_init__(self, **kwargs):
+        out_indices = kwargs.pop("out_indices", None)
+        out_features = kwargs.pop("out_features", None)
+        depth = self.num_hidden_layers
+        if not self.tasks:
+            raise ValueError("MoEViTConfig.tasks is empty: give at least one task name, e.g. tasks=['cls'].")
+        self.tasks = [str(t) for t in self.tasks]
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"MoEViTConfig.tasks has duplicate names: {self.tasks}.")
+        self.task_types = dict(self.task_types or {})
+        for t in self.tasks:
+            self.task_types.setdefault(t, "classification")
+        for t, kind in self.task_types.items():
+            if t not in self.tasks:
+                raise ValueError(f"MoEViTConfig.task_types names task {t!r}, which is not in tasks={self.tasks}.")
+            if kind not in TASK_TYPES:
+                raise ValueError(f"MoEViTConfig.task_types[{t!r}]={kind!r}: expected one of {TASK_TYPES}.")
+        self.task_labels = {t: [str(x) for x in v] for t, v in (self.task_labels or {}).items()}
+        for t in self.task_labels:
+            if t not in self.tasks:
+                raise ValueError(f"MoEViTConfig.task_labels names task {t!r}, which is not in tasks={self.tasks}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"MoEViTConfig.hidden_size={self.hidden_size} is not a multiple of "
+                f"num_attention_heads={self.num_attention_heads}."
+            )
+        self.attn_experts = _per_layer("attn_experts", self.attn_experts if self.attn_experts is not None else 0, depth)
+        self.mlp_experts = _per_layer("mlp_experts", self.mlp_experts if self.mlp_experts is not None else 0, depth)
+        for name, counts, k in (("attn", self.attn_experts, self.attn_top_k), ("mlp", self.mlp_experts, self.mlp_top_k)):
+            if any(counts) and k < 1:
+                raise ValueError(f"MoEViTConfig.{name}_top_k={k} must be at least 1.")
+            for i, e in enumerate(counts):
+                if 0 < e < k:
+                    raise ValueError(
+                        f"MoEViTConfig.{name}_top_k={k} is larger than the {e} experts of layer {i} "
+                        f"({name}_experts={counts})."
+                    )
+        if self.attn_expert_head_size is None:
+            self.attn_expert_head_size = 2 * self.hidden_size // self.num_attention_heads
+        if self.mlp_expert_size is None:
+            self.mlp_expert_size = max(1, 4 * self.hidden_size // max(self.mlp_top_k, 1))
+        if self.mi_task_prior not in ("token_share", "uniform"):
+            raise ValueError(f"MoEViTConfig.mi_task_prior={self.mi_task_prior!r}: expected 'token_share' or 'uniform'.")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"MoEViTConfig.pooling={self.pooling!r}: expected 'cls' or 'mean'.")
+        for name in ("attn", "mlp"):
+            groups = getattr(self, f"{name}_expert_groups")
+            counts = getattr(self, f"{name}_experts")
+            if groups is None:
+                continue
+            groups = [[int(g) for g in layer] for layer in groups]
+            if len(groups) != depth or any(sum(g) != c for g, c in zip(groups, counts)):
+                raise ValueError(
+                    f"MoEViTConfig.{name}_expert_groups={groups} does not add up to {name}_experts={counts}."
+                )
+            setattr(self, f"{name}_expert_groups", groups)
+        self.task_router_sizes = copy.deepcopy(self.task_router_sizes or {})
+        for t, sizes in self.task_router_sizes.items():
+            if t not in self.tasks:
+                raise ValueError(f"MoEViTConfig.task_router_sizes names task {t!r}, which is not in tasks={self.tasks}.")
+            for name in ("attn", "mlp"):
+                counts = getattr(self, f"{name}_experts")
+                k = getattr(self, f"{name}_top_k")
+                layer_sizes = sizes.get(name, counts)
+                if len(layer_sizes) != depth or any(
+                    (c == 0 and s != 0) or (c > 0 and not k <= s <= c) for s, c in zip(layer_sizes, counts)
+                ):
+                    raise ValueError(
+                        f"MoEViTConfig.task_router_sizes[{t!r}][{name!r}]={layer_sizes} must hold, per layer, "
+                        f"between {name}_top_k={k} and {name}_experts={counts} experts."
+                    )
+        for t in (self.default_task, self.backbone_task):
+            if t is not None and t not in self.tasks:
+                raise ValueError(f"MoEViTConfig: task {t!r} is not in tasks={self.tasks}.")
+        if not self.id2label or set(self.id2label.values()) == {f"LABEL_{i}" for i in range(len(self.id2label))}:
+            labels = self.task_labels.get(self.default_task or self.tasks[0])
+            if labels:
+                kwargs["id2label"] = dict(enumerate(labels))
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, depth + 1)]
+        self.set_output_features_output_indices(out_indices=out_indices, out_features=out_features)
+        super().__post_init__(**kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, tasks: list[str], layout: str = "mod-squad", **kwargs) -> MoEViTConfig:
+        """Build a Mod-Squad layout: `"vit-s"`, `"vit-b"`, `"mini"` or `"tiny"`.
+
+        `layout="mod-squad"` puts attention experts in even blocks and MLP experts in odd blocks; `"all"` makes
+        every block's attention and MLP a mixture. Any field can be overridden through `kwargs`.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; available: {sorted(PRESETS)}.")
+        p = dict(PRESETS[name])
+        depth = kwargs.get("num_hidden_layers", p["num_hidden_layers"])
+        n_attn, n_mlp = p.pop("attn_num_experts"), p.pop("mlp_num_experts")
+        if layout == "mod-squad":
+            p["attn_experts"] = [n_attn if i % 2 == 0 else 0 for i in range(depth)]
+            p["mlp_experts"] = [n_mlp if i % 2 == 1 else 0 for i in range(depth)]
+        elif layout == "all":
+            p["attn_experts"], p["mlp_experts"] = [n_attn] * depth, [n_mlp] * depth
+        else:
+            raise ValueError(f"Unknown layout {layout!r}; expected 'mod-squad' or 'all'.")
+        p.update(kwargs)
+        return cls(tasks=list(tasks), **p)
+
+    # Convenience views used across the package ------------------------------------------------------------------
+    def task_index(self, task: str | int) -> int:
+        """The index of `task` (a name or an index) in `tasks`; a clear `ValueError` otherwise."""
+        if isinstance(task, bool) or not isinstance(task, (str, int)):
+            raise ValueError(f"task must be a task name or index; got {task!r}. Known tasks: {self.tasks}.")
+        if isinstance(task, int):
+            if not 0 <= task < len(self.tasks):
+                raise ValueError(f"task index {task} is out of range; known tasks: {self.tasks}.")
+            return task
+        if task not in self.tasks:
+            raise ValueError(f"Unknown task {task!r}; known tasks: {self.tasks}.")
+        return self.tasks.index(task)
+
+    def router_size(self, task: str, kind: str, layer: int) -> int:
+        """How many experts `task`'s router chooses from in `layer` (`kind` is "attn" or "mlp")."""
+        counts = getattr(self, f"{kind}_experts")
+        sizes = (self.task_router_sizes or {}).get(task, {}).get(kind)
+        return counts[layer] if sizes is None else sizes[layer]
+
+    def expert_groups(self, kind: str, layer: int) -> list[int]:
+        groups = getattr(self, f"{kind}_expert_groups")
+        return list(groups[layer]) if groups is not None else [getattr(self, f"{kind}_experts")[layer]]
+
+    def num_labels_for(self, task: str) -> int:
+        labels = (self.task_labels or {}).get(task)
+        if labels:
+            return len(labels)
+        return self.num_labels
+
+    def moe_layer_names(self) -> list[str]:
+        """Names of the MoE layers in forward order, e.g. `["layers.0.attn", "layers.1.mlp", ...]`."""
+        names = []
+        for i in range(self.num_hidden_layers):
+            if self.attn_experts[i]:
+                names.append(f"layers.{i}.attn")
+            if self.mlp_experts[i]:
+                names.append(f"layers.{i}.mlp")
+        return names
+
+
+__all__ = ["MoEViTConfig", "PRESETS", "TASK_TYPES"]

@@ -1,0 +1,125 @@
+"""Routing losses: the task–expert mutual-information loss (Mod-Squad), Switch load balance and router z-loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def mutual_information_loss(joint_counts: torch.Tensor, task_prior: str = "token_share") -> torch.Tensor:
+    r"""−I(T; E) for one MoE layer from soft routing mass.
+
+    `joint_counts` `[tasks, experts]`: M[t, e] = Σ over tokens x of task t of p_e(x), the router's softmax
+    probability of expert e (soft, not top-k counts). Tasks with no tokens (an all-zero row) are ignored.
+
+    - `task_prior="token_share"` (Mod-Squad): P(t, e) = M[t, e] / Σ M, so P(t) is task t's share of tokens.
+    - `task_prior="uniform"`: P(t, e) = (1/T') · M[t, e] / Σ_e M[t, e] over the T' tasks present, so every task
+      counts equally however many tokens its micro-batches held.
+
+    Then P(t) = Σ_e P(t, e), P(e) = Σ_t P(t, e) and
+
+        L_MI = − Σ_{t,e} P(t, e) · log( P(t, e) / (P(t) · P(e)) )
+
+    (0 · log 0 = 0). Minimising it maximises I(T;E) = H(E) − H(E|T): load spreads over all experts while each
+    task concentrates on few.
+    """
+    m = joint_counts.float()
+    m = m[m.sum(1) > 0]
+    if m.numel() == 0:
+        return joint_counts.new_zeros(())
+    if task_prior == "uniform":
+        p = m / m.sum(1, keepdim=True) / m.shape[0]
+    elif task_prior == "token_share":
+        p = m / m.sum()
+    else:
+        raise ValueError(f"task_prior={task_prior!r}: expected 'token_share' or 'uniform'.")
+    p_t = p.sum(1, keepdim=True)
+    p_e = p.sum(0, keepdim=True)
+    ratio = p / (p_t * p_e).clamp_min(1e-30)
+    terms = torch.where(p > 0, p * torch.log(ratio.clamp_min(1e-30)), torch.zeros_like(p))
+    return -terms.sum()
+
+
+class MutualInformationLoss:
+    """Accumulates the task–expert statistics of one optimisation step and turns them into the MI loss.
+
+    The step boundary is explicit:
+
+    ```python
+    mi = MutualInformationLoss(num_tasks=len(config.tasks), weight=config.mi_loss_weight)
+    for task, batch in step_micro_batches:          # each micro-batch holds one task
+        out = model(batch, task=task, output_router_probs=True)
+        mi.accumulate(out.router_probs, task_index)  # keeps the autograd graph
+        loss = loss + task_loss(out)
+    loss = loss + mi.compute()                       # all-reduces M across ranks first
+    loss.backward(); mi.reset()
+    ```
+
+    `compute()` returns `weight · Σ_layers mutual_information_loss(M_layer)`. Under `torch.distributed`, M is
+    summed across ranks with a differentiable all-reduce, so every rank sees the statistics of the global step
+    and (with DDP's gradient averaging) receives the exact gradient of the global loss.
+    """
+
+    def __init__(self, num_tasks: int, weight: float = 0.005, task_prior: str = "token_share", sync: bool = True):
+        self.num_tasks, self.weight, self.task_prior, self.sync = num_tasks, weight, task_prior, sync
+        self.joint: list[torch.Tensor] | None = None
+        self.tokens = torch.zeros(num_tasks)
+
+    def accumulate(self, router_probs: Sequence[torch.Tensor], task: int) -> None:
+        """Add one micro-batch of task index `task`: `router_probs[l]` is `[tokens, E_t]` for MoE layer l."""
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"task index {task} out of range for {self.num_tasks} tasks.")
+        if self.joint is None:
+            self.joint = [p.new_zeros(self.num_tasks, p.shape[-1], dtype=torch.float32) for p in router_probs]
+        if len(router_probs) != len(self.joint):
+            raise ValueError(f"Expected router probabilities for {len(self.joint)} MoE layers, got {len(router_probs)}.")
+        for layer, probs in enumerate(router_probs):
+            mass = probs.float().sum(0)
+            n = self.joint[layer].shape[1]
+            if mass.shape[0] > n:  # a task routing over more experts than seen so far (grown model)
+                self.joint[layer] = torch.cat([self.joint[layer], mass.new_zeros(self.num_tasks, mass.shape[0] - n)], 1)
+            elif mass.shape[0] < n:
+                mass = torch.cat([mass, mass.new_zeros(n - mass.shape[0])])
+            row = torch.zeros_like(self.joint[layer]).index_copy(0, torch.tensor([task], device=mass.device), mass[None])
+            self.joint[layer] = self.joint[layer] + row
+        self.tokens[task] += router_probs[0].shape[0] if router_probs else 0
+
+    def joint_counts(self) -> list[torch.Tensor]:
+        """The accumulated M per layer, summed across ranks when distributed (differentiable)."""
+        if self.joint is None:
+            return []
+        if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.nn.functional import all_reduce
+
+            return [all_reduce(m.contiguous()) for m in self.joint]
+        return list(self.joint)
+
+    def compute(self) -> torch.Tensor:
+        """weight · Σ over MoE layers of −I(T;E) for everything accumulated since the last `reset()`."""
+        joint = self.joint_counts()
+        if not joint:
+            return torch.zeros(())
+        return self.weight * sum(mutual_information_loss(m, self.task_prior) for m in joint)
+
+    def reset(self) -> None:
+        self.joint = None
+        self.tokens = torch.zeros(self.num_tasks)
+
+
+def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer balance loss for one layer: `E · Σ_e f_e · P_e`, where f_e is the fraction of
+    (token, slot) assignments that went to expert e and P_e the mean router probability. probs `[T, E]`,
+    indices `[T, k]`. Equals 1 under perfectly uniform routing."""
+    num_experts = probs.shape[-1]
+    f = torch.bincount(indices.reshape(-1), minlength=num_experts).to(probs.dtype) / indices.numel()
+    return num_experts * (f * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)². logits `[T, E]`."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+__all__ = ["MutualInformationLoss", "load_balancing_loss", "mutual_information_loss", "router_z_loss"]

@@ -1,0 +1,848 @@
+"""The multi-task mixture-of-experts Vision Transformer, read top to bottom like a transformers model:
+
+embeddings → routing → experts (MLP and attention) → layer → pretrained base → task models.
+
+Every MoE layer holds one router per task (zero-initialised, so routing starts uniform). MLP experts are fused
+3-D parameters (`up_proj` [E, I, d], `down_proj` [E, d, I]) run by transformers' experts backends
+(`config.experts_implementation` in `eager`, `batched_mm`, `grouped_mm`); attention experts (a mixture of
+attention heads with shared keys and values) use the same three kinds of dispatch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
+from transformers.integrations.moe import use_experts_implementation
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_moe_vit import MoEViTConfig
+from .losses import load_balancing_loss, router_z_loss
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embeddings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MoEViTEmbeddings(nn.Module):
+    """Patch embedding, CLS token and position embeddings (bicubically interpolated for other input sizes)."""
+
+    def __init__(self, config: MoEViTConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.num_channels = config.num_channels
+        self.grid = config.image_size // config.patch_size
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, self.grid * self.grid + 1, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def check_input(self, pixel_values: torch.Tensor) -> None:
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be [batch, channels, height, width]; got shape {tuple(pixel_values.shape)}.")
+        _, c, h, w = pixel_values.shape
+        if c != self.num_channels:
+            raise ValueError(
+                f"pixel_values has {c} channels but the model expects num_channels={self.num_channels}."
+            )
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"Input size {h}x{w} is not a multiple of patch_size={self.patch_size}: resize or pad the image."
+            )
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        gh, gw = height // self.patch_size, width // self.patch_size
+        if gh == self.grid and gw == self.grid:
+            return self.position_embeddings
+        cls_pos, patch_pos = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+        dim = patch_pos.shape[-1]
+        patch_pos = patch_pos.reshape(1, self.grid, self.grid, dim).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=(gh, gw), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(cls_pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, dim)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self.check_input(pixel_values)
+        b, _, h, w = pixel_values.shape
+        x = self.projection(pixel_values.to(self.projection.weight.dtype)).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+        return self.dropout(x + self.interpolate_pos_encoding(h, w))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RouterOutput(NamedTuple):
+    """What one MoE layer's router decided for one batch (tokens flattened).
+
+    logits `[tokens, E_t]`, probs `[tokens, E_t]` (softmax of logits; E_t = the task's router size),
+    indices `[tokens, k]` (chosen expert ids), weights `[tokens, k]` (gates, renormalised if configured).
+    """
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+
+class MoEViTTopKRouter(nn.Module):
+    """One zero-initialised linear router per task: `routers[task].weight` is `[E_task, hidden]`.
+
+    A task may route over only the first `E_task` experts of the layer (continual learning keeps old tasks on
+    their old experts this way).
+    """
+
+    def __init__(self, config: MoEViTConfig, kind: str, layer_idx: int):
+        super().__init__()
+        self.kind, self.layer_idx = kind, layer_idx
+        self.num_experts = getattr(config, f"{kind}_experts")[layer_idx]
+        self.top_k = getattr(config, f"{kind}_top_k")
+        self.renormalize = config.router_renormalize
+        self.routers = nn.ModuleDict(
+            {t: nn.Linear(config.hidden_size, config.router_size(t, kind, layer_idx), bias=False) for t in config.tasks}
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        task: str,
+        top_k: int | None = None,
+        expert_mask: torch.Tensor | None = None,
+    ) -> RouterOutput:
+        """hidden_states `[tokens, d]` → `RouterOutput`. `expert_mask` `[E_t]` (bool) removes experts before the
+        softmax, so the gates equal those of a model sliced to the unmasked experts."""
+        logits = F.linear(hidden_states, self.routers[task].weight)
+        k = self.top_k if top_k is None else top_k
+        if expert_mask is not None:
+            logits = logits.masked_fill(~expert_mask.to(device=logits.device, dtype=torch.bool), float("-inf"))
+        probs = logits.float().softmax(dim=-1)
+        weights, indices = probs.topk(k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return RouterOutput(logits, probs, indices, weights.to(hidden_states.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Expert dispatch shared by MLP and attention experts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    torch 2.13's CPU `grouped_mm` backward fails on a gradient with stride 0 (what `y.sum().backward()` sends);
+    this sits right behind every grouped matmul so no such gradient ever reaches it.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x `[S, in]` sorted by expert, weight `[E, out, in]`, offsets `[E]` (int32 cumulative counts) → `[S, out]`."""
+    x = x.to(weight.dtype).contiguous()
+    if hasattr(F, "grouped_mm"):
+        out = F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    elif hasattr(torch, "_grouped_mm"):
+        out = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    else:  # a plain loop over experts: correct everywhere, slower
+        out = torch.cat(
+            [x[s:e] @ weight[i].T for i, (s, e) in enumerate(zip([0] + offsets[:-1].tolist(), offsets.tolist()))]
+        )
+    return _ContiguousGrad.apply(out)
+
+
+class ExpertDispatch:
+    """The token-to-expert plan of one layer: `(token, slot)` pairs sorted by expert id.
+
+    indices `[tokens, k]` → `perm` `[S]` (S = tokens·k; sorted position → flat pair), `inverse` `[S]`,
+    `offsets` `[E]` (int32 cumulative counts for grouped matmuls), `sorted_ids` `[S]`.
+    """
+
+    def __init__(self, indices: torch.Tensor, num_experts: int):
+        self.indices, self.num_experts = indices, num_experts
+        self.tokens, self.k = indices.shape
+        flat = indices.reshape(-1)
+        self.sorted_ids, self.perm = flat.sort(stable=True)
+        counts = torch.bincount(self.sorted_ids, minlength=num_experts)
+        self.offsets = counts.cumsum(0).to(torch.int32)
+        self.inverse = torch.empty_like(self.perm)
+        self.inverse[self.perm] = torch.arange(self.perm.numel(), device=self.perm.device)
+
+    def project(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, impl: str, per_slot: bool = False
+    ) -> torch.Tensor:
+        """Apply each pair's expert: x `[tokens, in]` (or `[tokens, k, in]` if `per_slot`), weight `[E, out, in]`,
+        bias `[E, out]` → `[tokens, k, out]`. `impl`: "eager" (loop over the experts hit), "batched_mm" (gathered
+        weights) or anything else (one grouped matmul over pairs sorted by expert)."""
+        n_in = x.shape[-1]
+        pairs = x.reshape(-1, n_in) if per_slot else None
+        flat_ids = self.indices.reshape(-1)
+        if impl == "eager":
+            out = x.new_zeros(self.tokens * self.k, weight.shape[1])
+            for e in flat_ids.unique().tolist():
+                pos = (flat_ids == e).nonzero().squeeze(1)
+                src = pairs[pos] if per_slot else x[pos // self.k]
+                out = out.index_add(0, pos, F.linear(src, weight[e], None if bias is None else bias[e]))
+        elif impl == "batched_mm":
+            src = pairs if per_slot else x.repeat_interleave(self.k, dim=0)
+            out = torch.bmm(weight[flat_ids], src.unsqueeze(-1)).squeeze(-1)
+            if bias is not None:
+                out = out + bias[flat_ids]
+        else:
+            src = pairs[self.perm] if per_slot else x[self.perm // self.k]
+            out = grouped_mm(src, weight, self.offsets)
+            if bias is not None:
+                out = out + bias[self.sorted_ids]
+            out = out[self.inverse]
+        return out.view(self.tokens, self.k, -1)
+
+
+def _gates_full(route: RouterOutput, num_experts: int) -> torch.Tensor:
+    """Top-k gates scattered into expert order: `[tokens, E]` (zero for unselected experts)."""
+    return torch.zeros(
+        route.weights.shape[0], num_experts, dtype=route.weights.dtype, device=route.weights.device
+    ).scatter(1, route.indices, route.weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MLP: dense and mixture of experts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MoEViTMLP(nn.Module):
+    """The dense ViT MLP: fc1 → activation → fc2."""
+
+    def __init__(self, config: MoEViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.act_fn(self.fc1(hidden_states))))
+
+
+@use_experts_implementation(has_gate=False, has_bias=True)
+class MoEViTExperts(nn.Module):
+    """E MLP experts stored fused: `up_proj` [E, I, d], `up_proj_bias` [E, I], `down_proj` [E, d, I],
+    `down_proj_bias` [E, d]. `forward(hidden_states [T, d], top_k_index [T, k], top_k_weights [T, k]) → [T, d]`;
+    the backend comes from `config.experts_implementation` (this eager loop is the reference)."""
+
+    def __init__(self, config: MoEViTConfig, num_experts: int):
+        super().__init__()
+        d, i = config.hidden_size, config.mlp_expert_size
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, d, i
+        self.up_proj = nn.Parameter(torch.empty(num_experts, i, d))
+        self.up_proj_bias = nn.Parameter(torch.zeros(num_experts, i))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d, i))
+        self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, d))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == e)
+            h = self.act_fn(F.linear(hidden_states[token], self.up_proj[e], self.up_proj_bias[e]))
+            h = F.linear(h, self.down_proj[e], self.down_proj_bias[e]) * top_k_weights[token, slot, None]
+            out = out.index_add(0, token, h.to(out.dtype))
+        return out
+
+    def forward_all(self, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token as one dense MLP: hidden `[T, d]`, gates `[T, E]` → `[T, d]`.
+
+        Used when a router selects all of its experts (a sliced layer that kept exactly k): one up and one down
+        projection over the concatenated experts, each expert's block scaled by its gate.
+        """
+        t = hidden_states.shape[0]
+        e, i, d = self.up_proj.shape
+        h = self.act_fn(F.linear(hidden_states, self.up_proj.reshape(e * i, d), self.up_proj_bias.reshape(-1)))
+        h = (h.view(t, e, i) * gates.unsqueeze(-1)).view(t, e * i)
+        return F.linear(h, self.down_proj.permute(1, 0, 2).reshape(d, e * i)) + gates @ self.down_proj_bias
+
+
+class MoEViTSparseMLP(nn.Module):
+    """A mixture of MLP experts with one router per task. Experts may be stored in several groups (continual
+    learning freezes old groups); `experts` is the first group and `extra_experts` the others."""
+
+    def __init__(self, config: MoEViTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.router = MoEViTTopKRouter(config, "mlp", layer_idx)
+        self.group_sizes = config.expert_groups("mlp", layer_idx)
+        self.experts = MoEViTExperts(config, self.group_sizes[0])
+        self.extra_experts = nn.ModuleList([MoEViTExperts(config, g) for g in self.group_sizes[1:]])
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, task, top_k=None, expert_mask=None):
+        b, n, d = hidden_states.shape
+        flat = hidden_states.reshape(b * n, d)
+        route = self.router(flat, task, top_k, expert_mask)
+        num_routed = route.logits.shape[-1]
+        if route.indices.shape[-1] == num_routed and len(self.group_sizes) == 1:
+            out = self.experts.forward_all(flat, _gates_full(route, num_routed))
+        elif num_routed <= self.group_sizes[0]:
+            out = self.experts(flat, route.indices, route.weights)
+        else:
+            out, offset = None, 0
+            for size, experts in zip(self.group_sizes, [self.experts, *self.extra_experts]):
+                if offset >= num_routed:
+                    break
+                local = route.indices - offset
+                inside = (local >= 0) & (local < size)
+                y = experts(flat, local.clamp(0, size - 1), route.weights * inside)
+                out = y if out is None else out + y
+                offset += size
+        return self.dropout(out.view(b, n, d)), route
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention: dense and mixture of attention heads
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MoEViTAttention(nn.Module):
+    """Standard ViT multi-head self-attention (q_proj/k_proj/v_proj/o_proj, as in transformers 5's ViT)."""
+
+    def __init__(self, config: MoEViTConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads, self.head_dim = config.num_attention_heads, d // config.num_attention_heads
+        self.q_proj = nn.Linear(d, d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(d, d)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, n, d = hidden_states.shape
+        q, k, v = (
+            proj(hidden_states).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class MoEViTAttentionExperts(nn.Module):
+    """E attention experts (heads) stored fused: `q_proj` [E, h, d] (+ `q_proj_bias` [E, h]) and `o_proj` [E, d, h]
+    (+ `o_proj_bias` [E, d])."""
+
+    def __init__(self, config: MoEViTConfig, num_experts: int):
+        super().__init__()
+        d, h = config.hidden_size, config.attn_expert_head_size
+        self.num_experts, self.head_dim = num_experts, h
+        self.q_proj = nn.Parameter(torch.empty(num_experts, h, d))
+        self.q_proj_bias = nn.Parameter(torch.zeros(num_experts, h))
+        self.o_proj = nn.Parameter(torch.empty(num_experts, d, h))
+        self.o_proj_bias = nn.Parameter(torch.zeros(num_experts, d))
+
+
+class MoEViTMoAttention(nn.Module):
+    """Mixture of attention heads (multi-query): each token selects k experts; expert e owns its query and output
+    projections, and one shared `k_proj`/`v_proj` (d → h) serves every selected head.
+
+    For a token x with chosen experts e_1..e_k and gates g_1..g_k:
+    `y = Σ_j g_j · (softmax(q_j K^T / √h) V) W_o^{e_j} + g_j b_o^{e_j}`, with `q_j = x W_q^{e_j}`.
+    """
+
+    def __init__(self, config: MoEViTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        d, h = config.hidden_size, config.attn_expert_head_size
+        self.router = MoEViTTopKRouter(config, "attn", layer_idx)
+        self.group_sizes = config.expert_groups("attn", layer_idx)
+        self.experts = MoEViTAttentionExperts(config, self.group_sizes[0])
+        self.extra_experts = nn.ModuleList([MoEViTAttentionExperts(config, g) for g in self.group_sizes[1:]])
+        self.k_proj = nn.Linear(d, h, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, h, bias=config.qkv_bias)
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.head_dim = h
+
+    def _groups(self, route: RouterOutput):
+        """Yield (experts, local indices, inside-mask or None) for each expert group the task can reach."""
+        num_routed = route.logits.shape[-1]
+        if num_routed <= self.group_sizes[0]:
+            yield self.experts, route.indices, None
+            return
+        offset = 0
+        for size, experts in zip(self.group_sizes, [self.experts, *self.extra_experts]):
+            if offset >= num_routed:
+                break
+            local = route.indices - offset
+            yield experts, local.clamp(0, size - 1), (local >= 0) & (local < size)
+            offset += size
+
+    def forward(self, hidden_states, task, top_k=None, expert_mask=None):
+        b, n, d = hidden_states.shape
+        flat = hidden_states.reshape(b * n, d)
+        route = self.router(flat, task, top_k, expert_mask)
+        k, h = route.indices.shape[-1], self.head_dim
+        impl = self.config._experts_implementation or "grouped_mm"
+        dense = k == route.logits.shape[-1] and len(self.group_sizes) == 1
+        if dense:  # every expert is selected: one dense projection over the concatenated heads
+            ex = self.experts
+            gates = _gates_full(route, ex.num_experts)
+            q = F.linear(flat, ex.q_proj.reshape(-1, d), ex.q_proj_bias.reshape(-1)).view(b * n, k, h)
+        else:
+            q, plans = None, []
+            for ex, idx, inside in self._groups(route):
+                plan = ExpertDispatch(idx, ex.num_experts)
+                plans.append((ex, plan, inside))
+                qg = plan.project(flat, ex.q_proj, ex.q_proj_bias, impl)
+                qg = qg if inside is None else qg * inside.unsqueeze(-1)
+                q = qg if q is None else q + qg
+        q = q.view(b, n, k, h).transpose(1, 2)  # [b, k, n, h]
+        key = self.k_proj(hidden_states).unsqueeze(1).expand(b, k, n, h)
+        value = self.v_proj(hidden_states).unsqueeze(1).expand(b, k, n, h)
+        attn = F.scaled_dot_product_attention(q, key, value, dropout_p=self.dropout_p if self.training else 0.0)
+        attn = attn.transpose(1, 2).reshape(b * n, k, h)  # [tokens, k, h]
+        if dense:
+            o = (attn * gates.unsqueeze(-1)).reshape(b * n, k * h)
+            out = F.linear(o, ex.o_proj.permute(1, 0, 2).reshape(d, k * h)) + gates @ ex.o_proj_bias
+        else:
+            out = None
+            for ex, plan, inside in plans:
+                w = route.weights if inside is None else route.weights * inside
+                y = (plan.project(attn, ex.o_proj, ex.o_proj_bias, impl, per_slot=True) * w.unsqueeze(-1)).sum(1)
+                out = y if out is None else out + y
+        return out.view(b, n, d), route
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class MoEViTLayer(GradientCheckpointingLayer):
+    """Pre-norm ViT block whose attention and/or MLP may be mixtures of experts."""
+
+    def __init__(self, config: MoEViTConfig, layer_idx: int, drop_path: float = 0.0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn_is_moe = config.attn_experts[layer_idx] > 0
+        self.mlp_is_moe = config.mlp_experts[layer_idx] > 0
+        self.attention = MoEViTMoAttention(config, layer_idx) if self.attn_is_moe else MoEViTAttention(config)
+        self.mlp = MoEViTSparseMLP(config, layer_idx) if self.mlp_is_moe else MoEViTMLP(config)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, hidden_states, task_embedding, task, routing: dict):
+        routes = []
+        hidden_states = hidden_states + task_embedding
+        x = self.layernorm_before(hidden_states)
+        if self.attn_is_moe:
+            x, route = self.attention(x, task, *routing.get(f"layers.{self.layer_idx}.attn", (None, None)))
+            routes.append(route)
+        else:
+            x = self.attention(x)
+        hidden_states = hidden_states + self.drop_path(x)
+        x = self.layernorm_after(hidden_states)
+        if self.mlp_is_moe:
+            x, route = self.mlp(x, task, *routing.get(f"layers.{self.layer_idx}.mlp", (None, None)))
+            routes.append(route)
+        else:
+            x = self.mlp(x)
+        return hidden_states + self.drop_path(x), routes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoEViTModelOutput(ModelOutput):
+    """Output of [`MoEViTModel`].
+
+    last_hidden_state `[batch, 1 + patches, d]`; pooler_output `[batch, d]`; aux_loss: the configured Switch
+    balance and router z-losses (zero when both weights are 0); hidden_states (input of every layer, then the
+    final output) when asked; router_probs / router_logits `[tokens, E_t]` and router_indices `[tokens, k]`, one
+    per MoE layer in `config.moe_layer_names()` order, when `output_router_probs=True`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    router_probs: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    router_indices: tuple[torch.LongTensor, ...] | None = None
+    task: str | None = None
+
+
+@dataclass
+class MoEViTImageClassifierOutput(ImageClassifierOutput):
+    """`ImageClassifierOutput` plus the MoE extras: aux_loss, router_probs, router_indices and the task name."""
+
+    aux_loss: torch.FloatTensor | None = None
+    router_probs: tuple[torch.FloatTensor, ...] | None = None
+    router_indices: tuple[torch.LongTensor, ...] | None = None
+    task: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretrained base
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MoEViTPreTrainedModel(PreTrainedModel):
+    config_class = MoEViTConfig
+    config: MoEViTConfig
+    base_model_prefix = "moe_vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoEViTEmbeddings", "MoEViTLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, MoEViTEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+        elif isinstance(module, MoEViTExperts):
+            init.normal_(module.up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+            init.zeros_(module.up_proj_bias)
+            init.zeros_(module.down_proj_bias)
+        elif isinstance(module, MoEViTAttentionExperts):
+            init.normal_(module.q_proj, mean=0.0, std=std)
+            init.normal_(module.o_proj, mean=0.0, std=std)
+            init.zeros_(module.q_proj_bias)
+            init.zeros_(module.o_proj_bias)
+        elif isinstance(module, MoEViTTopKRouter):
+            for router in module.routers.values():
+                init.zeros_(router.weight)  # uniform routing at the start (Mod-Squad)
+        elif isinstance(module, MoEViTModel):
+            for emb in module.task_embeddings.values():
+                init.zeros_(emb)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict: safetensors only (never pickle), and any missing, unexpected
+        or mis-shaped tensor is an error naming the tensor instead of a silent re-initialisation."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("moe_adapt loads weights from safetensors only (pickle is never used).")
+        kwargs["use_safetensors"] = True
+        want_info = kwargs.pop("output_loading_info", False)
+        path = os.fspath(pretrained_model_name_or_path) if isinstance(pretrained_model_name_or_path, os.PathLike) else pretrained_model_name_or_path
+        try:
+            model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        except Exception as err:  # noqa: BLE001 - re-raised with the file named
+            if isinstance(path, str) and os.path.isdir(path) and "safetensor" in f"{type(err).__name__} {err}".lower():
+                raise OSError(f"Could not read the weights in {path}: {err}") from err
+            raise
+        problems = []
+        for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            items = sorted(str(x) for x in info.get(key, []))
+            if items:
+                problems.append(f"{key.replace('_', ' ')}: {', '.join(items[:20])}")
+        if problems:
+            raise ValueError(
+                f"Checkpoint {path} does not match its config ({'; '.join(problems)}). "
+                "Refusing to re-initialise these tensors silently."
+            )
+        return (model, info) if want_info else model
+
+
+class MoEViTModel(MoEViTPreTrainedModel):
+    """The multi-task MoE ViT backbone. `forward(pixel_values, task=...)` routes with that task's routers.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from moe_adapt import MoEViTConfig, MoEViTModel
+    >>> model = MoEViTModel(MoEViTConfig.from_preset("tiny", tasks=["cls", "seg"]))
+    >>> out = model(torch.randn(2, 3, 32, 32), task="seg", output_router_probs=True)
+    >>> out.last_hidden_state.shape, len(out.router_probs)
+    (torch.Size([2, 17, 32]), 4)
+    ```
+    """
+
+    def __init__(self, config: MoEViTConfig):
+        super().__init__(config)
+        self.embeddings = MoEViTEmbeddings(config)
+        self.task_embeddings = nn.ParameterDict({t: nn.Parameter(torch.zeros(config.hidden_size)) for t in config.tasks})
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList([MoEViTLayer(config, i, rates[i]) for i in range(config.num_hidden_layers)])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.routing_overrides: dict[str, dict] = {}
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.projection
+
+    # -- routing control ---------------------------------------------------------------------------------------
+    def moe_layers(self) -> dict[str, nn.Module]:
+        """`{name: MoE module}` in forward order; names as in `config.moe_layer_names()`."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            if layer.attn_is_moe:
+                out[f"layers.{i}.attn"] = layer.attention
+            if layer.mlp_is_moe:
+                out[f"layers.{i}.mlp"] = layer.mlp
+        return out
+
+    def resolve_task(self, task: str | int | None) -> str:
+        if task is None:
+            if len(self.config.tasks) > 1 and self.config.default_task is None:
+                raise ValueError(f"This model has several tasks; pass task=... (one of {self.config.tasks}).")
+            return self.config.default_task or self.config.tasks[0]
+        return self.config.tasks[self.config.task_index(task)]
+
+    def set_routing(self, task: str, top_k: int | dict | None = None, expert_mask: dict | None = None) -> None:
+        """Model-level compute control for `task`: a top-k override (an int, or `{"attn": k, "mlp": k}`) and/or
+        expert masks (`{layer_name: bool [E_t]}`). `set_routing(task)` with no override clears it."""
+        task = self.resolve_task(task)
+        self.routing_plan(task, top_k, expert_mask)  # validates
+        if top_k is None and expert_mask is None:
+            self.routing_overrides.pop(task, None)
+        else:
+            self.routing_overrides[task] = {"top_k": top_k, "expert_mask": expert_mask}
+
+    def routing_plan(self, task: str, top_k=None, expert_mask=None) -> dict[str, tuple]:
+        """`{layer_name: (top_k or None, mask or None)}` after validating the overrides for `task`."""
+        if top_k is None and expert_mask is None and task in self.routing_overrides:
+            top_k = self.routing_overrides[task]["top_k"]
+            expert_mask = self.routing_overrides[task]["expert_mask"]
+        if top_k is None and not expert_mask:
+            return {}
+        layers = self.moe_layers()
+        if expert_mask:
+            unknown = set(expert_mask) - set(layers)
+            if unknown:
+                raise ValueError(f"expert_mask names unknown MoE layers {sorted(unknown)}; known: {list(layers)}.")
+        plan = {}
+        for name, module in layers.items():
+            kind = name.rsplit(".", 1)[-1]
+            n = module.router.routers[task].out_features
+            k = top_k.get(kind) if isinstance(top_k, dict) else top_k
+            mask = None if not expert_mask else expert_mask.get(name)
+            if mask is not None:
+                mask = torch.as_tensor(mask, dtype=torch.bool)
+                if mask.shape != (n,):
+                    raise ValueError(f"expert_mask[{name!r}] must have shape ({n},) for task {task!r}; got {tuple(mask.shape)}.")
+                if not mask.any():
+                    raise ValueError(f"expert_mask[{name!r}] removes every expert of task {task!r}.")
+            limit = n if mask is None else int(mask.sum())
+            default_k = module.router.top_k
+            if k is not None and not 1 <= int(k) <= limit:
+                raise ValueError(f"top_k={k} for {name} must be between 1 and the {limit} experts available to {task!r}.")
+            if k is None and default_k > limit:
+                raise ValueError(
+                    f"expert_mask[{name!r}] leaves {limit} experts, fewer than top_k={default_k}; lower top_k too."
+                )
+            plan[name] = (None if k is None else int(k), mask)
+        return plan
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        task: str | int | None = None,
+        output_router_probs: bool = False,
+        output_hidden_states: bool | None = None,
+        top_k: int | dict | None = None,
+        expert_mask: dict | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoEViTModelOutput:
+        """pixel_values `[batch, C, H, W]` (H, W multiples of patch_size) → `MoEViTModelOutput`."""
+        task = self.resolve_task(task)
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        routing = self.routing_plan(task, top_k, expert_mask)
+        hidden = self.embeddings(pixel_values)
+        task_embedding = self.task_embeddings[task].to(hidden.dtype)
+        all_hidden, routes = [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            hidden, layer_routes = layer(hidden, task_embedding, task, routing)
+            routes.extend(layer_routes)
+        last = self.layernorm(hidden)
+        if output_hidden_states:
+            all_hidden.append(last)
+        pooled = last[:, 0] if self.config.pooling == "cls" else last[:, 1:].mean(1)
+        aux = hidden.new_zeros(())
+        if routes and self.config.balance_loss_weight:
+            aux = aux + self.config.balance_loss_weight * sum(load_balancing_loss(r.probs, r.indices) for r in routes) / len(routes)
+        if routes and self.config.router_z_loss_weight:
+            aux = aux + self.config.router_z_loss_weight * sum(router_z_loss(r.logits) for r in routes) / len(routes)
+        return MoEViTModelOutput(
+            last_hidden_state=last,
+            pooler_output=pooled,
+            aux_loss=aux,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            router_probs=tuple(r.probs for r in routes) if output_router_probs else None,
+            router_logits=tuple(r.logits for r in routes) if output_router_probs else None,
+            router_indices=tuple(r.indices for r in routes) if output_router_probs else None,
+            task=task,
+        )
+
+    # -- sparse upcycling ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, vit, tasks: list[str], num_experts: int = 8, top_k: int = 2, moe_layers: str = "odd", **config_kwargs):
+        """Sparse upcycling: build a MoE ViT from a transformers `ViTModel` / `ViTForImageClassification` (or a
+        local path to one). Embeddings, attention and norms are copied; the dense MLP is copied into every MLP
+        expert (each expert as wide as the dense MLP, top-k gates renormalised), so before any training the result
+        reproduces the dense `last_hidden_state` for every task. `moe_layers`: "odd" (Mod-Squad), "even" or "all"
+        blocks get MLP experts. Attention stays dense."""
+        from .upcycling import upcycle_dense_vit
+
+        return upcycle_dense_vit(cls, vit, tasks, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers, **config_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MoEViTForImageClassification(MoEViTPreTrainedModel):
+    """The MoE ViT with one linear classifier per task (`classifiers[task]`, sized by `config.task_labels`).
+
+    `forward(pixel_values, labels=None, task=None)` returns [`MoEViTImageClassifierOutput`] (an
+    `ImageClassifierOutput`); `loss` = cross-entropy + `aux_loss`. `pipeline("image-classification")` uses
+    `config.default_task` (or the first task) and its labels.
+    """
+
+    def __init__(self, config: MoEViTConfig):
+        super().__init__(config)
+        self.moe_vit = MoEViTModel(config)
+        self.classifiers = nn.ModuleDict(
+            {
+                t: nn.Linear(config.hidden_size, config.num_labels_for(t))
+                for t in config.tasks
+                if config.task_types.get(t, "classification") == "classification"
+            }
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        task: str | int | None = None,
+        output_router_probs: bool = False,
+        output_hidden_states: bool | None = None,
+        top_k=None,
+        expert_mask=None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoEViTImageClassifierOutput:
+        out = self.moe_vit(
+            pixel_values, task=task, output_router_probs=output_router_probs,
+            output_hidden_states=output_hidden_states, top_k=top_k, expert_mask=expert_mask,
+        )
+        if out.task not in self.classifiers:
+            raise ValueError(f"Task {out.task!r} has no classification head; classification tasks: {list(self.classifiers)}.")
+        logits = self.classifiers[out.task](out.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits, labels.to(logits.device)) + out.aux_loss
+        return MoEViTImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, aux_loss=out.aux_loss,
+            router_probs=out.router_probs, router_indices=out.router_indices, task=out.task,
+        )
+
+
+class MoEViTBackbone(BackboneMixin, MoEViTPreTrainedModel):
+    """Multi-scale feature maps for dense heads (UperNet, DETR, ...): the chosen layers' patch tokens, reshaped to
+    maps and passed through a simple feature pyramid (strides 4, 8, 16, 32 of the patch grid's ×4, ×2, ×1, ×½,
+    as in BEiT/ViTDet) when `config.backbone_fpn` and four layers are chosen. Routes with `config.backbone_task`
+    (default: the first task) unless `task=` is given. Inputs whose size is not a multiple of the patch size are
+    zero-padded at the bottom/right."""
+
+    def __init__(self, config: MoEViTConfig):
+        super().__init__(config)
+        self.moe_vit = MoEViTModel(config)
+        d = config.hidden_size
+        self.num_features = [d] * (config.num_hidden_layers + 1)
+        self.use_fpn = config.backbone_fpn and len(self.out_features) == 4
+        if self.use_fpn:
+            self.fpn = nn.ModuleList(
+                [
+                    nn.Sequential(
+                        nn.ConvTranspose2d(d, d, 2, 2), nn.BatchNorm2d(d), nn.GELU(), nn.ConvTranspose2d(d, d, 2, 2)
+                    ),
+                    nn.ConvTranspose2d(d, d, 2, 2),
+                    nn.Identity(),
+                    nn.MaxPool2d(2, 2),
+                ]
+            )
+        self.post_init()
+
+    def forward(self, pixel_values, output_hidden_states=None, output_attentions=None, return_dict=None, task=None, **kwargs):
+        p = self.config.patch_size
+        h, w = pixel_values.shape[-2:]
+        pad_h, pad_w = (-h) % p, (-w) % p
+        if pad_h or pad_w:
+            pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
+        gh, gw = (h + pad_h) // p, (w + pad_w) // p
+        task = task if task is not None else (self.config.backbone_task or self.config.tasks[0])
+        out = self.moe_vit(pixel_values, task=task, output_hidden_states=True)
+        maps = []
+        for name, hs in zip(self.stage_names, out.hidden_states):
+            if name in self.out_features:
+                tokens = hs[:, 1:] if name != self.stage_names[-1] else hs[:, 1:]
+                maps.append(tokens.transpose(1, 2).reshape(hs.shape[0], -1, gh, gw))
+        if self.use_fpn:
+            maps = [op(m) for op, m in zip(self.fpn, maps)]
+        return BackboneOutput(feature_maps=tuple(maps), hidden_states=out.hidden_states if output_hidden_states else None)
+
+
+__all__ = [
+    "ExpertDispatch",
+    "MoEViTAttention",
+    "MoEViTAttentionExperts",
+    "MoEViTBackbone",
+    "MoEViTEmbeddings",
+    "MoEViTExperts",
+    "MoEViTForImageClassification",
+    "MoEViTImageClassifierOutput",
+    "MoEViTLayer",
+    "MoEViTMLP",
+    "MoEViTModel",
+    "MoEViTModelOutput",
+    "MoEViTMoAttention",
+    "MoEViTPreTrainedModel",
+    "MoEViTSparseMLP",
+    "MoEViTTopKRouter",
+    "RouterOutput",
+    "grouped_mm",
+]
