@@ -151,7 +151,7 @@ class DatasetSpec:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("name", "task_type", "format", "path") or value != f.default:
+            if f.name in ("name", "task_type", "format", "path", "split") or value != f.default:
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         if relative_to is not None:
             try:
@@ -247,7 +247,7 @@ def save_specs(specs: Iterable[DatasetSpec], path: str | Path, header: str | Non
     """Write specs as `datasets: [...]` YAML, with paths relative to the file's folder when below it."""
     path = Path(path)
     blocks = [s.to_dict(relative_to=path.parent) for s in specs]
-    text = yaml.safe_dump({"datasets": blocks}, sort_keys=False, allow_unicode=True)
+    text = yaml.safe_dump({"datasets": blocks}, sort_keys=False, allow_unicode=True, default_flow_style=None, width=110)
     if header:
         text = "".join(f"# {line}\n" for line in header.splitlines()) + text
     path.write_text(text)
