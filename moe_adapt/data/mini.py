@@ -103,8 +103,8 @@ def load_fashion_mnist(source_dir: str | Path | None = None) -> dict[str, tuple[
     else:
         return out
     offline = any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-    hint = (f"install Debian's package (sudo apt-get install dataset-fashion-mnist, or `make sources`), "
-            f"or pass the folder holding train-images-idx3-ubyte.gz & co. as fashion_dir / --fashion-dir")
+    hint = ("install Debian's package (sudo apt-get install dataset-fashion-mnist, or `make sources`), "
+            "or pass the folder holding train-images-idx3-ubyte.gz & co. as fashion_dir / --fashion-dir")
     if offline:
         raise FileNotFoundError(f"Fashion-MNIST IDX files not found in {folder} and the Hub is off "
                                 f"(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): {hint}")
