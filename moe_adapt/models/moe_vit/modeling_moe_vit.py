@@ -20,6 +20,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
@@ -97,6 +98,13 @@ class RouterOutput(NamedTuple):
     weights: torch.Tensor
 
 
+class MoEViTTaskRouter(nn.Linear):
+    """One task's router in one layer: Linear(d → E_task, no bias), zero-initialised (uniform routing at start)."""
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__(hidden_size, num_experts, bias=False)
+
+
 class MoEViTTopKRouter(nn.Module):
     """One zero-initialised linear router per task: `routers[task].weight` is `[E_task, hidden]`.
 
@@ -111,7 +119,7 @@ class MoEViTTopKRouter(nn.Module):
         self.top_k = getattr(config, f"{kind}_top_k")
         self.renormalize = config.router_renormalize
         self.routers = nn.ModuleDict(
-            {t: nn.Linear(config.hidden_size, config.router_size(t, kind, layer_idx), bias=False) for t in config.tasks}
+            {t: MoEViTTaskRouter(config.hidden_size, config.router_size(t, kind, layer_idx)) for t in config.tasks}
         )
 
     def forward(
@@ -158,7 +166,13 @@ class _ContiguousGrad(torch.autograd.Function):
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x `[S, in]` sorted by expert, weight `[E, out, in]`, offsets `[E]` (int32 cumulative counts) → `[S, out]`."""
     x = x.to(weight.dtype).contiguous()
-    if hasattr(F, "grouped_mm"):
+    size = weight.element_size()
+    aligned = (weight.shape[-1] * size) % 16 == 0 and (weight.shape[-2] * size) % 16 == 0
+    if not aligned:  # the grouped kernels need 16-byte aligned rows; loop instead
+        out = torch.cat(
+            [x[s:e] @ weight[i].T for i, (s, e) in enumerate(zip([0] + offsets[:-1].tolist(), offsets.tolist()))]
+        )
+    elif hasattr(F, "grouped_mm"):
         out = F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     elif hasattr(torch, "_grouped_mm"):
         out = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
@@ -519,6 +533,17 @@ class MoEViTImageClassifierOutput(ImageClassifierOutput):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def default_image_processor(config: MoEViTConfig):
+    """The image processor matching moe_adapt's transforms: resize to `image_size`, rescale, normalise with
+    mean = std = 0.5. A `*ImageProcessorPil` class, so it needs no torchvision."""
+    from transformers import ViTImageProcessorPil
+
+    size = config.image_size
+    return ViTImageProcessorPil(
+        size={"height": size, "width": size}, image_mean=[0.5] * config.num_channels, image_std=[0.5] * config.num_channels
+    )
+
+
 class MoEViTPreTrainedModel(PreTrainedModel):
     config_class = MoEViTConfig
     config: MoEViTConfig
@@ -545,28 +570,40 @@ class MoEViTPreTrainedModel(PreTrainedModel):
             init.normal_(module.o_proj, mean=0.0, std=std)
             init.zeros_(module.q_proj_bias)
             init.zeros_(module.o_proj_bias)
-        elif isinstance(module, MoEViTTopKRouter):
-            for router in module.routers.values():
-                init.zeros_(router.weight)  # uniform routing at the start (Mod-Squad)
+        elif isinstance(module, MoEViTTaskRouter):
+            init.zeros_(module.weight)  # uniform routing at the start (Mod-Squad)
         elif isinstance(module, MoEViTModel):
             for emb in module.task_embeddings.values():
                 init.zeros_(emb)
 
+    def save_pretrained(self, save_directory, *args, image_processor=None, **kwargs):
+        """`PreTrainedModel.save_pretrained` (safetensors), plus an image processor beside the weights so that
+        `pipeline("image-classification", model=save_directory)` works. `image_processor`: one to save, `None` for
+        the default (`default_image_processor(config)`, unless the folder already has one), `False` for none."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if image_processor is False:
+            return
+        has_one = os.path.exists(os.path.join(save_directory, "preprocessor_config.json"))
+        if image_processor is not None or not has_one:
+            (image_processor or default_image_processor(self.config)).save_pretrained(save_directory)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, strict: safetensors only (never pickle), and any missing, unexpected
-        or mis-shaped tensor is an error naming the tensor instead of a silent re-initialisation."""
+        or mis-shaped tensor is an error naming the tensor (and a damaged file an error naming the file) instead of
+        a silent re-initialisation."""
         if kwargs.get("use_safetensors") is False:
             raise ValueError("moe_adapt loads weights from safetensors only (pickle is never used).")
         kwargs["use_safetensors"] = True
         want_info = kwargs.pop("output_loading_info", False)
-        path = os.fspath(pretrained_model_name_or_path) if isinstance(pretrained_model_name_or_path, os.PathLike) else pretrained_model_name_or_path
-        try:
-            model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
-        except Exception as err:  # noqa: BLE001 - re-raised with the file named
-            if isinstance(path, str) and os.path.isdir(path) and "safetensor" in f"{type(err).__name__} {err}".lower():
-                raise OSError(f"Could not read the weights in {path}: {err}") from err
-            raise
+        path = pretrained_model_name_or_path
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+            path = os.fspath(path)
+            config = kwargs.get("config")
+            if not isinstance(config, PreTrainedConfig):
+                config = cls.config_class.from_pretrained(path)
+            _check_checkpoint_shapes(cls, config, path)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
         problems = []
         for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
             items = sorted(str(x) for x in info.get(key, []))
@@ -578,6 +615,45 @@ class MoEViTPreTrainedModel(PreTrainedModel):
                 "Refusing to re-initialise these tensors silently."
             )
         return (model, info) if want_info else model
+
+
+def _check_checkpoint_shapes(cls, config, folder: str) -> None:
+    """Compare every tensor shape in the folder's safetensors files with the model `config` builds (on the meta
+    device, so nothing is allocated); raise naming the tensor or the unreadable file."""
+    import json
+
+    from safetensors import safe_open
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        return  # transformers reports the missing weights file itself
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    prefix = cls.base_model_prefix + "."
+    mismatched = []
+    for name in files:
+        file = os.path.join(folder, name)
+        try:
+            with safe_open(file, framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as err:  # noqa: BLE001 - any parse failure means a damaged file
+            raise OSError(f"Could not read weights file {file} (truncated or not safetensors?): {err}") from err
+        for key, shape in shapes.items():
+            for candidate in (key, key.removeprefix(prefix), prefix + key):
+                if candidate in expected:
+                    if expected[candidate] != shape:
+                        mismatched.append(f"{key}: checkpoint {list(shape)} vs config {list(expected[candidate])}")
+                    break
+    if mismatched:
+        raise ValueError(
+            f"Checkpoint {folder} disagrees with its config.json on tensor shapes ({'; '.join(mismatched[:20])}). "
+            "Fix config.json (e.g. the per-layer expert counts) instead of loading with re-initialised experts."
+        )
 
 
 class MoEViTModel(MoEViTPreTrainedModel):
@@ -599,7 +675,8 @@ class MoEViTModel(MoEViTPreTrainedModel):
         super().__init__(config)
         self.embeddings = MoEViTEmbeddings(config)
         self.task_embeddings = nn.ParameterDict({t: nn.Parameter(torch.zeros(config.hidden_size)) for t in config.tasks})
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        depth = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.layers = nn.ModuleList([MoEViTLayer(config, i, rates[i]) for i in range(config.num_hidden_layers)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.routing_overrides: dict[str, dict] = {}
@@ -621,9 +698,8 @@ class MoEViTModel(MoEViTPreTrainedModel):
         return out
 
     def resolve_task(self, task: str | int | None) -> str:
+        """A task name from `task` (a name, an index, or None = `config.default_task`, else the first task)."""
         if task is None:
-            if len(self.config.tasks) > 1 and self.config.default_task is None:
-                raise ValueError(f"This model has several tasks; pass task=... (one of {self.config.tasks}).")
             return self.config.default_task or self.config.tasks[0]
         return self.config.tasks[self.config.task_index(task)]
 
@@ -842,6 +918,7 @@ __all__ = [
     "MoEViTMoAttention",
     "MoEViTPreTrainedModel",
     "MoEViTSparseMLP",
+    "MoEViTTaskRouter",
     "MoEViTTopKRouter",
     "RouterOutput",
     "grouped_mm",
