@@ -62,7 +62,7 @@ def upcycle_dense_vit(model_cls, vit, tasks, num_experts: int = 8, top_k: int = 
         dst.projection.load_state_dict(src.patch_embeddings.projection.state_dict())
         dst.cls_token.copy_(src.cls_token)
         dst.position_embeddings.copy_(src.position_embeddings)
-        for i, (a, b) in enumerate(zip(vit.layers, model.layers)):
+        for a, b in zip(vit.layers, model.layers):
             b.layernorm_before.load_state_dict(a.layernorm_before.state_dict())
             b.layernorm_after.load_state_dict(a.layernorm_after.state_dict())
             b.attention.load_state_dict(a.attention.state_dict())
