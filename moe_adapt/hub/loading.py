@@ -1,0 +1,73 @@
+"""Load any saved moe_adapt model (backbone or task model) by the class named in its config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["load_model", "weights_fingerprint"]
+
+
+def _model_classes() -> dict[str, type]:
+    import moe_adapt
+    from moe_adapt.models import moe_vit
+
+    found = {}
+    for module in (moe_vit, moe_adapt):
+        for name in dir(module):
+            obj = getattr(module, name)
+            if isinstance(obj, type) and issubclass(obj, nn.Module) and hasattr(obj, "from_pretrained"):
+                found[name] = obj
+    try:  # the multi-task model (issue 4) lives in its own file
+        from moe_adapt.models.moe_vit import modeling_multitask
+
+        for name in dir(modeling_multitask):
+            obj = getattr(modeling_multitask, name)
+            if isinstance(obj, type) and issubclass(obj, nn.Module) and hasattr(obj, "from_pretrained"):
+                found.setdefault(name, obj)
+    except ImportError:
+        pass
+    return found
+
+
+def load_model(name_or_path: str | os.PathLike, **kwargs) -> nn.Module:
+    """Load a saved moe_adapt model with the class in its `config.json` (`architectures[0]`), e.g.
+    `MoEViTForImageClassification` or `MoEViTForMultiTask`; `MoEViTModel` when none is named. A local folder or a
+    Hub id; `kwargs` go to `from_pretrained`."""
+    path = Path(name_or_path)
+    arch = None
+    if path.is_dir():
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise FileNotFoundError(f"{path} has no config.json: is it a folder written by save_pretrained?")
+        arch = (json.loads(cfg.read_text()).get("architectures") or [None])[0]
+    elif path.exists():
+        raise FileNotFoundError(f"{path} is a file; give the model folder (holding config.json and model.safetensors).")
+    else:
+        from transformers import AutoConfig
+
+        arch = (AutoConfig.from_pretrained(str(name_or_path)).architectures or [None])[0]
+    classes = _model_classes()
+    cls = classes.get(arch or "MoEViTModel")
+    if cls is None:
+        raise ValueError(
+            f"{name_or_path}: unknown model class {arch!r} in config.json (architectures); known: {sorted(classes)}."
+        )
+    return cls.from_pretrained(str(name_or_path), **kwargs)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the model's state dict (names, dtypes, shapes and bytes, in name order): equal fingerprints mean
+    bit-identical weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
