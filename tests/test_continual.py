@@ -1,0 +1,248 @@
+"""Continual learning (issue 7): add_task grows a model by one task and old tasks stay bit-identical."""
+
+import pytest
+import torch
+
+import moe_adapt  # noqa: F401  (registers the Auto classes)
+from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
+from moe_adapt.surgery.add_task import (
+    add_task,
+    freeze_old_tasks,
+    max_output_change,
+    outputs_identical,
+    source_expert_ranking,
+    task_outputs,
+    train_new_tasks,
+    trainable_optimizer,
+)
+
+LABELS = {"a": ["x", "y", "z"], "b": ["p", "q"]}
+
+
+def trained_like(model, seed=0):
+    """Random routers and task embeddings, so routing is far from uniform (as after training)."""
+    g = torch.Generator().manual_seed(seed)
+    backbone = getattr(model, "moe_vit", model)
+    with torch.no_grad():
+        for module in backbone.moe_layers().values():
+            for r in module.router.routers.values():
+                r.weight.copy_(torch.randn(r.weight.shape, generator=g))
+        for emb in backbone.task_embeddings.values():
+            emb.copy_(0.1 * torch.randn(emb.shape, generator=g))
+    return model.eval()
+
+
+def tiny_classifier(seed=0, **kw):
+    torch.manual_seed(seed)
+    config = MoEViTConfig.from_preset("tiny", tasks=["a", "b"], task_labels=LABELS, **kw)
+    return trained_like(MoEViTForImageClassification(config), seed)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared, loaded machine 2 threads run 100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def train_steps(model, task, images, steps=3, weight_decay=0.5, lr=1e-2):
+    """A few AdamW steps on `task` only, with heavy weight decay (it would move any tensor left in the optimiser)."""
+    freeze_old_tasks(model, [task])
+    optimizer = trainable_optimizer(model, lr=lr, weight_decay=weight_decay)
+    train_new_tasks(model)
+    labels = torch.arange(images.shape[0]) % model.config.num_labels_for(task)
+    for _ in range(steps):
+        loss = model(images, labels=labels, task=task).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ structure
+def test_add_task_grows_every_moe_layer_and_pins_old_routers(images):
+    model = tiny_classifier()
+    grown = add_task(model, "c", labels=4, new_attn_experts=2, new_mlp_experts=3, data=images)
+    cfg = grown.config
+    assert type(grown) is MoEViTForImageClassification and cfg.tasks == ["a", "b", "c"]
+    assert cfg.attn_experts == [8, 0, 8, 0] and cfg.mlp_experts == [0, 11, 0, 11]
+    assert cfg.attn_expert_groups == [[6, 2], [0], [6, 2], [0]]
+    assert cfg.mlp_expert_groups == [[0], [8, 3], [0], [8, 3]]
+    assert cfg.task_router_sizes["a"] == {"attn": [6, 0, 6, 0], "mlp": [0, 8, 0, 8]}
+    assert cfg.task_router_sizes["c"] == {"attn": [8, 0, 8, 0], "mlp": [0, 11, 0, 11]}
+    assert cfg.task_labels["c"] == ["0", "1", "2", "3"] and grown.classifiers["c"].out_features == 4
+    layer = grown.moe_vit.layers[1].mlp
+    assert layer.router.routers["a"].weight.shape == (8, 32) and layer.router.routers["c"].weight.shape == (11, 32)
+    assert layer.extra_experts[0].up_proj.shape == (3, 64, 32)
+    # The old model is untouched and every old tensor was copied.
+    assert model.config.tasks == ["a", "b"]
+    grown_state = grown.state_dict()
+    assert all(torch.equal(v, grown_state[k]) for k, v in model.state_dict().items())
+
+
+def test_copy_top_copies_the_source_tasks_most_used_experts(images):
+    model = tiny_classifier()
+    grown = add_task(model, "c", labels=2, new_attn_experts=2, new_mlp_experts=2, source_task="b", data=images)
+    ranking = source_expert_ranking(model, "b", images)
+    old_layers, new_layers = model.moe_vit.moe_layers(), grown.moe_vit.moe_layers()
+    for name, module in new_layers.items():
+        old = old_layers[name]
+        n_old = old.router.routers["b"].weight.shape[0]
+        for j, src in enumerate(ranking[name][:2]):
+            for pname, p in module.extra_experts[0].named_parameters():
+                assert torch.equal(p[j], getattr(old.experts, pname)[src]), (name, pname)
+            assert torch.equal(module.router.routers["c"].weight[n_old + j], old.router.routers["b"].weight[src])
+        assert torch.equal(module.router.routers["c"].weight[:n_old], old.router.routers["b"].weight)
+    assert torch.equal(grown.moe_vit.task_embeddings["c"], model.moe_vit.task_embeddings["b"])
+    # The ranking counts top-k picks: the first expert is picked at least as often as the last.
+    out = model.moe_vit(images, task="b", output_router_probs=True)
+    counts = torch.bincount(out.router_indices[0].reshape(-1), minlength=6)
+    first = ranking[grown.config.moe_layer_names()[0]]
+    assert counts[first[0]] == counts.max() and counts[first[-1]] == counts.min()
+
+
+def test_random_init_starts_with_uniform_routing():
+    grown = add_task(tiny_classifier(), "c", labels=2, init="random")
+    for module in grown.moe_vit.moe_layers().values():
+        assert not module.router.routers["c"].weight.any()
+    assert not grown.moe_vit.task_embeddings["c"].any()
+
+
+# ------------------------------------------------------------------------------------------------ freezing
+def test_freeze_old_tasks_leaves_only_the_new_tasks_tensors_trainable(images):
+    grown = add_task(tiny_classifier(), "c", labels=4, data=images)
+    trainable = freeze_old_tasks(grown, "c")
+    assert set(trainable) == {n for n, p in grown.named_parameters() if p.requires_grad}
+    for name in trainable:
+        assert ".c." in name or name.endswith(".c") or ".extra_experts.0." in name, name
+    frozen = [n for n, p in grown.named_parameters() if not p.requires_grad]
+    for must_freeze in ("embeddings.projection.weight", "layers.0.attention.k_proj.weight", "layers.1.attention.q_proj.weight",
+                        "layers.1.mlp.experts.up_proj", "layers.0.attention.router.routers.a.weight", "classifiers.b.weight",
+                        "task_embeddings.a", "moe_vit.layernorm.weight"):
+        assert any(n.endswith(must_freeze) for n in frozen), must_freeze
+    optimizer = trainable_optimizer(grown, weight_decay=0.1)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in grown.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("init", ["copy_top", "random"])
+def test_old_tasks_bit_identical_after_training_the_new_task(images, init):
+    model = tiny_classifier()
+    before = task_outputs(model, images, ["a", "b"])
+    grown = add_task(model, "c", labels=4, init=init, data=images)
+    assert outputs_identical(before, task_outputs(grown, images, ["a", "b"]))  # growing changes nothing
+    frozen = {n: p.detach().clone() for n, p in grown.named_parameters()}
+    new_before = task_outputs(grown, images, ["c"])
+    train_steps(grown, "c", images)
+    after = task_outputs(grown, images, ["a", "b"])
+    for task in ("a", "b"):
+        assert torch.equal(before[task]["logits"], after[task]["logits"])
+        assert torch.equal(before[task]["logits"].argmax(-1), after[task]["logits"].argmax(-1))
+    assert max_output_change(before, after) == {"a": 0.0, "b": 0.0}
+    # Frozen tensors did not move under AdamW's weight decay; the new task's did.
+    for name, p in grown.named_parameters():
+        assert torch.equal(p, frozen[name]) != p.requires_grad, name
+    assert not torch.equal(new_before["c"]["logits"], task_outputs(grown, images, ["c"])["c"]["logits"])
+
+
+@pytest.mark.parametrize("impl", ["eager", "batched_mm"])
+def test_bit_identity_holds_for_other_expert_backends(images, impl):
+    model = tiny_classifier(experts_implementation=impl)
+    before = task_outputs(model, images, ["a", "b"])
+    grown = train_steps(add_task(model, "c", labels=3, init="random"), "c", images, steps=2)
+    assert grown.config._experts_implementation == impl
+    assert outputs_identical(before, task_outputs(grown, images, ["a", "b"]))
+
+
+def test_growing_twice_keeps_every_earlier_task_identical(images):
+    model = tiny_classifier()
+    before = task_outputs(model, images, ["a", "b"])
+    grown = train_steps(add_task(model, "c", labels=4, data=images), "c", images, steps=2)
+    before_c = task_outputs(grown, images, ["c"])
+    twice = add_task(grown, "d", labels=5, new_attn_experts=1, new_mlp_experts=[0, 2, 0, 0], source_task="c", data=images)
+    assert twice.config.attn_expert_groups[0] == [6, 2, 1] and twice.config.mlp_expert_groups[1] == [8, 2, 2]
+    assert twice.config.mlp_expert_groups[3] == [8, 2] and twice.config.task_router_sizes["c"]["mlp"] == [0, 10, 0, 10]
+    trainable = freeze_old_tasks(twice, "d")
+    assert not any("extra_experts.0." in n for n in trainable)  # task c's experts stay frozen
+    train_steps(twice, "d", images, steps=2)
+    assert outputs_identical({**before, **before_c}, task_outputs(twice, images, ["a", "b", "c"]))
+
+
+def test_backbone_only_model_grows_too(images):
+    torch.manual_seed(0)
+    model = trained_like(MoEViTModel(MoEViTConfig.from_preset("tiny", tasks=["a"])))
+    before = task_outputs(model, images, ["a"])
+    grown = add_task(model, "b", task_type="semantic_segmentation", labels=["bg", "fg"], init="random")
+    assert type(grown) is MoEViTModel and grown.config.task_types["b"] == "semantic_segmentation"
+    assert outputs_identical(before, task_outputs(grown, images, ["a"]))
+    assert "last_hidden_state" in before["a"]
+
+
+@pytest.mark.xfail(
+    reason="core gap reported to the lead: a router over exactly top_k experts takes the fused dense path only while "
+    "the layer has one expert group, so growing a slice that kept k experts changes the old task's rounding",
+    strict=False,
+)
+def test_growing_a_slice_that_kept_exactly_k_experts_is_bit_identical(images):
+    model = tiny_classifier(attn_experts=[2, 0, 2, 0], mlp_experts=[0, 2, 0, 2])
+    before = task_outputs(model, images, ["a", "b"])
+    grown = add_task(model, "c", labels=2, init="random")
+    assert outputs_identical(before, task_outputs(grown, images, ["a", "b"]))
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+def test_grown_model_saves_and_loads_with_its_new_expert_counts(tmp_path, images):
+    from transformers import AutoModelForImageClassification
+
+    model = tiny_classifier()
+    grown = train_steps(add_task(model, "c", labels=4, new_mlp_experts=[0, 1, 0, 3], data=images), "c", images, steps=1)
+    grown.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.mlp_experts == [0, 9, 0, 11] != model.config.mlp_experts
+    assert loaded.config.mlp_expert_groups == [[0], [8, 1], [0], [8, 3]]
+    assert loaded.config.task_router_sizes == grown.config.task_router_sizes
+    tasks = ["a", "b", "c"]
+    assert outputs_identical(task_outputs(grown, images, tasks), task_outputs(loaded, images, tasks))
+    # A loaded grown model grows again.
+    again = add_task(loaded, "d", labels=2, init="random")
+    assert again.config.mlp_expert_groups[3] == [8, 3, 2]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(name="a"), "already exists"),
+        (dict(new_mlp_experts=-7), "fewer than\\s+mlp_top_k=2"),
+        (dict(new_attn_experts=[-5, 0, 0, 0]), "fewer than\\s+attn_top_k=2"),
+        (dict(new_attn_experts=-1), "only adds experts"),
+        (dict(new_attn_experts=[1, 1, 1, 1]), "layer 1's attn is dense"),
+        (dict(new_mlp_experts=[0, 1]), "one per layer"),
+        (dict(init="zeros"), "init='zeros'"),
+        (dict(init="copy_top", data=None), "pass data="),
+        (dict(source_task="nope"), "source_task='nope'"),
+        (dict(labels=None), "needs labels"),
+        (dict(task_type="captioning"), "task_type='captioning'"),
+    ],
+)
+def test_bad_input_is_a_clear_error(kwargs, message, images):
+    args = dict(name="c", labels=3, init="copy_top", data=images) | kwargs
+    with pytest.raises(ValueError, match=message):
+        add_task(tiny_classifier(), **args)
+
+
+def test_freeze_names_unknown_tasks():
+    with pytest.raises(ValueError, match="unknown tasks"):
+        freeze_old_tasks(tiny_classifier(), "zzz")
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        model = tiny_classifier()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trainable_optimizer(model)
