@@ -1,0 +1,638 @@
+"""Fine-tune a pretrained multi-task MoE ViT (or an extracted sub-model) on a new downstream task.
+
+The path, each step taking the previous step's object (`finetune(FinetuneConfig(...))` runs them all):
+
+1. **Calibrate**: route the new task's training images with a source task's routers and measure expert usage
+   (`collect_expert_usage`). With `source_task="auto"` every task of the model is measured and the one whose
+   routing is most concentrated wins: the lowest mean normalised entropy of the expert-usage distribution
+   (`H(mean gate) / log E_t`, averaged over MoE layers), i.e. the task that needs the fewest experts for these
+   images.
+2. **Select and extract**: `select_experts` (Mod-Squad's threshold rule by default) and `extract_submodel`
+   keep the source task's experts and router rows only (`slice: false` keeps every expert).
+3. **Attach the new task**: a single-task model for the new task whose router in every MoE layer starts as the
+   source router's kept rows, whose task embedding starts as the source task's, and whose head is new
+   (`attach_task`).
+4. **Train** in one of three modes (a plain accelerate loop): `lora` (peft LoRA on the fused expert tensors and the
+   attention projections, head and router in `modules_to_save`), `router` (router and head only) or `full`.
+5. **Evaluate, report, save**: the efficiency report (`report.json`), the adapter (`adapter/`, with the frozen
+   task model it applies to in `base/`) or the whole model (`model/`), and with `merge=True` a standalone merged
+   model (`merged/`) that `from_pretrained` loads without peft.
+
+```python
+>>> from moe_adapt.adaptation import FinetuneConfig, finetune
+>>> result = finetune(FinetuneConfig(model="runs/pretrain/final", dataset="builtin:digits", output_dir="runs/digits",
+...                                  mode="lora", steps=300, merge=True))
+>>> print(result.report.to_console())
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from ..analysis import ExpertSelection, ExpertUsage, collect_expert_usage, select_experts
+from ..analysis.usage import find_backbone
+from ..data import collate_fn_for, load_task_dataset
+from ..models.moe_vit import MoEViTConfig, MoEViTForImageClassification
+from .downstream import resolve_dataset_spec
+from .lora import apply_lora, lora_config, merge_lora
+from .report import EfficiencyReport, MemoryMeter, Throughput, efficiency_report, model_flops
+
+MODES = ("lora", "router", "full")
+DEFAULT_LR = {"lora": 2e-3, "router": 1e-2, "full": 5e-4}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Everything one fine-tuning run needs (the recipe's YAML has the same keys).
+
+    Args:
+        model: path (or Hub id) of a pretrained multi-task model or an extracted sub-model, or a model object.
+        dataset: `"builtin:digits"`, `{"builtin": "textures"}`, or a dataset spec mapping (imagefolder / hf; see
+            `moe_adapt.adaptation.downstream`).
+        output_dir: where adapter, model, report and selection are written.
+        task_name: name of the new task (default: the dataset's name).
+        num_labels: optional check: the number of classes you expect; must match the dataset.
+        source_task: the task whose routers route the new images, or `"auto"` (lowest routing entropy).
+        slice: extract the sub-network the source task uses on the new images (False: keep every expert).
+        selection: `select_experts` arguments (`policy`, `threshold`, `n`, `coverage`, `criterion`).
+        calibration_images: training images used to measure expert usage.
+        mode: `"lora"`, `"router"` or `"full"`.
+        lora: `lora_config` arguments (`r`, `alpha`, `include_attention`, `include_mlp`, `include_dense_mlp`, ...).
+        steps, batch_size, lr (default per mode: lora 2e-3, router 1e-2, full 5e-4), weight_decay, warmup_ratio:
+            the optimisation (AdamW over trainable parameters only; linear warm-up then cosine decay).
+        augment: train with random resized crops and flips (default off: fixed-size images, cached in memory).
+        eval_batch_size, max_train_images, max_eval_images: evaluation and data caps.
+        merge: also write `merged/` (LoRA folded in; `mode: lora` only).
+        experts_implementation: `eager`, `batched_mm` or `grouped_mm` (default: the model's).
+        seed, log_every: reproducibility and logging.
+        mixed_precision: accelerate's `no`, `bf16` or `fp16`.
+        num_threads: `torch.set_num_threads` for the run (None: torch's default). On a CPU shared with other
+            jobs, 1 thread per process is often several times faster than oversubscribed cores.
+    """
+
+    model: Any
+    dataset: Any
+    output_dir: str | None = None
+    task_name: str | None = None
+    num_labels: int | None = None
+    source_task: str = "auto"
+    slice: bool = True
+    selection: dict = dataclasses.field(default_factory=lambda: {"policy": "threshold", "threshold": 3.0})
+    calibration_images: int = 256
+    mode: str = "lora"
+    lora: dict = dataclasses.field(default_factory=lambda: {"r": 4})
+    steps: int = 300
+    batch_size: int = 32
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    augment: bool = False
+    eval_batch_size: int = 128
+    max_train_images: int | None = None
+    max_eval_images: int | None = None
+    merge: bool = False
+    experts_implementation: str | None = None
+    seed: int = 0
+    log_every: int = 50
+    mixed_precision: str = "no"
+    num_threads: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: choose one of {MODES}.")
+        if self.merge and self.mode != "lora":
+            raise ValueError(
+                f"merge=True needs a LoRA adapter to merge, but mode={self.mode!r} trains the model's own tensors "
+                "(there is no adapter): drop --merge, or use mode: lora."
+            )
+        for name in ("steps", "batch_size", "eval_batch_size", "calibration_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if self.experts_implementation not in (None, "eager", "batched_mm", "grouped_mm"):
+            raise ValueError(
+                f"experts_implementation={self.experts_implementation!r}: choose eager, batched_mm or grouped_mm."
+            )
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> FinetuneConfig:
+        """Read a recipe YAML (keys as the fields above); `overrides` win. Unknown keys are an error."""
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}.")
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; known keys: {sorted(fields)}.")
+        return cls(**data)
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.mode] if self.lr is None else float(self.lr)
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """What `finetune` returns: the trained model (peft-wrapped in LoRA mode), the report, the source task and
+    selection used, and the files written."""
+
+    model: nn.Module
+    report: EfficiencyReport
+    task: str
+    source_task: str
+    selection: ExpertSelection | None
+    entropies: dict[str, float]
+    files: dict[str, str]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model loading and the new task
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_moe_model(path_or_model: Any) -> nn.Module:
+    """A moe_adapt model from a path (the class named in `config.architectures`) or the model itself."""
+    if isinstance(path_or_model, nn.Module):
+        find_backbone(path_or_model)  # a clear error for anything that is not a MoE ViT
+        return path_or_model
+    config = MoEViTConfig.from_pretrained(path_or_model)
+    name = (config.architectures or ["MoEViTModel"])[0]
+    import moe_adapt.models.moe_vit as family
+
+    cls = getattr(family, name, None)
+    if cls is None:
+        raise ValueError(
+            f"{path_or_model}: config.architectures names {name!r}, which moe_adapt.models.moe_vit does not provide."
+        )
+    return cls.from_pretrained(path_or_model)
+
+
+def _task_model_class(task_type: str):
+    if task_type == "classification":
+        return MoEViTForImageClassification
+    import moe_adapt.models.moe_vit as family
+
+    cls = getattr(family, "MoEViTForMultiTask", None)
+    if cls is None:
+        raise ValueError(
+            f"Fine-tuning a {task_type} task needs MoEViTForMultiTask (its heads), which this install lacks."
+        )
+    return cls
+
+
+def _check_task(config: MoEViTConfig, task: str, what: str = "source task") -> str:
+    if task not in config.tasks:
+        raise ValueError(
+            f"The model has no task {task!r} to use as the {what}; its tasks are {config.tasks}. "
+            "Set source_task to one of them, or to 'auto'."
+        )
+    return task
+
+
+def attach_task(
+    model: nn.Module, source_task: str, task: str, label_names: list[str], task_type: str = "classification"
+) -> nn.Module:
+    """A single-task model for `task` built from `model`'s backbone and `source_task`'s routing.
+
+    Every backbone tensor is copied; in every MoE layer the new router is `source_task`'s router (of a slice: its
+    kept rows), the new task embedding is `source_task`'s; the head is new (or, when `model` already has a head
+    for `task` with `len(label_names)` outputs, kept, so a fine-tuned model can be fine-tuned further).
+
+    Raises:
+        ValueError: `source_task` not in the model, or an existing head for `task` of another size.
+    """
+    backbone, _ = find_backbone(model)
+    config = backbone.config
+    _check_task(config, source_task)
+    old_head = None
+    heads = getattr(model, "classifiers", None)
+    if task_type == "classification" and isinstance(heads, nn.ModuleDict) and task in heads:
+        old_head = heads[task]
+        if old_head.out_features != len(label_names):
+            raise ValueError(
+                f"The dataset has {len(label_names)} classes but the model's head for task {task!r} has "
+                f"{old_head.out_features} outputs. Give the new task another name (task_name) or fix the dataset."
+            )
+    data = config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "architectures", "id2label", "label2id"):
+        data.pop(key, None)
+    sizes = (config.task_router_sizes or {}).get(source_task)
+    data.update(
+        tasks=[task],
+        task_types={task: task_type},
+        task_labels={task: list(label_names)},
+        task_router_sizes={task: sizes} if sizes else None,
+        default_task=task,
+        backbone_task=None,
+        id2label=dict(enumerate(label_names)),
+        label2id={n: i for i, n in enumerate(label_names)},
+    )
+    new_config = MoEViTConfig.from_dict(data)
+    impl = getattr(config, "_experts_implementation", None)
+    if impl is not None:
+        new_config._experts_implementation = impl
+    torch.manual_seed(0)  # the new head's initialisation
+    new = _task_model_class(task_type)(new_config)
+    source = backbone.state_dict()
+    state = {}
+    for key in new.moe_vit.state_dict():
+        parts = key.split(".")
+        if key == f"task_embeddings.{task}":
+            state[key] = source[f"task_embeddings.{source_task}"]
+        elif len(parts) > 2 and parts[-3:-1] == ["routers", task]:
+            state[key] = source[".".join(parts[:-2] + [source_task, parts[-1]])]
+        else:
+            state[key] = source[key]
+    new.moe_vit.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+    if old_head is not None:
+        new.classifiers[task].load_state_dict(old_head.state_dict())
+    param = next(backbone.parameters())
+    return new.to(device=param.device, dtype=param.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration and source task
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def usage_entropy(usage: ExpertUsage) -> float:
+    """Mean over MoE layers of `H(mean gate) / log(E_t)` ∈ [0, 1]: 0 = every token on the same experts, 1 = spread
+    evenly over all experts."""
+    values = []
+    for name in usage.layers:
+        p = usage.mean_gate(name).double()
+        p = p / p.sum().clamp(min=1e-12)
+        e = p.numel()
+        h = -(p * p.clamp(min=1e-12).log()).sum().item()
+        values.append(h / math.log(e) if e > 1 else 0.0)
+    return sum(values) / max(len(values), 1)
+
+
+def choose_source_task(
+    model: nn.Module, data: Iterable, source_task: str = "auto", candidates: list[str] | None = None
+) -> tuple[str, dict[str, ExpertUsage], dict[str, float]]:
+    """Measure expert usage of `data` under each candidate task's routers (`source_task="auto"`: every task of the
+    model) and pick the task of lowest `usage_entropy`. Returns (task, usages, entropies)."""
+    backbone, _ = find_backbone(model)
+    config = backbone.config
+    if source_task != "auto":
+        tasks = [_check_task(config, source_task)]
+    else:
+        tasks = [_check_task(config, t) for t in (candidates or config.tasks)]
+    data = list(data)
+    usages = {t: collect_expert_usage(model, data, t, output_norms=False) for t in tasks}
+    entropies = {t: usage_entropy(u) for t, u in usages.items()}
+    best = min(tasks, key=lambda t: (entropies[t], tasks.index(t)))
+    return best, usages, entropies
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def prepare_for_mode(model: nn.Module, mode: str, task: str, lora: Mapping | None = None, verbose: bool = True) -> nn.Module:
+    """Set what trains: `lora` → a peft model (`lora_config(model, tasks=[task], **lora)`); `router` → only `task`'s
+    routers and head; `full` → everything. Returns the model to train."""
+    if mode == "lora":
+        return apply_lora(model, lora_config(model, tasks=[task], verbose=verbose, **dict(lora or {})), verbose=verbose)
+    if mode == "router":
+        model.requires_grad_(False)
+        backbone, _ = find_backbone(model)
+        for module in backbone.moe_layers().values():
+            module.router.routers[task].requires_grad_(True)
+        for name, module in model.named_children():
+            if name != "moe_vit" and isinstance(module, nn.ModuleDict) and task in module:
+                module[task].requires_grad_(True)
+        return model
+    if mode == "full":
+        return model.requires_grad_(True)
+    raise ValueError(f"mode={mode!r}: choose one of {MODES}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class InMemoryDataset(torch.utils.data.Dataset):
+    """Fixed (already transformed) items kept as two tensors: pixel_values `[N, C, H, W]`, labels `[N]`."""
+
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor):
+        self.pixel_values, self.labels = pixel_values, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.pixel_values[i], "labels": int(self.labels[i])}
+
+
+def _cache(dataset, limit: int | None) -> InMemoryDataset:
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n == 0:
+        raise ValueError(f"dataset {getattr(dataset, 'spec', None) and dataset.spec.name!r} has no samples.")
+    # a fixed, class-mixed subset when capped (imagefolders list files class by class)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    items = [dataset[i] for i in order]
+    return InMemoryDataset(torch.stack([it["pixel_values"] for it in items]),
+                           torch.tensor([int(it["labels"]) for it in items], dtype=torch.long))
+
+
+def load_downstream_data(cfg: FinetuneConfig, image_size: int):
+    """→ (spec, train dataset, eval dataset, label names). Checks the labels against the number of classes."""
+    spec = resolve_dataset_spec(cfg.dataset, image_size=image_size)
+    if spec.task_type != "classification":
+        raise ValueError(
+            f"dataset {spec.name!r} is {spec.task_type}; the fine-tuning recipe supports classification so far."
+        )
+    train_raw = load_task_dataset(spec, split=spec.split, transform="train" if cfg.augment else "eval")
+    label_names = list(train_raw.label_names)
+    if cfg.num_labels is not None and cfg.num_labels != len(label_names):
+        raise ValueError(
+            f"dataset {spec.name!r} has {len(label_names)} classes ({label_names[:12]}) but num_labels="
+            f"{cfg.num_labels} was asked for: fix num_labels or the dataset's label_names / class folders."
+        )
+    if spec.eval_split:
+        eval_raw = load_task_dataset(spec, split=spec.eval_split, transform="eval")
+        if list(eval_raw.label_names) != label_names:
+            raise ValueError(
+                f"dataset {spec.name!r}: the {spec.eval_split!r} split's classes {eval_raw.label_names} differ from the "
+                f"{spec.split!r} split's {label_names}."
+            )
+        eval_set = _cache(eval_raw, cfg.max_eval_images)
+        train_set = train_raw if cfg.augment else _cache(train_raw, cfg.max_train_images)
+    else:  # hold out a fixed 10% of the training split
+        full = _cache(load_task_dataset(spec, split=spec.split, transform="eval"), None)
+        n_eval = max(1, len(full) // 10)
+        eval_set = InMemoryDataset(full.pixel_values[:n_eval], full.labels[:n_eval])
+        train_set = InMemoryDataset(full.pixel_values[n_eval:], full.labels[n_eval:])
+        if cfg.max_eval_images:
+            eval_set = InMemoryDataset(eval_set.pixel_values[: cfg.max_eval_images], eval_set.labels[: cfg.max_eval_images])
+        if cfg.max_train_images:
+            train_set = InMemoryDataset(train_set.pixel_values[: cfg.max_train_images], train_set.labels[: cfg.max_train_images])
+    for name, ds in (("train", train_set), ("eval", eval_set)):
+        if isinstance(ds, InMemoryDataset) and len(ds) and (ds.labels.min() < 0 or ds.labels.max() >= len(label_names)):
+            raise ValueError(
+                f"dataset {spec.name!r} ({name}): labels span {int(ds.labels.min())}..{int(ds.labels.max())} but there are "
+                f"{len(label_names)} classes: every label must be in 0..{len(label_names) - 1}."
+            )
+    return spec, train_set, eval_set, label_names
+
+
+def _calibration_batches(dataset, n: int, batch_size: int) -> list[torch.Tensor]:
+    n = min(n, len(dataset))
+    if isinstance(dataset, InMemoryDataset):
+        pixels = dataset.pixel_values[:n]
+    else:
+        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(n)])
+    return list(pixels.split(batch_size))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _forever(loader):
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+@torch.no_grad()
+def evaluate_classification(model: nn.Module, loader, task: str, accelerator=None) -> float:
+    """Top-1 accuracy (`moe_adapt.metrics` "accuracy") of `model` on `loader` for `task`."""
+    from .. import metrics
+
+    metric = metrics.load("accuracy")
+    was_training = model.training
+    model.eval()
+    for batch in loader:
+        logits = model(pixel_values=batch["pixel_values"], task=task).logits
+        preds, refs = logits.argmax(-1), batch["labels"]
+        if accelerator is not None:
+            preds, refs = accelerator.gather_for_metrics((preds, refs))
+        metric.add_batch(predictions=preds.cpu().tolist(), references=refs.cpu().tolist())
+    model.train(was_training)
+    return float(metric.compute()["accuracy"])
+
+
+def train(
+    model: nn.Module,
+    train_set,
+    task: str,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.05,
+    seed: int = 0,
+    log_every: int = 50,
+    accelerator=None,
+    memory: MemoryMeter | None = None,
+) -> tuple[nn.Module, Throughput, list[float]]:
+    """The fine-tuning loop: AdamW over trainable parameters only (a frozen tensor never moves, weight decay
+    included), linear warm-up then cosine decay, `steps` optimizer steps. Returns (prepared model, throughput,
+    losses)."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    accelerator = accelerator or Accelerator()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("Nothing to train: every parameter of the model is frozen.")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup_ratio * steps), steps)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) >= batch_size,
+        collate_fn=collate_fn_for("classification"), generator=torch.Generator().manual_seed(seed),
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model.train()
+    losses = []
+    batches = _forever(loader)
+    speed = Throughput(warmup=1)
+    tracking = memory.track() if memory is not None else None
+    if tracking is not None:
+        tracking.__enter__()
+    try:
+        with speed:
+            for step in range(1, steps + 1):
+                batch = next(batches)
+                with accelerator.accumulate(model):
+                    out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], task=task)
+                    accelerator.backward(out.loss)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(float(out.loss.detach()))
+                speed.add(len(batch["labels"]) * accelerator.num_processes, accelerator.device)
+                if log_every and (step % log_every == 0 or step == steps):
+                    recent = losses[-log_every:]
+                    accelerator.print(f"step {step}/{steps}  loss {sum(recent) / len(recent):.4f}  "
+                                      f"lr {scheduler.get_last_lr()[0]:.2e}")
+    finally:
+        if tracking is not None:
+            tracking.__exit__(None, None, None)
+    return model, speed, losses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _save_dir(model: nn.Module, path: Path) -> str:
+    model.save_pretrained(path)
+    return str(path)
+
+
+def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | None = None) -> FinetuneResult:
+    """Run the whole path (see the module docstring); returns a `FinetuneResult` and writes `cfg.output_dir`."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    memory = memory or MemoryMeter(accelerator.device)
+    say = accelerator.print if verbose else (lambda *a, **k: None)
+    set_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+    parent = load_moe_model(cfg.model)
+    backbone, _ = find_backbone(parent)
+    if cfg.experts_implementation:
+        parent.config._experts_implementation = cfg.experts_implementation
+        backbone.config._experts_implementation = cfg.experts_implementation
+    spec, train_set, eval_set, label_names = load_downstream_data(cfg, backbone.config.image_size)
+    task = cfg.task_name or spec.name
+    if cfg.source_task != "auto":
+        _check_task(backbone.config, cfg.source_task)
+
+    calib = _calibration_batches(train_set, cfg.calibration_images, cfg.eval_batch_size)
+    source, usages, entropies = choose_source_task(parent, calib, cfg.source_task)
+    say(f"source task: {source!r} (routing entropy per task: "
+        + ", ".join(f"{t} {h:.3f}" for t, h in entropies.items()) + ")")
+    selection = None
+    if cfg.slice:
+        selection = select_experts(usages[source], **dict(cfg.selection))
+        from ..surgery import extract_submodel
+
+        sliced = extract_submodel(parent, selection, tasks=[source])
+        kept = {n: len(ids) for n, ids in selection.experts.items()}
+        say(f"sub-network: experts kept per MoE layer {kept}")
+    else:
+        sliced = parent
+    model = attach_task(sliced, source, task, label_names)
+    del parent, sliced, backbone
+    gc.collect()
+    flops = model_flops(model, task)
+
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    files: dict[str, str] = {}
+    if out_dir is not None and accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if selection is not None:
+            files["selection"] = str(selection.save(out_dir / "selection.json"))
+        if cfg.mode == "lora":  # the frozen task model the adapter applies to
+            files["base"] = _save_dir(model, out_dir / "base")
+
+    model = prepare_for_mode(model, cfg.mode, task, cfg.lora, verbose=verbose and accelerator.is_main_process)
+    trained, speed, losses = train(
+        model, train_set, task, cfg.steps, cfg.batch_size, cfg.learning_rate, cfg.weight_decay, cfg.warmup_ratio,
+        cfg.seed, cfg.log_every if verbose else 0, accelerator=accelerator, memory=memory,
+    )
+    eval_loader = accelerator.prepare(torch.utils.data.DataLoader(
+        eval_set, batch_size=cfg.eval_batch_size, collate_fn=collate_fn_for("classification")))
+    accuracy = evaluate_classification(trained, eval_loader, task, accelerator)
+    model = accelerator.unwrap_model(trained)
+    report = efficiency_report(
+        model, task, name=f"{task} <- {source}" + (" (sliced)" if cfg.slice else ""), mode=cfg.mode,
+        images_per_s=speed.images_per_s, memory=memory, metric_name="accuracy", metric=accuracy, flops=flops,
+        train_steps=cfg.steps, batch_size=cfg.batch_size, device=str(accelerator.device),
+        extra={"source_task": source, "routing_entropy": {t: round(h, 4) for t, h in entropies.items()},
+               "experts_kept": None if selection is None else {n: len(v) for n, v in selection.experts.items()},
+               "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4), "train_images": len(train_set),
+               "eval_images": len(eval_set)},
+    )
+    if accelerator.is_main_process:
+        say(report.to_console())
+        say("report: " + report.to_json())
+        if out_dir is not None:
+            if cfg.mode == "lora":
+                model.save_pretrained(out_dir / "adapter")
+                files["adapter"] = str(out_dir / "adapter")
+                if cfg.merge:
+                    merged = merge_lora(model)
+                    files["merged"] = _save_dir(merged, out_dir / "merged")
+                    model = merged
+            else:
+                files["model"] = _save_dir(model, out_dir / "model")
+            files["report"] = str(report.save(out_dir / "report.json"))
+            (out_dir / "finetune_config.json").write_text(json.dumps(_jsonable(cfg), indent=2))
+    accelerator.wait_for_everyone()
+    return FinetuneResult(model=model, report=report, task=task, source_task=source, selection=selection,
+                          entropies=entropies, files=files)
+
+
+def _jsonable(cfg: FinetuneConfig) -> dict:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out[f.name] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else repr(value)
+    return out
+
+
+def load_finetuned(output_dir: str | os.PathLike) -> nn.Module:
+    """The model a `finetune` run wrote: `merged/` if present, else `base/` + `adapter/` (peft), else `model/`."""
+    from .lora import load_lora
+
+    out = Path(output_dir)
+    if (out / "merged").is_dir():
+        return MoEViTForImageClassification.from_pretrained(out / "merged")
+    if (out / "adapter").is_dir():
+        return load_lora(MoEViTForImageClassification.from_pretrained(out / "base"), out / "adapter")
+    if (out / "model").is_dir():
+        return MoEViTForImageClassification.from_pretrained(out / "model")
+    raise FileNotFoundError(f"{out} holds no fine-tuned model (no merged/, adapter/ or model/ folder).")
+
+
+__all__ = [
+    "MODES",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "InMemoryDataset",
+    "attach_task",
+    "choose_source_task",
+    "evaluate_classification",
+    "finetune",
+    "load_downstream_data",
+    "load_finetuned",
+    "load_moe_model",
+    "prepare_for_mode",
+    "train",
+    "usage_entropy",
+]

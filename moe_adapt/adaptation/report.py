@@ -1,0 +1,253 @@
+"""The efficiency report of a fine-tuning run: what it trained, how big the model is, what it costs, how good it is.
+
+```python
+>>> meter = MemoryMeter()            # baseline: the process before the model exists
+>>> ... build the model ...
+>>> with meter.track(), Throughput() as speed:
+...     for batch in loader: ...; speed.add(len(batch["labels"]))
+>>> report = efficiency_report(model, task="digits", images_per_s=speed.images_per_s, memory=meter,
+...                            metric_name="accuracy", metric=0.93, mode="lora")
+>>> print(report.to_console()); report.save("out/report.json")
+```
+
+Peak memory is the peak resident set size (RSS) of the process on CPU (the kernel's `VmHWM`, reset at the start
+of training through `/proc/self/clear_refs`) and `torch.cuda.max_memory_allocated` on GPU. On CPU the RSS also
+holds the Python interpreter and the loaded libraries (hundreds of MB, the same for every run), so the report
+gives `peak_memory_above_baseline_mb` too: the peak minus the RSS measured before the model was built, i.e.
+weights, gradients, optimizer state and activations. Compare runs with that number (the benchmark does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .lora import count_model_parameters
+
+
+def _rss_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) / 1024 if match else None
+
+
+def _max_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+class MemoryMeter:
+    """Peak memory of a stretch of work: RSS on CPU, max allocated CUDA memory on GPU.
+
+    Created before the model is built, it records the baseline (RSS of the bare process, or allocated CUDA
+    memory); `with meter.track():` resets the peak, and `meter.peak_mb` / `meter.above_baseline_mb` read it after.
+    """
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "rss"
+        self.baseline_mb = self._current_mb()
+        self.peak_mb: float | None = None
+        self.resettable = True
+
+    def _current_mb(self) -> float:
+        if self.kind == "cuda_max_allocated":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        rss = _rss_mb("VmRSS")
+        return rss if rss is not None else _max_rss_mb()
+
+    def reset_peak(self) -> None:
+        if self.kind == "cuda_max_allocated":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:  # "5" resets VmHWM (the peak RSS) to the current RSS (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.resettable = False  # the peak then covers the whole process lifetime
+
+    def read_peak(self) -> float:
+        if self.kind == "cuda_max_allocated":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        peak = _rss_mb("VmHWM")
+        return peak if peak is not None else _max_rss_mb()
+
+    def track(self):
+        meter = self
+
+        class _Track:
+            def __enter__(self):
+                meter.reset_peak()
+                return meter
+
+            def __exit__(self, *exc):
+                meter.peak_mb = max(meter.peak_mb or 0.0, meter.read_peak())
+                return False
+
+        return _Track()
+
+    @property
+    def above_baseline_mb(self) -> float | None:
+        return None if self.peak_mb is None else self.peak_mb - self.baseline_mb
+
+
+class Throughput:
+    """Images per second of the timed region; `add(n)` after each step. The first `warmup` steps are not timed
+    (allocator and kernel warm-up)."""
+
+    def __init__(self, warmup: int = 1):
+        self.warmup, self.steps, self.images, self.seconds = warmup, 0, 0, 0.0
+        self._t = None
+
+    def __enter__(self):
+        self._t = time.perf_counter()
+        return self
+
+    def add(self, n: int, device: torch.device | None = None) -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        self.steps += 1
+        if self.steps > self.warmup:
+            self.images += n
+            self.seconds += now - self._t
+        self._t = now
+
+    def __exit__(self, *exc):
+        return False
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.images / self.seconds if self.seconds > 0 else None
+
+
+@dataclasses.dataclass
+class EfficiencyReport:
+    """One run's numbers. `flops_per_image` is the forward pass of one image (2 × multiply-adds, from
+    `moe_adapt.flops.flops_per_image`); memory in MiB."""
+
+    name: str
+    mode: str
+    trainable_params: int
+    total_params: int
+    flops_per_image: int | None
+    train_images_per_s: float | None
+    peak_memory_mb: float | None
+    peak_memory_above_baseline_mb: float | None
+    memory_kind: str
+    metric_name: str | None
+    metric: float | None
+    train_steps: int | None = None
+    batch_size: int | None = None
+    device: str = "cpu"
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / max(self.total_params, 1)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["trainable_fraction"] = round(self.trainable_fraction, 6)
+        for key in ("train_images_per_s", "peak_memory_mb", "peak_memory_above_baseline_mb", "metric"):
+            if out[key] is not None:
+                out[key] = round(float(out[key]), 4)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=False)
+
+    def to_console(self) -> str:
+        def num(v, fmt="{:,}"):
+            return "n/a" if v is None else fmt.format(v)
+
+        mem = num(self.peak_memory_mb, "{:.1f} MiB")
+        if self.peak_memory_above_baseline_mb is not None and self.memory_kind == "rss":
+            mem += f" ({self.peak_memory_above_baseline_mb:.1f} MiB above the process baseline)"
+        rows = [
+            ("run", f"{self.name} ({self.mode})"),
+            ("trainable params", f"{self.trainable_params:,} ({100 * self.trainable_fraction:.2f}%)"),
+            ("total params", f"{self.total_params:,}"),
+            ("FLOPs / image", num(self.flops_per_image, "{:,.0f}") + (
+                "" if self.flops_per_image is None else f" ({self.flops_per_image / 1e9:.4f} GFLOPs)")),
+            ("train images/s", num(self.train_images_per_s, "{:.1f}")),
+            (f"peak memory ({self.memory_kind})", mem),
+            (self.metric_name or "metric", num(self.metric, "{:.4f}")),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(["efficiency report", *(f"  {k.ljust(width)}  {v}" for k, v in rows)])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the JSON to `path` (through a temporary file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
+
+def model_flops(model: nn.Module, task: str | None = None) -> int | None:
+    """FLOPs per image of the deployable model (`moe_adapt.flops.flops_per_image`, head included). For a
+    peft-wrapped model this is the merged model's count: merging removes LoRA's extra work. None (with a
+    warning) when the counter is unavailable or fails."""
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    try:
+        from ..flops import flops_per_image
+
+        return int(flops_per_image(base, task=task)["total"])
+    except Exception as err:  # noqa: BLE001 - a report without FLOPs beats a crash after training
+        warnings.warn(f"FLOPs per image could not be counted ({type(err).__name__}: {err}); reported as null.",
+                      stacklevel=2)
+        return None
+
+
+def efficiency_report(
+    model: nn.Module,
+    task: str,
+    name: str,
+    mode: str,
+    images_per_s: float | None,
+    memory: MemoryMeter | None,
+    metric_name: str | None,
+    metric: float | None,
+    flops: int | None = None,
+    **fields,
+) -> EfficiencyReport:
+    """Assemble the report for `model` (plain or peft-wrapped): trainable = parameters with `requires_grad`,
+    total = the deployable model's parameters (LoRA factors fold in on merge, so they are not counted twice)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return EfficiencyReport(
+        name=name,
+        mode=mode,
+        trainable_params=trainable,
+        total_params=count_model_parameters(model),
+        flops_per_image=flops if flops is not None else model_flops(model, task),
+        train_images_per_s=images_per_s,
+        peak_memory_mb=None if memory is None else memory.peak_mb,
+        peak_memory_above_baseline_mb=None if memory is None else memory.above_baseline_mb,
+        memory_kind="rss" if memory is None else memory.kind,
+        metric_name=metric_name,
+        metric=metric,
+        **fields,
+    )
+
+
+__all__ = ["EfficiencyReport", "MemoryMeter", "Throughput", "efficiency_report", "model_flops"]
