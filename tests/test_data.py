@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -359,6 +360,11 @@ def test_unchecked_bad_mask_raises_when_read(tmp_path):
     ds[0]
     with pytest.raises(BadSampleError, match="ADE_0001.png.*label mask is 6x4"):
         ds[1]
+    with pytest.raises(BadSampleError) as err:
+        ds[1]
+    # DataLoader workers pickle the error, and torch re-raises it as exc_type(message): both keep the message
+    assert pickle.loads(pickle.dumps(err.value)).sample == "images/training/ADE_0001.png"
+    assert "ADE_0001.png" in str(BadSampleError(f"Caught in worker.\nOriginal {err.value}"))
 
 
 # --- transforms ------------------------------------------------------------------------------------

@@ -45,11 +45,12 @@ def draw_samples(dataset: TaskDataset, out: str | Path, n: int = 16, seed: int =
     colors = _class_colors(dataset.num_labels)
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows + 0.6), squeeze=False)
     seen: set[int] = set()
-    torch.manual_seed(seed)  # the training transforms draw from torch's global generator
     for ax in axes.flat:
         ax.axis("off")
-    for ax, index in zip(axes.flat, indices):
-        item = dataset[int(index)]
+    with torch.random.fork_rng(devices=[]):  # seed the transforms without touching the caller's generator
+        torch.manual_seed(seed)
+        items = [dataset[int(index)] for index in indices]
+    for ax, item in zip(axes.flat, items):
         image = item["pixel_values"].clamp(0, 1).permute(1, 2, 0).numpy()
         ax.imshow(image, interpolation="nearest")
         labels = item["labels"]
