@@ -218,16 +218,14 @@ def _load_hf_split(spec: DatasetSpec, split: str):
     import datasets
 
     local = Path(spec.path)
-    try:
-        if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
-            obj = datasets.load_from_disk(str(local))
-        else:
-            obj = datasets.load_dataset(spec.path, spec.subset)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # datasets raises many types (offline, missing config, bad files)
-        where = "local folder" if local.exists() else "Hub dataset (needs the network; no local folder by that name)"
-        raise ValueError(f"dataset {spec.name!r}: cannot load {where} {spec.path!r}: {e}") from e
+    if not (local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file())):
+        # A Hub id, or a folder of data files: let datasets pick the split (downloads only that split).
+        try:
+            return datasets.load_dataset(spec.path, spec.subset, split=split)
+        except Exception as e:  # datasets raises many types (offline, unknown split or config, bad files)
+            where = "local folder" if local.exists() else "Hub dataset (no local folder by that name; needs the network)"
+            raise ValueError(f"dataset {spec.name!r}: cannot load split {split!r} of {where} {spec.path!r}: {e}") from e
+    obj = datasets.load_from_disk(str(local))
     if isinstance(obj, datasets.Dataset):
         raise ValueError(
             f"dataset {spec.name!r}: {spec.path} holds a single Dataset without splits; save a "
