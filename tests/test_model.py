@@ -11,7 +11,7 @@ import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
 from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, grouped_mm
 
-BACKENDS = ("eager", "batched_mm", "grouped_mm")
+BACKENDS = ("eager", "batched_mm", "grouped_mm", "padded_bmm")
 
 
 def tiny(tasks=("a", "b"), **kw):
@@ -165,12 +165,22 @@ def test_moa_matches_direct_per_head_formula():
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_dispatch_plan_sorts_pairs_by_expert():
+def test_dispatch_plan_sorts_pairs_by_expert_and_pads_a_buffer():
     idx = torch.tensor([[2, 0], [1, 2], [0, 3]])
-    plan = ExpertDispatch(idx, num_experts=5)
-    assert plan.offsets.tolist() == [2, 3, 5, 6, 6]
+    plan = ExpertDispatch(idx, num_experts=4)
+    assert plan.offsets.tolist() == [2, 3, 5, 6]
     assert torch.equal(idx.reshape(-1)[plan.perm], plan.sorted_ids)
     assert torch.equal(plan.perm[plan.inverse], torch.arange(6))
+    x = torch.arange(3.0).unsqueeze(1) + 1  # token t carries the value t + 1
+    buf = plan.to_buffer(x)  # [E=4, C=2, 1]: expert e's tokens, zero padded
+    assert buf.squeeze(-1).tolist() == [[1.0, 3.0], [2.0, 0.0], [1.0, 2.0], [3.0, 0.0]]
+    assert torch.equal(plan.from_buffer(buf).view(3, 2), x.expand(3, 2))
+    skewed = ExpertDispatch(torch.tensor([[0], [0], [0], [0]]), num_experts=4)
+    assert skewed.buffer() is None  # padding would quadruple the work: grouped matmuls instead
+
+
+def test_default_backend_is_padded_bmm():
+    assert MoEViTModel(tiny()).config._experts_implementation == "padded_bmm"
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attn"])

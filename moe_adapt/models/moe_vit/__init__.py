@@ -10,3 +10,4 @@ from .modeling_moe_vit import (
     MoEViTPreTrainedModel,
     RouterOutput,
 )
+from .modeling_multitask import AutoModelForMultiTask, MoEViTForMultiTask, MoEViTMultiTaskOutput

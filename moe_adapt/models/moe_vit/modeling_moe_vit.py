@@ -21,7 +21,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.integrations.moe import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 from transformers.modeling_utils import PreTrainedModel
@@ -187,28 +187,53 @@ class ExpertDispatch:
     """The token-to-expert plan of one layer: `(token, slot)` pairs sorted by expert id.
 
     indices `[tokens, k]` → `perm` `[S]` (S = tokens·k; sorted position → flat pair), `inverse` `[S]`,
-    `offsets` `[E]` (int32 cumulative counts for grouped matmuls), `sorted_ids` `[S]`.
+    `offsets` `[E]` (int32 cumulative counts for grouped matmuls), `sorted_ids` `[S]`, `counts` `[E]`.
     """
+
+    #: the padded-buffer path is used while E·capacity stays within this factor of S, else grouped matmuls
+    max_padding = 2.0
 
     def __init__(self, indices: torch.Tensor, num_experts: int):
         self.indices, self.num_experts = indices, num_experts
         self.tokens, self.k = indices.shape
         flat = indices.reshape(-1)
         self.sorted_ids, self.perm = flat.sort(stable=True)
-        counts = torch.bincount(self.sorted_ids, minlength=num_experts)
-        self.offsets = counts.cumsum(0).to(torch.int32)
+        self.counts = torch.bincount(self.sorted_ids, minlength=num_experts)
+        self.offsets = self.counts.cumsum(0).to(torch.int32)
         self.inverse = torch.empty_like(self.perm)
         self.inverse[self.perm] = torch.arange(self.perm.numel(), device=self.perm.device)
+        self._buffer = None
+
+    def buffer(self):
+        """Rows of an `[E, C, ·]` buffer (C = the busiest expert's load) for batched matmuls, or None when the
+        padding would exceed `max_padding`. Returns (C, row of each pair `[S]`, source pair of each row `[E·C]`,
+        S marking padding)."""
+        if self._buffer is None:
+            n = self.perm.numel()
+            capacity = int(self.counts.max()) if n else 0
+            if capacity == 0 or self.num_experts * capacity > self.max_padding * n:
+                self._buffer = (None,)
+            else:
+                starts = self.offsets.long() - self.counts
+                rows_sorted = self.sorted_ids * capacity + (torch.arange(n, device=self.perm.device) - starts[self.sorted_ids])
+                pair_row = torch.empty_like(rows_sorted)
+                pair_row[self.perm] = rows_sorted
+                row_pair = torch.full((self.num_experts * capacity,), n, dtype=torch.long, device=self.perm.device)
+                row_pair[rows_sorted] = self.perm
+                self._buffer = (capacity, pair_row, row_pair)
+        return None if self._buffer[0] is None else self._buffer
 
     def project(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, impl: str, per_slot: bool = False
     ) -> torch.Tensor:
         """Apply each pair's expert: x `[tokens, in]` (or `[tokens, k, in]` if `per_slot`), weight `[E, out, in]`,
         bias `[E, out]` → `[tokens, k, out]`. `impl`: "eager" (loop over the experts hit), "batched_mm" (gathered
-        weights) or anything else (one grouped matmul over pairs sorted by expert)."""
+        weights), "grouped_mm" (one grouped matmul over pairs sorted by expert) or "padded_bmm" (pairs scattered
+        into an `[E, C, in]` buffer and one batched matmul; falls back to grouped_mm when routing is too skewed)."""
         n_in = x.shape[-1]
         pairs = x.reshape(-1, n_in) if per_slot else None
         flat_ids = self.indices.reshape(-1)
+        buf = self.buffer() if impl == "padded_bmm" else None
         if impl == "eager":
             out = x.new_zeros(self.tokens * self.k, weight.shape[1])
             for e in flat_ids.unique().tolist():
@@ -220,6 +245,8 @@ class ExpertDispatch:
             out = torch.bmm(weight[flat_ids], src.unsqueeze(-1)).squeeze(-1)
             if bias is not None:
                 out = out + bias[flat_ids]
+        elif buf is not None:
+            out = self.from_buffer(self.batched_linear(self.to_buffer(x, per_slot), weight, bias))
         else:
             src = pairs[self.perm] if per_slot else x[self.perm // self.k]
             out = grouped_mm(src, weight, self.offsets)
@@ -227,6 +254,43 @@ class ExpertDispatch:
                 out = out + bias[self.sorted_ids]
             out = out[self.inverse]
         return out.view(self.tokens, self.k, -1)
+
+    def to_buffer(self, x: torch.Tensor, per_slot: bool = False) -> torch.Tensor:
+        """Token inputs `[tokens, in]` (or pair inputs `[tokens, k, in]`) → `[E, C, in]`, zero rows as padding."""
+        capacity, _, row_pair = self.buffer()
+        src = x.reshape(-1, x.shape[-1]) if per_slot else x
+        index = row_pair if per_slot else row_pair // self.k  # padding (S) maps to S // k = tokens: the zero row
+        return F.pad(src, (0, 0, 0, 1))[index].view(self.num_experts, capacity, -1)
+
+    def from_buffer(self, y: torch.Tensor) -> torch.Tensor:
+        """`[E, C, out]` → `[tokens·k, out]` in pair order."""
+        _, pair_row, _ = self.buffer()
+        return y.reshape(-1, y.shape[-1])[pair_row]
+
+    @staticmethod
+    def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x `[E, C, in]`, weight `[E, out, in]`, bias `[E, out]` → `[E, C, out]`."""
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+
+def padded_bmm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The `padded_bmm` experts backend (registered with transformers' `ExpertsInterface`): pairs are scattered
+    into an `[E, C, d]` buffer (C = the busiest expert's load) so that both projections are single batched
+    matmuls, which on CPU run at dense-matmul speed where grouped_mm and per-expert loops do not. Falls back to
+    grouped matmuls when routing is so skewed that padding would more than double the work."""
+    plan = ExpertDispatch(top_k_index, self.num_experts)
+    if plan.buffer() is None:
+        h = self.act_fn(plan.project(hidden_states, self.up_proj, self.up_proj_bias, "grouped_mm"))
+        y = plan.project(h, self.down_proj, self.down_proj_bias, "grouped_mm", per_slot=True)
+    else:
+        h = self.act_fn(plan.batched_linear(plan.to_buffer(hidden_states), self.up_proj, self.up_proj_bias))
+        y = plan.from_buffer(plan.batched_linear(h, self.down_proj, self.down_proj_bias)).view(plan.tokens, plan.k, -1)
+    return (y * top_k_weights.unsqueeze(-1).to(y.dtype)).sum(1).to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register("padded_bmm", padded_bmm_experts_forward)
 
 
 def _gates_full(route: RouterOutput, num_experts: int) -> torch.Tensor:
@@ -410,7 +474,7 @@ class MoEViTMoAttention(nn.Module):
         flat = hidden_states.reshape(b * n, d)
         route = self.router(flat, task, top_k, expert_mask)
         k, h = route.indices.shape[-1], self.head_dim
-        impl = self.config._experts_implementation or "grouped_mm"
+        impl = self.config._experts_implementation or "padded_bmm"
         dense = k == route.logits.shape[-1] and len(self.group_sizes) == 1
         if dense:  # every expert is selected: one dense projection over the concatenated heads
             ex = self.experts
@@ -553,6 +617,10 @@ class MoEViTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoEViTEmbeddings", "MoEViTLayer"]
     _supports_sdpa = True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # Our default is padded_bmm: the fastest on CPU here, and it runs on any device.
+        return super().get_correct_experts_implementation(requested_experts or "padded_bmm")
 
     def _init_weights(self, module):
         super()._init_weights(module)
