@@ -26,6 +26,7 @@ Ties go to the lower expert id. Selections of several tasks combine with `Expert
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -159,7 +160,7 @@ class ExpertSelection:
                "model": self.model, "policy": self.policy, "experts": self.experts}
         if self.scores is not None:
             out["scores"] = self.scores
-        return out
+        return copy.deepcopy(out)
 
     @classmethod
     def from_dict(cls, data: Mapping, source: str = "selection data") -> ExpertSelection:
@@ -268,7 +269,7 @@ def select_experts(
         scores[name] = [round(float(v), 6) for v in s.tolist()]
     params = {"policy": policy, "criterion": criterion, "task": usage.task, "num_images": usage.num_images}
     if policy == "top_n":
-        params["n"] = dict(n) if isinstance(n, Mapping) else n
+        params["n"] = dict(n) if isinstance(n, Mapping) else ("top_k" if n is None else int(n))
     elif policy == "threshold":
         params["threshold_percent"] = threshold
     else:

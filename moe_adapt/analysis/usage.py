@@ -459,12 +459,14 @@ def plot_usage_heatmap(
     ncols = min(4, len(layers))
     nrows = math.ceil(len(layers) / ncols)
     max_e = max(u.num_experts(n) for u in usages.values() for n in layers)
+    max_name = max(len(t) for t in tasks)
     fig, axes = plt.subplots(
-        nrows, ncols, figsize=(max(3.0, 0.35 * max_e + 1.5) * ncols, (0.45 * len(tasks) + 1.4) * nrows), squeeze=False
+        nrows, ncols, squeeze=False, layout="constrained",
+        figsize=(max(3.0, 0.4 * max_e + 0.6) * ncols + 0.08 * max_name + 1.2, (0.45 * len(tasks) + 1.5) * nrows + 0.5),
     )
     vmax = max(float(u.scores(criterion, n).max()) for u in usages.values() for n in layers) or 1.0
     image = None
-    for ax, name in zip(axes.flat, layers):
+    for index, (ax, name) in enumerate(zip(axes.flat, layers)):
         width = max(u.num_experts(name) for u in usages.values())
         grid = torch.full((len(tasks), width), float("nan"))
         for r, t in enumerate(tasks):
@@ -475,7 +477,7 @@ def plot_usage_heatmap(
         ax.set_xticks(range(width))
         ax.set_xticklabels([str(e) for e in range(width)], fontsize=7)
         ax.set_yticks(range(len(tasks)))
-        ax.set_yticklabels(tasks, fontsize=8)
+        ax.set_yticklabels(tasks if index % ncols == 0 else [], fontsize=8)
         ax.set_xlabel("expert", fontsize=8)
         if width <= 16 and len(tasks) <= 8:
             for r in range(len(tasks)):
@@ -487,7 +489,7 @@ def plot_usage_heatmap(
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
     if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=criterion)
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9, label=criterion)
     fig.suptitle(title or f"expert usage ({criterion}) per MoE layer", fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("data",)
+COMMANDS = ("data", "inspect", "extract")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,8 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -76,6 +77,7 @@ def grown_config(
     labels: Sequence[str] | int | None = None,
     new_attn_experts: int | Sequence[int] = 2,
     new_mlp_experts: int | Sequence[int] = 2,
+    head_config: dict | None = None,
 ) -> MoEViTConfig:
     """The config of `config`'s model grown by task `name`: one new expert group per MoE layer (where the count is
     > 0), every old task pinned to the experts it routes over now, the new task routing over all experts."""
@@ -118,6 +120,8 @@ def grown_config(
     d["tasks"] = list(config.tasks) + [name]
     d["task_types"] = {**config.task_types, name: task_type}
     d["task_labels"] = {**config.task_labels, **({name: labels} if labels else {})}
+    if head_config is not None:  # options of the new task's head (MoEViTForMultiTask: config.head_configs)
+        d["head_configs"] = {**(d.get("head_configs") or {}), name: dict(head_config)}
     for key in ("model_type", "transformers_version"):
         d.pop(key, None)
     out = type(config).from_dict(d)
@@ -203,6 +207,7 @@ def add_task(
     source_task: str | None = None,
     data=None,
     max_batches: int = 8,
+    head_config: dict | None = None,
 ) -> nn.Module:
     """Grow `model` (a `MoEViTModel`, `MoEViTForImageClassification`, `MoEViTForMultiTask`, ...) by task `name`.
 
@@ -217,6 +222,7 @@ def add_task(
       default task, else the first) selects most on `data` (the new task's images: a tensor, a batch dict or
       an iterable of batches, `max_batches` used), and the new task starts from the source task's embedding
       and router. `init="random"`: fresh experts, zero router (uniform routing), zero embedding.
+    - `head_config`: options of the new task's head (`config.head_configs[name]` of `MoEViTForMultiTask`).
 
     Old tasks' routers keep their shapes and `config.task_router_sizes` pins them to their current experts, so
     their outputs stay bit-identical. Call `freeze_old_tasks` before training the new task.
@@ -225,7 +231,7 @@ def add_task(
         raise ValueError(f"init={init!r}: expected 'copy_top' (copy the source task's most used experts) or 'random'.")
     backbone = _backbone(model)
     config = backbone.config
-    new_config = grown_config(config, name, task_type, labels, new_attn_experts, new_mlp_experts)
+    new_config = grown_config(config, name, task_type, labels, new_attn_experts, new_mlp_experts, head_config)
     if init == "copy_top":
         source_task = source_task or config.default_task or config.tasks[0]
         if source_task not in config.tasks:
@@ -333,6 +339,66 @@ def train_new_tasks(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Training the new task
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NewTaskResult:
+    """What `learn_new_task` returns: the trained model, the names of the tensors it trained, the training losses,
+    and the old-task check: `old_task_change` `{task: max |after - before|}` over every output tensor, and
+    `old_tasks_identical` (every output `torch.equal` to its value before training)."""
+
+    model: nn.Module
+    trainable: list[str]
+    losses: list[float]
+    old_task_change: dict[str, float]
+    old_tasks_identical: bool
+
+
+def learn_new_task(
+    model: nn.Module,
+    task: str,
+    train_set,
+    check_images: torch.Tensor | Mapping[str, torch.Tensor],
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    weight_decay: float = 0.05,
+    warmup_ratio: float = 0.05,
+    seed: int = 0,
+    log_every: int = 50,
+    accelerator=None,
+) -> NewTaskResult:
+    """Train classification task `task` of a grown model without touching any old task, and prove it.
+
+    `freeze_old_tasks`, then the fine-tuning loop of `moe_adapt.adaptation.finetune.train` (accelerate; AdamW over
+    the trainable tensors only, warm-up and cosine decay) on `train_set` (items `{"pixel_values", "labels"}`),
+    then every old task's outputs on `check_images` (one batch for all old tasks, or `{task: batch}`) are compared
+    with their values before training.
+    """
+    from ..adaptation.finetune import train
+
+    config = _backbone(model).config
+    old_tasks = [t for t in config.tasks if t != task]
+    batches = check_images if isinstance(check_images, Mapping) else {t: check_images for t in old_tasks}
+    missing = [t for t in old_tasks if t not in batches]
+    if missing:
+        raise ValueError(f"check_images has no batch for old task(s) {missing}: give one batch for all or one per task.")
+    before = {t: task_outputs(model, batches[t], [t])[t] for t in old_tasks}
+    trainable = freeze_old_tasks(model, [task])
+    trained, _, losses = train(model, train_set, task, steps, batch_size, lr, weight_decay, warmup_ratio, seed,
+                               log_every, accelerator=accelerator)
+    if accelerator is not None:
+        trained = accelerator.unwrap_model(trained)
+    trained.eval()
+    after = {t: task_outputs(trained, batches[t], [t])[t] for t in old_tasks}
+    return NewTaskResult(model=trained, trainable=trainable, losses=losses,
+                         old_task_change=max_output_change(before, after),
+                         old_tasks_identical=outputs_identical(before, after))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Checking old tasks
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -370,6 +436,8 @@ __all__ = [
     "add_task",
     "freeze_old_tasks",
     "grown_config",
+    "learn_new_task",
+    "NewTaskResult",
     "max_output_change",
     "outputs_identical",
     "source_expert_ranking",

@@ -120,8 +120,8 @@ def _task_output(model: nn.Module, pixels: torch.Tensor, task: str):
     out = model(pixel_values=pixels, task=task)
     logits = getattr(out, "logits", None)
     if logits is None:
-        return out.last_hidden_state, None
-    return logits, getattr(out, "pred_boxes", None)
+        return out.last_hidden_state, None, False
+    return logits, getattr(out, "pred_boxes", None), True
 
 
 def _class_dim(task_type: str) -> int:
@@ -141,6 +141,7 @@ class _Stats:
         self.left_any = 0
         self.dropped = dict.fromkeys(layers, 0.0)
         self.max_scale = 1.0
+        self.image_hw = None
 
 
 def verify_submodel(
@@ -204,9 +205,6 @@ def verify_submodel(
     device = next(submodel.parameters()).device
     try:
         for task in tasks:
-            f_parent = flops_per_image(parent, task=task)["total"]
-            f_sub = flops_per_image(submodel, task=task)["total"]
-            report.flops[task] = {"parent": f_parent, "submodel": f_sub, "ratio": f_sub / max(f_parent, 1)}
             task_data = data[task] if isinstance(data, Mapping) else data
             if task_data is None:
                 raise ValueError(f"No calibration data for task {task!r}.")
@@ -232,17 +230,17 @@ def verify_submodel(
                     pixels, labels = _split_batch(batch, index)
                     pixels = pixels.to(device)
                     captured.clear()
-                    out_p, box_p = _task_output(parent, pixels, task)
-                    out_s, box_s = _task_output(submodel, pixels, task)
+                    out_p, box_p, is_logits = _task_output(parent, pixels, task)
+                    out_s, box_s, _ = _task_output(submodel, pixels, task)
                     batches += 1
                     s.images += pixels.shape[0]
+                    s.image_hw = tuple(pixels.shape[-2:])
                     diff = (out_p.float() - out_s.float()).abs()
                     s.max_diff = max(s.max_diff, float(diff.max()))
                     s.abs_sum += float(diff.sum())
                     s.numel += diff.numel()
                     if box_p is not None and box_s is not None:
                         s.box_max = max(s.box_max, float((box_p - box_s).abs().max()))
-                    is_logits = out_p.dim() != 3 or task_type == "detection" or out_p.shape[-1] != parent.config.hidden_size
                     if is_logits:
                         dim = _class_dim(task_type)
                         pred_p, pred_s = out_p.argmax(dim), out_s.argmax(dim)
@@ -275,6 +273,11 @@ def verify_submodel(
                         s.left_any += int(any_left.sum())
             if batches == 0:
                 raise ValueError(f"The verification data for task {task!r} is empty: it gave no batch.")
+            # FLOPs at the size of the images actually verified (position embeddings interpolate)
+            f_parent = flops_per_image(parent, task=task, image_size=s.image_hw)["total"]
+            f_sub = flops_per_image(submodel, task=task, image_size=s.image_hw)["total"]
+            report.flops[task] = {"parent": f_parent, "submodel": f_sub, "ratio": f_sub / max(f_parent, 1),
+                                  "image_size": list(s.image_hw)}
             tok = max(s.tokens, 1)
             entry = {
                 "num_images": s.images,

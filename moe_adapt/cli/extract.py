@@ -1,0 +1,195 @@
+"""`moe-adapt extract`: slice a standalone sub-model for one or more tasks.
+
+    moe-adapt extract MODEL --data SPEC --task NAME [--task NAME2 ...] --out DIR
+                      [--policy threshold|top_n|coverage] [--n N] [--threshold PCT] [--coverage FRAC]
+                      [--criterion frequency|gate_mass|reap] [--split train] [--verify-split eval]
+                      [--max-images 256] [--verify-images 256] [--batch-size 32] [--overwrite]
+    moe-adapt extract --from-card CARD --model PARENT --out DIR [--no-check] [--overwrite]
+
+The first form collects each task's expert usage on calibration data (`--split`), selects experts per task with
+the policy, takes the union over tasks, slices the sub-model, verifies it against the parent on `--verify-split`
+and writes to DIR: the sub-model (`config.json`, `model.safetensors`), `README.md` (the model card),
+`verification.json`, `selection.json`, `usage_<task>.json` and `usage_heatmap.png`.
+
+The second form rebuilds the sub-model a card describes from its parent, bit for bit (checked against the card's
+weight fingerprints unless `--no-check`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+
+from moe_adapt.analysis.selection import POLICIES
+from moe_adapt.analysis.usage import CRITERIA
+
+from .inspect import add_calibration_arguments, collect_usages, dataset_names
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command, with every option that shaped the result spelled out."""
+    if args.from_card:
+        parts = ["moe-adapt", "extract", "--from-card", args.from_card, "--model", args.model, "--out", args.out]
+        return shlex.join(parts + (["--no-check"] if args.no_check else []))
+    parts = ["moe-adapt", "extract", args.model, "--data", args.data]
+    for t in args.task:
+        parts += ["--task", t]
+    for d in args.dataset or []:
+        parts += ["--dataset", d]
+    parts += ["--policy", args.policy]
+    if args.policy == "top_n" and args.n is not None:
+        parts += ["--n", str(args.n)]
+    if args.policy == "threshold":
+        parts += ["--threshold", str(args.threshold)]
+    if args.policy == "coverage":
+        parts += ["--coverage", str(args.coverage)]
+    if args.criterion:
+        parts += ["--criterion", args.criterion]
+    parts += ["--split", args.split, "--max-images", str(args.max_images), "--verify-split", args.verify_split,
+              "--verify-images", str(args.verify_images), "--batch-size", str(args.batch_size), "--out", args.out]
+    if args.no_norms:
+        parts.append("--no-norms")
+    return shlex.join(parts)
+
+
+class _StagedFolder:
+    """Write into a temporary sibling folder, then move it to `target` in one rename."""
+
+    def __init__(self, target: Path, overwrite: bool):
+        self.target = target
+        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+            raise FileExistsError(f"{target} exists and is not empty; choose another --out or pass --overwrite.")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+
+    def commit(self) -> None:
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+        os.replace(self.path, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _from_card(args: argparse.Namespace) -> int:
+    from moe_adapt.hub import load_model, read_card_selection, rebuild_from_card, weights_fingerprint
+
+    if not args.model:
+        raise ValueError("--from-card needs the parent model: --model PARENT.")
+    if not args.out:
+        raise ValueError("--out DIR is required: the folder to write the rebuilt sub-model to.")
+    info = read_card_selection(args.from_card)
+    parent = load_model(args.model)
+    print(f"rebuilding the slice of tasks {info.tasks} from {args.model} ...")
+    sub = rebuild_from_card(args.from_card, parent, check=not args.no_check)
+    stage = _StagedFolder(Path(args.out), args.overwrite)
+    try:
+        sub.save_pretrained(stage.path)
+        card = Path(args.from_card)
+        shutil.copyfile(card / "README.md" if card.is_dir() else card, stage.path / "README.md")
+        stage.commit()
+    except BaseException:
+        stage.discard()
+        raise
+    same = info.submodel_fingerprint == weights_fingerprint(sub)
+    print(f"wrote {args.out}: {sum(p.numel() for p in sub.parameters()):,} parameters; "
+          f"weights identical to the card's: {'yes' if same else 'not checked' if args.no_check else 'NO'}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_card:
+        return _from_card(args)
+    from moe_adapt.analysis import ExpertSelection, plot_usage_heatmap, select_experts
+    from moe_adapt.analysis.calibration import calibration_loader
+    from moe_adapt.hub import build_model_card, load_model, weights_fingerprint
+    from moe_adapt.surgery import extract_submodel, verify_submodel
+
+    if not args.model:
+        raise ValueError("MODEL is required: the parent model folder (save_pretrained) or Hub id.")
+    if not args.out:
+        raise ValueError("--out DIR is required: the folder to write the sub-model to.")
+    if args.criterion == "reap" and args.no_norms:
+        raise ValueError("--criterion reap needs the expert output norms; drop --no-norms.")
+    stage = _StagedFolder(Path(args.out), args.overwrite)
+    try:
+        parent = load_model(args.model)
+        print(f"1/4 collecting expert usage of {args.task} on {args.data} ({args.split}, up to {args.max_images} images)")
+        usages = collect_usages(parent, args)
+        print(f"2/4 selecting experts: policy {args.policy}")
+        kwargs = {"n": args.n, "threshold": args.threshold, "coverage": args.coverage, "criterion": args.criterion}
+        selections = [select_experts(u, policy=args.policy, **kwargs) for u in usages.values()]
+        selection = ExpertSelection.union(*selections) if len(selections) > 1 else selections[0]
+        for name, ids in selection.experts.items():
+            print(f"    {name:<16} keep {len(ids):>2}/{selection.layer_size(name):<2} {ids}")
+        print("3/4 slicing")
+        sub = extract_submodel(parent, selection, tasks=args.task)
+        sub.save_pretrained(stage.path)
+        print(f"4/4 verifying on {args.verify_split} (up to {args.verify_images} images per task)")
+        names = dataset_names(args)
+        verify_data = {
+            t: calibration_loader(args.data, t, split=args.verify_split, dataset=names.get(t),
+                                  batch_size=args.batch_size, max_images=args.verify_images, seed=1)
+            for t in args.task
+        }
+        report = verify_submodel(parent, sub, verify_data, progress=True)
+        report.save(stage.path / "verification.json")
+        selection.save(stage.path / "selection.json")
+        for task, usage in usages.items():
+            usage.save(stage.path / f"usage_{task}.json")
+        plot_usage_heatmap(usages, stage.path / "usage_heatmap.png", criterion=selection.policy.get("criterion")
+                           or (args.criterion or "frequency"))
+        datasets = {t: names.get(t, t) for t in args.task}
+        card = build_model_card(sub, selection, report, base_model=args.model, command=command_line(args),
+                                datasets=datasets, parent_fingerprint=weights_fingerprint(parent))
+        card.save(stage.path / "README.md")
+        stage.commit()
+    except BaseException:
+        stage.discard()
+        raise
+    print()
+    print(report.summary())
+    print(f"wrote the sub-model, README.md (model card), verification.json, selection.json to {args.out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `extract` to the CLI; returns its parser so that other options can be added."""
+    parser = subparsers.add_parser(
+        "extract", help="slice a standalone sub-model for some tasks (usage → selection → slice → verify → card)",
+        description="Slice a standalone sub-model that keeps only the experts, routers and heads of some tasks.",
+    )
+    parser.add_argument("model", nargs="?", metavar="MODEL", help="parent model folder (save_pretrained) or Hub id")
+    parser.add_argument("--model", dest="model_opt", metavar="PARENT", help="the parent model (same as MODEL)")
+    add_calibration_arguments(parser)
+    group = parser.add_argument_group("selection")
+    group.add_argument("--policy", choices=POLICIES, default="threshold", help="default: threshold (Mod-Squad's rule)")
+    group.add_argument("--n", type=int, help="top_n: experts kept per layer (default: the layer's top-k)")
+    group.add_argument("--threshold", type=float, default=3.0,
+                       help="threshold: keep experts above this percentage of the criterion (default 3)")
+    group.add_argument("--coverage", type=float, default=0.9, help="coverage: fraction of the criterion to cover")
+    group.add_argument("--criterion", choices=CRITERIA, help="frequency (default), gate_mass (default for coverage), reap")
+    group = parser.add_argument_group("verification")
+    group.add_argument("--verify-split", default="eval", help="'eval' (default), 'train' or a split name")
+    group.add_argument("--verify-images", type=int, default=256, help="verification images per task")
+    parser.add_argument("--from-card", metavar="CARD", help="rebuild the slice a model card (README.md) describes")
+    parser.add_argument("--no-check", action="store_true", help="with --from-card: skip the weight fingerprint checks")
+    parser.add_argument("--out", metavar="DIR", help="folder to write the sub-model to")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.set_defaults(func=_main)
+    return parser
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.model and args.model_opt and args.model != args.model_opt:
+        raise ValueError(f"MODEL {args.model!r} and --model {args.model_opt!r} differ; give one.")
+    args.model = args.model or args.model_opt
+    return run(args)

@@ -1,0 +1,165 @@
+"""Model cards (metadata, tables, selection block), rebuilding a slice from a card bit for bit, and the
+`moe-adapt inspect` / `moe-adapt extract` commands end to end on a tiny image folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from moe_adapt import MoEViTConfig, MoEViTForImageClassification
+from moe_adapt.analysis import collect_expert_usage, select_experts
+from moe_adapt.cli import main
+from moe_adapt.hub import build_model_card, read_card_selection, rebuild_from_card, weights_fingerprint
+from moe_adapt.surgery import extract_submodel, verify_submodel
+
+LABELS = {"a": ["dark", "light"], "b": ["left", "right"]}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    model = MoEViTForImageClassification(MoEViTConfig.from_preset("tiny", tasks=["a", "b"], task_labels=LABELS))
+    with torch.no_grad():
+        for module in model.moe_vit.moe_layers().values():
+            for router in module.router.routers.values():
+                router.weight.normal_(0, 2.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def sliced():
+    model = make_model()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sel = select_experts(collect_expert_usage(model, [images], task="a"), "top_n", n=3)
+    sub = extract_submodel(model, sel)
+    report = verify_submodel(model, sub, [(images, torch.tensor([0, 1, 0, 1]))])
+    card = build_model_card(sub, sel, report, base_model="me/parent", command="moe-adapt extract parent ...",
+                            datasets={"a": "toy-a"}, parent_fingerprint=weights_fingerprint(model))
+    return model, sel, sub, report, card
+
+
+def test_card_metadata_and_body(sliced, tmp_path):
+    _, sel, sub, report, card = sliced
+    data = card.data
+    assert data.base_model == "me/parent" and data.library_name == "moe-adapt" and data.datasets == ["toy-a"]
+    assert {"moe-adapt", "mixture-of-experts", "image-classification"} <= set(data.tags)
+    result = data.eval_results[0]
+    assert (result.metric_type, result.dataset_name) == ("accuracy", "toy-a")
+    assert result.metric_value == pytest.approx(report.tasks["a"]["metric"]["submodel"])
+    text = card.text
+    for piece in ("## Tasks", "| a | classification | 2: dark, light |", "## Kept experts", "| layers.1.mlp | 2 | 3 / 8 |",
+                  "| parameters |", "FLOPs / image (a)", "top-1 agreement", "moe-adapt extract parent ...",
+                  "push_to_hub"):
+        assert piece in text, piece
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert loaded.data.base_model == "me/parent"
+    info = read_card_selection(tmp_path / "README.md")
+    assert info.selection == sel and info.tasks == ["a"] and info.submodel_fingerprint == weights_fingerprint(sub)
+
+
+def test_rebuild_from_card_is_bit_identical(sliced, tmp_path):
+    model, _, sub, _, card = sliced
+    rebuilt = rebuild_from_card(card, model)
+    a, b = sub.state_dict(), rebuilt.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sub.save_pretrained(tmp_path / "one")
+    rebuilt.save_pretrained(tmp_path / "two")
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="weights differ from those the card was made from"):
+        rebuild_from_card(card, make_model(seed=1))
+    assert rebuild_from_card(card, make_model(seed=1), check=False).config.tasks == ["a"]
+
+
+def test_card_without_selection_block():
+    with pytest.raises(ValueError, match="no moe-adapt selection block"):
+        read_card_selection(ModelCard("---\nlicense: mit\n---\n# some other model\n"))
+    broken = ModelCard("# x\n<!-- moe-adapt-selection -->\n```json\n{not json\n```\n")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_card_selection(broken)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI end to end
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Two tiny image-folder tasks (8 train / 4 test images each) and their specs.yaml."""
+    root = tmp_path_factory.mktemp("tiny-data")
+    rng = np.random.default_rng(0)
+    blocks = []
+    for task, names in LABELS.items():
+        for split, count in (("train", 8), ("test", 4)):
+            for c, name in enumerate(names):
+                folder = root / task / split / name
+                folder.mkdir(parents=True)
+                for i in range(count // 2):
+                    pixels = rng.integers(0, 120, (32, 32, 3), dtype=np.uint8) + 100 * c
+                    Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+        blocks.append({"name": task, "task_type": "classification", "format": "imagefolder", "path": task,
+                       "split": "train", "eval_split": "test", "label_names": names, "image_size": 32})
+    (root / "specs.yaml").write_text(yaml.safe_dump({"datasets": blocks}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def parent_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parent") / "parent"
+    make_model().save_pretrained(path)
+    return path
+
+
+def test_cli_inspect(tiny_data, parent_dir, tmp_path, capsys):
+    out = tmp_path / "inspect"
+    assert main(["inspect", str(parent_dir), "--data", str(tiny_data), "--task", "a", "--task", "b",
+                 "--out", str(out), "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "task 'a': 8 images" in printed and "layers.3.mlp" in printed
+    assert json.loads((out / "usage_b.json").read_text())["num_images"] == 8
+    assert (out / "usage_heatmap.png").stat().st_size > 1000
+
+
+def test_cli_extract_and_rebuild_from_card(tiny_data, parent_dir, tmp_path, capsys):
+    out = tmp_path / "slice"
+    args = ["extract", str(parent_dir), "--data", str(tiny_data / "specs.yaml"), "--task", "a", "--task", "b",
+            "--policy", "coverage", "--coverage", "0.5", "--out", str(out), "--batch-size", "4"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "parameters:" in printed and "top-1 agreement" in printed
+    for name in ("config.json", "model.safetensors", "README.md", "verification.json", "selection.json",
+                 "usage_a.json", "usage_b.json", "usage_heatmap.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "verification.json").read_text())
+    assert set(report["tasks"]) == {"a", "b"} and report["tasks"]["a"]["num_images"] == 4
+    card = (out / "README.md").read_text()
+    assert "--policy coverage --coverage 0.5" in card
+    again = tmp_path / "rebuilt"
+    assert main(["extract", "--from-card", str(out / "README.md"), "--model", str(parent_dir), "--out", str(again)]) == 0
+    assert "weights identical to the card's: yes" in capsys.readouterr().out
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    # bad input: an existing output folder, a card without a selection block, an unknown task, no data
+    assert main(args) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["extract", "--from-card", str(tiny_data / "specs.yaml"), "--model", str(parent_dir),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "no moe-adapt selection block" in capsys.readouterr().err
+    assert main(["extract", str(parent_dir), "--data", str(tiny_data), "--task", "c", "--out", str(tmp_path / "y")]) == 2
+    assert "Unknown task 'c'" in capsys.readouterr().err
+    assert main(["inspect", str(parent_dir), "--data", str(tiny_data), "--task", "a", "--max-images", "0"]) == 2
+    assert "no calibration images" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
