@@ -1,0 +1,168 @@
+"""MoE MLP layer and MoE ViT-S train-step speed against dense equivalents. Prints one JSON line.
+
+    python benchmarks/moe_layer.py                      # CPU, fp32 (the README's numbers)
+    python benchmarks/moe_layer.py --device cuda --dtype bfloat16
+
+Layer: forward + backward of one MoE MLP layer at ViT-S shape (d=384, 16 experts, top-4, expert width 384,
+8×197 tokens), routing included, for each experts backend; a dense MLP of equal active width (d → 4d → d); and a
+plain per-expert Python loop. Model: one AdamW train step of the MoE ViT-S preset against transformers'
+`ViTForImageClassification` of the same width and depth, batch 8 at 224 px. Timings are medians over rounds that
+interleave the candidates, so machine noise hits all of them alike; the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moe_adapt import MoEViTConfig, MoEViTForImageClassification
+from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTSparseMLP
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - t) * 1000
+
+
+def interleaved(cands: dict, rounds: int, device, warmup: int = 2) -> dict[str, float]:
+    for fn in cands.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in cands}
+    for _ in range(rounds):
+        for k, fn in cands.items():
+            times[k].append(timed(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def layer_benchmark(device, dtype, rounds, tokens):
+    d, experts, k = 384, 16, 4
+    torch.manual_seed(0)
+    cands = {}
+    x = torch.randn(tokens // 197, 197, d, device=device, dtype=dtype)
+    grad = torch.randn_like(x)
+    base = None
+    for impl in ("eager", "batched_mm", "grouped_mm"):
+        cfg = MoEViTConfig(
+            tasks=["t"], hidden_size=d, num_hidden_layers=1, num_attention_heads=6, mlp_experts=[experts],
+            mlp_top_k=k, mlp_expert_size=4 * d // k, experts_implementation=impl,
+        )
+        layer = MoEViTSparseMLP(cfg, 0).to(device=device, dtype=dtype)
+        if base is None:
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p.normal_(0, 0.02)
+            base = layer.state_dict()
+        layer.load_state_dict(base)
+        layer.config._experts_implementation = impl
+
+        def run(layer=layer):
+            y, _ = layer(x, "t")
+            y.backward(grad)
+
+        cands[impl] = run
+
+    ex = layer.experts
+
+    def loop():  # a plain per-expert Python loop over the same fused weights, routing included
+        flat = x.reshape(-1, d)
+        route = layer.router(flat, "t")
+        out = torch.zeros_like(flat)
+        for e in range(experts):
+            token, slot = torch.where(route.indices == e)
+            h = F.gelu(flat[token] @ ex.up_proj[e].T + ex.up_proj_bias[e])
+            h = (h @ ex.down_proj[e].T + ex.down_proj_bias[e]) * route.weights[token, slot, None]
+            out = out.index_add(0, token, h)
+        out.backward(grad.reshape(-1, d))
+
+    cands["loop"] = loop
+    fc1 = torch.nn.Linear(d, 4 * d, device=device, dtype=dtype)
+    fc2 = torch.nn.Linear(4 * d, d, device=device, dtype=dtype)
+
+    def dense():
+        fc2(F.gelu(fc1(x))).backward(grad)
+
+    cands["dense"] = dense
+    return interleaved(cands, rounds, device)
+
+
+def model_benchmark(device, dtype, rounds, batch, image_size):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    moe_cfg = MoEViTConfig.from_preset("vit-s", tasks=["cls"], image_size=image_size, num_labels=1000)
+    moe = MoEViTForImageClassification(moe_cfg).to(device=device, dtype=dtype)
+    vit_cfg = ViTConfig(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, image_size=image_size,
+        patch_size=16, num_labels=1000,
+    )
+    vit = ViTForImageClassification(vit_cfg).to(device=device, dtype=dtype)
+    x = torch.randn(batch, 3, image_size, image_size, device=device, dtype=dtype)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (moe, vit)}
+
+    def step(model, **kw):
+        def run():
+            out = model(pixel_values=x, labels=y, **kw)
+            out.loss.backward()
+            opts[id(model)].step()
+            opts[id(model)].zero_grad(set_to_none=True)
+
+        return run
+
+    ms = interleaved({"moe": step(moe, task="cls"), "dense": step(vit)}, rounds, device, warmup=1)
+    return {k: batch / (v / 1000) for k, v in ms.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--model-rounds", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=8 * 197)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--skip-model", action="store_true")
+    a = p.parse_args()
+    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    layer = layer_benchmark(device, dtype, a.rounds, a.tokens)
+    backends = {k: round(layer[k], 3) for k in ("eager", "batched_mm", "grouped_mm")}
+    best = min(backends, key=backends.get)
+    result = {
+        "device": a.device if a.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "dtype": a.dtype,
+        "tokens": a.tokens,
+        "dense_ms": round(layer["dense"], 3),
+        "backends_ms": backends,
+        "loop_ms": round(layer["loop"], 3),
+        "best_backend": best,
+        "best_vs_dense": round(backends[best] / layer["dense"], 3),
+        "loop_vs_dense": round(layer["loop"] / layer["dense"], 3),
+    }
+    if not a.skip_model:
+        img_s = model_benchmark(device, dtype, a.model_rounds, a.batch, a.image_size)
+        result.update(
+            moe_vit_s_train_img_s=round(img_s["moe"], 2),
+            dense_vit_s_train_img_s=round(img_s["dense"], 2),
+            vit_s_train_vs_dense=round(img_s["moe"] / img_s["dense"], 3),
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
