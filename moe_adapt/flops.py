@@ -73,7 +73,7 @@ def _head_flops(model: nn.Module, task: str, hw: tuple[int, int]) -> tuple[int |
     total = [0]
 
     def linear_hook(module, args, out):
-        total[0] += 2 * out[0].numel() * module.in_features  # batch of one
+        total[0] += 2 * out[0].numel() * module.in_features
 
     def conv_hook(module, args, out):
         window = 1
@@ -92,7 +92,8 @@ def _head_flops(model: nn.Module, task: str, hw: tuple[int, int]) -> tuple[int |
             elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 handles.append(m.register_forward_hook(conv_hook))
     param = next(model.parameters())
-    pixels = torch.zeros(1, model.config.num_channels, *hw, device=param.device, dtype=param.dtype)
+    # two images (heads with batch-statistics norms need more than one value per channel); hooks count image 0
+    pixels = torch.zeros(2, model.config.num_channels, *hw, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
     try:

@@ -233,3 +233,36 @@ def test_bad_input_gives_clear_errors(images):
         verify_submodel(model, sub, [])
     with pytest.raises(ValueError, match="slice has no task 'b'"):
         verify_submodel(model, sub, [images], tasks=["b"])
+
+
+@torch.no_grad()
+def test_multitask_model_with_detection_and_segmentation_heads(tmp_path, images):
+    from moe_adapt.flops import flops_per_image
+    from moe_adapt.models.moe_vit import MoEViTForMultiTask
+
+    config = MoEViTConfig.from_preset(
+        "tiny", tasks=["cls", "det", "seg"],
+        task_types={"cls": "classification", "det": "detection", "seg": "semantic_segmentation"},
+        task_labels={"cls": ["a", "b"], "det": ["digit"], "seg": ["bg", "fg"]},
+        head_configs={"det": {"channels": 16, "num_convs": 1}, "seg": {"channels": 16}},
+    )
+    torch.manual_seed(0)
+    model = MoEViTForMultiTask(config).eval()
+    for module in model.moe_vit.moe_layers().values():
+        for router in module.router.routers.values():
+            router.weight.normal_(0, 2.0)
+    for task in ("det", "seg"):
+        sel = select_experts(collect_expert_usage(model, [images], task=task), "top_n")
+        sub = extract_submodel(model, sel)
+        assert list(sub.heads) == [task] and list(sub.config.head_configs) == [task]
+        ref = model(images, task=task, expert_mask=sel.expert_mask(config, task))
+        out = sub(images, task=task)
+        torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+        sub.save_pretrained(tmp_path / task)
+        assert type(load_model(tmp_path / task)) is MoEViTForMultiTask
+        masks = torch.randint(0, 2, (6, 32, 32))
+        report = verify_submodel(model, sub, [(images, masks)] if task == "seg" else [images])
+        assert report.tasks[task]["top1_agreement"] is not None
+        assert (report.tasks[task].get("metric") or {}).get("name") == ("pixel_accuracy" if task == "seg" else None)
+        head = flops_per_image(sub, task=task)["head"]
+        assert head is not None and head > 0

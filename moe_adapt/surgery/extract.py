@@ -99,6 +99,12 @@ def sliced_config(config, selection: ExpertSelection, tasks: list[str]):
         default_task=default,
         backbone_task=backbone_task,
     )
+    # other per-task settings (e.g. head_configs): dicts keyed by task names keep only the kept tasks
+    for key, value in list(data.items()):
+        if key not in ("task_types", "task_labels", "task_router_sizes", "id2label", "label2id") and isinstance(
+            value, dict
+        ) and value and set(value) <= set(config.tasks):
+            data[key] = {t: v for t, v in value.items() if t in tasks}
     if labels:
         data["id2label"] = dict(enumerate(labels))
         data["label2id"] = {name: i for i, name in enumerate(labels)}
