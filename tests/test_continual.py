@@ -152,7 +152,7 @@ def test_old_tasks_bit_identical_after_training_the_new_task(images, init):
     assert not torch.equal(new_before["c"]["logits"], task_outputs(grown, images, ["c"])["c"]["logits"])
 
 
-@pytest.mark.parametrize("impl", ["eager", "batched_mm"])
+@pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
 def test_bit_identity_holds_for_other_expert_backends(images, impl):
     model = tiny_classifier(experts_implementation=impl)
     before = task_outputs(model, images, ["a", "b"])
@@ -246,3 +246,62 @@ def test_freeze_names_unknown_tasks():
         for p in model.parameters():
             p.requires_grad_(False)
         trainable_optimizer(model)
+
+
+# ------------------------------------------------------------------------------------------------ task models
+def test_multitask_model_keeps_detection_and_classification_predictions_identical(images):
+    from moe_adapt.models.moe_vit.modeling_multitask import MoEViTForMultiTask
+
+    torch.manual_seed(0)
+    config = MoEViTConfig.from_preset(
+        "tiny", tasks=["cls", "det"], task_types={"cls": "classification", "det": "detection"},
+        task_labels={"cls": ["a", "b"], "det": ["digit"]}, head_configs={"det": {"channels": 16, "num_convs": 1}})
+    model = trained_like(MoEViTForMultiTask(config))
+
+    def predictions(m):
+        with torch.no_grad():
+            cls = m.postprocess(m(images, task="cls"))
+            det = m.postprocess(m(images, task="det"), score_threshold=0.0)
+        return cls, det
+
+    before, preds_before = task_outputs(model, images, ["cls", "det"]), predictions(model)
+    grown = add_task(model, "seg", "semantic_segmentation", ["bg", "fg"], head_config={"channels": 16}, data=images)
+    assert grown.config.head_configs["seg"] == {"channels": 16} and "seg" in grown.heads
+    freeze_old_tasks(grown, "seg")
+    optimizer = trainable_optimizer(grown, lr=1e-2, weight_decay=0.5)
+    train_new_tasks(grown)
+    masks = torch.randint(0, 2, (images.shape[0], 32, 32), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        grown(images, task="seg", labels=masks).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    grown.eval()
+    assert outputs_identical(before, task_outputs(grown, images, ["cls", "det"]))
+    cls_after, det_after = predictions(grown)
+    assert torch.equal(cls_after, preds_before[0])
+    for a, b in zip(det_after, preds_before[1]):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
+@pytest.mark.slow
+def test_continual_recipe_end_to_end(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("MOE_ADAPT_DATA", str(tmp_path / "data"))
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("continual_recipe", root / "recipes" / "continual.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    tiny_classifier().save_pretrained(tmp_path / "model")
+    cfg = recipe.load_config(str(root / "recipes" / "configs" / "continual.yaml"), [
+        f"model={tmp_path / 'model'}", f"output_dir={tmp_path / 'out'}", "steps=4", "batch_size=16",
+        "max_train_images=64", "max_eval_images=32", "calibration_images=32", "check_images=16", "log_every=0",
+    ])
+    summary = recipe.run(cfg)
+    assert summary["old_tasks_identical"] and summary["old_task_max_abs_change"] == {"a": 0.0, "b": 0.0}
+    assert summary["task"] == "digits" and 0.0 <= summary["accuracy"] <= 1.0 and summary["budget"]
+    grown = MoEViTForImageClassification.from_pretrained(tmp_path / "out" / "model")
+    assert grown.config.tasks == ["a", "b", "digits"] and grown.config.attn_experts == [8, 0, 8, 0]
+    with pytest.raises(ValueError, match="unknown key"):
+        recipe.load_config(None, ["model=x", "stepz=3"])

@@ -4,6 +4,7 @@
                       [--max-images 256] [--batch-size 32] [--criterion frequency] [--dataset TASK=NAME]
 
 Prints a per-layer usage table for every task and writes `usage_<task>.json` and `usage_heatmap.png` to `--out`.
+With `--budget [--budget-top-k LIST]` it also writes each task's metric against FLOPs over top-k (`budget.png`).
 `SPEC` is a dataset spec YAML/JSON file or a folder holding `specs.yaml` (e.g. the mini benchmark); each task reads
 the dataset of its own name unless `--dataset TASK=NAME` says otherwise.
 
@@ -81,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
         written.append(usage.save(out / f"usage_{task}.json"))
     written.append(plot_usage_heatmap(usages, out / "usage_heatmap.png", criterion=args.criterion,
                                       title=f"{Path(args.model).name}: expert usage ({args.criterion})"))
+    if args.budget:  # metric vs active FLOPs over top-k (moe_adapt.analysis.budget)
+        from moe_adapt.analysis.budget import budget_from_args
+
+        written += budget_from_args(model, args, out, dataset_names(args))
     print()
     print(f"inspected {len(usages)} task(s) on {sum(u.num_images for u in usages.values())} images; wrote:")
     for path in written:
@@ -98,5 +103,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_calibration_arguments(parser)
     parser.add_argument("--criterion", choices=CRITERIA, default="frequency", help="what the table and heatmap show")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: inspect-<model name>)")
+    parser.add_argument("--budget", action="store_true",
+                        help="also write budget.png: each task's metric on its eval split against FLOPs over top-k")
+    parser.add_argument("--budget-top-k", metavar="LIST",
+                        help="top-k settings for --budget: '1,2,4' or ATTN:MLP pairs '2:1,4:2' (default: a sweep)")
     parser.set_defaults(func=run)
     return parser
