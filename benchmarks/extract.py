@@ -1,0 +1,217 @@
+"""Benchmark: task slices of a multi-task MoE ViT (issue 5). Prints ONE JSON line.
+
+    python benchmarks/extract.py --model runs/mini/model      # a mini-pretrained multi-task model
+    python benchmarks/extract.py                              # runs a short mini pretraining itself first
+    python benchmarks/extract.py --quick                      # smoke run (numbers not meaningful)
+
+For every task of the model it collects expert usage on calibration images (training split), selects experts
+(default: `top_n` with n = top-k, so every MoE layer collapses to a fused dense layer), slices the task's
+sub-model and reports, all measured in this run on the same machine:
+
+- parameters of the full model (all of it, and the part the task can reach) and of the slice;
+- FLOPs per image (`moe_adapt.flops.flops_per_image`) of the full model, the slice and a transformers `ViTModel` of
+  the same active shape (same width, depth, heads, MLP width = the active experts' width, image and patch size);
+- inference images/s of the backbones (pixels → last hidden state; heads left out so that all three compare
+  alike): the full model routing for the task, the slice, and the same-shape `ViTModel`; timed interleaved, the
+  median of several rounds;
+- the task metric (accuracy / COCO mAP / mean IoU on the eval split) of the full model and of the slice.
+
+Targets: slice ≤ 50% of the full model's parameters, ≥ 99% of its metric, ≥ 0.95× the images/s of the dense ViT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a pretrained MoEViTForMultiTask folder; default: pretrain one first")
+    p.add_argument("--pretrain-config", default="recipes/configs/mini.yaml", help="recipe of the tasks' data")
+    p.add_argument("--pretrain-steps", type=int, default=150, help="steps of the short pretraining (no --model)")
+    p.add_argument("--policy", default="top_n", choices=["top_n", "threshold", "coverage"])
+    p.add_argument("--n", type=int, default=None, help="top_n: experts per layer (default: top-k)")
+    p.add_argument("--threshold", type=float, default=3.0)
+    p.add_argument("--coverage", type=float, default=0.9)
+    p.add_argument("--criterion", default=None, choices=["frequency", "gate_mass", "reap"])
+    p.add_argument("--calibration-images", type=int, default=256)
+    p.add_argument("--eval-images", type=int, default=None, help="eval images per task for the metric (default all)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch of the throughput runs")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median)")
+    p.add_argument("--iters", type=int, default=5, help="forward passes per model per round")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
+    p.add_argument("--out", default=None, help="where the pretraining and slices go (default: a temp folder)")
+    p.add_argument("--quick", action="store_true", help="tiny numbers: a smoke run of the whole path")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def same_shape_vit(config, image_size: int):
+    """A transformers ViTModel with the slice's active shape: same width, depth, heads, image/patch size, and an
+    MLP as wide as the active MLP experts together (= the dense MLP width of a Mod-Squad layout)."""
+    from transformers import ViTConfig, ViTModel
+
+    mlp_width = config.mlp_top_k * config.mlp_expert_size if any(config.mlp_experts) else config.intermediate_size
+    vit_config = ViTConfig(
+        hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, intermediate_size=mlp_width, image_size=image_size,
+        patch_size=config.patch_size, num_channels=config.num_channels, qkv_bias=config.qkv_bias,
+        layer_norm_eps=config.layer_norm_eps, hidden_act=config.hidden_act,
+    )
+    return ViTModel(vit_config, add_pooling_layer=False).eval()
+
+
+def throughput(runners: dict, pixels, rounds: int, iters: int) -> dict[str, float]:
+    """Images/s of each runner (a callable on pixels), timed in interleaved rounds; the median per runner."""
+    import torch
+
+    with torch.no_grad():
+        for run in runners.values():  # warm-up
+            run(pixels)
+            run(pixels)
+        rates = {name: [] for name in runners}
+        for _ in range(rounds):
+            for name, run in runners.items():
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    run(pixels)
+                rates[name].append(iters * pixels.shape[0] / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from accelerate.utils import set_seed
+
+    from moe_adapt.analysis import collect_expert_usage, select_experts
+    from moe_adapt.data import load_task_dataset
+    from moe_adapt.flops import count_parameters, flops_per_image
+    from moe_adapt.hub import load_model
+    from moe_adapt.surgery import extract_submodel, verify_submodel
+    from moe_adapt.training import load_pretrain_config, pretrain
+    from moe_adapt.training.data import load_task_data
+    from moe_adapt.training.evaluation import PRIMARY_METRIC, evaluate_task
+
+    if args.quick:
+        args.pretrain_steps, args.calibration_images, args.eval_images = 3, 32, 32
+        args.rounds, args.iters, args.batch_size = 2, 1, 16
+    torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_extract_"))
+    out.mkdir(parents=True, exist_ok=True)
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731 - stdout carries the JSON line only
+    seconds = {}
+
+    # 1. The multi-task model and its tasks' data -------------------------------------------------------------------
+    overrides = ["train.progress_bar=false", f"train.max_steps={args.pretrain_steps}", f"output_dir={out / 'pretrain'}"]
+    if args.quick:  # a small mini benchmark of its own, never the shared data/mini
+        overrides += ["data.mini.small=true", f"data.mini.out={out / 'mini-small'}"]
+    cfg = load_pretrain_config(args.pretrain_config, overrides)
+    t0 = time.perf_counter()
+    if args.model:
+        model_dir = args.model
+    else:
+        log(f"pretraining the mini model for {args.pretrain_steps} steps ...")
+        model_dir = pretrain(cfg)["model_dir"]
+    seconds["pretrain"] = time.perf_counter() - t0
+    model = load_model(model_dir).eval()
+    tasks = list(model.config.tasks)
+    data = {t: d for t, d in load_task_data(cfg, splits=("train", "eval")).items() if t in tasks}
+
+    results, targets = {}, {}
+    for task in tasks:
+        d = data[task]
+        log(f"[{task}] usage, selection, slicing ...")
+        t0 = time.perf_counter()
+        # calibration: training images with the eval transforms (no augmentation)
+        train_eval_tf = load_task_dataset(d.train.spec, split=d.train.split, transform="eval")
+        order = torch.randperm(len(train_eval_tf), generator=torch.Generator().manual_seed(args.seed))
+        calib = torch.utils.data.DataLoader(torch.utils.data.Subset(train_eval_tf, order[: args.calibration_images].tolist()),
+                                            batch_size=64, collate_fn=d.collate_fn)
+        usage = collect_expert_usage(model, calib, task)
+        selection = select_experts(usage, args.policy, n=args.n, threshold=args.threshold, coverage=args.coverage,
+                                   criterion=args.criterion)
+        sub = extract_submodel(model, selection, tasks=[task]).eval()
+        sub.save_pretrained(out / f"slice-{task}")
+        seconds[f"slice_{task}"] = time.perf_counter() - t0
+
+        log(f"[{task}] metric of full model and slice ...")
+        t0 = time.perf_counter()
+        metric = PRIMARY_METRIC[d.task_type]
+        m_full = evaluate_task(model, d, task, max_samples=args.eval_images)[metric]
+        m_sub = evaluate_task(sub, d, task, max_samples=args.eval_images)[metric]
+        eval_batches = [b["pixel_values"] for _, b in zip(range(2), d.eval_loader(args.eval_images))]
+        report = verify_submodel(model, sub, {task: eval_batches})
+        seconds[f"eval_{task}"] = time.perf_counter() - t0
+
+        log(f"[{task}] throughput ...")
+        image_size = int(eval_batches[0].shape[-1])
+        vit = same_shape_vit(model.config, image_size)
+        pixels = torch.randn(args.batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+        t0 = time.perf_counter()
+        speed = throughput({
+            "full": lambda x, t=task: model.moe_vit(x, task=t),
+            "sliced": lambda x, m=sub, t=task: m.moe_vit(x, task=t),
+            "vit": lambda x, m=vit: m(pixel_values=x),
+        }, pixels, args.rounds, args.iters)
+        seconds[f"speed_{task}"] = time.perf_counter() - t0
+
+        p_full, p_sub = count_parameters(model, task=task), count_parameters(sub)
+        f_full = flops_per_image(model, task=task, image_size=image_size)
+        f_sub = flops_per_image(sub, task=task, image_size=image_size)
+        f_vit = flops_per_image(vit, image_size=image_size)
+        entry = {
+            "task_type": d.task_type,
+            "params": {"full": p_full["total"], "full_reachable_by_task": p_full["task_total"], "sliced": p_sub["total"],
+                       "ratio": p_sub["total"] / p_full["total"]},
+            "backbone_params": {"sliced": sum(p.numel() for p in sub.moe_vit.parameters()),
+                                "vit": sum(p.numel() for p in vit.parameters())},
+            "flops_per_image": {"full": f_full["total"], "sliced": f_sub["total"],
+                                "vit_backbone": f_vit["total"], "sliced_backbone": f_sub["total"] - (f_sub["head"] or 0),
+                                "image_size": image_size},
+            "images_per_s": {k: round(v, 1) for k, v in speed.items()},
+            "speed_sliced_vs_vit": speed["sliced"] / speed["vit"],
+            "speed_sliced_vs_full": speed["sliced"] / speed["full"],
+            "metric": {"name": metric, "full": m_full, "sliced": m_sub,
+                       "ratio": (m_sub / m_full) if m_full else None},
+            "kept_experts": {n: len(ids) for n, ids in selection.experts.items()},
+            "dense_layers": sum(len(ids) == selection.top_k(n) for n, ids in selection.experts.items()),
+            "tokens_routed_outside_kept": report.tasks[task]["routing_left_kept_set"]["any_layer"],
+            "top1_agreement": report.tasks[task]["top1_agreement"],
+        }
+        results[task] = entry
+        targets[task] = {
+            "params_le_50pct": entry["params"]["ratio"] <= 0.5,
+            "metric_ge_99pct": entry["metric"]["ratio"] is not None and entry["metric"]["ratio"] >= 0.99,
+            "speed_ge_095x_vit": entry["speed_sliced_vs_vit"] >= 0.95,
+        }
+        log(f"[{task}] params {entry['params']['ratio']:.3f}, {metric} {m_full:.4f} -> {m_sub:.4f}, "
+            f"images/s full {speed['full']:.0f} sliced {speed['sliced']:.0f} vit {speed['vit']:.0f}")
+
+    line = {
+        "benchmark": "extract",
+        "model": str(model_dir) if args.model else f"mini pretrained here for {args.pretrain_steps} steps",
+        "policy": {"policy": args.policy, "n": args.n, "threshold": args.threshold, "coverage": args.coverage,
+                   "criterion": args.criterion},
+        "device": "cpu", "threads": args.threads, "batch_size": args.batch_size, "quick": args.quick,
+        "tasks": results, "targets_met": targets,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
