@@ -56,3 +56,7 @@ __all__ = [
     "mutual_information_loss",
     "router_z_loss",
 ]
+
+from .adaptation.lora import lora_config  # noqa: E402  (peft LoRA config for the MoE layout, issue 6)
+
+__all__ += ["lora_config"]

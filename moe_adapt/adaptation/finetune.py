@@ -28,6 +28,7 @@ The path, each step taking the previous step's object (`finetune(FinetuneConfig(
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -47,7 +48,14 @@ from ..data import collate_fn_for, load_task_dataset
 from ..models.moe_vit import MoEViTConfig, MoEViTForImageClassification
 from .downstream import resolve_dataset_spec
 from .lora import apply_lora, lora_config, merge_lora
-from .report import EfficiencyReport, MemoryMeter, Throughput, efficiency_report, model_flops
+from .report import (
+    EfficiencyReport,
+    MemoryMeter,
+    SavedTensorMeter,
+    Throughput,
+    efficiency_report,
+    model_flops,
+)
 
 MODES = ("lora", "router", "full")
 DEFAULT_LR = {"lora": 2e-3, "router": 1e-2, "full": 5e-4}
@@ -475,6 +483,7 @@ def train(
     losses = []
     batches = _forever(loader)
     speed = Throughput(warmup=1)
+    saved = SavedTensorMeter(model)
     tracking = memory.track() if memory is not None else None
     if tracking is not None:
         tracking.__enter__()
@@ -483,10 +492,13 @@ def train(
             for step in range(1, steps + 1):
                 batch = next(batches)
                 with accelerator.accumulate(model):
-                    out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], task=task)
+                    with saved if step == 1 else contextlib.nullcontext():
+                        out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], task=task)
                     accelerator.backward(out.loss)
                     optimizer.step()
                     scheduler.step()
+                    if step == 1:
+                        speed.train_state_mb = saved.train_state_mb(model, optimizer)
                     optimizer.zero_grad(set_to_none=True)
                 losses.append(float(out.loss.detach()))
                 speed.add(len(batch["labels"]) * accelerator.num_processes, accelerator.device)
@@ -516,18 +528,23 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    memory = memory or MemoryMeter(accelerator.device)
     say = accelerator.print if verbose else (lambda *a, **k: None)
     set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
 
+    if isinstance(cfg.model, nn.Module):
+        image_size = find_backbone(cfg.model)[0].config.image_size
+    else:
+        image_size = MoEViTConfig.from_pretrained(cfg.model).image_size
+    spec, train_set, eval_set, label_names = load_downstream_data(cfg, image_size)
+    # the memory baseline: the process with its libraries and the data, before any model is loaded
+    memory = memory or MemoryMeter(accelerator.device)
     parent = load_moe_model(cfg.model)
     backbone, _ = find_backbone(parent)
     if cfg.experts_implementation:
         parent.config._experts_implementation = cfg.experts_implementation
         backbone.config._experts_implementation = cfg.experts_implementation
-    spec, train_set, eval_set, label_names = load_downstream_data(cfg, backbone.config.image_size)
     task = cfg.task_name or spec.name
     if cfg.source_task != "auto":
         _check_task(backbone.config, cfg.source_task)
@@ -572,6 +589,7 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
     report = efficiency_report(
         model, task, name=f"{task} <- {source}" + (" (sliced)" if cfg.slice else ""), mode=cfg.mode,
         images_per_s=speed.images_per_s, memory=memory, metric_name="accuracy", metric=accuracy, flops=flops,
+        train_state_mb=speed.train_state_mb,
         train_steps=cfg.steps, batch_size=cfg.batch_size, device=str(accelerator.device),
         extra={"source_task": source, "routing_entropy": {t: round(h, 4) for t, h in entropies.items()},
                "experts_kept": None if selection is None else {n: len(v) for n, v in selection.experts.items()},

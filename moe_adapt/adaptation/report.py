@@ -20,6 +20,7 @@ weights, gradients, optimizer state and activations. Compare runs with that numb
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -49,6 +50,18 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+def _release_free_memory() -> None:
+    """Hand memory that Python and glibc hold but no longer use back to the OS, so that RSS measured next reflects
+    live data (e.g. not a parent model freed after slicing)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class MemoryMeter:
     """Peak memory of a stretch of work: RSS on CPU, max allocated CUDA memory on GPU.
 
@@ -59,6 +72,8 @@ class MemoryMeter:
     def __init__(self, device: torch.device | str | None = None):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "rss"
+        if self.kind == "rss":
+            _release_free_memory()
         self.baseline_mb = self._current_mb()
         self.peak_mb: float | None = None
         self.resettable = True
@@ -73,6 +88,7 @@ class MemoryMeter:
         if self.kind == "cuda_max_allocated":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        _release_free_memory()
         try:  # "5" resets VmHWM (the peak RSS) to the current RSS (Linux >= 4.0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -110,6 +126,7 @@ class Throughput:
 
     def __init__(self, warmup: int = 1):
         self.warmup, self.steps, self.images, self.seconds = warmup, 0, 0, 0.0
+        self.train_state_mb: float | None = None  # filled by the training loop (SavedTensorMeter)
         self._t = None
 
     def __enter__(self):
@@ -134,6 +151,49 @@ class Throughput:
         return self.images / self.seconds if self.seconds > 0 else None
 
 
+class SavedTensorMeter:
+    """Bytes autograd keeps for the backward pass inside the `with` block (the activations of a training step;
+    the model's own parameters excluded; tensors sharing storage counted once).
+
+    `train_state_mb(model, optimizer)` adds parameters, gradients and optimizer state: the memory a training step
+    needs, measured exactly and independent of the allocator and of libraries (RSS includes both).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.sizes: dict[int, int] = {}
+        self._hooks = None
+
+    def _pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.param_ptrs:
+            self.sizes[ptr] = max(self.sizes.get(ptr, 0), storage.nbytes())
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False
+
+    @property
+    def saved_mb(self) -> float:
+        return sum(self.sizes.values()) / 2**20
+
+    def train_state_mb(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> float:
+        """Saved activations + parameters + gradients + optimizer state, MiB."""
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        total += sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # gradients
+        if optimizer is not None:
+            for state in optimizer.state.values():
+                total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim())
+        return self.saved_mb + total / 2**20
+
+
 @dataclasses.dataclass
 class EfficiencyReport:
     """One run's numbers. `flops_per_image` is the forward pass of one image (2 × multiply-adds, from
@@ -148,6 +208,7 @@ class EfficiencyReport:
     peak_memory_mb: float | None
     peak_memory_above_baseline_mb: float | None
     memory_kind: str
+    train_state_mb: float | None
     metric_name: str | None
     metric: float | None
     train_steps: int | None = None
@@ -162,7 +223,7 @@ class EfficiencyReport:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["trainable_fraction"] = round(self.trainable_fraction, 6)
-        for key in ("train_images_per_s", "peak_memory_mb", "peak_memory_above_baseline_mb", "metric"):
+        for key in ("train_images_per_s", "peak_memory_mb", "peak_memory_above_baseline_mb", "train_state_mb", "metric"):
             if out[key] is not None:
                 out[key] = round(float(out[key]), 4)
         return out
@@ -185,6 +246,7 @@ class EfficiencyReport:
                 "" if self.flops_per_image is None else f" ({self.flops_per_image / 1e9:.4f} GFLOPs)")),
             ("train images/s", num(self.train_images_per_s, "{:.1f}")),
             (f"peak memory ({self.memory_kind})", mem),
+            ("train state", num(self.train_state_mb, "{:.1f} MiB") + " (weights, grads, optimizer, activations)"),
             (self.metric_name or "metric", num(self.metric, "{:.4f}")),
         ]
         width = max(len(k) for k, _ in rows)
@@ -229,6 +291,7 @@ def efficiency_report(
     metric_name: str | None,
     metric: float | None,
     flops: int | None = None,
+    train_state_mb: float | None = None,
     **fields,
 ) -> EfficiencyReport:
     """Assemble the report for `model` (plain or peft-wrapped): trainable = parameters with `requires_grad`,
@@ -244,10 +307,11 @@ def efficiency_report(
         peak_memory_mb=None if memory is None else memory.peak_mb,
         peak_memory_above_baseline_mb=None if memory is None else memory.above_baseline_mb,
         memory_kind="rss" if memory is None else memory.kind,
+        train_state_mb=train_state_mb,
         metric_name=metric_name,
         metric=metric,
         **fields,
     )
 
 
-__all__ = ["EfficiencyReport", "MemoryMeter", "Throughput", "efficiency_report", "model_flops"]
+__all__ = ["EfficiencyReport", "MemoryMeter", "SavedTensorMeter", "Throughput", "efficiency_report", "model_flops"]

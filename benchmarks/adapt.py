@@ -1,0 +1,176 @@
+"""Adaptation benchmark: one downstream set, the same step budget, four ways to adapt a pretrained MoE ViT.
+
+    python benchmarks/adapt.py                                   # pretrains a mini model first if none is given
+    python benchmarks/adapt.py --model runs/mini/model --dataset textures --steps 300
+
+Arms (each in a fresh process, so that peak memory is the arm's own):
+
+- `full_ft`: full fine-tuning of the whole (unsliced) MoE model;
+- `sliced_lora`: the sub-network the source task uses on the new images (top-k experts per layer) + LoRA;
+- `sliced_router`: the same sub-network, router and head only;
+- `lora_unsliced`: LoRA on the whole model.
+
+Each arm reports trainable / total parameters, FLOPs per image, train images/s, peak memory (RSS above the
+process baseline on CPU: weights, gradients, optimizer state, activations) and accuracy. The last line printed is
+ONE JSON object with every arm's report, the ratios of sliced + LoRA to full fine-tuning measured in this run, and
+whether each target of issue 6 is met (<= 5% trainable, <= 50% params, >= 1.5x images/s, <= 0.6x memory,
+accuracy within 1 point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = {
+    "full_ft": {"mode": "full", "slice": False},
+    "sliced_lora": {"mode": "lora", "slice": True},
+    "sliced_router": {"mode": "router", "slice": True},
+    "lora_unsliced": {"mode": "lora", "slice": False},
+}
+KEEP = ("trainable_params", "total_params", "trainable_fraction", "flops_per_image", "train_images_per_s",
+        "peak_memory_mb", "peak_memory_above_baseline_mb", "train_state_mb", "metric")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="pretrained multi-task model folder (default: pretrain a mini model briefly)")
+    p.add_argument("--pretrain-steps", type=int, default=200, help="steps of the brief mini pretraining")
+    p.add_argument("--pretrain-dir", default=str(ROOT / "runs" / "bench_adapt" / "pretrain"))
+    p.add_argument("--dataset", default="digits", choices=["digits", "textures"])
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--r", type=int, default=2, help="LoRA rank")
+    p.add_argument("--policy", default="top_n", help="expert selection policy of the sliced arms")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per arm")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
+    p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm and print its report
+    return p.parse_args(argv)
+
+
+def warm_up_libraries() -> None:
+    """Two training steps of a throwaway tiny model, so that one-time allocations of the libraries (kernels,
+    thread pools, lazily imported modules) happen before the memory baseline and are not charged to the arm."""
+    import torch
+
+    from moe_adapt import MoEViTConfig, MoEViTForImageClassification
+    from moe_adapt.adaptation.finetune import InMemoryDataset, train
+
+    config = MoEViTConfig.from_preset("tiny", tasks=["warm"], task_labels={"warm": ["a", "b"]})
+    data = InMemoryDataset(torch.randn(16, 3, 32, 32), torch.zeros(16, dtype=torch.long))
+    train(MoEViTForImageClassification(config), data, "warm", steps=2, batch_size=8, lr=1e-3, log_every=0)
+
+
+def run_one_arm(args) -> None:
+    """Child process: run one arm and print its report as JSON on the last line."""
+    import torch
+
+    from moe_adapt.adaptation.finetune import FinetuneConfig, finetune
+
+    torch.set_num_threads(args.threads)
+    warm_up_libraries()
+
+    arm = ARMS[args.arm]
+    cfg = FinetuneConfig(
+        model=args.model, dataset={"builtin": args.dataset, "image_size": args.image_size}, output_dir=None,
+        mode=arm["mode"], slice=arm["slice"], selection={"policy": args.policy}, lora={"r": args.r},
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, num_threads=args.threads, log_every=0,
+    )
+    result = finetune(cfg, verbose=False)
+    report = result.report.to_dict()
+    print(json.dumps({k: report[k] for k in KEEP} | {
+        "accuracy": report["metric"], "source_task": result.source_task,
+        "experts_kept": report["extra"]["experts_kept"], "final_loss": report["extra"]["final_loss"],
+    }))
+
+
+def pretrained_model(args) -> str:
+    if args.model:
+        return args.model
+    model_dir = Path(args.pretrain_dir) / "model"
+    if (model_dir / "config.json").is_file():
+        return str(model_dir)
+    from moe_adapt.training import load_pretrain_config, pretrain
+
+    config = load_pretrain_config(
+        str(ROOT / "recipes" / "configs" / "mini.yaml"),
+        [f"output_dir={args.pretrain_dir}", f"train.max_steps={args.pretrain_steps}", "train.log_every=50",
+         f"data.mini.out={ROOT / 'data' / 'mini'}"],
+    )
+    results = pretrain(config)
+    print(f"pretrained {results['model_dir']} in {results['wall_seconds']:.0f} s", file=sys.stderr)
+    return results["model_dir"]
+
+
+def ratios(arms: dict) -> tuple[dict, dict]:
+    full, lora = arms.get("full_ft"), arms.get("sliced_lora")
+    if not full or not lora:
+        return {}, {}
+    r = {
+        "trainable_fraction": lora["trainable_fraction"],
+        "trainable_vs_full_model": round(lora["trainable_params"] / full["total_params"], 4),
+        "params": round(lora["total_params"] / full["total_params"], 4),
+        "flops": round(lora["flops_per_image"] / full["flops_per_image"], 4) if full["flops_per_image"] else None,
+        "images_per_s": round(lora["train_images_per_s"] / full["train_images_per_s"], 3),
+        "peak_memory": round(lora["peak_memory_above_baseline_mb"] / full["peak_memory_above_baseline_mb"], 3),
+        "train_state_memory": round(lora["train_state_mb"] / full["train_state_mb"], 3),
+        "accuracy_points": round(100 * (lora["accuracy"] - full["accuracy"]), 2),
+    }
+    targets = {
+        "trainable<=5%": r["trainable_fraction"] <= 0.05,
+        "params<=50%": r["params"] <= 0.5,
+        "images_per_s>=1.5x": r["images_per_s"] >= 1.5,
+        "peak_memory<=0.6x": r["peak_memory"] <= 0.6,
+        "train_state_memory<=0.6x": r["train_state_memory"] <= 0.6,
+        "accuracy_within_1pt": r["accuracy_points"] >= -1.0,
+    }
+    return r, targets
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.arm:
+        run_one_arm(args)
+        return
+    start = time.time()
+    model = pretrained_model(args)
+    arms = {}
+    for name in [a for a in args.arms.split(",") if a]:
+        if name not in ARMS:
+            raise SystemExit(f"unknown arm {name!r}; choose from {list(ARMS)}")
+        cmd = [sys.executable, __file__, "--arm", name, "--model", model, "--dataset", args.dataset,
+               "--image-size", str(args.image_size), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--r", str(args.r), "--policy", args.policy, "--threads", str(args.threads), "--seed", str(args.seed)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"arm {name} failed (exit code {proc.returncode})")
+        arms[name] = json.loads(lines[-1])
+        print(f"{name}: {arms[name]}", file=sys.stderr)
+    r, targets = ratios(arms)
+    print(json.dumps({
+        "benchmark": "adapt", "dataset": args.dataset, "image_size": args.image_size, "steps": args.steps,
+        "batch_size": args.batch_size, "lora_r": args.r, "selection": args.policy, "threads": args.threads,
+        "model": model, "source_task": next(iter(arms.values()))["source_task"] if arms else None,
+        "memory": "peak_memory_above_baseline_mb: peak RSS above the process (libraries warmed, data loaded) before "
+                  "the model; train_state_mb: weights + grads + optimizer state + saved activations of one step",
+        "arms": arms,
+        "sliced_lora_vs_full_ft": r, "targets_met": targets, "wall_s": round(time.time() - start, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

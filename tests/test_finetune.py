@@ -1,0 +1,186 @@
+"""The fine-tuning path on real tiny models: source task choice, slicing, the new task, each mode, the recipe,
+the built-in downstream sets and the bad inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+
+from moe_adapt import MoEViTConfig, MoEViTForImageClassification
+from moe_adapt.adaptation import load_lora
+from moe_adapt.adaptation.downstream import builtin_downstream_spec, resolve_dataset_spec
+from moe_adapt.adaptation.finetune import (
+    FinetuneConfig,
+    attach_task,
+    choose_source_task,
+    finetune,
+    load_finetuned,
+)
+from moe_adapt.analysis import collect_expert_usage, select_experts
+from moe_adapt.surgery import extract_submodel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def parent_model(seed: int = 0) -> MoEViTForImageClassification:
+    """A tiny two-task 'pretrained' model: task b's routers are sharper than a's (lower routing entropy)."""
+    torch.manual_seed(seed)
+    config = MoEViTConfig.from_preset("tiny", tasks=["a", "b"], task_labels={"a": list("xyz"), "b": list("pq")})
+    model = MoEViTForImageClassification(config)
+    for module in model.moe_vit.moe_layers().values():
+        torch.nn.init.normal_(module.router.routers["a"].weight, std=0.01)
+        torch.nn.init.normal_(module.router.routers["b"].weight, std=2.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def parent_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parent")
+    parent_model().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("downstream")
+    builtin_downstream_spec("digits", root=root)
+    return root
+
+
+def run_config(parent_dir, digits_root, out, **kw) -> FinetuneConfig:
+    base = dict(
+        model=str(parent_dir), dataset={"builtin": "digits", "root": str(digits_root)}, output_dir=str(out),
+        steps=4, batch_size=16, calibration_images=32, max_train_images=64, max_eval_images=32, log_every=0,
+        selection={"policy": "top_n"}, lora={"r": 2},
+    )
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def test_choose_source_task_by_lowest_entropy():
+    model = parent_model()
+    data = [torch.randn(4, 3, 32, 32)]
+    task, usages, entropies = choose_source_task(model, data)
+    assert task == "b" and entropies["b"] < entropies["a"] and set(usages) == {"a", "b"}
+    assert choose_source_task(model, data, source_task="a")[0] == "a"
+    with pytest.raises(ValueError, match="no task 'zebra'.*'a', 'b'"):
+        choose_source_task(model, data, source_task="zebra")
+
+
+def test_attach_task_starts_from_source_router_rows():
+    model = parent_model().eval()
+    usage = collect_expert_usage(model, [torch.randn(4, 3, 32, 32)], "b", output_norms=False)
+    selection = select_experts(usage, policy="top_n", n=3)
+    sub = extract_submodel(model, selection, tasks=["b"])
+    new = attach_task(sub, "b", "digits", [str(d) for d in range(10)])
+    assert new.config.tasks == ["digits"] and new.classifiers["digits"].out_features == 10
+    for name, module in model.moe_vit.moe_layers().items():
+        kept = selection.experts[name]
+        routers = new.moe_vit.moe_layers()[name].router.routers
+        assert torch.equal(routers["digits"].weight, module.router.routers["b"].weight[kept])
+    assert torch.equal(new.moe_vit.task_embeddings["digits"], model.moe_vit.task_embeddings["b"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # same backbone computation as the slice under the source task
+        torch.testing.assert_close(new.moe_vit(x, task="digits").pooler_output, sub.moe_vit(x, task="b").pooler_output)
+
+
+def test_lora_mode_end_to_end_saves_adapter_and_merged(parent_dir, digits_root, tmp_path):
+    result = finetune(run_config(parent_dir, digits_root, tmp_path / "run", mode="lora", merge=True), verbose=False)
+    report = result.report
+    assert result.source_task == "b" and result.task == "digits"
+    assert 0 < report.trainable_params < report.total_params
+    assert report.flops_per_image > 0 and report.train_images_per_s > 0 and report.peak_memory_mb > 0
+    assert 0.0 <= report.metric <= 1.0 and report.metric_name == "accuracy"
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["trainable_params"] == report.trainable_params and saved["mode"] == "lora"
+    for folder in ("base", "adapter", "merged"):
+        assert (tmp_path / "run" / folder).is_dir()
+    merged = load_finetuned(tmp_path / "run")
+    assert type(merged) is MoEViTForImageClassification and merged.config.tasks == ["digits"]
+    assert merged.config.attn_experts == [2, 0, 2, 0] and merged.config.mlp_experts == [0, 2, 0, 2]  # sliced
+    # the adapter reloads onto base/ and matches the merged model
+    peft_model = load_lora(MoEViTForImageClassification.from_pretrained(tmp_path / "run" / "base"),
+                           tmp_path / "run" / "adapter")
+    assert isinstance(peft_model, PeftModel)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model.eval()(x).logits, merged.eval()(x).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["router", "full"])
+def test_router_and_full_modes(parent_dir, digits_root, tmp_path, mode):
+    parent = MoEViTForImageClassification.from_pretrained(parent_dir)
+    result = finetune(run_config(parent_dir, digits_root, tmp_path / mode, mode=mode, slice=False), verbose=False)
+    model = result.model
+    if mode == "router":
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all("router.routers.digits" in n or n.startswith("classifiers.digits") for n in trainable)
+        # the frozen backbone did not move
+        torch.testing.assert_close(model.moe_vit.layers[1].mlp.experts.up_proj,
+                                   parent.moe_vit.layers[1].mlp.experts.up_proj, atol=0, rtol=0)
+    else:
+        assert result.report.trainable_params == result.report.total_params
+    assert model.config.mlp_experts == parent.config.mlp_experts  # slice: false keeps every expert
+    reloaded = load_finetuned(tmp_path / mode)
+    assert type(reloaded) is MoEViTForImageClassification
+
+
+def test_recipe_runs_from_yaml(parent_dir, digits_root, tmp_path):
+    config = {
+        "model": str(parent_dir), "dataset": {"builtin": "digits", "root": str(digits_root)},
+        "output_dir": str(tmp_path / "recipe"), "steps": 2, "batch_size": 8, "calibration_images": 16,
+        "max_train_images": 32, "max_eval_images": 16, "lora": {"r": 2}, "selection": {"policy": "top_n"},
+        "log_every": 1,
+    }
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    recipe.main(["--config", str(path), "--merge", "--source-task", "a"])
+    saved = json.loads((tmp_path / "recipe" / "report.json").read_text())
+    assert saved["extra"]["source_task"] == "a" and (tmp_path / "recipe" / "merged" / "config.json").is_file()
+    with pytest.raises(ValueError, match="unknown key"):
+        FinetuneConfig.from_yaml(path, **{"stepz": 3})
+
+
+def test_builtin_sets_are_specs(digits_root, tmp_path):
+    spec = resolve_dataset_spec({"builtin": "digits", "root": str(digits_root)}, image_size=32)
+    assert spec.format == "imagefolder" and spec.num_labels == 10 and spec.image_size == 32
+    assert sum(1 for _ in Path(spec.path, "train").rglob("*.png")) == 1347
+    textures = builtin_downstream_spec("textures", root=tmp_path)
+    assert textures.label_names[:3] == ["brick", "grass", "gravel"]
+    assert sum(1 for _ in Path(textures.path, "test").rglob("*.png")) == 360
+    with pytest.raises(ValueError, match="Unknown built-in downstream set 'cifar'"):
+        builtin_downstream_spec("cifar", root=tmp_path)
+    with pytest.raises(ValueError, match="builtin:<name>"):
+        resolve_dataset_spec("digits")
+
+
+def test_bad_inputs(parent_dir, digits_root, tmp_path):
+    with pytest.raises(ValueError, match="no task 'zebra'"):
+        finetune(run_config(parent_dir, digits_root, tmp_path / "x", source_task="zebra"), verbose=False)
+    with pytest.raises(ValueError, match="10 classes .* num_labels=7"):
+        finetune(run_config(parent_dir, digits_root, tmp_path / "x", num_labels=7), verbose=False)
+    with pytest.raises(ValueError, match="needs a LoRA adapter"):
+        run_config(parent_dir, digits_root, tmp_path / "x", mode="full", merge=True)
+    with pytest.raises(ValueError, match="rank r=40"):
+        finetune(run_config(parent_dir, digits_root, tmp_path / "x", lora={"r": 40}), verbose=False)
+    # a model that already has a head for the task, of another size
+    model = parent_model()
+    with pytest.raises(ValueError, match="dataset has 10 classes but the model's head for task 'a' has 3"):
+        attach_task(model, "b", "a", [str(d) for d in range(10)])

@@ -1,0 +1,190 @@
+"""LoRA on the MoE ViT through peft: targets, gradients, frozen tensors, save/load, merge, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora.layer import ParamWrapper
+from peft.utils.other import ModulesToSaveWrapper
+
+from moe_adapt import MoEViTConfig, MoEViTForImageClassification, lora_config
+from moe_adapt.adaptation import apply_lora, count_model_parameters, load_lora, merge_lora
+from moe_adapt.adaptation.lora import lora_parameter_names
+
+IMPLS = ["eager", "batched_mm", "grouped_mm"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Oversubscribed cores make tiny models tens of times slower; restore the setting for other test files.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(impl: str = "grouped_mm", dense_slice: bool = False, seed: int = 0) -> MoEViTForImageClassification:
+    """A tiny classifier with non-zero routers (zero routers tie every expert); `dense_slice` keeps exactly top-k
+    experts per layer, the shape of an extracted slice (run as one fused dense layer)."""
+    torch.manual_seed(seed)
+    kw = dict(attn_num_experts=2, mlp_num_experts=2) if dense_slice else {}
+    config = MoEViTConfig.from_preset("tiny", tasks=["new"], task_labels={"new": list("abc")}, **kw)
+    config._experts_implementation = impl
+    model = MoEViTForImageClassification(config)
+    for module in model.moe_vit.moe_layers().values():
+        torch.nn.init.normal_(module.router.routers["new"].weight, std=1.0)
+    return model
+
+
+def pixels(n: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_lora_config_targets_experts_and_attention_never_routers():
+    model = tiny_model()
+    cfg = lora_config(model, r=2, verbose=False)
+    params = sorted(cfg.target_parameters)
+    assert params == sorted(
+        [f"moe_vit.layers.{i}.attention.experts.{p}" for i in (0, 2) for p in ("q_proj", "o_proj")]
+        + [f"moe_vit.layers.{i}.mlp.experts.{p}" for i in (1, 3) for p in ("up_proj", "down_proj")]
+    )
+    modules = sorted(cfg.target_modules)
+    assert "moe_vit.layers.0.attention.k_proj" in modules and "moe_vit.layers.0.attention.v_proj" in modules
+    assert "moe_vit.layers.1.attention.q_proj" in modules and "moe_vit.layers.1.attention.o_proj" in modules
+    assert not any("router" in m for m in modules + params)
+    assert not any(m.endswith(("fc1", "fc2")) for m in modules)  # dense MLPs only on request
+    assert "classifiers.new" in cfg.modules_to_save
+    assert sum("router.routers.new" in m for m in cfg.modules_to_save) == 4
+    assert lora_config(model, r=2, include_dense_mlp=True, verbose=False).target_modules >= {"moe_vit.layers.0.mlp.fc1"}
+
+
+def test_lora_config_prints_count_that_matches_peft(capsys):
+    model = tiny_model()
+    cfg = lora_config(model, r=2)
+    printed = capsys.readouterr().out
+    peft_model = apply_lora(model, cfg)
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert f"{trainable:,} trainable" in printed
+    assert f"trainable params {trainable:,}" in capsys.readouterr().out
+    # only LoRA factors and the modules_to_save copies train; the deployable size excludes both
+    assert count_model_parameters(peft_model) == sum(p.numel() for p in tiny_model().parameters())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dense_slice", [False, True], ids=["sparse", "dense-slice"])
+def test_gradients_reach_expert_lora_and_frozen_tensors_stay(impl, dense_slice):
+    model = tiny_model(impl, dense_slice)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = apply_lora(model, lora_config(model, r=2, verbose=False, init_lora_weights=False), verbose=False)
+    names = lora_parameter_names(peft_model)
+    assert any(".mlp.experts." in n for n in names) and any(".attention.experts." in n for n in names)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for step in range(2):
+        y = peft_model(pixels(seed=step), task="new").logits
+        y.sum().backward()
+        if step == 0:
+            missing = [n for n, p in peft_model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+            assert not missing, f"no gradient reached {missing}"
+        optimizer.step()
+        optimizer.zero_grad()
+    # every original tensor (now the wrapped base) is unchanged: frozen means frozen, weight decay included
+    for name, p in peft_model.get_base_model().named_parameters():
+        if ".lora_" in name or ".modules_to_save." in name:
+            continue
+        key = name.replace(".base_layer", "").replace(".original_module", "")
+        assert torch.equal(p, frozen_before[key]), f"{key} moved"
+
+
+def test_lora_changes_the_output_of_every_expert_path():
+    """Each LoRA'd expert tensor must act in the forward pass (attention experts and the dense path read the
+    tensors outside the ParamWrapper's own forward)."""
+    for dense_slice in (False, True):
+        model = tiny_model(dense_slice=dense_slice).eval()
+        x = pixels()
+        ref = model(x).logits
+        peft_model = apply_lora(model, lora_config(model, r=2, verbose=False, init_lora_weights=False,
+                                                   include_attention=True), verbose=False)
+        for wrapper in [m for m in peft_model.modules() if isinstance(m, ParamWrapper)]:
+            with torch.no_grad():
+                before = peft_model(x).logits
+                wrapper.lora_B["default"].weight.mul_(2.0)
+                after = peft_model(x).logits
+                wrapper.lora_B["default"].weight.div_(2.0)
+            assert not torch.allclose(before, after), f"{wrapper.parameter_name} has no effect"
+        assert not torch.allclose(ref, peft_model(x).logits)
+
+
+def test_get_peft_model_directly_works_with_lora_config():
+    model = tiny_model().eval()
+    peft_model = get_peft_model(model, lora_config(model, r=2, verbose=False, init_lora_weights=False))
+    peft_model(pixels()).logits.sum().backward()
+
+
+@pytest.mark.parametrize("dense_slice", [False, True], ids=["sparse", "dense-slice"])
+def test_merge_equivalence_and_plain_reload(tmp_path, dense_slice):
+    model = tiny_model(dense_slice=dense_slice).eval()
+    peft_model = apply_lora(model, lora_config(model, r=2, verbose=False, init_lora_weights=False), verbose=False)
+    with torch.no_grad():  # train the saved copies too: the merge must carry them
+        for m in peft_model.modules():
+            if isinstance(m, ModulesToSaveWrapper):
+                for p in m.modules_to_save["default"].parameters():
+                    p.add_(0.1)
+    x = pixels(4)
+    with torch.no_grad():
+        before = peft_model(x).logits
+        merged = merge_lora(peft_model)
+        after = merged(x).logits
+    assert type(merged) is MoEViTForImageClassification
+    assert not any(isinstance(m, ParamWrapper) for m in merged.modules())
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    merged.save_pretrained(tmp_path / "merged")
+    keys = set(merged.state_dict())
+    assert not any("lora" in k or "base_layer" in k or "modules_to_save" in k for k in keys)
+    reloaded = MoEViTForImageClassification.from_pretrained(tmp_path / "merged").eval()  # strict, no peft
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, before, atol=1e-5, rtol=0)
+
+
+def test_adapter_save_and_load(tmp_path):
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path / "base")
+    peft_model = apply_lora(model, lora_config(model, r=2, verbose=False, init_lora_weights=False), verbose=False)
+    x = pixels()
+    with torch.no_grad():
+        expected = peft_model(x).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = load_lora(MoEViTForImageClassification.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    assert isinstance(loaded, PeftModel)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_grouped_mm_backward_with_lora():
+    model = tiny_model("grouped_mm")
+    peft_model = apply_lora(model, lora_config(model, r=2, verbose=False), verbose=False)
+    y = peft_model(pixels(3), task="new").logits
+    y.sum().backward()  # a stride-0 gradient into grouped_mm's backward
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if ".lora_A." in n)
+
+
+def test_rank_larger_than_expert_dimension_is_an_error():
+    model = tiny_model()  # attention expert head size 16, MLP expert size 64, d = 32
+    with pytest.raises(ValueError, match=r"r=17 .*attention\.experts\.(q_proj|o_proj).*at most 16"):
+        lora_config(model, r=17, verbose=False)
+    with pytest.raises(ValueError, match="r=33"):
+        lora_config(model, r=33, include_attention=False, verbose=False)
+    lora_config(model, r=16, verbose=False)
+
+
+def test_other_bad_input():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="Unknown task 'nope'"):
+        lora_config(model, r=2, tasks=["nope"], verbose=False)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        lora_config(model, r=2, lora_dropout=0.1, verbose=False)
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        merge_lora(model)
+    peft_model = apply_lora(model, r=2, verbose=False)
+    with pytest.raises(ValueError, match="already carries"):
+        apply_lora(peft_model, verbose=False)
