@@ -60,3 +60,4 @@ __all__ = [
 from .adaptation.lora import lora_config  # noqa: E402  (peft LoRA config for the MoE layout, issue 6)
 
 __all__ += ["lora_config"]
+from .surgery.add_task import add_task  # noqa: E402,F401  (continual learning, issue 7)
