@@ -8,11 +8,14 @@ from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageC
 
 from .models.moe_vit import (
     PRESETS,
+    AutoModelForMultiTask,
     ExpertDispatch,
     MoEViTBackbone,
     MoEViTConfig,
     MoEViTForImageClassification,
+    MoEViTForMultiTask,
     MoEViTModel,
+    MoEViTMultiTaskOutput,
     MoEViTPreTrainedModel,
     MutualInformationLoss,
     load_balancing_loss,
@@ -42,6 +45,10 @@ def _register() -> None:
 
 
 _register()
+try:  # the multi-task model gets its own Auto class: AutoModel already maps moe_vit to the backbone
+    AutoModelForMultiTask.register(MoEViTConfig, MoEViTForMultiTask)
+except ValueError:
+    pass
 
 __all__ = [
     "PRESETS",
@@ -56,6 +63,7 @@ __all__ = [
     "mutual_information_loss",
     "router_z_loss",
 ]
+__all__ += ["AutoModelForMultiTask", "MoEViTForMultiTask", "MoEViTMultiTaskOutput"]
 
 from .adaptation.lora import lora_config  # noqa: E402  (peft LoRA config for the MoE layout, issue 6)
 

@@ -1,0 +1,84 @@
+"""Multi-task heterogeneous pretraining: task sampling, loss weighting, the step objective and the training loop.
+
+`recipes/pretrain.py` is a thin wrapper around `pretrain(load_pretrain_config(path))`; everything it calls lives
+here and is usable from Python:
+
+```python
+>>> from moe_adapt.training import load_pretrain_config, pretrain
+>>> results = pretrain(load_pretrain_config("recipes/configs/mini.yaml", ["train.max_steps=20"]))  # doctest: +SKIP
+```
+"""
+
+from .config import (
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    PretrainConfig,
+    SamplingConfig,
+    TaskConfig,
+    TrainConfig,
+    apply_overrides,
+    load_pretrain_config,
+)
+from .data import TaskBatchStream, TaskData, hash_seed, load_task_data, resolve_specs
+from .evaluation import METRIC_FOR, PRIMARY_METRIC, evaluate_task, normalized_task_expert_mi
+from .loop import (
+    build_optimizer,
+    checkpoint_dirs,
+    configure_threads,
+    evaluate_all,
+    finish,
+    parameter_groups,
+    pretrain,
+    resolve_resume,
+    run_progress,
+    save_checkpoint,
+    set_learning_rate,
+    warmup_cosine_lr,
+)
+from .loss_weighting import LOSS_WEIGHTINGS, LossWeighting
+from .model import build_model, build_model_config, recipe_specs
+from .objective import MultiTaskObjective
+from .sampling import SAMPLING_STRATEGIES, TaskSampler, task_probabilities
+
+__all__ = [
+    "LOSS_WEIGHTINGS",
+    "METRIC_FOR",
+    "PRIMARY_METRIC",
+    "SAMPLING_STRATEGIES",
+    "DataConfig",
+    "LossWeighting",
+    "ModelConfig",
+    "MultiTaskObjective",
+    "OptimizerConfig",
+    "PretrainConfig",
+    "SamplingConfig",
+    "TaskBatchStream",
+    "TaskConfig",
+    "TaskData",
+    "TaskSampler",
+    "TrainConfig",
+    "apply_overrides",
+    "build_model",
+    "build_model_config",
+    "build_optimizer",
+    "checkpoint_dirs",
+    "evaluate_all",
+    "evaluate_task",
+    "finish",
+    "hash_seed",
+    "load_pretrain_config",
+    "load_task_data",
+    "normalized_task_expert_mi",
+    "parameter_groups",
+    "pretrain",
+    "recipe_specs",
+    "resolve_resume",
+    "resolve_specs",
+    "configure_threads",
+    "run_progress",
+    "save_checkpoint",
+    "set_learning_rate",
+    "task_probabilities",
+    "warmup_cosine_lr",
+]
