@@ -172,9 +172,13 @@ def test_dispatch_plan_sorts_pairs_by_expert_and_pads_a_buffer():
     assert torch.equal(idx.reshape(-1)[plan.perm], plan.sorted_ids)
     assert torch.equal(plan.perm[plan.inverse], torch.arange(6))
     x = torch.arange(3.0).unsqueeze(1) + 1  # token t carries the value t + 1
-    buf = plan.to_buffer(x)  # [E=4, C=2, 1]: expert e's tokens, zero padded
-    assert buf.squeeze(-1).tolist() == [[1.0, 3.0], [2.0, 0.0], [1.0, 2.0], [3.0, 0.0]]
-    assert torch.equal(plan.from_buffer(buf).view(3, 2), x.expand(3, 2))
+    x.requires_grad_(True)
+    buf = plan.to_buffer(x)  # [E=4, C=2, 1]: expert e's tokens; padding rows (1, 1) and (3, 1) are never read
+    assert buf[:, 0].squeeze(-1).tolist() == [1.0, 2.0, 1.0, 3.0] and buf[0, 1].item() == 3.0 and buf[2, 1].item() == 2.0
+    back = plan.from_buffer(buf * 10)
+    assert torch.equal(back.view(3, 2), 10 * x.expand(3, 2))
+    back.sum().backward()  # each token feeds k=2 pairs; padding rows pass no gradient back
+    assert x.grad.squeeze(-1).tolist() == [20.0, 20.0, 20.0]
     skewed = ExpertDispatch(torch.tensor([[0], [0], [0], [0]]), num_experts=4)
     assert skewed.buffer() is None  # padding would quadruple the work: grouped matmuls instead
 

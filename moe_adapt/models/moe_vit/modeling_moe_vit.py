@@ -183,6 +183,30 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     return _ContiguousGrad.apply(out)
 
 
+class _GatherRows(torch.autograd.Function):
+    """`out[i] = src[index[i] // group]` for an injective `index` whose inverse map `inverse` is known.
+
+    Its backward is a gather too (`grad[inverse]`, summed over each group of `group` rows, with the rows listed in
+    `zero_rows` zeroed), never a scatter-add: on CPU, scatter-adds into zero-filled buffers cost more than the
+    expert matmuls themselves."""
+
+    @staticmethod
+    def forward(ctx, src, index, inverse, group, zero_rows):
+        ctx.save_for_backward(inverse, zero_rows)
+        ctx.group, ctx.rows = group, src.shape[0]
+        return src.index_select(0, index // group if group > 1 else index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, zero_rows = ctx.saved_tensors
+        g = grad.contiguous().index_select(0, inverse)
+        if zero_rows.numel():
+            g.index_fill_(0, zero_rows, 0.0)
+        if ctx.group > 1:
+            g = g.view(ctx.rows, ctx.group, -1).sum(1)
+        return g, None, None, None, None
+
+
 class ExpertDispatch:
     """The token-to-expert plan of one layer: `(token, slot)` pairs sorted by expert id.
 
@@ -200,27 +224,32 @@ class ExpertDispatch:
         self.sorted_ids, self.perm = flat.sort(stable=True)
         self.counts = torch.bincount(self.sorted_ids, minlength=num_experts)
         self.offsets = self.counts.cumsum(0).to(torch.int32)
-        self.inverse = torch.empty_like(self.perm)
-        self.inverse[self.perm] = torch.arange(self.perm.numel(), device=self.perm.device)
+        # scatter_/index_select rather than advanced indexing: on CPU, tensor[index] costs ~1000x more here
+        self.inverse = torch.empty_like(self.perm).scatter_(
+            0, self.perm, torch.arange(self.perm.numel(), device=self.perm.device)
+        )
         self._buffer = None
 
     def buffer(self):
         """Rows of an `[E, C, ·]` buffer (C = the busiest expert's load) for batched matmuls, or None when the
-        padding would exceed `max_padding`. Returns (C, row of each pair `[S]`, source pair of each row `[E·C]`,
-        S marking padding)."""
+        padding would exceed `max_padding`. Returns (C, buffer row of each pair `[S]`, source pair of each buffer
+        row `[E·C]` (0 for padding rows, whose contents are never read back), the padding rows)."""
         if self._buffer is None:
             n = self.perm.numel()
             capacity = int(self.counts.max()) if n else 0
             if capacity == 0 or self.num_experts * capacity > self.max_padding * n:
                 self._buffer = (None,)
             else:
+                device = self.perm.device
                 starts = self.offsets.long() - self.counts
-                rows_sorted = self.sorted_ids * capacity + (torch.arange(n, device=self.perm.device) - starts[self.sorted_ids])
-                pair_row = torch.empty_like(rows_sorted)
-                pair_row[self.perm] = rows_sorted
-                row_pair = torch.full((self.num_experts * capacity,), n, dtype=torch.long, device=self.perm.device)
-                row_pair[rows_sorted] = self.perm
-                self._buffer = (capacity, pair_row, row_pair)
+                rank = torch.arange(n, device=device) - starts.index_select(0, self.sorted_ids)
+                rows_sorted = self.sorted_ids * capacity + rank
+                pair_row = torch.empty_like(rows_sorted).scatter_(0, self.perm, rows_sorted)
+                row_pair = torch.zeros(self.num_experts * capacity, dtype=torch.long, device=device)
+                row_pair.scatter_(0, rows_sorted, self.perm)
+                is_pad = torch.ones(self.num_experts * capacity, dtype=torch.bool, device=device)
+                is_pad.scatter_(0, rows_sorted, torch.zeros(n, dtype=torch.bool, device=device))
+                self._buffer = (capacity, pair_row, row_pair, is_pad.nonzero().squeeze(1))
         return None if self._buffer[0] is None else self._buffer
 
     def project(
@@ -238,34 +267,35 @@ class ExpertDispatch:
             out = x.new_zeros(self.tokens * self.k, weight.shape[1])
             for e in flat_ids.unique().tolist():
                 pos = (flat_ids == e).nonzero().squeeze(1)
-                src = pairs[pos] if per_slot else x[pos // self.k]
+                src = pairs.index_select(0, pos) if per_slot else x.index_select(0, pos // self.k)
                 out = out.index_add(0, pos, F.linear(src, weight[e], None if bias is None else bias[e]))
         elif impl == "batched_mm":
             src = pairs if per_slot else x.repeat_interleave(self.k, dim=0)
-            out = torch.bmm(weight[flat_ids], src.unsqueeze(-1)).squeeze(-1)
+            out = torch.bmm(weight.index_select(0, flat_ids), src.unsqueeze(-1)).squeeze(-1)
             if bias is not None:
-                out = out + bias[flat_ids]
+                out = out + bias.index_select(0, flat_ids)
         elif buf is not None:
             out = self.from_buffer(self.batched_linear(self.to_buffer(x, per_slot), weight, bias))
         else:
-            src = pairs[self.perm] if per_slot else x[self.perm // self.k]
+            src = pairs.index_select(0, self.perm) if per_slot else x.index_select(0, self.perm // self.k)
             out = grouped_mm(src, weight, self.offsets)
             if bias is not None:
-                out = out + bias[self.sorted_ids]
-            out = out[self.inverse]
+                out = out + bias.index_select(0, self.sorted_ids)
+            out = out.index_select(0, self.inverse)
         return out.view(self.tokens, self.k, -1)
 
     def to_buffer(self, x: torch.Tensor, per_slot: bool = False) -> torch.Tensor:
-        """Token inputs `[tokens, in]` (or pair inputs `[tokens, k, in]`) → `[E, C, in]`, zero rows as padding."""
-        capacity, _, row_pair = self.buffer()
+        """Token inputs `[tokens, in]` (or pair inputs `[tokens, k, in]`) → `[E, C, in]`. Padding rows hold a copy
+        of some real row: they are computed but never read back, and receive no gradient."""
+        capacity, pair_row, row_pair, _ = self.buffer()
         src = x.reshape(-1, x.shape[-1]) if per_slot else x
-        index = row_pair if per_slot else row_pair // self.k  # padding (S) maps to S // k = tokens: the zero row
-        return F.pad(src, (0, 0, 0, 1))[index].view(self.num_experts, capacity, -1)
+        out = _GatherRows.apply(src, row_pair, pair_row, 1 if per_slot else self.k, pair_row.new_zeros(0))
+        return out.view(self.num_experts, capacity, -1)
 
     def from_buffer(self, y: torch.Tensor) -> torch.Tensor:
         """`[E, C, out]` → `[tokens·k, out]` in pair order."""
-        _, pair_row, _ = self.buffer()
-        return y.reshape(-1, y.shape[-1])[pair_row]
+        _, pair_row, row_pair, pad_rows = self.buffer()
+        return _GatherRows.apply(y.reshape(-1, y.shape[-1]), pair_row, row_pair, 1, pad_rows)
 
     @staticmethod
     def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -287,7 +317,8 @@ def padded_bmm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     else:
         h = self.act_fn(plan.batched_linear(plan.to_buffer(hidden_states), self.up_proj, self.up_proj_bias))
         y = plan.from_buffer(plan.batched_linear(h, self.down_proj, self.down_proj_bias)).view(plan.tokens, plan.k, -1)
-    return (y * top_k_weights.unsqueeze(-1).to(y.dtype)).sum(1).to(hidden_states.dtype)
+    # Σ_j w_j · y_j as one batched [1, k] × [k, d] product: fewer passes over the k-times-replicated tokens.
+    return torch.bmm(top_k_weights.unsqueeze(1).to(y.dtype), y).squeeze(1).to(hidden_states.dtype)
 
 
 ALL_EXPERTS_FUNCTIONS.register("padded_bmm", padded_bmm_experts_forward)
@@ -489,9 +520,11 @@ class MoEViTMoAttention(nn.Module):
                 qg = qg if inside is None else qg * inside.unsqueeze(-1)
                 q = qg if q is None else q + qg
         q = q.view(b, n, k, h).transpose(1, 2)  # [b, k, n, h]
-        key = self.k_proj(hidden_states).unsqueeze(1).expand(b, k, n, h)
-        value = self.v_proj(hidden_states).unsqueeze(1).expand(b, k, n, h)
-        attn = F.scaled_dot_product_attention(q, key, value, dropout_p=self.dropout_p if self.training else 0.0)
+        key = self.k_proj(hidden_states).unsqueeze(1)  # [b, 1, n, h]: one key/value head shared by all k queries
+        value = self.v_proj(hidden_states).unsqueeze(1)
+        attn = F.scaled_dot_product_attention(
+            q, key, value, dropout_p=self.dropout_p if self.training else 0.0, enable_gqa=True
+        )
         attn = attn.transpose(1, 2).reshape(b * n, k, h)  # [tokens, k, h]
         if dense:
             o = (attn * gates.unsqueeze(-1)).reshape(b * n, k * h)
