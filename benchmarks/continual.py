@@ -20,6 +20,7 @@ Targets: zero change on old tasks, new task within 2 points of the baseline, at 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -96,7 +97,8 @@ def main(argv=None) -> int:
         model_dir, pretrained_here = args.model, False
     else:
         log(f"pretraining the mini model for {args.pretrain_steps} steps ...")
-        model_dir, pretrained_here = pretrain(pre_cfg)["model_dir"], True
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON line only
+            model_dir, pretrained_here = pretrain(pre_cfg)["model_dir"], True
     seconds["pretrain"] = time.perf_counter() - t0
     model = load_moe_model(model_dir).eval()
     old_tasks = list(model.config.tasks)

@@ -316,15 +316,15 @@ def freeze_old_tasks(model: nn.Module, new_tasks: Sequence[str] | str) -> list[s
 
 
 def trainable_optimizer(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.05, **kwargs) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only (frozen ones are left out, so weight decay cannot move them).
-    1-D tensors (biases, norms, task embeddings) get no weight decay."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not params:
+    """AdamW over the trainable parameters only (frozen ones are left out, so weight decay cannot move them), with
+    the pretraining's parameter groups (`moe_adapt.training.loop.parameter_groups`: no decay on biases, norms,
+    embeddings and routers)."""
+    from ..training.loop import parameter_groups
+
+    groups = [g for g in parameter_groups(model, weight_decay) if g["params"]]
+    if not groups:
         raise ValueError("The model has no trainable parameters: did freeze_old_tasks name the new task?")
-    decay = [p for n, p in params if p.dim() > 1]
-    no_decay = [p for n, p in params if p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, **kwargs)
+    return torch.optim.AdamW(groups, lr=lr, **kwargs)
 
 
 def train_new_tasks(model: nn.Module) -> nn.Module:
