@@ -22,6 +22,7 @@ Targets: slice ≤ 50% of the full model's parameters, ≥ 99% of its metric, �
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -124,7 +125,8 @@ def main(argv=None) -> int:
         model_dir = args.model
     else:
         log(f"pretraining the mini model for {args.pretrain_steps} steps ...")
-        model_dir = pretrain(cfg)["model_dir"]
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON line only
+            model_dir = pretrain(cfg)["model_dir"]
     seconds["pretrain"] = time.perf_counter() - t0
     model = load_model(model_dir).eval()
     tasks = list(model.config.tasks)
