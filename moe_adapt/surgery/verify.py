@@ -173,15 +173,25 @@ def verify_submodel(
             raise ValueError(f"The slice has no task {t!r}; its tasks are {sub_config.tasks}.")
         parent.config.task_index(t)
     parent_backbone, _ = find_backbone(parent)
-    parent_ids = sub_config.parent_expert_ids or {}
+    parent_ids = sub_config.parent_expert_ids
+    if not parent_ids:
+        raise ValueError("The submodel's config has no parent_expert_ids: it is not a slice made by extract_submodel.")
     layers = parent_backbone.moe_layers()
     # kept experts in the parent's numbering: the slice's ids relative to the parent's own (which may be a slice)
     kept: dict[str, list[int]] = {}
     parent_root = parent.config.parent_expert_ids or {}
-    for name in layers:
+    if sub_config.num_hidden_layers != parent.config.num_hidden_layers:
+        raise ValueError("The slice and the parent have different depths; verify a slice against its own parent.")
+    for name, m in layers.items():
         _, i, kind = name.split(".")
         ids = parent_ids[kind][int(i)]
         root = (parent_root.get(kind) or [None] * parent.config.num_hidden_layers)[int(i)]
+        missing = [e for e in ids if root and e not in root]
+        if missing or any(e >= m.router.num_experts for e in ids if not root) or len(ids) != len(set(ids)):
+            raise ValueError(
+                f"The slice's experts of {name} (original ids {ids}) are not all in this parent; verify a slice "
+                "against the model it was extracted from."
+            )
         kept[name] = [root.index(e) for e in ids] if root else list(ids)
 
     report = VerificationReport(renormalized=bool(parent.config.router_renormalize))
