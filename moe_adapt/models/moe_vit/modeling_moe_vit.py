@@ -10,6 +10,7 @@ attention heads with shared keys and values) use the same three kinds of dispatc
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -376,16 +377,17 @@ class MoEViTExperts(nn.Module):
         return out
 
     def forward_all(self, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token as one dense MLP: hidden `[T, d]`, gates `[T, E]` → `[T, d]`.
+        """The first E' experts on every token as one dense MLP: hidden `[T, d]`, gates `[T, E']` → `[T, d]`.
 
-        Used when a router selects all of its experts (a sliced layer that kept exactly k): one up and one down
+        Used when a router selects all of its E' experts (a sliced layer that kept exactly k): one up and one down
         projection over the concatenated experts, each expert's block scaled by its gate.
         """
-        t = hidden_states.shape[0]
-        e, i, d = self.up_proj.shape
-        h = self.act_fn(F.linear(hidden_states, self.up_proj.reshape(e * i, d), self.up_proj_bias.reshape(-1)))
+        t, e = hidden_states.shape[0], gates.shape[-1]
+        _, i, d = self.up_proj.shape
+        up, up_bias = self.up_proj[:e].reshape(e * i, d), self.up_proj_bias[:e].reshape(-1)
+        h = self.act_fn(F.linear(hidden_states, up, up_bias))
         h = (h.view(t, e, i) * gates.unsqueeze(-1)).view(t, e * i)
-        return F.linear(h, self.down_proj.permute(1, 0, 2).reshape(d, e * i)) + gates @ self.down_proj_bias
+        return F.linear(h, self.down_proj[:e].permute(1, 0, 2).reshape(d, e * i)) + gates @ self.down_proj_bias[:e]
 
 
 class MoEViTSparseMLP(nn.Module):
@@ -406,7 +408,7 @@ class MoEViTSparseMLP(nn.Module):
         flat = hidden_states.reshape(b * n, d)
         route = self.router(flat, task, top_k, expert_mask)
         num_routed = route.logits.shape[-1]
-        if route.indices.shape[-1] == num_routed and len(self.group_sizes) == 1:
+        if route.indices.shape[-1] == num_routed <= self.group_sizes[0]:  # every expert chosen: dense speed
             out = self.experts.forward_all(flat, _gates_full(route, num_routed))
         elif num_routed <= self.group_sizes[0]:
             out = self.experts(flat, route.indices, route.weights)
@@ -506,11 +508,11 @@ class MoEViTMoAttention(nn.Module):
         route = self.router(flat, task, top_k, expert_mask)
         k, h = route.indices.shape[-1], self.head_dim
         impl = self.config._experts_implementation or "padded_bmm"
-        dense = k == route.logits.shape[-1] and len(self.group_sizes) == 1
+        dense = k == route.logits.shape[-1] <= self.group_sizes[0]
         if dense:  # every expert is selected: one dense projection over the concatenated heads
             ex = self.experts
-            gates = _gates_full(route, ex.num_experts)
-            q = F.linear(flat, ex.q_proj.reshape(-1, d), ex.q_proj_bias.reshape(-1)).view(b * n, k, h)
+            gates = _gates_full(route, k)
+            q = F.linear(flat, ex.q_proj[:k].reshape(-1, d), ex.q_proj_bias[:k].reshape(-1)).view(b * n, k, h)
         else:
             q, plans = None, []
             for ex, idx, inside in self._groups(route):
@@ -528,7 +530,7 @@ class MoEViTMoAttention(nn.Module):
         attn = attn.transpose(1, 2).reshape(b * n, k, h)  # [tokens, k, h]
         if dense:
             o = (attn * gates.unsqueeze(-1)).reshape(b * n, k * h)
-            out = F.linear(o, ex.o_proj.permute(1, 0, 2).reshape(d, k * h)) + gates @ ex.o_proj_bias
+            out = F.linear(o, ex.o_proj[:k].permute(1, 0, 2).reshape(d, k * h)) + gates @ ex.o_proj_bias[:k]
         else:
             out = None
             for ex, plan, inside in plans:
@@ -822,6 +824,13 @@ class MoEViTModel(MoEViTPreTrainedModel):
         if top_k is None and not expert_mask:
             return {}
         layers = self.moe_layers()
+        if isinstance(top_k, dict):
+            unknown = set(top_k) - {"attn", "mlp"}
+            if unknown:
+                raise ValueError(f"top_k has unknown keys {sorted(unknown)}: use 'attn' and/or 'mlp'.")
+        for value in top_k.values() if isinstance(top_k, dict) else [top_k]:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"top_k must be an integer (or {{'attn': k, 'mlp': k}}); got {value!r}.")
         if expert_mask:
             unknown = set(expert_mask) - set(layers)
             if unknown:
