@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"normalised MI(tasks; experts) = {results['normalized_mi']['mean']:.4f}")
         print(f"heatmap: {results['heatmap']}")
         print(f"model: {results['model_dir']}   metrics: {os.path.join(config.output_dir, 'metrics.json')}")
-        print(f"wall time: {results['wall_seconds']:.1f} s, {results['images_per_second']:.1f} images/s")
+        print(f"training loop: {results['loop_seconds']:.1f} s ({results['steps']} steps, {results['images_per_second']:.1f} images/s)")
     return 0
 
 

@@ -60,6 +60,7 @@ def parameter_groups(module: torch.nn.Module, weight_decay: float, no_decay_rout
             continue
         skip = (
             p.ndim <= 1
+            or name.endswith("bias")  # fused experts' biases are [E, out]
             or any(key in name for key in ("position_embeddings", "cls_token", "task_embeddings", "loss_weighting"))
             or (no_decay_router and ".router." in name)
         )
@@ -167,6 +168,12 @@ def evaluate_all(model, data: dict, config: PretrainConfig) -> dict[str, dict[st
     }
 
 
+def _has_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
 def configure_threads(num_threads: int | str | None) -> int:
     """Set torch's intra-op threads: an int, None (torch's default) or "auto" — one thread when the machine is
     already busy (1-minute load average ≥ cores − 0.5), where two threads fighting other processes for two cores run
@@ -181,16 +188,19 @@ def configure_threads(num_threads: int | str | None) -> int:
 
 
 def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerator: Accelerator | None = None) -> dict[str, Any]:
-    """Run the recipe; returns the final metrics (also written to `output_dir/metrics.json`; `{}` on ranks other
-    than the main one).
+    """Run the recipe. Returns the final metrics (also written to `output_dir/metrics.json`) on the main process,
+    and on every process `"model"` (the trained `MoEViTForMultiTask`) and `"history"` (the logged losses).
 
     `resume`: True / "latest" for the newest checkpoint in `output_dir/checkpoints` (a fresh start when there is
     none), or a checkpoint folder.
     """
     threads = configure_threads(config.train.num_threads)
     accelerator = accelerator or Accelerator(
+        # Without a GPU (or other accelerator), `cpu=True` makes accelerate run torchrun / `accelerate launch`
+        # processes as MULTI_CPU with gloo, instead of one independent process each.
+        cpu=not _has_accelerator(),
         mixed_precision=config.train.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     main = accelerator.is_main_process
     out_dir = Path(config.output_dir)
@@ -316,6 +326,7 @@ def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerat
             loss_weights=unwrapped.loss_weighting.weights(), processes=world, threads=threads,
         )
     accelerator.wait_for_everyone()
+    results.update(model=unwrapped.model, history=history)
     return results
 
 

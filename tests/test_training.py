@@ -1,0 +1,144 @@
+"""Training building blocks: task samplers, loss weighting, the learning-rate schedule, deterministic batch streams,
+parameter groups and the normalised task–expert MI."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from moe_adapt.training import (
+    LossWeighting,
+    TaskBatchStream,
+    TaskSampler,
+    normalized_task_expert_mi,
+    parameter_groups,
+    task_probabilities,
+    warmup_cosine_lr,
+)
+
+TASKS = ["a", "b", "c"]
+SIZES = {"a": 6000, "b": 3000, "c": 1000}
+
+
+# -- sampling ----------------------------------------------------------------------------------------------------
+def test_all_tasks_puts_every_task_in_every_step():
+    s = TaskSampler(TASKS, "all_tasks", rounds=2)
+    assert s.tasks_for_step(0) == s.tasks_for_step(7) == TASKS * 2
+    assert s.micro_batches_in_step() == 6
+
+
+def test_round_robin_cycles_across_steps():
+    s = TaskSampler(TASKS, "round_robin", micro_batches_per_step=2)
+    assert [s.tasks_for_step(i) for i in range(3)] == [["a", "b"], ["c", "a"], ["b", "c"]]
+
+
+@pytest.mark.parametrize("strategy,temperature", [("proportional", 1.0), ("temperature", 2.0), ("temperature", 1e6)])
+def test_drawn_tasks_follow_their_probabilities(strategy, temperature):
+    probs = task_probabilities(SIZES, strategy, temperature)
+    weights = {t: n ** (1.0 if strategy == "proportional" else 1 / temperature) for t, n in SIZES.items()}
+    for t in TASKS:
+        assert probs[t] == pytest.approx(weights[t] / sum(weights.values()))
+    s = TaskSampler(TASKS, strategy, sizes=SIZES, temperature=temperature, micro_batches_per_step=3, seed=1)
+    counts = Counter(t for step in range(2000) for t in s.tasks_for_step(step))
+    for t in TASKS:
+        assert counts[t] / 6000 == pytest.approx(probs[t], abs=0.02)
+    # A pure function of (seed, step): resuming draws what the uninterrupted run drew.
+    again = TaskSampler(TASKS, strategy, sizes=SIZES, temperature=temperature, micro_batches_per_step=3, seed=1)
+    assert [again.tasks_for_step(i) for i in (5, 900)] == [s.tasks_for_step(i) for i in (5, 900)]
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match="Unknown sampling strategy"):
+        TaskSampler(TASKS, "random")
+    with pytest.raises(ValueError, match="needs the dataset size"):
+        TaskSampler(TASKS, "proportional")
+
+
+# -- loss weighting ---------------------------------------------------------------------------------------------------
+def test_fixed_weights():
+    w = LossWeighting(TASKS, "fixed", {"b": 2.0})
+    total = w([("a", torch.tensor(1.0)), ("b", torch.tensor(3.0)), ("a", torch.tensor(0.5))])
+    assert float(total) == pytest.approx(1.0 + 6.0 + 0.5)
+    assert list(w.parameters()) == []
+    with pytest.raises(ValueError, match="unknown tasks"):
+        LossWeighting(TASKS, "fixed", {"z": 1.0})
+
+
+def test_uncertainty_weighting_formula_and_gradient():
+    w = LossWeighting(TASKS, "uncertainty")
+    losses = {"a": torch.tensor(2.0), "b": torch.tensor(0.5)}
+    total = w(list(losses.items()))
+    # σ = 1 at the start: 0.5 / 1 · L + log(1 + 1) per task.
+    assert float(total.detach()) == pytest.approx(0.5 * 2.5 + 2 * math.log(2.0))
+    total.backward()
+    # d/ds [0.5 e^{-s} L + log(1 + e^s)] at s = 0 = -0.5 L + 0.5: a large loss raises σ (lowers its weight).
+    assert float(w.log_variance["a"].grad) == pytest.approx(-0.5 * 2.0 + 0.5)
+    assert float(w.log_variance["b"].grad) == pytest.approx(-0.5 * 0.5 + 0.5)
+    assert w.log_variance["c"].grad is None
+    with torch.no_grad():
+        w.log_variance["a"].fill_(math.log(4.0))
+    assert w.weights()["a"] == pytest.approx(0.5 / 4.0) and w.sigmas()["a"] == pytest.approx(2.0)
+
+
+# -- schedule, parameter groups ------------------------------------------------------------------------------------------
+def test_warmup_then_cosine_to_min_lr():
+    lr = [warmup_cosine_lr(p, s, 10, 1e-3, 1e-5) for s, p in [(0, 0.0), (9, 0.0), (10, 0.0), (50, 0.5), (99, 1.0)]]
+    assert lr[0] == pytest.approx(1e-4) and lr[1] == pytest.approx(1e-3) and lr[2] == pytest.approx(1e-3)
+    assert lr[3] == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2) and lr[4] == pytest.approx(1e-5)
+
+
+def test_parameter_groups_leave_routers_norms_and_biases_undecayed():
+    from moe_adapt import MoEViTConfig, MoEViTForMultiTask
+
+    model = MoEViTForMultiTask(MoEViTConfig.from_preset("tiny", tasks=["a", "b"], task_labels={"a": ["x", "y"], "b": ["x", "y"]}))
+    decay, rest = parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and rest["weight_decay"] == 0.0
+    assert any(n.endswith("experts.up_proj") for n in decayed) and any("classifier.weight" in n for n in decayed)
+    assert not any(".router." in n or "layernorm" in n or n.endswith("bias") or "task_embeddings" in n for n in decayed)
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+# -- batch streams ---------------------------------------------------------------------------------------------------
+class Items(torch.utils.data.Dataset):
+    """Item i = (i, a random number drawn from torch's global RNG, as augmentations do)."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i), float(torch.rand(()))])
+
+
+def test_batch_stream_is_deterministic_epoch_based_and_rank_disjoint():
+    stack = torch.stack
+    s0 = TaskBatchStream(Items(), 2, stack, seed=3, rank=0, world_size=2)
+    s1 = TaskBatchStream(Items(), 2, stack, seed=3, rank=1, world_size=2)
+    assert s0.batches_per_epoch == 2  # 10 items, global batch 4: the last 2 are dropped each epoch
+    seen = [int(i) for d in range(2) for s in (s0, s1) for i in s.indices(d)]
+    assert len(set(seen)) == 8
+    assert s0.indices(2) != s0.indices(0)  # a new permutation each epoch
+    # Same items and augmentation whether read in order, from the middle, or in a worker process.
+    in_order = [b for _, b in zip(range(4), s0.batches(0))]
+    assert torch.equal(next(s0.batches(3)), in_order[3]) and torch.equal(s0.batch(2), in_order[2])
+    workers = TaskBatchStream(Items(), 2, stack, seed=3, rank=0, world_size=2, num_workers=1)
+    assert torch.equal(next(workers.batches(1)), in_order[1])
+
+
+# -- routing specialisation ------------------------------------------------------------------------------------------------
+def test_normalized_mi_is_zero_for_shared_and_one_for_disjoint_experts():
+    from moe_adapt.analysis import ExpertUsage
+
+    def usage(task, mass):
+        mass = torch.tensor(mass, dtype=torch.float64)
+        return ExpertUsage(task=task, layers=["layers.1.mlp"], top_k={"layers.1.mlp": 1}, token_count={"layers.1.mlp": mass},
+                           gate_mass={"layers.1.mlp": mass}, reap_sum={"layers.1.mlp": mass}, num_tokens=10)
+
+    shared = {"a": usage("a", [5.0, 5.0]), "b": usage("b", [2.0, 2.0])}
+    disjoint = {"a": usage("a", [5.0, 0.0]), "b": usage("b", [0.0, 3.0])}
+    assert normalized_task_expert_mi(shared)["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert normalized_task_expert_mi(disjoint)["mean"] == pytest.approx(1.0)
