@@ -179,10 +179,9 @@ def test_expert_groups_task_router_sizes_and_slices_of_slices(images):
     assert report.kept_experts["layers.1.mlp"] == [2, 5]
 
 
-@pytest.mark.xfail(reason="core: the fused dense path assumes a task routes over all of the layer's experts "
-                          "(E_t == k < E fails); reported to the lead", strict=False)
 @torch.no_grad()
 def test_task_reaching_exactly_k_of_more_kept_experts(images):
+    """Task b reaches only k of a layer's kept experts (fused dense path over the first k)."""
     model = make_model(task_router_sizes={"b": {"attn": [4, 0, 4, 0], "mlp": [0, 6, 0, 6]}})
     experts = {"layers.0.attn": [1, 3, 4, 5], "layers.1.mlp": [0, 5, 6, 7],
                "layers.2.attn": [0, 2, 4, 5], "layers.3.mlp": [2, 4, 6, 7]}
