@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install sources demo test lint bench clean
+.PHONY: install sources demo quickstart test lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,7 +29,7 @@ sources:
 	fi
 
 demo: $(STAMP) sources
-	$(BIN)/python examples/quickstart.py
+	bash examples/demo.sh
 
 test: $(STAMP) sources
 	$(BIN)/python -m pytest -q -x --timeout 600 tests
@@ -39,3 +39,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+quickstart: $(STAMP)
+	$(BIN)/python examples/quickstart.py

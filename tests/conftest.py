@@ -1,7 +1,8 @@
 """Shared test set-up: offline Hugging Face libraries, and the `--small` mini benchmark built once.
 
 Environment (set before any test module imports transformers / datasets / evaluate):
-`HF_HUB_OFFLINE=1`, `HF_DATASETS_OFFLINE=1`, `TOKENIZERS_PARALLELISM=false`, `MPLBACKEND=Agg`.
+`HF_HUB_OFFLINE=1`, `HF_DATASETS_OFFLINE=1`, `TOKENIZERS_PARALLELISM=false`, `MPLBACKEND=Agg`; torch uses
+one thread.
 
 Fixtures for everybody's tests:
 
@@ -27,6 +28,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The test models are tiny: one thread is faster than two fighting over a shared 2-core machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
