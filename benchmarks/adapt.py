@@ -38,6 +38,7 @@ ARMS = {
     "lora_unsliced": {"mode": "lora", "slice": False},
 }
 KEEP = ("trainable_params", "total_params", "trainable_fraction", "flops_per_image", "train_images_per_s",
+        "train_images_per_cpu_s",
         "peak_memory_mb", "peak_memory_above_baseline_mb", "train_state_mb", "metric")
 
 
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--r", type=int, default=2, help="LoRA rank")
+    p.add_argument("--no-dense-mlp", dest="dense_mlp", action="store_false",
+                   help="LoRA on the experts and attention only (not the dense MLPs' fc1/fc2)")
     p.add_argument("--policy", default="top_n", help="expert selection policy of the sliced arms")
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm")
     p.add_argument("--seed", type=int, default=0)
@@ -84,7 +87,8 @@ def run_one_arm(args) -> None:
     arm = ARMS[args.arm]
     cfg = FinetuneConfig(
         model=args.model, dataset={"builtin": args.dataset, "image_size": args.image_size}, output_dir=None,
-        mode=arm["mode"], slice=arm["slice"], selection={"policy": args.policy}, lora={"r": args.r},
+        mode=arm["mode"], slice=arm["slice"], selection={"policy": args.policy},
+        lora={"r": args.r, "include_dense_mlp": args.dense_mlp},
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, num_threads=args.threads, log_every=0,
     )
     result = finetune(cfg, verbose=False)
@@ -123,6 +127,7 @@ def ratios(arms: dict) -> tuple[dict, dict]:
         "params": round(lora["total_params"] / full["total_params"], 4),
         "flops": round(lora["flops_per_image"] / full["flops_per_image"], 4) if full["flops_per_image"] else None,
         "images_per_s": round(lora["train_images_per_s"] / full["train_images_per_s"], 3),
+        "images_per_cpu_s": round(lora["train_images_per_cpu_s"] / full["train_images_per_cpu_s"], 3),
         "peak_memory": round(lora["peak_memory_above_baseline_mb"] / full["peak_memory_above_baseline_mb"], 3),
         "train_state_memory": round(lora["train_state_mb"] / full["train_state_mb"], 3),
         "accuracy_points": round(100 * (lora["accuracy"] - full["accuracy"]), 2),
@@ -130,7 +135,7 @@ def ratios(arms: dict) -> tuple[dict, dict]:
     targets = {
         "trainable<=5%": r["trainable_fraction"] <= 0.05,
         "params<=50%": r["params"] <= 0.5,
-        "images_per_s>=1.5x": r["images_per_s"] >= 1.5,
+        "images_per_cpu_s>=1.5x": r["images_per_cpu_s"] >= 1.5,
         "peak_memory<=0.6x": r["peak_memory"] <= 0.6,
         "train_state_memory<=0.6x": r["train_state_memory"] <= 0.6,
         "accuracy_within_1pt": r["accuracy_points"] >= -1.0,
@@ -151,7 +156,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown arm {name!r}; choose from {list(ARMS)}")
         cmd = [sys.executable, __file__, "--arm", name, "--model", model, "--dataset", args.dataset,
                "--image-size", str(args.image_size), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--r", str(args.r), "--policy", args.policy, "--threads", str(args.threads), "--seed", str(args.seed)]
+               "--r", str(args.r), *([] if args.dense_mlp else ["--no-dense-mlp"]), "--policy", args.policy, "--threads", str(args.threads), "--seed", str(args.seed)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -163,7 +168,9 @@ def main(argv=None) -> None:
     r, targets = ratios(arms)
     print(json.dumps({
         "benchmark": "adapt", "dataset": args.dataset, "image_size": args.image_size, "steps": args.steps,
-        "batch_size": args.batch_size, "lora_r": args.r, "selection": args.policy, "threads": args.threads,
+        "batch_size": args.batch_size, "lora_r": args.r, "lora_dense_mlp": args.dense_mlp, "selection": args.policy,
+        "threads": args.threads, "throughput": "images per CPU-second of the training loop (machine shared; wall "
+                                              "clock too, as train_images_per_s)",
         "model": model, "source_task": next(iter(arms.values()))["source_task"] if arms else None,
         "memory": "peak_memory_above_baseline_mb: peak RSS above the process (libraries warmed, data loaded) before "
                   "the model; train_state_mb: weights + grads + optimizer state + saved activations of one step",

@@ -58,7 +58,7 @@ from .report import (
 )
 
 MODES = ("lora", "router", "full")
-DEFAULT_LR = {"lora": 2e-3, "router": 1e-2, "full": 5e-4}
+DEFAULT_LR = {"lora": 1e-2, "router": 1e-2, "full": 5e-4}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ class FinetuneConfig:
         calibration_images: training images used to measure expert usage.
         mode: `"lora"`, `"router"` or `"full"`.
         lora: `lora_config` arguments (`r`, `alpha`, `include_attention`, `include_mlp`, `include_dense_mlp`, ...).
-        steps, batch_size, lr (default per mode: lora 2e-3, router 1e-2, full 5e-4), weight_decay, warmup_ratio:
+        steps, batch_size, lr (default per mode: lora 1e-2, router 1e-2, full 5e-4), weight_decay, warmup_ratio:
             the optimisation (AdamW over trainable parameters only; linear warm-up then cosine decay).
         augment: train with random resized crops and flips (default off: fixed-size images, cached in memory).
         eval_batch_size, max_train_images, max_eval_images: evaluation and data caps.
@@ -566,7 +566,7 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
     model = attach_task(sliced, source, task, label_names)
     del parent, sliced, backbone
     gc.collect()
-    flops = model_flops(model, task)
+    flops = model_flops(model, task, image_size=spec.image_size)
 
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     files: dict[str, str] = {}
@@ -589,7 +589,7 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
     report = efficiency_report(
         model, task, name=f"{task} <- {source}" + (" (sliced)" if cfg.slice else ""), mode=cfg.mode,
         images_per_s=speed.images_per_s, memory=memory, metric_name="accuracy", metric=accuracy, flops=flops,
-        train_state_mb=speed.train_state_mb,
+        train_state_mb=speed.train_state_mb, images_per_cpu_s=speed.images_per_cpu_s,
         train_steps=cfg.steps, batch_size=cfg.batch_size, device=str(accelerator.device),
         extra={"source_task": source, "routing_entropy": {t: round(h, 4) for t, h in entropies.items()},
                "experts_kept": None if selection is None else {n: len(v) for n, v in selection.experts.items()},

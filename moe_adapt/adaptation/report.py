@@ -122,26 +122,28 @@ class MemoryMeter:
 
 class Throughput:
     """Images per second of the timed region; `add(n)` after each step. The first `warmup` steps are not timed
-    (allocator and kernel warm-up)."""
+    (allocator and kernel warm-up). Both wall-clock and process CPU time are kept: on a machine shared with other
+    jobs, images per CPU-second (`images_per_cpu_s`) is the steadier number to compare runs with."""
 
     def __init__(self, warmup: int = 1):
-        self.warmup, self.steps, self.images, self.seconds = warmup, 0, 0, 0.0
+        self.warmup, self.steps, self.images, self.seconds, self.cpu_seconds = warmup, 0, 0, 0.0, 0.0
         self.train_state_mb: float | None = None  # filled by the training loop (SavedTensorMeter)
-        self._t = None
+        self._t = self._c = None
 
     def __enter__(self):
-        self._t = time.perf_counter()
+        self._t, self._c = time.perf_counter(), time.process_time()
         return self
 
     def add(self, n: int, device: torch.device | None = None) -> None:
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         self.steps += 1
         if self.steps > self.warmup:
             self.images += n
             self.seconds += now - self._t
-        self._t = now
+            self.cpu_seconds += cpu - self._c
+        self._t, self._c = now, cpu
 
     def __exit__(self, *exc):
         return False
@@ -149,6 +151,10 @@ class Throughput:
     @property
     def images_per_s(self) -> float | None:
         return self.images / self.seconds if self.seconds > 0 else None
+
+    @property
+    def images_per_cpu_s(self) -> float | None:
+        return self.images / self.cpu_seconds if self.cpu_seconds > 0 else None
 
 
 class SavedTensorMeter:
@@ -205,6 +211,7 @@ class EfficiencyReport:
     total_params: int
     flops_per_image: int | None
     train_images_per_s: float | None
+    train_images_per_cpu_s: float | None
     peak_memory_mb: float | None
     peak_memory_above_baseline_mb: float | None
     memory_kind: str
@@ -223,7 +230,7 @@ class EfficiencyReport:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["trainable_fraction"] = round(self.trainable_fraction, 6)
-        for key in ("train_images_per_s", "peak_memory_mb", "peak_memory_above_baseline_mb", "train_state_mb", "metric"):
+        for key in ("train_images_per_s", "train_images_per_cpu_s", "peak_memory_mb", "peak_memory_above_baseline_mb", "train_state_mb", "metric"):
             if out[key] is not None:
                 out[key] = round(float(out[key]), 4)
         return out
@@ -244,7 +251,8 @@ class EfficiencyReport:
             ("total params", f"{self.total_params:,}"),
             ("FLOPs / image", num(self.flops_per_image, "{:,.0f}") + (
                 "" if self.flops_per_image is None else f" ({self.flops_per_image / 1e9:.4f} GFLOPs)")),
-            ("train images/s", num(self.train_images_per_s, "{:.1f}")),
+            ("train images/s", num(self.train_images_per_s, "{:.1f}") + " wall, "
+             + num(self.train_images_per_cpu_s, "{:.1f}") + " per CPU-second"),
             (f"peak memory ({self.memory_kind})", mem),
             ("train state", num(self.train_state_mb, "{:.1f} MiB") + " (weights, grads, optimizer, activations)"),
             (self.metric_name or "metric", num(self.metric, "{:.4f}")),
@@ -264,7 +272,7 @@ class EfficiencyReport:
         return path
 
 
-def model_flops(model: nn.Module, task: str | None = None) -> int | None:
+def model_flops(model: nn.Module, task: str | None = None, image_size: int | None = None) -> int | None:
     """FLOPs per image of the deployable model (`moe_adapt.flops.flops_per_image`, head included). For a
     peft-wrapped model this is the merged model's count: merging removes LoRA's extra work. None (with a
     warning) when the counter is unavailable or fails."""
@@ -274,7 +282,7 @@ def model_flops(model: nn.Module, task: str | None = None) -> int | None:
     try:
         from ..flops import flops_per_image
 
-        return int(flops_per_image(base, task=task)["total"])
+        return int(flops_per_image(base, task=task, image_size=image_size)["total"])
     except Exception as err:  # noqa: BLE001 - a report without FLOPs beats a crash after training
         warnings.warn(f"FLOPs per image could not be counted ({type(err).__name__}: {err}); reported as null.",
                       stacklevel=2)
@@ -292,6 +300,7 @@ def efficiency_report(
     metric: float | None,
     flops: int | None = None,
     train_state_mb: float | None = None,
+    images_per_cpu_s: float | None = None,
     **fields,
 ) -> EfficiencyReport:
     """Assemble the report for `model` (plain or peft-wrapped): trainable = parameters with `requires_grad`,
@@ -304,6 +313,7 @@ def efficiency_report(
         total_params=count_model_parameters(model),
         flops_per_image=flops if flops is not None else model_flops(model, task),
         train_images_per_s=images_per_s,
+        train_images_per_cpu_s=images_per_cpu_s,
         peak_memory_mb=None if memory is None else memory.peak_mb,
         peak_memory_above_baseline_mb=None if memory is None else memory.above_baseline_mb,
         memory_kind="rss" if memory is None else memory.kind,
