@@ -25,8 +25,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 DEFAULTS = dict(
     model=None, dataset="builtin:digits", task_name=None, image_size=None, new_attn_experts=2, new_mlp_experts=2,
-    init="copy_top", source_task="auto", calibration_images=256, steps=300, batch_size=32, lr=2e-3,
-    weight_decay=0.05, warmup_ratio=0.05, max_train_images=None, max_eval_images=None, check_images=128,
+    init="copy_top", source_task="auto", calibration_images=256, steps=800, batch_size=32, lr=5e-3,
+    weight_decay=0.3, warmup_ratio=0.05, max_train_images=None, max_eval_images=None, check_images=128,
     budget=True, output_dir=None, num_threads=None, seed=0, log_every=50,
 )
 

@@ -47,6 +47,13 @@ def _from_mapping(cls, data: Mapping[str, Any] | None, where: str):
     return cls(**data)
 
 
+def _number(value, where: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a number; got {value!r}.") from None
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Where the data comes from. `mini`: `{out: DIR, small: bool, seed: int}` builds the embedded mini benchmark
@@ -90,6 +97,7 @@ class TaskConfig:
     num_labels: int | None = None
 
     def __post_init__(self):
+        self.loss_weight = _number(self.loss_weight, "loss_weight")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1; got {self.batch_size}.")
         unknown = sorted(set(self.augment) - {"scale", "ratio", "hflip_p"})
@@ -109,6 +117,7 @@ class SamplingConfig:
     rounds: int = 1
 
     def __post_init__(self):
+        self.temperature = _number(self.temperature, "sampling.temperature")
         if self.strategy not in SAMPLING_STRATEGIES:
             raise ValueError(f"sampling.strategy={self.strategy!r}: choose one of {list(SAMPLING_STRATEGIES)}.")
         if self.temperature <= 0:
@@ -130,6 +139,16 @@ class OptimizerConfig:
     max_grad_norm: float | None = 1.0
     no_decay_router: bool = True  # routers, norms, biases, embeddings and loss weights get no weight decay
 
+    def __post_init__(self):
+        # YAML reads "2e-3" (no dot) as a string: accept it.
+        for name in ("lr", "weight_decay", "eps", "min_lr", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _number(value, f"optimizer.{name}"))
+        self.betas = tuple(_number(b, "optimizer.betas") for b in self.betas)
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError(f"optimizer.lr must be positive and warmup_steps >= 0; got {self.lr}, {self.warmup_steps}.")
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -149,6 +168,8 @@ class TrainConfig:
     usage_max_batches: int | None = 8  # calibration batches per task for the final expert-usage statistics
 
     def __post_init__(self):
+        if self.max_minutes is not None:
+            self.max_minutes = _number(self.max_minutes, "train.max_minutes")
         if self.max_steps < 1:
             raise ValueError(f"train.max_steps must be at least 1; got {self.max_steps}.")
         if self.num_threads not in (None, "auto") and not (isinstance(self.num_threads, int) and self.num_threads >= 1):

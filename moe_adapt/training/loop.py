@@ -280,7 +280,7 @@ def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerat
             batch = next(batches[task])
             images += batch["pixel_values"].shape[0]
             micro_batches.append((task, _to_device(batch, accelerator.device)))
-        torch.manual_seed(hash_seed(config.seed, step, rank))  # the step's drop-path / dropout draws
+        torch.manual_seed(hash_seed(config.seed, step, rank))  # the step's drop-path / dropout draws (all devices)
         out = objective(micro_batches)
         accelerator.backward(out["loss"])
         if opt_cfg.max_grad_norm:
@@ -340,7 +340,7 @@ def finish(model, data: dict, config: PretrainConfig, out_dir: Path, **extra) ->
     model.save_pretrained(model_dir)
     usages = {}
     for task, d in data.items():
-        if d.eval is None:
+        if d.eval is None or not model.config.moe_layer_names():  # a dense model has no expert usage
             continue
         loader = d.eval_loader(config.tasks[task].eval_max_samples)
         usages[task] = collect_expert_usage(model, loader, task, max_batches=config.train.usage_max_batches, output_norms=False)

@@ -1,0 +1,140 @@
+"""Benchmark: multi-task MoE pretraining vs single-task dense baselines on the mini benchmark. Prints ONE JSON line.
+
+    python benchmarks/pretrain_mini.py                      # the mini recipe's settings, fixed step count
+    python benchmarks/pretrain_mini.py --steps 100          # shorter
+    python benchmarks/pretrain_mini.py --quick              # smoke run on the small benchmark (numbers not meaningful)
+
+All runs use `recipes/configs/mini.yaml` (same data, per-task batch sizes, image sizes, augmentation, optimiser and
+schedule) for the same number of optimisation steps, one after the other in this process on this machine:
+
+1. `multitask_moe`: the recipe's multi-task MoE model (all tasks every step, MI loss on);
+2. `multitask_moe_no_mi`: the same with `mi_loss_weight = 0`;
+3. `single_task_dense` per task: the same backbone with experts off — every layer dense, the MLP as wide as the
+   active experts (`mlp_top_k · mlp_expert_size`), standard multi-head attention — trained on that task alone with
+   its batch size for the same number of steps (so it sees the same images of its task as the multi-task run).
+
+Reported: each task's metric for the three (and multitask − single-task), training images/s of each run, FLOPs per
+image (`moe_adapt.flops.flops_per_image`, backbone + head) of the MoE model and of the dense baselines, and the
+normalised mutual information between tasks and experts (I(T;E) / log T from each task's expert usage on its eval
+split, mean over MoE layers) with and without the MI loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "mini.yaml"))
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps of every run (default: the recipe's max_steps)")
+    p.add_argument("--data", default=None, help="mini benchmark folder (default: the recipe's)")
+    p.add_argument("--quick", action="store_true", help="small benchmark, tiny model, 6 steps: a smoke test")
+    p.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("overrides", nargs="*", help="dotted recipe overrides applied to every run")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[pretrain_mini] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from moe_adapt.flops import flops_per_image
+    from moe_adapt.training import load_pretrain_config, pretrain
+
+    overrides = list(args.overrides) + ["train.progress_bar=false", "train.max_minutes=null", "train.save_every=0",
+                                        "train.eval_every=0", "train.log_every=50"]
+    if args.steps:
+        overrides.append(f"train.max_steps={args.steps}")
+    if args.quick:
+        overrides += ["model.preset=tiny", "train.max_steps=6", "train.usage_max_batches=2"]
+        overrides += [f"tasks.{t}.eval_max_samples=32" for t in ("fashion", "digits-det", "fashion-seg")]
+    base = load_pretrain_config(args.config, overrides)
+    if args.data or args.quick:
+        out = args.data or str(Path(tempfile.gettempdir()) / "moe_adapt_mini_small")
+        base.data.mini = {"out": out, "small": bool(args.quick), "seed": 0}
+    tasks = list(base.tasks)
+
+    with contextlib.ExitStack() as stack:
+        root = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pretrain_mini_")))
+        started = time.perf_counter()
+
+        def run(name: str, **changes):
+            config = load_pretrain_config(args.config, overrides)
+            config.data = base.data
+            config.output_dir = str(root / name)
+            if "tasks" in changes:
+                config.tasks = {t: config.tasks[t] for t in changes.pop("tasks")}
+            config.model.overrides.update(changes)
+            log(f"{name}: {config.train.max_steps} steps, tasks {list(config.tasks)} ...")
+            t0 = time.perf_counter()
+            result = pretrain(config)
+            log(f"{name}: done in {time.perf_counter() - t0:.0f} s: {result['primary']}")
+            return result
+
+        moe = run("multitask_moe")
+        no_mi = run("multitask_moe_no_mi", mi_loss_weight=0.0)
+        mc = moe["model"].config
+        dense_changes = dict(attn_experts=0, mlp_experts=0, intermediate_size=mc.mlp_top_k * mc.mlp_expert_size)
+        dense = {t: run(f"single_task_dense_{t}", tasks=[t], **dense_changes) for t in tasks}
+
+        image_size = {t: base.tasks[t].image_size or mc.image_size for t in tasks}
+        result = {
+            "benchmark": "pretrain_mini",
+            "steps": moe["steps"],
+            "tasks": {
+                t: {
+                    "metric": moe["primary_metric"][t],
+                    "multitask_moe": round(moe["primary"][t], 4),
+                    "multitask_moe_no_mi": round(no_mi["primary"][t], 4),
+                    "single_task_dense": round(dense[t]["primary"][t], 4),
+                    "multitask_minus_single": round(moe["primary"][t] - dense[t]["primary"][t], 4),
+                }
+                for t in tasks
+            },
+            "images_per_s": {
+                "multitask_moe": round(moe["images_per_second"], 1),
+                "multitask_moe_no_mi": round(no_mi["images_per_second"], 1),
+                "single_task_dense": {t: round(dense[t]["images_per_second"], 1) for t in tasks},
+            },
+            "gflops_per_image": {
+                t: {
+                    "multitask_moe": round(flops_per_image(moe["model"], task=t, image_size=image_size[t])["gflops"], 4),
+                    "single_task_dense": round(flops_per_image(dense[t]["model"], task=t, image_size=image_size[t])["gflops"], 4),
+                }
+                for t in tasks
+            },
+            "normalized_mi": {
+                "with_mi_loss": round(moe["normalized_mi"]["mean"], 4),
+                "without_mi_loss": round(no_mi["normalized_mi"]["mean"], 4),
+            },
+            "within_1_point": all(moe["primary"][t] >= dense[t]["primary"][t] - 0.01 for t in tasks),
+            "machine": {"cpus": os.cpu_count(), "threads": moe["threads"], "load_avg_1m": round(os.getloadavg()[0], 2),
+                        "torch": torch.__version__, "python": platform.python_version()},
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
