@@ -77,6 +77,7 @@ def layer_benchmark(device, dtype, rounds, tokens, backends=BACKENDS):
         layer.config._experts_implementation = impl
 
         def run(layer=layer):
+            layer.zero_grad(set_to_none=True)  # as in a train step: no gradient accumulation
             y, _ = layer(x, "t")
             y.backward(grad)
 
@@ -85,6 +86,7 @@ def layer_benchmark(device, dtype, rounds, tokens, backends=BACKENDS):
     ex = layer.experts
 
     def loop():  # a plain per-expert Python loop over the same fused weights, routing included
+        layer.zero_grad(set_to_none=True)
         flat = x.reshape(-1, d)
         route = layer.router(flat, "t")
         out = torch.zeros_like(flat)
@@ -100,6 +102,8 @@ def layer_benchmark(device, dtype, rounds, tokens, backends=BACKENDS):
     fc2 = torch.nn.Linear(4 * d, d, device=device, dtype=dtype)
 
     def dense():
+        fc1.zero_grad(set_to_none=True)
+        fc2.zero_grad(set_to_none=True)
         fc2(F.gelu(fc1(x))).backward(grad)
 
     cands["dense"] = dense

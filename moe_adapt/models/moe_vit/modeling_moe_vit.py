@@ -188,21 +188,25 @@ class _GatherRows(torch.autograd.Function):
     """`out[i] = src[index[i] // group]` for an injective `index` whose inverse map `inverse` is known.
 
     Its backward is a gather too (`grad[inverse]`, summed over each group of `group` rows, with the rows listed in
-    `zero_rows` zeroed), never a scatter-add: on CPU, scatter-adds into zero-filled buffers cost more than the
+    `zero_blocks` zeroed), never a scatter-add: on CPU, scatter-adds into zero-filled buffers cost more than the
     expert matmuls themselves."""
 
     @staticmethod
-    def forward(ctx, src, index, inverse, group, zero_rows):
-        ctx.save_for_backward(inverse, zero_rows)
-        ctx.group, ctx.rows = group, src.shape[0]
+    def forward(ctx, src, index, inverse, group, zero_blocks):
+        ctx.save_for_backward(inverse)
+        ctx.group, ctx.rows, ctx.zero_blocks = group, src.shape[0], zero_blocks
         return src.index_select(0, index // group if group > 1 else index)
 
     @staticmethod
     def backward(ctx, grad):
-        inverse, zero_rows = ctx.saved_tensors
+        (inverse,) = ctx.saved_tensors
         g = grad.contiguous().index_select(0, inverse)
-        if zero_rows.numel():
-            g.index_fill_(0, zero_rows, 0.0)
+        if ctx.zero_blocks is not None:  # (capacity, [rows used per expert]): zero each expert's padding tail
+            capacity, used = ctx.zero_blocks
+            blocks = g.view(len(used), capacity, -1)
+            for e, n in enumerate(used):
+                if n < capacity:
+                    blocks[e, n:].zero_()
         if ctx.group > 1:
             g = g.view(ctx.rows, ctx.group, -1).sum(1)
         return g, None, None, None, None
@@ -234,7 +238,7 @@ class ExpertDispatch:
     def buffer(self):
         """Rows of an `[E, C, ·]` buffer (C = the busiest expert's load) for batched matmuls, or None when the
         padding would exceed `max_padding`. Returns (C, buffer row of each pair `[S]`, source pair of each buffer
-        row `[E·C]` (0 for padding rows, whose contents are never read back), the padding rows)."""
+        row `[E·C]` (0 for padding rows, whose contents are never read back), (C, rows used per expert))."""
         if self._buffer is None:
             n = self.perm.numel()
             capacity = int(self.counts.max()) if n else 0
@@ -248,9 +252,7 @@ class ExpertDispatch:
                 pair_row = torch.empty_like(rows_sorted).scatter_(0, self.perm, rows_sorted)
                 row_pair = torch.zeros(self.num_experts * capacity, dtype=torch.long, device=device)
                 row_pair.scatter_(0, rows_sorted, self.perm)
-                is_pad = torch.ones(self.num_experts * capacity, dtype=torch.bool, device=device)
-                is_pad.scatter_(0, rows_sorted, torch.zeros(n, dtype=torch.bool, device=device))
-                self._buffer = (capacity, pair_row, row_pair, is_pad.nonzero().squeeze(1))
+                self._buffer = (capacity, pair_row, row_pair, (capacity, self.counts.tolist()))
         return None if self._buffer[0] is None else self._buffer
 
     def project(
@@ -290,13 +292,13 @@ class ExpertDispatch:
         of some real row: they are computed but never read back, and receive no gradient."""
         capacity, pair_row, row_pair, _ = self.buffer()
         src = x.reshape(-1, x.shape[-1]) if per_slot else x
-        out = _GatherRows.apply(src, row_pair, pair_row, 1 if per_slot else self.k, pair_row.new_zeros(0))
+        out = _GatherRows.apply(src, row_pair, pair_row, 1 if per_slot else self.k, None)
         return out.view(self.num_experts, capacity, -1)
 
     def from_buffer(self, y: torch.Tensor) -> torch.Tensor:
         """`[E, C, out]` → `[tokens·k, out]` in pair order."""
-        _, pair_row, row_pair, pad_rows = self.buffer()
-        return _GatherRows.apply(y.reshape(-1, y.shape[-1]), pair_row, row_pair, 1, pad_rows)
+        _, pair_row, row_pair, blocks = self.buffer()
+        return _GatherRows.apply(y.reshape(-1, y.shape[-1]), pair_row, row_pair, 1, blocks)
 
     @staticmethod
     def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
