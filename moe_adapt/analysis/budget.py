@@ -69,6 +69,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -213,8 +214,8 @@ def _label(top_k: Mapping[str, int]) -> str:
 
 
 def plot_budget_curve(curves: BudgetCurve | Sequence[BudgetCurve], path: str | os.PathLike, title: str | None = None) -> Path:
-    """Draw metric against GFLOPs per image (one line per curve, each point labelled with its top-k, the default
-    setting circled) to a PNG at `path` (written to a temporary name, then renamed)."""
+    """Draw metric against GFLOPs per image (one line per curve, points labelled with their top-k as `attn/mlp`, the
+    default setting circled) to a PNG at `path` (written to a temporary name, then renamed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,11 +227,17 @@ def plot_budget_curve(curves: BudgetCurve | Sequence[BudgetCurve], path: str | o
         xs = [p.gflops for p in curve.points]
         ys = [p.metric for p in curve.points]
         ax.plot(xs, ys, marker="o", label=f"{curve.task}")
-        for p in curve.points:
-            ax.annotate(_label(p.top_k), (p.gflops, p.metric), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        span = (max(xs) - min(xs)) or 1.0
+        last = None
+        for p in curve.points:  # label the points far enough apart to read (and always the trained setting)
+            if p.is_default or last is None or p.gflops - last >= 0.1 * span:
+                ax.annotate("/".join(str(k) for k in p.top_k.values()), (p.gflops, p.metric),
+                            textcoords="offset points", xytext=(3, -11), fontsize=8)
+                last = p.gflops
             if p.is_default:
                 ax.scatter([p.gflops], [p.metric], s=140, facecolors="none", edgecolors="black", zorder=3)
-    ax.set_xlabel("active GFLOPs per image")
+    kinds = "/".join(curves[0].points[0].top_k) if curves and curves[0].points else "attn/mlp"
+    ax.set_xlabel(f"active GFLOPs per image (point labels: top-k {kinds})")
     ax.set_ylabel(curves[0].metric_name if curves else "metric")
     ax.set_title(title or "Metric against compute over top-k (circled: the trained top-k)")
     ax.grid(alpha=0.3)
