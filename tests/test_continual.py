@@ -38,15 +38,6 @@ def tiny_classifier(seed=0, **kw):
     return trained_like(MoEViTForImageClassification(config), seed)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, loaded machine 2 threads run 100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def images():
     return torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -14,15 +14,6 @@ LABELS = {"a": ["x", "y", "z"], "b": ["p", "q"]}
 ATTN, MLP = "layers.0.attn", "layers.1.mlp"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, loaded machine 2 threads run 100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def trained_like(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     backbone = getattr(model, "moe_vit", model)
