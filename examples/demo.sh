@@ -31,6 +31,6 @@ step "4/5 LoRA fine-tune of scikit-learn digits on its slice"
 
 step "5/5 continual learning: add 'digits' as a new task"
 "$BIN/python" recipes/continual.py --config recipes/configs/continual.yaml --model "$OUT/pretrain/model" \
-  "output_dir=$OUT/continual_digits"
+  "output_dir=$OUT/continual_digits" steps=300
 
 step "done: everything is under $OUT"

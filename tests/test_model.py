@@ -448,3 +448,20 @@ def test_gelu_default_act():
     assert MoEViTModel(tiny()).layers[1].mlp.experts.act_fn(torch.tensor([1.0])).item() == pytest.approx(
         F.gelu(torch.tensor([1.0])).item()
     )
+
+
+def test_routing_overrides_are_validated_and_task_models_delegate():
+    model = MoEViTForImageClassification(tiny(tasks=["a"], task_labels={"a": ["x", "y"]})).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="bool"):
+        model(x, expert_mask={"layers.1.mlp": [1.0] * 8})
+    with pytest.raises(ValueError, match="removes every expert"):
+        model(x, expert_mask={"layers.1.mlp": [False] * 8})
+    with pytest.raises(ValueError, match="between 1 and"):
+        model(x, top_k={"mlp": 9})
+    full = model(x).logits
+    model.set_routing("a", top_k=1)
+    assert model.moe_vit.routing_overrides["a"]["top_k"] == 1
+    assert not torch.equal(model(x).logits, full)
+    model.set_routing("a")
+    assert torch.equal(model(x).logits, full)

@@ -655,6 +655,12 @@ class MoEViTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MoEViTEmbeddings", "MoEViTLayer"]
     _supports_sdpa = True
 
+    def set_routing(self, task, top_k=None, expert_mask=None) -> None:
+        """Model-level compute control for `task` (see `MoEViTModel.set_routing`); task models delegate to their
+        backbone."""
+        backbone = self if isinstance(self, MoEViTModel) else self.moe_vit
+        return MoEViTModel.set_routing(backbone, task, top_k=top_k, expert_mask=expert_mask)
+
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # Our default is padded_bmm: the fastest on CPU here, and it runs on any device.
         return super().get_correct_experts_implementation(requested_experts or "padded_bmm")
@@ -844,7 +850,11 @@ class MoEViTModel(MoEViTPreTrainedModel):
             k = top_k.get(kind) if isinstance(top_k, dict) else top_k
             mask = None if not expert_mask else expert_mask.get(name)
             if mask is not None:
-                mask = torch.as_tensor(mask, dtype=torch.bool)
+                mask = torch.as_tensor(mask)
+                if mask.dtype != torch.bool:
+                    raise ValueError(
+                        f"expert_mask[{name!r}] must be a bool tensor or list (True = keep); got dtype {mask.dtype}."
+                    )
                 if mask.shape != (n,):
                     raise ValueError(f"expert_mask[{name!r}] must have shape ({n},) for task {task!r}; got {tuple(mask.shape)}.")
                 if not mask.any():
