@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..io import atomic_write_json
 from .lora import count_model_parameters
 
 
@@ -262,14 +262,7 @@ class EfficiencyReport:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON to `path` (through a temporary file renamed into place)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(path, self.to_dict(), indent=2)
 
 
 def model_flops(model: nn.Module, task: str | None = None, image_size: int | None = None) -> int | None:

@@ -14,9 +14,7 @@ curve (PNG). `moe-adapt inspect MODEL --data SPEC --task T --budget` does both f
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from ..flops import flops_per_image
+from ..io import atomic_write, atomic_write_json
 from .usage import find_backbone
 
 __all__ = [
@@ -59,21 +58,8 @@ class BudgetCurve:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_dict(), indent=2)))
+        atomic_write_json(path, self.to_dict(), indent=2)
         return path
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _kind_limits(config, task: str) -> dict[str, tuple[int, int]]:
@@ -245,7 +231,7 @@ def plot_budget_curve(curves: BudgetCurve | Sequence[BudgetCurve], path: str | o
         ax.legend()
     fig.tight_layout()
     path = Path(path)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path
 

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from .usage import CRITERIA, ExpertUsage, _atomic_write_text, model_signature
+from ..io import atomic_write_text, read_json
+from .usage import CRITERIA, ExpertUsage, model_signature
 
 POLICIES = ("top_n", "threshold", "coverage")
 FORMAT_VERSION = 1
@@ -176,18 +177,11 @@ class ExpertSelection:
         return json.dumps(self.to_dict(), indent=1)
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        _atomic_write_text(path, self.to_json())
-        return path
+        return atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ExpertSelection:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
 
 def _moe_layer_names(signature: Mapping) -> list[str]:

@@ -28,10 +28,8 @@ Sums (not means) are stored, so usage from several batches, runs or processes ad
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import atomic_write, atomic_write_json, read_json
 from ..models.moe_vit.modeling_moe_vit import ExpertDispatch, MoEViTModel
 
 CRITERIA = ("frequency", "gate_mass", "reap")
@@ -98,19 +97,6 @@ def iter_pixel_batches(data: Iterable) -> Iterable[torch.Tensor]:
         if pixels.dim() == 3:
             pixels = pixels.unsqueeze(0)
         yield pixels
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,18 +258,11 @@ class ExpertUsage:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the usage as JSON (atomically)."""
-        path = Path(path)
-        _atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
-        return path
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ExpertUsage:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -491,14 +470,7 @@ def plot_usage_heatmap(
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9, label=criterion)
     fig.suptitle(title or f"expert usage ({criterion}) per MoE layer", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return path

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..analysis.usage import _atomic_write_text, find_backbone
+from ..analysis.usage import find_backbone
 from ..flops import count_parameters, flops_per_image
+from ..io import atomic_write_json
 
 __all__ = ["VerificationReport", "verify_submodel"]
 
@@ -55,9 +56,7 @@ class VerificationReport:
         return cls(**data)
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        _atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
-        return path
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VerificationReport:
