@@ -21,14 +21,6 @@ from moe_adapt.surgery import extract_submodel, verify_submodel
 LABELS = {"a": ["dark", "light"], "b": ["left", "right"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(seed=0):
     torch.manual_seed(seed)
     model = MoEViTForImageClassification(MoEViTConfig.from_preset("tiny", tasks=["a", "b"], task_labels=LABELS))

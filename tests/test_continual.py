@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import trained_like
 
 import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
@@ -17,19 +18,6 @@ from moe_adapt.surgery.add_task import (
 )
 
 LABELS = {"a": ["x", "y", "z"], "b": ["p", "q"]}
-
-
-def trained_like(model, seed=0):
-    """Random routers and task embeddings, so routing is far from uniform (as after training)."""
-    g = torch.Generator().manual_seed(seed)
-    backbone = getattr(model, "moe_vit", model)
-    with torch.no_grad():
-        for module in backbone.moe_layers().values():
-            for r in module.router.routers.values():
-                r.weight.copy_(torch.randn(r.weight.shape, generator=g))
-        for emb in backbone.task_embeddings.values():
-            emb.copy_(0.1 * torch.randn(emb.shape, generator=g))
-    return model.eval()
 
 
 def tiny_classifier(seed=0, **kw):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import trained_like
 
 import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification
@@ -12,18 +13,6 @@ from moe_adapt.surgery import add_task, extract_submodel
 
 LABELS = {"a": ["x", "y", "z"], "b": ["p", "q"]}
 ATTN, MLP = "layers.0.attn", "layers.1.mlp"
-
-
-def trained_like(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    backbone = getattr(model, "moe_vit", model)
-    with torch.no_grad():
-        for module in backbone.moe_layers().values():
-            for r in module.router.routers.values():
-                r.weight.copy_(torch.randn(r.weight.shape, generator=g))
-        for emb in backbone.task_embeddings.values():
-            emb.copy_(0.1 * torch.randn(emb.shape, generator=g))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

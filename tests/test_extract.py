@@ -15,14 +15,6 @@ from moe_adapt.surgery import extract_submodel, verify_submodel
 LABELS = {"a": ["x", "y", "z"], "b": ["u", "v"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(seed=0, cls=MoEViTForImageClassification, **overrides):
     """A tiny two-task model with random routers (zero routers tie every expert and routing is arbitrary)."""
     torch.manual_seed(seed)

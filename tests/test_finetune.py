@@ -28,14 +28,6 @@ from moe_adapt.surgery import extract_submodel
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def parent_model(seed: int = 0) -> MoEViTForImageClassification:
     """A tiny two-task 'pretrained' model: task b's routers are sharper than a's (lower routing entropy)."""
     torch.manual_seed(seed)

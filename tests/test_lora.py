@@ -15,15 +15,6 @@ from moe_adapt.adaptation.lora import lora_parameter_names
 IMPLS = ["eager", "batched_mm", "grouped_mm"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Oversubscribed cores make tiny models tens of times slower; restore the setting for other test files.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(impl: str = "grouped_mm", dense_slice: bool = False, seed: int = 0) -> MoEViTForImageClassification:
     """A tiny classifier with non-zero routers (zero routers tie every expert); `dense_slice` keeps exactly top-k
     experts per layer, the shape of an extracted slice (run as one fused dense layer)."""

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import trained_like
 
 import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
@@ -16,16 +17,6 @@ BACKENDS = ("eager", "batched_mm", "grouped_mm", "padded_bmm")
 
 def tiny(tasks=("a", "b"), **kw):
     return MoEViTConfig.from_preset("tiny", tasks=list(tasks), **kw)
-
-
-def randomize_routers(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.moe_layers().values():
-            for r in module.router.routers.values():
-                r.weight.copy_(torch.randn(r.weight.shape, generator=g))
-        for emb in model.task_embeddings.values():
-            emb.copy_(0.1 * torch.randn(emb.shape, generator=g))
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -58,7 +49,7 @@ def test_config_validation_names_field(kwargs, field):
 # ---------------------------------------------------------------------------------------------------- forward
 def test_forward_outputs_and_task_selection():
     model = MoEViTModel(tiny()).eval()
-    randomize_routers(model)
+    trained_like(model)
     x = torch.randn(2, 3, 32, 32)
     out = model(x, task="b", output_router_probs=True, output_hidden_states=True)
     assert out.last_hidden_state.shape == (2, 17, 32) and out.pooler_output.shape == (2, 32)
@@ -96,7 +87,7 @@ def test_position_embeddings_interpolate_for_other_sizes():
 
 def test_aux_losses_when_enabled():
     model = MoEViTModel(tiny(balance_loss_weight=0.01, router_z_loss_weight=0.001))
-    randomize_routers(model)
+    trained_like(model)
     out = model(torch.randn(2, 3, 32, 32), task="a")
     assert out.aux_loss.item() > 0
     out.aux_loss.backward()
@@ -109,7 +100,7 @@ def test_backends_agree_on_outputs_and_gradients(layout):
     torch.manual_seed(0)
     cfg = MoEViTConfig.from_preset("tiny", tasks=["a", "b"], layout=layout)
     base = MoEViTModel(cfg)
-    randomize_routers(base)
+    trained_like(base)
     state = base.state_dict()
     x = torch.randn(2, 3, 32, 32)
     results = {}
@@ -146,7 +137,7 @@ def test_grouped_mm_backward_with_stride_zero_gradient():
 def test_moa_matches_direct_per_head_formula():
     torch.manual_seed(0)
     model = MoEViTModel(tiny(tasks=["a"])).eval()
-    randomize_routers(model)
+    trained_like(model)
     moa = model.layers[0].attention
     ex = moa.experts
     x = torch.randn(2, 5, 32)
@@ -193,7 +184,7 @@ def test_all_experts_selected_runs_fused_dense_path_with_same_output(kind):
     # k == E: the router picks every expert and the layer runs as one dense projection.
     cfg = tiny(tasks=["a"], attn_experts=[2, 0, 2, 0], mlp_experts=[0, 2, 0, 2])
     model = MoEViTModel(cfg)
-    randomize_routers(model)
+    trained_like(model)
     layer = model.layers[1].mlp if kind == "mlp" else model.layers[0].attention
     x = torch.randn(2, 5, 32)
     fused, route = layer(x, "a")
@@ -217,7 +208,7 @@ def test_lora_reaches_fused_expert_tensors():
     from peft import LoraConfig, get_peft_model
 
     model = MoEViTModel(tiny(tasks=["a"]))
-    randomize_routers(model)
+    trained_like(model)
     peft_model = get_peft_model(
         model, LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.up_proj", "mlp.experts.down_proj"])
     )
@@ -389,7 +380,7 @@ def test_from_dense_reproduces_vit_for_every_task(tmp_path):
 def test_save_load_bit_exact_with_per_layer_expert_counts(tmp_path):
     cfg = tiny(attn_experts=[6, 0, 3, 0], mlp_experts=[0, 8, 0, 2])
     model = MoEViTModel(cfg).eval()
-    randomize_routers(model)
+    trained_like(model)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
     again = MoEViTModel.from_pretrained(tmp_path).eval()

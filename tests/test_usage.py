@@ -10,16 +10,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
 from moe_adapt.analysis import ExpertUsage, collect_expert_usage, plot_usage_heatmap
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 LOGITS = [3.0, 1.0, 2.0, 0.0, -1.0, 0.5, -0.5, 0.25]  # per expert; top-2 = experts 0 and 2
 
 
