@@ -157,8 +157,7 @@ def resolve_specs(config: PretrainConfig, main_process: bool = True) -> dict[str
 
 
 def task_spec(config: PretrainConfig, specs: Mapping[str, DatasetSpec], task: str) -> DatasetSpec:
-    """The spec of `task` with the recipe's per-task overrides (`image_size`; label names from `num_labels` when
-    the spec has none and the task type needs them)."""
+    """The spec of `task` with the recipe's per-task `image_size` override applied."""
     if task not in specs:
         raise ValueError(f"Task {task!r} of the recipe has no dataset spec; the specs define {sorted(specs)}.")
     spec, settings = specs[task], config.tasks[task]
