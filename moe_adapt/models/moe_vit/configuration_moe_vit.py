@@ -55,6 +55,8 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
     - `tasks` (`list[str]`): task names; each task owns a router in every MoE layer and a task embedding.
     - `task_types` (`dict[str, str]`): `classification`, `detection` or `semantic_segmentation` per task
       (default `classification`). `task_labels` (`dict[str, list[str]]`): label names per task.
+      `head_configs` (`dict[str, dict]`): options of each task's head in `MoEViTForMultiTask` (see
+      `moe_adapt.heads`), stored here so that `from_pretrained` rebuilds every head.
     - `attn_experts`, `mlp_experts` (`list[int]`): number of experts in each layer's attention / MLP; 0 = dense.
       Per-layer lists let sliced models (fewer experts in some layers) save and reload exactly.
     - `attn_top_k`, `mlp_top_k`: experts each token selects. `attn_expert_head_size` (default `2*d/heads`,
@@ -106,6 +108,7 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
     tasks: list | None = None
     task_types: dict | None = None
     task_labels: dict | None = None
+    head_configs: dict | None = None
     attn_experts: list | None = None
     mlp_experts: list | None = None
     attn_top_k: int = 4
@@ -148,6 +151,10 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
         for t in self.task_labels:
             if t not in self.tasks:
                 raise ValueError(f"MoEViTConfig.task_labels names task {t!r}, which is not in tasks={self.tasks}.")
+        self.head_configs = {str(t): dict(v or {}) for t, v in (self.head_configs or {}).items()}
+        for t in self.head_configs:
+            if t not in self.tasks:
+                raise ValueError(f"MoEViTConfig.head_configs names task {t!r}, which is not in tasks={self.tasks}.")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"MoEViTConfig.hidden_size={self.hidden_size} is not a multiple of "
