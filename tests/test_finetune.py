@@ -176,3 +176,18 @@ def test_bad_inputs(parent_dir, digits_root, tmp_path):
     model = parent_model()
     with pytest.raises(ValueError, match="dataset has 10 classes but the model's head for task 'a' has 3"):
         attach_task(model, "b", "a", [str(d) for d in range(10)])
+
+
+def test_attach_task_to_a_multitask_model_with_head_options():
+    """The new single-task model drops the source tasks' head options (regression: the demo's LoRA step)."""
+    from moe_adapt import MoEViTForMultiTask
+    from moe_adapt.adaptation.finetune import attach_task
+
+    config = MoEViTConfig.from_preset(
+        "tiny", tasks=["cls", "det"], task_types={"det": "detection"},
+        task_labels={"cls": ["a", "b"], "det": ["x"]}, head_configs={"det": {"channels": 16, "scales": [1]}},
+    )
+    model = MoEViTForMultiTask(config).eval()
+    new = attach_task(model, "det", "digits", [str(i) for i in range(10)])
+    assert new.config.tasks == ["digits"] and new.config.head_configs == {}
+    assert new(torch.randn(1, 3, 32, 32), task="digits").logits.shape == (1, 10)

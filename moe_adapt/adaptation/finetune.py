@@ -251,6 +251,7 @@ def attach_task(
         task_router_sizes={task: sizes} if sizes else None,
         default_task=task,
         backbone_task=None,
+        head_configs=None,  # the new task's head is new; the source tasks' head options do not apply
         id2label=dict(enumerate(label_names)),
         label2id={n: i for i, n in enumerate(label_names)},
     )
