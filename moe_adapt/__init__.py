@@ -27,8 +27,6 @@ __version__ = "0.1.0"
 
 
 def _register() -> None:
-    if "moe_vit" not in AutoConfig.for_model.__globals__.get("CONFIG_MAPPING", {}):
-        pass
     try:
         AutoConfig.register("moe_vit", MoEViTConfig)
     except ValueError:  # already registered (re-import)

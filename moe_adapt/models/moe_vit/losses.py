@@ -65,7 +65,6 @@ class MutualInformationLoss:
     def __init__(self, num_tasks: int, weight: float = 0.005, task_prior: str = "token_share", sync: bool = True):
         self.num_tasks, self.weight, self.task_prior, self.sync = num_tasks, weight, task_prior, sync
         self.joint: list[torch.Tensor] | None = None
-        self.tokens = torch.zeros(num_tasks)
 
     def accumulate(self, router_probs: Sequence[torch.Tensor], task: int) -> None:
         """Add one micro-batch of task index `task`: `router_probs[l]` is `[tokens, E_t]` for MoE layer l."""
@@ -84,7 +83,6 @@ class MutualInformationLoss:
                 mass = torch.cat([mass, mass.new_zeros(n - mass.shape[0])])
             row = torch.zeros_like(self.joint[layer]).index_copy(0, torch.tensor([task], device=mass.device), mass[None])
             self.joint[layer] = self.joint[layer] + row
-        self.tokens[task] += router_probs[0].shape[0] if router_probs else 0
 
     def joint_counts(self) -> list[torch.Tensor]:
         """The accumulated M per layer, summed across ranks when distributed (differentiable)."""
@@ -105,7 +103,6 @@ class MutualInformationLoss:
 
     def reset(self) -> None:
         self.joint = None
-        self.tokens = torch.zeros(self.num_tasks)
 
 
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -327,6 +327,24 @@ def padded_bmm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 ALL_EXPERTS_FUNCTIONS.register("padded_bmm", padded_bmm_experts_forward)
 
 
+def reachable_groups(route: RouterOutput, group_sizes: list[int], groups: list[nn.Module]):
+    """Yield (experts, local indices, inside-mask or None) for each expert group the task's router can reach.
+
+    A task routing only within the first group gets that group with its indices unchanged (and no mask), so it runs
+    exactly the code it ran before later groups were added: old tasks stay bit-identical after growth."""
+    num_routed = route.logits.shape[-1]
+    if num_routed <= group_sizes[0]:
+        yield groups[0], route.indices, None
+        return
+    offset = 0
+    for size, experts in zip(group_sizes, groups):
+        if offset >= num_routed:
+            break
+        local = route.indices - offset
+        yield experts, local.clamp(0, size - 1), (local >= 0) & (local < size)
+        offset += size
+
+
 def _gates_full(route: RouterOutput, num_experts: int) -> torch.Tensor:
     """Top-k gates scattered into expert order: `[tokens, E]` (zero for unselected experts)."""
     return torch.zeros(
@@ -412,18 +430,11 @@ class MoEViTSparseMLP(nn.Module):
         num_routed = route.logits.shape[-1]
         if route.indices.shape[-1] == num_routed <= self.group_sizes[0]:  # every expert chosen: dense speed
             out = self.experts.forward_all(flat, _gates_full(route, num_routed))
-        elif num_routed <= self.group_sizes[0]:
-            out = self.experts(flat, route.indices, route.weights)
         else:
-            out, offset = None, 0
-            for size, experts in zip(self.group_sizes, [self.experts, *self.extra_experts]):
-                if offset >= num_routed:
-                    break
-                local = route.indices - offset
-                inside = (local >= 0) & (local < size)
-                y = experts(flat, local.clamp(0, size - 1), route.weights * inside)
+            out = None
+            for experts, idx, inside in reachable_groups(route, self.group_sizes, [self.experts, *self.extra_experts]):
+                y = experts(flat, idx, route.weights if inside is None else route.weights * inside)
                 out = y if out is None else out + y
-                offset += size
         return self.dropout(out.view(b, n, d)), route
 
 
@@ -490,20 +501,6 @@ class MoEViTMoAttention(nn.Module):
         self.dropout_p = config.attention_probs_dropout_prob
         self.head_dim = h
 
-    def _groups(self, route: RouterOutput):
-        """Yield (experts, local indices, inside-mask or None) for each expert group the task can reach."""
-        num_routed = route.logits.shape[-1]
-        if num_routed <= self.group_sizes[0]:
-            yield self.experts, route.indices, None
-            return
-        offset = 0
-        for size, experts in zip(self.group_sizes, [self.experts, *self.extra_experts]):
-            if offset >= num_routed:
-                break
-            local = route.indices - offset
-            yield experts, local.clamp(0, size - 1), (local >= 0) & (local < size)
-            offset += size
-
     def forward(self, hidden_states, task, top_k=None, expert_mask=None):
         b, n, d = hidden_states.shape
         flat = hidden_states.reshape(b * n, d)
@@ -517,7 +514,7 @@ class MoEViTMoAttention(nn.Module):
             q = F.linear(flat, ex.q_proj[:k].reshape(-1, d), ex.q_proj_bias[:k].reshape(-1)).view(b * n, k, h)
         else:
             q, plans = None, []
-            for ex, idx, inside in self._groups(route):
+            for ex, idx, inside in reachable_groups(route, self.group_sizes, [self.experts, *self.extra_experts]):
                 plan = ExpertDispatch(idx, ex.num_experts)
                 plans.append((ex, plan, inside))
                 qg = plan.project(flat, ex.q_proj, ex.q_proj_bias, impl)
@@ -1017,8 +1014,7 @@ class MoEViTBackbone(BackboneMixin, MoEViTPreTrainedModel):
         maps = []
         for name, hs in zip(self.stage_names, out.hidden_states):
             if name in self.out_features:
-                tokens = hs[:, 1:] if name != self.stage_names[-1] else hs[:, 1:]
-                maps.append(tokens.transpose(1, 2).reshape(hs.shape[0], -1, gh, gw))
+                maps.append(hs[:, 1:].transpose(1, 2).reshape(hs.shape[0], -1, gh, gw))
         if self.use_fpn:
             maps = [op(m) for op, m in zip(self.fpn, maps)]
         return BackboneOutput(feature_maps=tuple(maps), hidden_states=out.hidden_states if output_hidden_states else None)
