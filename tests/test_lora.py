@@ -12,10 +12,10 @@ from moe_adapt import MoEViTConfig, MoEViTForImageClassification, lora_config
 from moe_adapt.adaptation import apply_lora, count_model_parameters, load_lora, merge_lora
 from moe_adapt.adaptation.lora import lora_parameter_names
 
-IMPLS = ["eager", "batched_mm", "grouped_mm"]
+IMPLS = ["segmented_mm", "eager", "batched_mm", "grouped_mm"]
 
 
-def tiny_model(impl: str = "grouped_mm", dense_slice: bool = False, seed: int = 0) -> MoEViTForImageClassification:
+def tiny_model(impl: str = "segmented_mm", dense_slice: bool = False, seed: int = 0) -> MoEViTForImageClassification:
     """A tiny classifier with non-zero routers (zero routers tie every expert); `dense_slice` keeps exactly top-k
     experts per layer, the shape of an extracted slice (run as one fused dense layer)."""
     torch.manual_seed(seed)
@@ -149,6 +149,29 @@ def test_adapter_save_and_load(tmp_path):
     assert isinstance(loaded, PeftModel)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x).logits, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dense_slice", [False, True], ids=["sparse", "dense-slice"])
+def test_activation_space_expert_lora_matches_peft_parametrization(dense_slice):
+    """segmented_mm applies expert LoRA as x·Rᵀ·Lᵀ (no W + ΔW, no frozen weight gradient); grouped_mm goes through
+    peft's parametrization. Same logits, same LoRA gradients."""
+    results, seen = {}, []
+    for impl in ("segmented_mm", "grouped_mm"):
+        model = tiny_model(impl, dense_slice)
+        peft_model = apply_lora(model, lora_config(model, r=2, verbose=False, init_lora_weights=False), verbose=False)
+        for layer in peft_model.get_base_model().moe_vit.moe_layers().values():
+            layer.register_forward_pre_hook(lambda m, a: seen.append((impl, bool(m.experts.__dict__.get("_lora_factors")))))
+        y = peft_model(pixels(3), task="new").logits
+        y.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if ".lora_" in n}
+        results[impl] = (y.detach(), grads)
+    assert {s for s in seen if s[0] == "segmented_mm"} == {("segmented_mm", True)}  # every layer used the factors
+    assert {s for s in seen if s[0] == "grouped_mm"} == {("grouped_mm", False)}
+    (y_act, g_act), (y_par, g_par) = results["segmented_mm"], results["grouped_mm"]
+    torch.testing.assert_close(y_act, y_par, rtol=1e-5, atol=1e-5)
+    assert g_act.keys() == g_par.keys() and any(".experts." in n for n in g_act)
+    for name in g_act:
+        torch.testing.assert_close(g_act[name], g_par[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_grouped_mm_backward_with_lora():

@@ -12,7 +12,7 @@ import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
 from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, grouped_mm
 
-BACKENDS = ("eager", "batched_mm", "grouped_mm", "padded_bmm")
+BACKENDS = ("eager", "batched_mm", "grouped_mm", "padded_bmm", "segmented_mm")
 
 
 def tiny(tasks=("a", "b"), **kw):
@@ -174,8 +174,8 @@ def test_dispatch_plan_sorts_pairs_by_expert_and_pads_a_buffer():
     assert skewed.buffer() is None  # padding would quadruple the work: grouped matmuls instead
 
 
-def test_default_backend_is_padded_bmm():
-    assert MoEViTModel(tiny()).config._experts_implementation == "padded_bmm"
+def test_default_backend_is_segmented_mm():
+    assert MoEViTModel(tiny()).config._experts_implementation == "segmented_mm"
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attn"])
@@ -456,3 +456,28 @@ def test_routing_overrides_are_validated_and_task_models_delegate():
     assert not torch.equal(model(x).logits, full)
     model.set_routing("a")
     assert torch.equal(model(x).logits, full)
+
+
+def test_segmented_linear_idle_experts_and_frozen_weights():
+    from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, segmented_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, requires_grad=True)
+    indices = torch.tensor([[0, 2], [2, 3], [0, 3], [3, 0], [2, 2]])  # expert 1 receives nothing
+    plan = ExpertDispatch(indices, 4)
+    w, b = torch.randn(4, 6, 8, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    y = segmented_linear(x, plan.sorted_tokens, w, b, plan.bounds).index_select(0, plan.inverse).view(5, 2, 6)
+    ref = torch.stack([torch.stack([x[t] @ w[e].T + b[e] for e in row]) for t, row in enumerate(indices.tolist())])
+    torch.testing.assert_close(y, ref)
+    grad = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), grad)
+    rx, rw, rb = torch.autograd.grad(ref, (x, w, b), grad)
+    for got, want in ((gx, rx), (gw, rw), (gb, rb)):
+        torch.testing.assert_close(got, want)
+    assert gw[1].abs().sum() == 0 and gb[1].abs().sum() == 0
+    # frozen expert weights: the input still gets its gradient, and no weight gradient is formed
+    w_frozen = w.detach()
+    out = plan.combine(segmented_linear(x, plan.sorted_tokens, w_frozen, None, plan.bounds), torch.ones(5, 2))
+    out.sum().backward()  # stride-0 incoming gradient
+    assert w_frozen.grad is None and x.grad is not None
+    torch.testing.assert_close(x.grad, torch.stack([sum(w[e].detach().sum(0) for e in row) for row in indices.tolist()]))

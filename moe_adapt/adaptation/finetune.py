@@ -46,6 +46,7 @@ from ..analysis import ExpertSelection, ExpertUsage, collect_expert_usage, selec
 from ..analysis.usage import find_backbone
 from ..data import collate_fn_for, load_task_dataset
 from ..models.moe_vit import MoEViTConfig, MoEViTForImageClassification
+from ..models.moe_vit.modeling_moe_vit import EXPERTS_IMPLEMENTATIONS
 from .downstream import resolve_dataset_spec
 from .lora import apply_lora, lora_config, merge_lora
 from .report import (
@@ -88,7 +89,7 @@ class FinetuneConfig:
         augment: train with random resized crops and flips (default off: fixed-size images, cached in memory).
         eval_batch_size, max_train_images, max_eval_images: evaluation and data caps.
         merge: also write `merged/` (LoRA folded in; `mode: lora` only).
-        experts_implementation: `eager`, `batched_mm` or `grouped_mm` (default: the model's).
+        experts_implementation: `segmented_mm`, `padded_bmm`, `grouped_mm`, `batched_mm` or `eager` (default: the model's).
         seed, log_every: reproducibility and logging.
         mixed_precision: accelerate's `no`, `bf16` or `fp16`.
         num_threads: `torch.set_num_threads` for the run (None: torch's default). On a CPU shared with other
@@ -134,9 +135,9 @@ class FinetuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
-        if self.experts_implementation not in (None, "eager", "batched_mm", "grouped_mm"):
+        if self.experts_implementation not in (None, *EXPERTS_IMPLEMENTATIONS):
             raise ValueError(
-                f"experts_implementation={self.experts_implementation!r}: choose eager, batched_mm or grouped_mm."
+                f"experts_implementation={self.experts_implementation!r}: choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}."
             )
 
     @classmethod

@@ -29,6 +29,11 @@ expert tensors outside it (the attention experts' `q_proj`/`o_proj`, and `forwar
 slice that kept exactly k experts), so `enable_expert_lora` adds a forward pre-hook on every MoE layer that
 applies the LoRA deltas for the whole layer's forward. `lora_config` and `apply_lora` install it; call it
 yourself before `PeftModel.from_pretrained` on a model you built by hand (`load_lora` does).
+
+With the default `segmented_mm` experts backend the hook hands the layer peft's low-rank factors instead of
+materialising `W + ΔW`: every expert matmul adds `scaling · (x Rᵀ) Lᵀ` (block-diagonal factors on the fused
+dense path of a slice), so, as with LoRA on an `nn.Linear`, the frozen expert tensors get no gradient and the
+backward forms none of their `[E, out, in]` weight gradients. Other backends get peft's parametrization.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -329,31 +335,55 @@ def _lora_pre_hook(layer: nn.Module, args, kwargs):
             while isinstance(wrapper, ParamWrapper):
                 chain.append(wrapper)
                 wrapper = wrapper.base_layer
+            factors = {}
             for w in chain:
                 if w.disable_adapters:
                     if w.merged:
                         w.unmerge()
                 elif not w.merged:
-                    # Registers `W + scaling * B @ A` as a parametrization of the base tensor (peft's own code path).
-                    stack.enter_context(w._activate_lora(w.active_adapters))
+                    low_rank = _activation_factors(layer, w)
+                    if low_rank is not None:  # the layer's code adds x·Rᵀ·Lᵀ: W stays frozen, no dW is formed
+                        factors[w.parameter_name] = low_rank
+                    else:  # registers `W + scaling * B @ A` as a parametrization (peft's own code path)
+                        stack.enter_context(w._activate_lora(w.active_adapters))
             swapped.append((container, key, container._modules[key]))
             container._modules[key] = wrapper  # the base experts: the layer's code reads the parametrized tensors
+            if factors:
+                wrapper.__dict__["_lora_factors"] = factors
     except BaseException:
-        stack.close()
-        for container, key, wrapper in swapped:
-            container._modules[key] = wrapper
+        _restore(stack, swapped)
         raise
     layer.__dict__[_STATE] = (stack, swapped)
+
+
+def _activation_factors(layer: nn.Module, wrapper: ParamWrapper):
+    """`(lhs, rhs, scaling)` for applying `wrapper`'s LoRA in activation space, or None where the layer's code path
+    cannot (another experts backend, several active adapters, a LoRA bias, low-precision base tensors): those use
+    peft's parametrization."""
+    adapters = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+    if len(adapters) != 1 or getattr(layer.config, "_experts_implementation", None) != "segmented_mm":
+        return None
+    param = wrapper.get_param()
+    if param.ndim != 3 or param.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    if wrapper.lora_B[adapters[0]].bias is not None:
+        return None
+    return wrapper.get_delta_factors(adapters[0])
+
+
+def _restore(stack, swapped) -> None:
+    for container, key, wrapper in swapped:
+        base = container._modules[key]
+        base.__dict__.pop("_lora_factors", None)
+        container._modules[key] = wrapper
+    stack.close()
 
 
 def _lora_post_hook(layer: nn.Module, args, kwargs, output):
     state = layer.__dict__.pop(_STATE, None)
     if state is None:
         return output
-    stack, swapped = state
-    for container, key, wrapper in swapped:
-        container._modules[key] = wrapper
-    stack.close()
+    _restore(*state)
     return output
 
 

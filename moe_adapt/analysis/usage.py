@@ -284,7 +284,7 @@ def expert_output_norms(module: nn.Module, hidden: torch.Tensor, indices: torch.
     flat = hidden.reshape(b * n, d)
     num = int(indices.max()) + 1 if indices.numel() else 1
     plan = ExpertDispatch(indices, num)
-    impl = getattr(module.config, "_experts_implementation", None) or "padded_bmm"
+    impl = getattr(module.config, "_experts_implementation", None) or "segmented_mm"
     if hasattr(module, "k_proj"):  # mixture of attention heads
         q_w, q_b, o_w, o_b = _expert_tensors(module, ("q_proj", "q_proj_bias", "o_proj", "o_proj_bias"), num)
         k = indices.shape[-1]

@@ -212,6 +212,121 @@ class _GatherRows(torch.autograd.Function):
         return g, None, None, None, None
 
 
+class _SegmentedLinear(torch.autograd.Function):
+    """`y[s] = W[e] · x[src(s)] + b[e]` for rows `s` sorted by expert (expert e owns rows `bounds[e]`).
+
+    `index` (or None for rows already in sorted order) picks the source row of each sorted row. One matmul per
+    expert on a contiguous block: no padding, and a hand-written backward that forms only the gradients asked for
+    (frozen experts get no weight gradient) and scatters the input gradient back with one `index_add_`."""
+
+    @staticmethod
+    def forward(ctx, x, index, weight, bias, bounds):
+        xs = (x if index is None else x.index_select(0, index)).contiguous()
+        out = xs.new_empty(xs.shape[0], weight.shape[1])
+        for e, (s, t) in enumerate(bounds):
+            if t > s:
+                if bias is None:
+                    torch.mm(xs[s:t], weight[e].t(), out=out[s:t])
+                else:
+                    torch.addmm(bias[e], xs[s:t], weight[e].t(), out=out[s:t])
+        ctx.save_for_backward(xs if ctx.needs_input_grad[2] else None, index, weight)
+        ctx.bounds, ctx.rows, ctx.has_bias = bounds, x.shape[0], bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        xs, index, weight = ctx.saved_tensors
+        need_x, _, need_w, need_b, _ = ctx.needs_input_grad
+        grad = grad.contiguous()  # a stride-0 gradient (`y.sum().backward()`) becomes a real one here
+        n_exp, n_out, n_in = weight.shape
+        dxs = grad.new_empty(grad.shape[0], n_in) if need_x else None
+        dw = grad.new_empty(n_exp, n_out, n_in) if need_w else None
+        db = grad.new_empty(n_exp, n_out) if need_b and ctx.has_bias else None
+        for e, (s, t) in enumerate(ctx.bounds):
+            if t == s:  # an idle expert: zero gradient
+                for buf in (dw, db):
+                    if buf is not None:
+                        buf[e].zero_()
+                continue
+            g = grad[s:t]
+            if dxs is not None:
+                torch.mm(g, weight[e], out=dxs[s:t])
+            if dw is not None:
+                torch.mm(g.t(), xs[s:t], out=dw[e])
+            if db is not None:
+                torch.sum(g, 0, out=db[e])
+        if dxs is not None and index is not None:
+            dxs = dxs.new_zeros(ctx.rows, n_in).index_add_(0, index, dxs)
+        return dxs, None, dw, db, None
+
+
+class _CombineSorted(torch.autograd.Function):
+    """`out[t] = Σ_{s : index[s] = t} gate[s] · y[s]`: expert outputs in sorted order `[S, d]` with their gates
+    `[S]` → token outputs `[tokens, d]`, in one `index_add_` (and one gather in the backward)."""
+
+    @staticmethod
+    def forward(ctx, y, gate, index, tokens):
+        ctx.save_for_backward(y, gate, index)
+        return y.new_zeros(tokens, y.shape[1]).index_add_(0, index, y * gate.unsqueeze(1))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        y, gate, index = ctx.saved_tensors
+        dy = grad.contiguous().index_select(0, index)
+        dgate = (dy * y).sum(1) if ctx.needs_input_grad[1] else None
+        return dy.mul_(gate.unsqueeze(1)), dgate, None, None
+
+
+def expert_lora(experts: nn.Module, name: str):
+    """The activation-space LoRA on expert tensor `name` of an experts module, or None: `(lhs [E, out, r],
+    rhs [E, r, in], scaling)`, so that expert e's weight is `W[e] + scaling · lhs[e] @ rhs[e]`.
+
+    `moe_adapt.adaptation.enable_expert_lora` sets these for the length of a MoE layer's forward (from peft's
+    `ParamWrapper` factors) instead of materialising `W + ΔW`; the base tensor then stays frozen and its gradient is
+    never formed, as with LoRA on an `nn.Linear`."""
+    factors = experts.__dict__.get("_lora_factors")
+    return None if not factors else factors.get(name)
+
+
+def segmented_linear(x, index, weight, bias, bounds, lora=None) -> torch.Tensor:
+    """`_SegmentedLinear` plus an optional activation-space LoRA `(lhs, rhs, scaling)`: per expert block,
+    `x W[e]ᵀ + b[e] + scaling · (x rhs[e]ᵀ) lhs[e]ᵀ`."""
+    if lora is None:
+        return _SegmentedLinear.apply(x, index, weight, bias, bounds)
+    lhs, rhs, scaling = lora
+    xs = x if index is None else x.index_select(0, index)
+    y = _SegmentedLinear.apply(xs, None, weight, bias, bounds)
+    z = _SegmentedLinear.apply(xs, None, rhs, None, bounds)
+    return torch.add(y, _SegmentedLinear.apply(z, None, lhs, None, bounds), alpha=scaling)
+
+
+def fused_expert_linear(x: torch.Tensor, experts: nn.Module, name: str, num: int, stack: str) -> torch.Tensor:
+    """The first `num` experts of tensor `name` (`[E, out, in]`) as one dense layer on every token.
+
+    `stack="out"`: x `[T, in]` → `[T, num·out]` (each expert's outputs side by side, with the tensor's bias);
+    `stack="in"`: x `[T, num·in]` (each expert's inputs side by side) → `[T, out]`, the sum over experts, no bias.
+    An activation-space LoRA on the tensor (see `expert_lora`) adds `scaling · x Rᵀ Lᵀ` with block-diagonal factors."""
+    w = getattr(experts, name)[:num]
+    n_exp, n_out, n_in = w.shape
+    lora = expert_lora(experts, name)
+    if stack == "out":
+        bias = getattr(experts, f"{name}_bias", None)
+        y = F.linear(x, w.reshape(n_exp * n_out, n_in), None if bias is None else bias[:num].reshape(-1))
+        if lora is not None:
+            lhs, rhs, scaling = lora
+            z = F.linear(x, rhs[:num].reshape(-1, n_in))  # [T, num·r]
+            y = torch.addmm(y, z, torch.block_diag(*lhs[:num]).t(), alpha=scaling)
+        return y
+    y = F.linear(x, w.permute(1, 0, 2).reshape(n_out, n_exp * n_in))
+    if lora is not None:
+        lhs, rhs, scaling = lora
+        z = F.linear(x, torch.block_diag(*rhs[:num]))  # [T, num·r]
+        y = torch.addmm(y, z, lhs[:num].permute(1, 0, 2).reshape(n_out, -1).t(), alpha=scaling)
+    return y
+
+
 class ExpertDispatch:
     """The token-to-expert plan of one layer: `(token, slot)` pairs sorted by expert id.
 
@@ -234,6 +349,32 @@ class ExpertDispatch:
             0, self.perm, torch.arange(self.perm.numel(), device=self.perm.device)
         )
         self._buffer = None
+        self._bounds = None
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        """(start, end) of each expert's block of sorted pairs."""
+        if self._bounds is None:
+            ends = self.offsets.tolist()
+            self._bounds = list(zip([0] + ends[:-1], ends))
+        return self._bounds
+
+    @property
+    def sorted_tokens(self) -> torch.Tensor:
+        """The token of each sorted pair `[S]`."""
+        return self.perm // self.k
+
+    def combine(self, y_sorted: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Expert outputs in sorted pair order `[S, d]` and gates `[tokens, k]` → `Σ_j gate_j · y_j` `[tokens, d]`."""
+        g = gates.reshape(-1).to(y_sorted.dtype).index_select(0, self.perm)
+        return _CombineSorted.apply(y_sorted, g, self.sorted_tokens, self.tokens)
+
+    def project_sum(self, pairs: torch.Tensor, weight: torch.Tensor, bias, gates: torch.Tensor, impl: str, lora=None):
+        """`Σ_j gate_j · expert_j(pairs_j)`: pair inputs `[tokens, k, in]` → `[tokens, out]`."""
+        if impl != "segmented_mm":
+            return (self.project(pairs, weight, bias, impl, per_slot=True) * gates.unsqueeze(-1)).sum(1)
+        src = pairs.reshape(-1, pairs.shape[-1]).to(weight.dtype).index_select(0, self.perm)
+        return self.combine(segmented_linear(src, None, weight, bias, self.bounds, lora), gates)
 
     def buffer(self):
         """Rows of an `[E, C, ·]` buffer (C = the busiest expert's load) for batched matmuls, or None when the
@@ -256,7 +397,13 @@ class ExpertDispatch:
         return None if self._buffer[0] is None else self._buffer
 
     def project(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, impl: str, per_slot: bool = False
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        impl: str,
+        per_slot: bool = False,
+        lora=None,
     ) -> torch.Tensor:
         """Apply each pair's expert: x `[tokens, in]` (or `[tokens, k, in]` if `per_slot`), weight `[E, out, in]`,
         bias `[E, out]` → `[tokens, k, out]`. `impl`: "eager" (loop over the experts hit), "batched_mm" (gathered
@@ -277,6 +424,11 @@ class ExpertDispatch:
             out = torch.bmm(weight.index_select(0, flat_ids), src.unsqueeze(-1)).squeeze(-1)
             if bias is not None:
                 out = out + bias.index_select(0, flat_ids)
+        elif impl == "segmented_mm":
+            src = x.to(weight.dtype)
+            index = self.perm if per_slot else self.sorted_tokens
+            out = segmented_linear(src.reshape(-1, n_in), index, weight, bias, self.bounds, lora)
+            out = out.index_select(0, self.inverse)
         elif buf is not None:
             out = self.from_buffer(self.batched_linear(self.to_buffer(x, per_slot), weight, bias))
         else:
@@ -325,6 +477,30 @@ def padded_bmm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 ALL_EXPERTS_FUNCTIONS.register("padded_bmm", padded_bmm_experts_forward)
+
+
+def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The `segmented_mm` experts backend (our default; registered with transformers' `ExpertsInterface`).
+
+    (token, expert) pairs are sorted by expert; each expert runs one matmul on its contiguous block of rows (no
+    padding, no per-pair weight copies), and the gate-weighted sum is one `index_add_`. Backward is written by hand
+    (`_SegmentedLinear`, `_CombineSorted`): a gather and a scatter around the same per-expert matmuls, and no weight
+    gradient for frozen experts."""
+    plan = ExpertDispatch(top_k_index, self.num_experts)
+    x = hidden_states.to(self.up_proj.dtype)
+    up = segmented_linear(
+        x, plan.sorted_tokens, self.up_proj, self.up_proj_bias, plan.bounds, expert_lora(self, "up_proj")
+    )
+    y = segmented_linear(
+        self.act_fn(up), None, self.down_proj, self.down_proj_bias, plan.bounds, expert_lora(self, "down_proj")
+    )
+    return plan.combine(y, top_k_weights).to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register("segmented_mm", segmented_mm_experts_forward)
+
+#: every experts backend a config may name (`experts_implementation`); the first is the default
+EXPERTS_IMPLEMENTATIONS = ("segmented_mm", "padded_bmm", "grouped_mm", "batched_mm", "eager")
 
 
 def reachable_groups(route: RouterOutput, group_sizes: list[int], groups: list[nn.Module]):
@@ -403,11 +579,9 @@ class MoEViTExperts(nn.Module):
         projection over the concatenated experts, each expert's block scaled by its gate.
         """
         t, e = hidden_states.shape[0], gates.shape[-1]
-        _, i, d = self.up_proj.shape
-        up, up_bias = self.up_proj[:e].reshape(e * i, d), self.up_proj_bias[:e].reshape(-1)
-        h = self.act_fn(F.linear(hidden_states, up, up_bias))
-        h = (h.view(t, e, i) * gates.unsqueeze(-1)).view(t, e * i)
-        return F.linear(h, self.down_proj[:e].permute(1, 0, 2).reshape(d, e * i)) + gates @ self.down_proj_bias[:e]
+        h = self.act_fn(fused_expert_linear(hidden_states, self, "up_proj", e, stack="out"))
+        h = (h.view(t, e, -1) * gates.unsqueeze(-1)).view(t, -1)
+        return torch.addmm(fused_expert_linear(h, self, "down_proj", e, stack="in"), gates, self.down_proj_bias[:e])
 
 
 class MoEViTSparseMLP(nn.Module):
@@ -506,18 +680,18 @@ class MoEViTMoAttention(nn.Module):
         flat = hidden_states.reshape(b * n, d)
         route = self.router(flat, task, top_k, expert_mask)
         k, h = route.indices.shape[-1], self.head_dim
-        impl = self.config._experts_implementation or "padded_bmm"
+        impl = self.config._experts_implementation or "segmented_mm"
         dense = k == route.logits.shape[-1] <= self.group_sizes[0]
         if dense:  # every expert is selected: one dense projection over the concatenated heads
             ex = self.experts
             gates = _gates_full(route, k)
-            q = F.linear(flat, ex.q_proj[:k].reshape(-1, d), ex.q_proj_bias[:k].reshape(-1)).view(b * n, k, h)
+            q = fused_expert_linear(flat, ex, "q_proj", k, stack="out").view(b * n, k, h)
         else:
             q, plans = None, []
             for ex, idx, inside in reachable_groups(route, self.group_sizes, [self.experts, *self.extra_experts]):
                 plan = ExpertDispatch(idx, ex.num_experts)
                 plans.append((ex, plan, inside))
-                qg = plan.project(flat, ex.q_proj, ex.q_proj_bias, impl)
+                qg = plan.project(flat, ex.q_proj, ex.q_proj_bias, impl, lora=expert_lora(ex, "q_proj"))
                 qg = qg if inside is None else qg * inside.unsqueeze(-1)
                 q = qg if q is None else q + qg
         q = q.view(b, n, k, h).transpose(1, 2)  # [b, k, n, h]
@@ -529,12 +703,12 @@ class MoEViTMoAttention(nn.Module):
         attn = attn.transpose(1, 2).reshape(b * n, k, h)  # [tokens, k, h]
         if dense:
             o = (attn * gates.unsqueeze(-1)).reshape(b * n, k * h)
-            out = F.linear(o, ex.o_proj[:k].permute(1, 0, 2).reshape(d, k * h)) + gates @ ex.o_proj_bias[:k]
+            out = torch.addmm(fused_expert_linear(o, ex, "o_proj", k, stack="in"), gates, ex.o_proj_bias[:k])
         else:
             out = None
             for ex, plan, inside in plans:
                 w = route.weights if inside is None else route.weights * inside
-                y = (plan.project(attn, ex.o_proj, ex.o_proj_bias, impl, per_slot=True) * w.unsqueeze(-1)).sum(1)
+                y = plan.project_sum(attn, ex.o_proj, ex.o_proj_bias, w, impl, lora=expert_lora(ex, "o_proj"))
                 out = y if out is None else out + y
         return out.view(b, n, d), route
 
@@ -659,8 +833,8 @@ class MoEViTPreTrainedModel(PreTrainedModel):
         return MoEViTModel.set_routing(backbone, task, top_k=top_k, expert_mask=expert_mask)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # Our default is padded_bmm: the fastest on CPU here, and it runs on any device.
-        return super().get_correct_experts_implementation(requested_experts or "padded_bmm")
+        # Our default is segmented_mm: the fastest on CPU here, and it runs on any device.
+        return super().get_correct_experts_implementation(requested_experts or "segmented_mm")
 
     def _init_weights(self, module):
         super()._init_weights(module)
