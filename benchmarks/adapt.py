@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--r", type=int, default=2, help="LoRA rank")
     p.add_argument("--no-dense-mlp", dest="dense_mlp", action="store_false",
                    help="LoRA on the experts and attention only (not the dense MLPs' fc1/fc2)")
+    p.add_argument("--attention-projections", default="q_proj,v_proj",
+                   help="comma-separated attention projections LoRA adapts (q_proj,k_proj,v_proj,o_proj)")
     p.add_argument("--policy", default="top_n", help="expert selection policy of the sliced arms")
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm")
     p.add_argument("--seed", type=int, default=0)
@@ -88,7 +90,8 @@ def run_one_arm(args) -> None:
     cfg = FinetuneConfig(
         model=args.model, dataset={"builtin": args.dataset, "image_size": args.image_size}, output_dir=None,
         mode=arm["mode"], slice=arm["slice"], selection={"policy": args.policy},
-        lora={"r": args.r, "include_dense_mlp": args.dense_mlp},
+        lora={"r": args.r, "include_dense_mlp": args.dense_mlp,
+              "attention_projections": args.attention_projections.split(",")},
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, num_threads=args.threads, log_every=0,
     )
     result = finetune(cfg, verbose=False)
@@ -156,7 +159,8 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown arm {name!r}; choose from {list(ARMS)}")
         cmd = [sys.executable, __file__, "--arm", name, "--model", model, "--dataset", args.dataset,
                "--image-size", str(args.image_size), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--r", str(args.r), *([] if args.dense_mlp else ["--no-dense-mlp"]), "--policy", args.policy, "--threads", str(args.threads), "--seed", str(args.seed)]
+               "--r", str(args.r), *([] if args.dense_mlp else ["--no-dense-mlp"]),
+               "--attention-projections", args.attention_projections, "--policy", args.policy, "--threads", str(args.threads), "--seed", str(args.seed)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -168,7 +172,8 @@ def main(argv=None) -> None:
     r, targets = ratios(arms)
     print(json.dumps({
         "benchmark": "adapt", "dataset": args.dataset, "image_size": args.image_size, "steps": args.steps,
-        "batch_size": args.batch_size, "lora_r": args.r, "lora_dense_mlp": args.dense_mlp, "selection": args.policy,
+        "batch_size": args.batch_size, "lora_r": args.r, "lora_dense_mlp": args.dense_mlp,
+        "lora_attention_projections": args.attention_projections.split(","), "selection": args.policy,
         "threads": args.threads, "throughput": "images per CPU-second of the training loop (machine shared; wall "
                                               "clock too, as train_images_per_s)",
         "model": model, "source_task": next(iter(arms.values()))["source_task"] if arms else None,

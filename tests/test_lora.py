@@ -50,6 +50,22 @@ def test_lora_config_targets_experts_and_attention_never_routers():
     assert lora_config(model, r=2, include_dense_mlp=True, verbose=False).target_modules >= {"moe_vit.layers.0.mlp.fc1"}
 
 
+def test_lora_config_attention_projections_subset():
+    model = tiny_model()
+    cfg = lora_config(model, r=2, verbose=False, attention_projections=["q_proj", "v_proj"])
+    # MoA layers (0, 2): the attention experts' q tensor and the shared v Linear; dense attention (1, 3): q and v
+    assert sorted(p for p in cfg.target_parameters if ".attention." in p) == [
+        f"moe_vit.layers.{i}.attention.experts.q_proj" for i in (0, 2)
+    ]
+    attn_modules = sorted(m for m in cfg.target_modules if ".attention." in m)
+    assert attn_modules == sorted(
+        [f"moe_vit.layers.{i}.attention.v_proj" for i in (0, 2)]
+        + [f"moe_vit.layers.{i}.attention.{p}" for i in (1, 3) for p in ("q_proj", "v_proj")]
+    )
+    with pytest.raises(ValueError, match="attention_projections"):
+        lora_config(model, r=2, verbose=False, attention_projections=["query"])
+
+
 def test_lora_config_prints_count_that_matches_peft(capsys):
     model = tiny_model()
     cfg = lora_config(model, r=2)

@@ -42,14 +42,13 @@ import contextlib
 import os
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..models.moe_vit.modeling_moe_vit import MoEViTMoAttention, MoEViTSparseMLP
+from ..models.moe_vit.modeling_moe_vit import MoEViTMoAttention, MoEViTSparseMLP, lora_linear
 
 # Fused expert tensors LoRA may target, per kind of MoE layer.
 EXPERT_PARAMETERS = {"mlp": ("up_proj", "down_proj"), "attn": ("q_proj", "o_proj")}
@@ -58,9 +57,9 @@ DENSE_MLP_LINEARS = ("fc1", "fc2")
 
 
 class FusedLoraLinear(PeftLoraLinear):
-    """peft's LoRA `Linear` with the update folded into one `addmm`: `y = x Wᵀ + b`, then
-    `y = addmm(y, x Aᵀ, Bᵀ, alpha=scaling)`, instead of `y + (B(A(x))) * scaling` (three more passes over the
-    output, each as costly as the base matmul in a narrow ViT). Same parameters, state dict and adapter files as
+    """peft's LoRA `Linear` computed by `lora_linear`: the update is added to the base output in place and the
+    backward forms only dx, dA and dB, instead of `y + (B(A(x))) * scaling` (three more passes over the output,
+    each as costly as the base matmul in a narrow ViT). Same parameters, state dict and adapter files as
     peft's class (it is one); anything but the plain single-adapter case (dropout, DoRA or another variant, a LoRA
     bias, several or disabled adapters, merged weights) runs peft's own forward."""
 
@@ -74,11 +73,9 @@ class FusedLoraLinear(PeftLoraLinear):
         ):
             return super().forward(x, *args, **kwargs)
         name = adapters[0]
-        weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
-        flat = x.reshape(-1, x.shape[-1])
-        y = F.linear(flat, self.base_layer.weight, self.base_layer.bias)
-        y = torch.addmm(y, F.linear(flat.to(weight_a.dtype), weight_a), weight_b.t(), alpha=self.scaling[name])
-        return y.view(*x.shape[:-1], y.shape[-1])
+        base = self.base_layer
+        return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                           self.scaling[name])
 
 
 def _use_fused_linear(config: LoraConfig) -> LoraConfig:
@@ -134,8 +131,16 @@ def router_names(model: nn.Module, task: str) -> list[str]:
     ]
 
 
-def _lora_targets(backbone: nn.Module, prefix: str, include_attention: bool, include_mlp: bool, include_experts: bool):
-    """→ (target_parameters {name: shape [E, out, in]}, target_modules {name: (in, out)})."""
+def _lora_targets(
+    backbone: nn.Module,
+    prefix: str,
+    include_attention: bool,
+    include_mlp: bool,
+    include_experts: bool,
+    projections: tuple[str, ...] = ATTENTION_LINEARS,
+):
+    """→ (target_parameters {name: shape [E, out, in]}, target_modules {name: (in, out)}). `projections`: which
+    of q/k/v/o attention projections to adapt (MoA q/o are expert tensors, k/v shared Linears)."""
     params, linears = {}, {}
     for i, layer in enumerate(backbone.layers):
         base = f"{prefix}layers.{i}"
@@ -146,12 +151,15 @@ def _lora_targets(backbone: nn.Module, prefix: str, include_attention: bool, inc
                     for j, ex in enumerate([attn.experts, *attn.extra_experts]):
                         group = "experts" if j == 0 else f"extra_experts.{j - 1}"
                         for p in EXPERT_PARAMETERS["attn"]:
-                            params[f"{base}.attention.{group}.{p}"] = tuple(getattr(_unwrap(ex), p).shape)
+                            if p in projections:
+                                params[f"{base}.attention.{group}.{p}"] = tuple(getattr(_unwrap(ex), p).shape)
                 for p in ("k_proj", "v_proj"):
+                    if p not in projections:
+                        continue
                     lin = _unwrap(getattr(attn, p))
                     linears[f"{base}.attention.{p}"] = (lin.in_features, lin.out_features)
             else:
-                for p in ATTENTION_LINEARS:
+                for p in (p for p in ATTENTION_LINEARS if p in projections):
                     lin = _unwrap(getattr(attn, p))
                     linears[f"{base}.attention.{p}"] = (lin.in_features, lin.out_features)
         if include_mlp:
@@ -184,6 +192,7 @@ def lora_config(
     r: int = 8,
     alpha: float | None = None,
     include_attention: bool = True,
+    attention_projections: str | list[str] | tuple[str, ...] = ATTENTION_LINEARS,
     include_mlp: bool = True,
     include_dense_mlp: bool = False,
     include_experts: bool = True,
@@ -201,6 +210,9 @@ def lora_config(
             (per expert: `min(I, d)` for MLP experts, `min(h, d)` for attention experts).
         alpha: LoRA alpha (scaling = alpha / r); default `2 * r`.
         include_attention: adapt attention (dense q/k/v/o, MoA shared k/v and the attention experts' q/o).
+        attention_projections: which of `q_proj`, `k_proj`, `v_proj`, `o_proj` to adapt (default all four; the LoRA
+            paper's choice is `["q_proj", "v_proj"]`, fewer adapted layers and a faster step). In MoA layers `q_proj`
+            and `o_proj` are the attention experts' fused tensors, `k_proj`/`v_proj` the shared Linears.
         include_mlp: adapt MLP experts (`up_proj`, `down_proj`). `include_dense_mlp` also adapts the dense MLPs'
             `fc1`/`fc2` of non-MoE blocks (off by default: they are the largest matrices per block).
         include_experts: False leaves the fused expert tensors alone (LoRA on Linear layers only).
@@ -225,9 +237,15 @@ def lora_config(
             "lora_dropout must be 0: peft's LoRA on fused expert parameters (target_parameters) cannot apply "
             "dropout (it cannot factor the input out of the low-rank update)."
         )
+    projections = (attention_projections,) if isinstance(attention_projections, str) else tuple(attention_projections)
+    unknown = [p for p in projections if p not in ATTENTION_LINEARS]
+    if unknown or not projections:
+        raise ValueError(
+            f"attention_projections={list(projections)!r}: choose a non-empty subset of {list(ATTENTION_LINEARS)}."
+        )
     backbone, prefix = _backbone(model), _prefix(model)
     params, linears = _lora_targets(
-        backbone, prefix, include_attention, include_mlp or include_dense_mlp, include_experts
+        backbone, prefix, include_attention, include_mlp or include_dense_mlp, include_experts, projections
     )
     if not include_mlp:  # only dense MLPs were asked for
         params = {k: v for k, v in params.items() if ".mlp." not in k}
