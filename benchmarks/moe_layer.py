@@ -5,7 +5,8 @@
 
 Layer: forward + backward of one MoE MLP layer at ViT-S shape (d=384, 16 experts, top-4, expert width 384,
 8×197 tokens), routing included, for each experts backend; a dense MLP of equal active width (d → 4d → d); and a
-plain per-expert Python loop. Model: one AdamW train step of the MoE ViT-S preset against transformers'
+plain per-expert Python loop. `matmul_floor_vs_dense`: the expert matmuls alone (16 blocks of 394 rows) against
+the dense MLP's matmuls, the floor under any backend's `best_vs_dense` on this machine. Model: one AdamW train step of the MoE ViT-S preset against transformers'
 `ViTForImageClassification` of the same width and depth, batch 8 at 224 px. Timings are medians over rounds that
 interleave the candidates, so machine noise hits all of them alike; the ratios are what to compare.
 """
@@ -111,6 +112,44 @@ def layer_benchmark(device, dtype, rounds, tokens, backends=BACKENDS):
     return interleaved(cands, rounds, device, once=("batched_mm",) if device.type == "cpu" else ())
 
 
+def matmul_floor(device, dtype, rounds, tokens):
+    """The matmuls alone, no routing, no gathers: the six per-expert matmuls of forward + backward (up, down, and
+    their input and weight gradients) over 16 equal contiguous blocks of tokens·4 rows, against the six matmuls of
+    the dense MLP. Whatever an experts backend does, its matmuls cost at least this ratio."""
+    d, experts, k = 384, 16, 4
+    width = 4 * d // k
+    rows = tokens * k // experts
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    xs, dh, dy = rand(experts, rows, d), rand(experts, rows, width), rand(experts, rows, d)
+    up, down = rand(experts, width, d), rand(experts, d, width)
+    x, dh_dense, dy_dense = rand(tokens, d), rand(tokens, 4 * d), rand(tokens, d)
+    w1, w2 = rand(4 * d, d), rand(d, 4 * d)
+
+    def expert_mms():
+        for e in range(experts):
+            h = xs[e] @ up[e].T
+            _ = h @ down[e].T
+            _ = dy[e] @ down[e]
+            _ = dy[e].T @ h
+            _ = dh[e] @ up[e]
+            _ = dh[e].T @ xs[e]
+
+    def dense_mms():
+        h = x @ w1.T
+        _ = h @ w2.T
+        _ = dy_dense @ w2
+        _ = dy_dense.T @ h
+        _ = dh_dense @ w1
+        _ = dh_dense.T @ x
+
+    ms = interleaved({"experts": expert_mms, "dense": dense_mms}, rounds, device)
+    return ms["experts"] / ms["dense"]
+
+
 def model_benchmark(device, dtype, rounds, batch, image_size):
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -166,6 +205,7 @@ def main():
         "best_backend": best,
         "best_vs_dense": round(backends[best] / layer["dense"], 3),
         "loop_vs_dense": round(layer["loop"] / layer["dense"], 3),
+        "matmul_floor_vs_dense": round(matmul_floor(device, dtype, a.rounds, a.tokens), 3),
     }
     if not a.skip_model:
         img_s = model_benchmark(device, dtype, a.model_rounds, a.batch, a.image_size)
