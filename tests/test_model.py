@@ -481,3 +481,32 @@ def test_segmented_linear_idle_experts_and_frozen_weights():
     out.sum().backward()  # stride-0 incoming gradient
     assert w_frozen.grad is None and x.grad is not None
     torch.testing.assert_close(x.grad, torch.stack([sum(w[e].detach().sum(0) for e in row) for row in indices.tolist()]))
+
+
+def test_segmented_mlp_experts_idle_expert_frozen_weights_and_activation():
+    """segmented_mm's chained MLP experts against the eager loop: an expert nobody picks gets zero gradient,
+    frozen expert tensors get none, and an activation other than GELU goes through the generic backward."""
+    from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTExperts
+
+    for act in ("gelu", "silu"):
+        results = {}
+        for impl in ("eager", "segmented_mm"):
+            cfg = MoEViTConfig.from_preset("tiny", tasks=["a"], experts_implementation=impl, hidden_act=act)
+            cfg._experts_implementation = impl
+            torch.manual_seed(0)
+            experts = MoEViTExperts(cfg, 4)
+            with torch.no_grad():
+                for p in experts.parameters():
+                    p.normal_(0, 0.5)
+            experts.down_proj.requires_grad_(False)  # frozen: no gradient may be formed
+            x = torch.randn(6, cfg.hidden_size, requires_grad=True)
+            idx = torch.tensor([[0, 2], [2, 3], [0, 3], [3, 0], [2, 2], [0, 2]])  # expert 1 is idle
+            w = torch.rand(6, 2, requires_grad=True)
+            y = experts(x, idx, w)
+            y.sum().backward()  # stride-0 incoming gradient
+            assert experts.down_proj.grad is None
+            results[impl] = (y.detach(), x.grad, w.grad, experts.up_proj.grad, experts.up_proj_bias.grad,
+                             experts.down_proj_bias.grad)
+        for got, want in zip(results["segmented_mm"], results["eager"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert results["segmented_mm"][3][1].abs().sum() == 0 and results["segmented_mm"][4][1].abs().sum() == 0

@@ -321,13 +321,16 @@ class _ChainedExpertsMLP(torch.autograd.Function):
         dx = torch.zeros_like(grad) if need_x else None
         dgate = gate.new_empty(gate.shape) if need_gate else None
         grads = [
-            torch.zeros(w.shape[:n], dtype=w.dtype, device=w.device) if need else None
+            torch.empty(w.shape[:n], dtype=w.dtype, device=w.device) if need else None
             for w, n, need in ((up, 3, need_up), (up, 2, need_up_b), (down, 3, need_down), (down, 2, need_down_b))
         ]
         dup, dup_b, ddown, ddown_b = grads
         i = 0
         for e, (s, t) in enumerate(ctx.bounds):
-            if t == s:
+            if t == s:  # an idle expert: zero gradient
+                for g in grads:
+                    if g is not None:
+                        g[e].zero_()
                 continue
             xe, h, a, y = saved[i : i + 4]
             i += 4
