@@ -150,6 +150,12 @@ def flops_per_image(
         if task is None:
             task = config.default_task or tasks[0]
         task = tasks[config.task_index(task)]
+        backbone = None if model is None else (model if hasattr(model, "moe_layers") else getattr(model, "moe_vit", None))
+        if backbone is not None:
+            if top_k is None and expert_mask is None and task in backbone.routing_overrides:  # set_routing
+                top_k = backbone.routing_overrides[task]["top_k"]
+                expert_mask = backbone.routing_overrides[task]["expert_mask"]
+            backbone.routing_plan(task, top_k, expert_mask)  # the model's own checks, with the same messages
         attn_counts, mlp_counts = list(config.attn_experts), list(config.mlp_experts)
         names = config.moe_layer_names()
         if expert_mask:
@@ -178,13 +184,19 @@ def flops_per_image(
             limit = e_t
             mask = (expert_mask or {}).get(f"layers.{i}.{kind}")
             if mask is not None:
-                mask = torch.as_tensor(mask, dtype=torch.bool)
+                mask = torch.as_tensor(mask)
+                if mask.dtype != torch.bool:
+                    raise ValueError(f"expert_mask['layers.{i}.{kind}'] must be bool (True = keep); got {mask.dtype}.")
                 if mask.shape != (e_t,):
                     raise ValueError(f"expert_mask['layers.{i}.{kind}'] must have shape ({e_t},); got {tuple(mask.shape)}.")
                 limit = int(mask.sum())
-            if not 1 <= k <= e_t:
-                raise ValueError(f"top_k={k} for layers.{i}.{kind} must be between 1 and the {e_t} experts of task {task!r}.")
-            k = min(k, limit)
+                if limit == 0:
+                    raise ValueError(f"expert_mask['layers.{i}.{kind}'] removes every expert of task {task!r}.")
+            if not 1 <= k <= limit:
+                raise ValueError(
+                    f"top_k={k} for layers.{i}.{kind} must be between 1 and the {limit} experts available to {task!r}"
+                    + (" (lower top_k with the mask)." if limit < e_t else ".")
+                )
             row["router"] += 2 * n * d * e_t
             if kind == "attn":
                 hd = config.attn_expert_head_size

@@ -99,9 +99,22 @@ def test_flops_reflect_top_k_and_masks(model):
     assert [r["mlp_experts_active"] for r in one["layers"]] == [0, 1, 0, 1]
     curve = [flops_per_image(model, task="a", top_k={"attn": k, "mlp": k})["total"] for k in range(1, 7)]
     assert curve == sorted(curve) and len(set(curve)) == 6
-    # A mask that leaves fewer experts than the asked k caps the active experts there.
-    masked = flops_per_image(model, task="a", top_k=4, expert_mask={ATTN: [True, True, False, False, False, False]})
-    assert masked["layers"][0]["attn_experts_active"] == 2 and masked["layers"][2]["attn_experts_active"] == 4
+    # FLOPs accept exactly what forward accepts: a mask leaving fewer experts than the asked k is an error in both.
+    two = [True, True, False, False, False, False]
+    masked = flops_per_image(model, task="a", top_k=2, expert_mask={ATTN: two})
+    assert masked["layers"][0]["attn_experts_active"] == 2 and masked["layers"][2]["attn_experts_active"] == 2
+    for kwargs in ({"top_k": 4, "expert_mask": {ATTN: two}}, {"expert_mask": {ATTN: [False] * 6}}, {"top_k": 0}):
+        with pytest.raises(ValueError) as flops_error:
+            flops_per_image(model, task="a", **kwargs)
+        with pytest.raises(ValueError) as forward_error:
+            model(torch.zeros(1, 3, 32, 32), task="a", **kwargs)
+        assert str(flops_error.value) == str(forward_error.value)
+    # set_routing is what the model runs, so it is what FLOPs count
+    model.set_routing("a", top_k=1)
+    try:
+        assert flops_per_image(model, task="a")["total"] == one["total"]
+    finally:
+        model.set_routing("a")
 
 
 def test_flops_of_a_grown_model_count_each_tasks_own_router(model, images):

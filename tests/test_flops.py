@@ -94,3 +94,9 @@ def test_bad_arguments():
         flops_per_image(ViTConfig(), top_k=2)
     masked = flops_per_image(config, expert_mask={"layers.1.mlp": torch.tensor([1, 1, 1, 0, 0, 0, 0, 0]).bool()})
     assert masked["total"] == flops_per_image(config)["total"]
+    with pytest.raises(ValueError, match="removes every expert"):
+        flops_per_image(config, expert_mask={"layers.1.mlp": torch.zeros(8, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="must be bool"):
+        flops_per_image(config, expert_mask={"layers.1.mlp": torch.ones(8)})
+    with pytest.raises(ValueError, match="top_k=2 .* 1 experts"):
+        flops_per_image(config, expert_mask={"layers.1.mlp": torch.tensor([1, 0, 0, 0, 0, 0, 0, 0]).bool()})
