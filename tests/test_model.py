@@ -484,7 +484,7 @@ def test_segmented_linear_idle_experts_and_frozen_weights():
 
 
 def test_segmented_mlp_experts_idle_expert_frozen_weights_and_activation():
-    """segmented_mm's chained MLP experts against the eager loop: an expert nobody picks gets zero gradient,
+    """segmented_mm MLP experts against the eager loop: an expert nobody picks gets zero gradient,
     frozen expert tensors get none, and an activation other than GELU goes through the generic backward."""
     from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTExperts
 
