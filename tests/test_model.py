@@ -510,3 +510,31 @@ def test_segmented_mlp_experts_idle_expert_frozen_weights_and_activation():
         for got, want in zip(results["segmented_mm"], results["eager"]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert results["segmented_mm"][3][1].abs().sum() == 0 and results["segmented_mm"][4][1].abs().sum() == 0
+
+
+def _all_reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from moe_adapt.models.moe_vit.losses import _AllReduceSum
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        x = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)
+        x.requires_grad_(True)
+        total = _AllReduceSum.apply(x)
+        (total * torch.tensor([1.0, 10.0, 100.0]) * (rank + 1)).sum().backward()
+        torch.save({"total": total.detach(), "grad": x.grad}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mi_all_reduce_sums_values_and_gradients_over_ranks(tmp_path):
+    """Two gloo processes: the forward sums the ranks' inputs; the backward hands each rank the sum of every rank's
+    output gradient (each input reaches every output)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_all_reduce_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for r in (r0, r1):
+        torch.testing.assert_close(r["total"], torch.tensor([3.0, 6.0, 9.0]))
+        torch.testing.assert_close(r["grad"], torch.tensor([3.0, 30.0, 300.0]))  # (1 + 2) · weights

@@ -42,6 +42,23 @@ def mutual_information_loss(joint_counts: torch.Tensor, task_prior: str = "token
     return -terms.sum()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: every rank's input reaches every rank's output, so the backward sums the
+    incoming gradients over ranks too. (What `torch.distributed.nn.functional.all_reduce` did; torch deprecates it.)"""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        out = tensor.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 class MutualInformationLoss:
     """Accumulates the task–expert statistics of one optimisation step and turns them into the MI loss.
 
@@ -89,9 +106,7 @@ class MutualInformationLoss:
         if self.joint is None:
             return []
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            from torch.distributed.nn.functional import all_reduce
-
-            return [all_reduce(m.contiguous()) for m in self.joint]
+            return [_AllReduceSum.apply(m) for m in self.joint]
         return list(self.joint)
 
     def compute(self) -> torch.Tensor:
