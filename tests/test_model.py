@@ -538,3 +538,33 @@ def test_mi_all_reduce_sums_values_and_gradients_over_ranks(tmp_path):
     for r in (r0, r1):
         torch.testing.assert_close(r["total"], torch.tensor([3.0, 6.0, 9.0]))
         torch.testing.assert_close(r["grad"], torch.tensor([3.0, 30.0, 300.0]))  # (1 + 2) · weights
+
+
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+def test_fused_dense_experts_match_the_plain_computation(act):
+    """forward_all (a slice's layer that kept exactly its k experts) against act → gate → down written out, with
+    gradients for input, gates and every expert tensor; inference (no grad) gives the same output."""
+    from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTExperts
+
+    cfg = MoEViTConfig.from_preset("tiny", tasks=["a"], hidden_act=act)
+    torch.manual_seed(0)
+    experts = MoEViTExperts(cfg, 3)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(5, cfg.hidden_size, requires_grad=True)
+    gates = torch.rand(5, 3).softmax(-1).requires_grad_(True)
+    y = experts.forward_all(x, gates)
+    act_fn = torch.nn.functional.gelu if act == "gelu" else torch.nn.functional.silu
+    ref = sum(
+        gates[:, e, None] * ((act_fn(x @ experts.up_proj[e].T + experts.up_proj_bias[e])) @ experts.down_proj[e].T
+                             + experts.down_proj_bias[e])
+        for e in range(3)
+    )
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    tensors = (x, gates, *experts.parameters())
+    grad = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, tensors, grad), torch.autograd.grad(ref, tensors, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(experts.forward_all(x, gates), y.detach())

@@ -279,6 +279,41 @@ class _CombineSorted(torch.autograd.Function):
         return dy.mul_(gate.unsqueeze(1)), dgate, None, None
 
 
+def _is_gelu(act_fn) -> bool:
+    return isinstance(act_fn, nn.GELU) or getattr(act_fn, "act", None) is F.gelu
+
+
+def activation_backward(act_fn, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """d act(h) / dh applied to `grad`: GELU by its kernel, any other activation by differentiating it again."""
+    if _is_gelu(act_fn):
+        return torch.ops.aten.gelu_backward(grad, h, approximate=getattr(act_fn, "approximate", "none"))
+    with torch.enable_grad():
+        leaf = h.detach().requires_grad_(True)
+        return torch.autograd.grad(act_fn(leaf), leaf, grad)[0]
+
+
+class _GatedActivation(torch.autograd.Function):
+    """`act(h) · gate` per expert block: h `[T, e, I]`, gates `[T, e]` → `[T, e, I]` (the fused dense path of a
+    slice). Keeps only h and the gates for the backward and recomputes act(h) there, where `act → mul` would also
+    keep act(h): one `[T, e·I]` activation less per layer, and the gate product is done in place."""
+
+    @staticmethod
+    def forward(ctx, h, gates, act_fn):
+        ctx.save_for_backward(h, gates)
+        ctx.act_fn = act_fn
+        return act_fn(h).mul_(gates.unsqueeze(-1))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h, gates = ctx.saved_tensors
+        dgates = None
+        if ctx.needs_input_grad[1]:
+            dgates = (grad * ctx.act_fn(h)).sum(-1)
+        dh = activation_backward(ctx.act_fn, grad * gates.unsqueeze(-1), h) if ctx.needs_input_grad[0] else None
+        return dh, dgates, None
+
+
 def expert_lora(experts: nn.Module, name: str):
     """The activation-space LoRA on expert tensor `name` of an experts module, or None: `(lhs [E, out, r],
     rhs [E, r, in], scaling)`, so that expert e's weight is `W[e] + scaling · lhs[e] @ rhs[e]`.
@@ -620,9 +655,12 @@ class MoEViTExperts(nn.Module):
         projection over the concatenated experts, each expert's block scaled by its gate.
         """
         t, e = hidden_states.shape[0], gates.shape[-1]
-        h = self.act_fn(fused_expert_linear(hidden_states, self, "up_proj", e, stack="out"))
-        h = (h.view(t, e, -1) * gates.unsqueeze(-1)).view(t, -1)
-        return fused_expert_linear(h, self, "down_proj", e, stack="in").addmm_(gates, self.down_proj_bias[:e])
+        h = fused_expert_linear(hidden_states, self, "up_proj", e, stack="out").view(t, e, -1)
+        if torch.is_grad_enabled() and (h.requires_grad or gates.requires_grad):
+            a = _GatedActivation.apply(h, gates, self.act_fn)
+        else:  # inference: activation, then the gates in place
+            a = self.act_fn(h).mul_(gates.unsqueeze(-1))
+        return fused_expert_linear(a.view(t, -1), self, "down_proj", e, stack="in").addmm_(gates, self.down_proj_bias[:e])
 
 
 class MoEViTSparseMLP(nn.Module):
