@@ -52,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--r", type=int, default=2, help="LoRA rank")
-    p.add_argument("--no-dense-mlp", dest="dense_mlp", action="store_false",
-                   help="LoRA on the experts and attention only (not the dense MLPs' fc1/fc2)")
+    p.add_argument("--dense-mlp", dest="dense_mlp", action="store_true",
+                   help="also LoRA the dense MLPs' fc1/fc2 (default: the fused experts and the attention projections)")
     p.add_argument("--attention-projections", default="q_proj,v_proj",
                    help="comma-separated attention projections LoRA adapts (q_proj,k_proj,v_proj,o_proj)")
     p.add_argument("--policy", default="top_n", help="expert selection policy of the sliced arms")
@@ -159,7 +159,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown arm {name!r}; choose from {list(ARMS)}")
         cmd = [sys.executable, __file__, "--arm", name, "--model", model, "--dataset", args.dataset,
                "--image-size", str(args.image_size), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--r", str(args.r), *([] if args.dense_mlp else ["--no-dense-mlp"]),
+               "--r", str(args.r), *(["--dense-mlp"] if args.dense_mlp else []),
                "--attention-projections", args.attention_projections, "--policy", args.policy, "--threads", str(args.threads), "--seed", str(args.seed)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
