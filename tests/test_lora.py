@@ -179,13 +179,13 @@ def test_activation_space_expert_lora_matches_peft_parametrization(dense_slice):
             layer.register_forward_pre_hook(lambda m, a: seen.append((impl, bool(m.experts.__dict__.get("_lora_factors")))))
         y = peft_model(pixels(3), task="new").logits
         y.square().sum().backward()
-        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if ".lora_" in n}
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}  # LoRA, heads, routers
         results[impl] = (y.detach(), grads)
     assert {s for s in seen if s[0] == "segmented_mm"} == {("segmented_mm", True)}  # every layer used the factors
     assert {s for s in seen if s[0] == "grouped_mm"} == {("grouped_mm", False)}
     (y_act, g_act), (y_par, g_par) = results["segmented_mm"], results["grouped_mm"]
     torch.testing.assert_close(y_act, y_par, rtol=1e-5, atol=1e-5)
-    assert g_act.keys() == g_par.keys() and any(".experts." in n for n in g_act)
+    assert g_act.keys() == g_par.keys() and any(".experts." in n for n in g_act) and any("router" in n for n in g_act)
     for name in g_act:
         torch.testing.assert_close(g_act[name], g_par[name], rtol=1e-4, atol=1e-5, msg=name)
 

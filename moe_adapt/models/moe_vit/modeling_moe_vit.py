@@ -392,11 +392,52 @@ def fused_expert_linear(x: torch.Tensor, experts: nn.Module, name: str, num: int
             return F.linear(x, w, bias)
         lhs, rhs, scaling = lora  # A = the experts' R stacked [num·r, in]; B = block-diag of their L [num·out, num·r]
         return lora_linear(x, w, bias, rhs[:num].reshape(-1, n_in), torch.block_diag(*lhs[:num]), scaling)
+    w, a, b, scaling = stacked_inputs_operands(experts, name, num)
+    return F.linear(x, w) if a is None else lora_linear(x, w, None, a, b, scaling)
+
+
+def stacked_inputs_operands(experts: nn.Module, name: str, num: int):
+    """The first `num` experts of tensor `name` (`[E, out, in]`) as one matrix over their inputs side by side:
+    `(W [out, num·in], A, B, scaling)`, where an activation-space LoRA gives A = block-diag of the experts' R
+    `[num·r, num·in]` and B = their L side by side `[out, num·r]` (A, B, scaling are None without one)."""
+    w = getattr(experts, name)[:num]
+    n_exp, n_out, n_in = w.shape
     w = w.permute(1, 0, 2).reshape(n_out, n_exp * n_in)
+    lora = expert_lora(experts, name)
     if lora is None:
-        return F.linear(x, w)
-    lhs, rhs, scaling = lora  # A = block-diag of the experts' R [num·r, num·in]; B = their L side by side [out, num·r]
-    return lora_linear(x, w, None, torch.block_diag(*rhs[:num]), lhs[:num].permute(1, 0, 2).reshape(n_out, -1), scaling)
+        return w, None, None, None
+    lhs, rhs, scaling = lora
+    return w, torch.block_diag(*rhs[:num]), lhs[:num].permute(1, 0, 2).reshape(n_out, -1), scaling
+
+
+class _GatedLowRankLinear(torch.autograd.Function):
+    """`x Wᵀ + s · (x Aᵀ) Bᵀ` with `x = act(h) · gates` (per expert block) and a frozen W: a slice's gated activation
+    followed by its LoRA'd down projection. Keeps h, the gates and the rank-r `x Aᵀ`, not x: the backward recomputes
+    x from h (one activation pass), so LoRA's A gradient costs no `[T, e·I]` activation per layer."""
+
+    @staticmethod
+    def forward(ctx, h, gates, weight, a, b, scaling, act_fn):
+        x = act_fn(h).mul_(gates.unsqueeze(-1)).view(h.shape[0], -1)
+        z = torch.mm(x, a.t())
+        y = torch.mm(x, weight.t()).addmm_(z, b.t(), alpha=scaling)
+        ctx.save_for_backward(h, gates, weight, a, b, z)
+        ctx.scaling, ctx.act_fn = scaling, act_fn
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h, gates, weight, a, b, z = ctx.saved_tensors
+        need_h, need_gates, _, need_a, need_b = ctx.needs_input_grad[:5]
+        grad = grad.contiguous()
+        act = ctx.act_fn(h)
+        dz = torch.mm(grad, b).mul_(ctx.scaling)
+        da = torch.mm(dz.t(), (act * gates.unsqueeze(-1)).view(h.shape[0], -1)) if need_a else None
+        db = torch.mm(grad.t(), z).mul_(ctx.scaling) if need_b else None
+        dx = torch.mm(grad, weight).addmm_(dz, a).view_as(h)  # gradient of the gated activation
+        dgates = (dx * act).sum(-1) if need_gates else None
+        dh = activation_backward(ctx.act_fn, dx.mul_(gates.unsqueeze(-1)), h) if need_h else None
+        return dh, dgates, None, da, db, None, None
 
 
 class ExpertDispatch:
@@ -656,11 +697,16 @@ class MoEViTExperts(nn.Module):
         """
         t, e = hidden_states.shape[0], gates.shape[-1]
         h = fused_expert_linear(hidden_states, self, "up_proj", e, stack="out").view(t, e, -1)
-        if torch.is_grad_enabled() and (h.requires_grad or gates.requires_grad):
-            a = _GatedActivation.apply(h, gates, self.act_fn)
-        else:  # inference: activation, then the gates in place
-            a = self.act_fn(h).mul_(gates.unsqueeze(-1))
-        return fused_expert_linear(a.view(t, -1), self, "down_proj", e, stack="in").addmm_(gates, self.down_proj_bias[:e])
+        bias = self.down_proj_bias[:e]
+        if not (torch.is_grad_enabled() and (h.requires_grad or gates.requires_grad)):
+            a = self.act_fn(h).mul_(gates.unsqueeze(-1))  # inference: the gates applied in place
+            return fused_expert_linear(a.view(t, -1), self, "down_proj", e, stack="in").addmm_(gates, bias)
+        w, lora_a, lora_b, scaling = stacked_inputs_operands(self, "down_proj", e)
+        if lora_a is not None and not w.requires_grad and not torch.is_autocast_enabled(h.device.type):
+            return _GatedLowRankLinear.apply(h, gates, w, lora_a, lora_b, scaling, self.act_fn).addmm_(gates, bias)
+        a = _GatedActivation.apply(h, gates, self.act_fn).view(t, -1)
+        y = F.linear(a, w) if lora_a is None else lora_linear(a, w, None, lora_a, lora_b, scaling)
+        return y.addmm_(gates, bias)
 
 
 class MoEViTSparseMLP(nn.Module):
