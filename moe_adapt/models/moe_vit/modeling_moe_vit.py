@@ -4,8 +4,10 @@ embeddings → routing → experts (MLP and attention) → layer → pretrained 
 
 Every MoE layer holds one router per task (zero-initialised, so routing starts uniform). MLP experts are fused
 3-D parameters (`up_proj` [E, I, d], `down_proj` [E, d, I]) run by transformers' experts backends
-(`config.experts_implementation` in `eager`, `batched_mm`, `grouped_mm`); attention experts (a mixture of
-attention heads with shared keys and values) use the same three kinds of dispatch.
+(`config.experts_implementation`: our `segmented_mm` (default) and `padded_bmm`, transformers' `grouped_mm`,
+`batched_mm`, `eager`); attention experts (a mixture of attention heads with shared keys and values) use the same
+kinds of dispatch. A router that selects all of its experts (a slice that kept exactly k) runs its layer as one
+fused dense layer.
 """
 
 from __future__ import annotations
