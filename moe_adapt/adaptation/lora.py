@@ -228,7 +228,8 @@ def lora_config(
         ValueError: `r` larger than a targeted matrix allows (naming it), no target selected, or an unknown task.
 
     Also installs `enable_expert_lora(model)` (a no-op until peft wraps the experts), so that
-    `peft.get_peft_model(model, lora_config(model))` works as well as `apply_lora`.
+    `peft.get_peft_model(model, lora_config(model))` works as well as `apply_lora`, and registers
+    `FusedLoraLinear` for the Linear targets (peft's custom-module hook; same adapter files as peft's own class).
     """
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"LoRA rank r must be a positive integer; got {r!r}.")
