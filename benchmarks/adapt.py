@@ -10,6 +10,9 @@ Arms (each in a fresh process, so that peak memory is the arm's own):
 - `sliced_router`: the same sub-network, router and head only;
 - `lora_unsliced`: LoRA on the whole model.
 
+`--untrained-preset vit-s --image-size 224 --steps 6 --batch-size 8` measures speed and memory at ViT-S size on a
+randomly initialised model (no ViT-S can be pretrained here); its accuracies are meaningless.
+
 Each arm reports trainable / total parameters, FLOPs per image, train images/s, peak memory (RSS above the
 process baseline on CPU: weights, gradients, optimizer state, activations) and accuracy. The last line printed is
 ONE JSON object with every arm's report, the ratios of sliced + LoRA to full fine-tuning measured in this run, and
@@ -45,6 +48,9 @@ KEEP = ("trainable_params", "total_params", "trainable_fraction", "flops_per_ima
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="pretrained multi-task model folder (default: pretrain a mini model briefly)")
+    p.add_argument("--untrained-preset", choices=["vit-s", "vit-b"],
+                   help="speed and memory at a real size instead: a randomly initialised model of this preset (routers "
+                        "random, so routing spreads); accuracies are then meaningless. Use with --image-size 224.")
     p.add_argument("--pretrain-steps", type=int, default=200, help="steps of the brief mini pretraining")
     p.add_argument("--pretrain-dir", default=str(ROOT / "runs" / "bench_adapt" / "pretrain"))
     p.add_argument("--dataset", default="digits", choices=["digits", "textures"])
@@ -102,9 +108,29 @@ def run_one_arm(args) -> None:
     }))
 
 
+def untrained_model(preset: str, out_dir: Path) -> str:
+    """A randomly initialised classification model of `preset` (one source task, random routers), saved once."""
+    if (out_dir / "config.json").is_file():
+        return str(out_dir)
+    import torch
+
+    from moe_adapt import MoEViTConfig, MoEViTForImageClassification
+
+    torch.manual_seed(0)
+    config = MoEViTConfig.from_preset(preset, tasks=["source"], task_labels={"source": [str(i) for i in range(10)]})
+    model = MoEViTForImageClassification(config)
+    with torch.no_grad():
+        for layer in model.moe_vit.moe_layers().values():
+            torch.nn.init.normal_(layer.router.routers["source"].weight, std=0.5)
+    model.save_pretrained(out_dir)
+    return str(out_dir)
+
+
 def pretrained_model(args) -> str:
     if args.model:
         return args.model
+    if args.untrained_preset:
+        return untrained_model(args.untrained_preset, ROOT / "runs" / "bench_adapt" / f"untrained-{args.untrained_preset}")
     model_dir = Path(args.pretrain_dir) / "model"
     if (model_dir / "config.json").is_file():
         return str(model_dir)
@@ -176,7 +202,7 @@ def main(argv=None) -> None:
         "lora_attention_projections": args.attention_projections.split(","), "selection": args.policy,
         "threads": args.threads, "throughput": "images per CPU-second of the training loop (machine shared; wall "
                                               "clock too, as train_images_per_s)",
-        "model": model, "source_task": next(iter(arms.values()))["source_task"] if arms else None,
+        "model": model, "untrained_preset": args.untrained_preset, "source_task": next(iter(arms.values()))["source_task"] if arms else None,
         "memory": "peak_memory_above_baseline_mb: peak RSS above the process (libraries warmed, data loaded) before "
                   "the model; train_state_mb: weights + grads + optimizer state + saved activations of one step",
         "arms": arms,
