@@ -41,17 +41,6 @@ def _image_hw(config, image_size) -> tuple[int, int]:
     return size
 
 
-def _resolve_k(top_k, kind: str, default: int) -> int:
-    if top_k is None:
-        return default
-    if isinstance(top_k, Mapping):
-        unknown = set(top_k) - {"attn", "mlp"}
-        if unknown:
-            raise ValueError(f"top_k keys must be 'attn' and/or 'mlp'; got {sorted(unknown)}.")
-        return default if top_k.get(kind) is None else int(top_k[kind])
-    return int(top_k)
-
-
 def _task_modules(model: nn.Module, task: str) -> list[nn.Module]:
     """The task's own modules of a task model: entries `task` of the ModuleDicts that are direct children of the
     model (`classifiers`, `heads`, ...), the backbone excluded."""
@@ -151,19 +140,11 @@ def flops_per_image(
             task = config.default_task or tasks[0]
         task = tasks[config.task_index(task)]
         backbone = None if model is None else (model if hasattr(model, "moe_layers") else getattr(model, "moe_vit", None))
-        if backbone is not None:
-            if top_k is None and expert_mask is None and task in backbone.routing_overrides:  # set_routing
-                top_k = backbone.routing_overrides[task]["top_k"]
-                expert_mask = backbone.routing_overrides[task]["expert_mask"]
-            backbone.routing_plan(task, top_k, expert_mask)  # the model's own checks, with the same messages
+        # what the model would run: the same checks and messages as forward, and set_routing's overrides
+        plan = (backbone or config).routing_plan(task, top_k, expert_mask)
         attn_counts, mlp_counts = list(config.attn_experts), list(config.mlp_experts)
-        names = config.moe_layer_names()
-        if expert_mask:
-            unknown = set(expert_mask) - set(names)
-            if unknown:
-                raise ValueError(f"expert_mask names unknown MoE layers {sorted(unknown)}; known: {names}.")
     else:
-        task = None
+        task, plan = None, {}
         attn_counts = mlp_counts = [0] * depth
         if top_k is not None or expert_mask:
             raise ValueError("top_k / expert_mask only apply to MoE ViT models; this config has no experts.")
@@ -180,23 +161,8 @@ def flops_per_image(
                     row["mlp"] = 2 * 2 * n * d * config.intermediate_size
                 continue
             e_t = config.router_size(task, kind, i)
-            k = _resolve_k(top_k, kind, getattr(config, f"{kind}_top_k"))
-            limit = e_t
-            mask = (expert_mask or {}).get(f"layers.{i}.{kind}")
-            if mask is not None:
-                mask = torch.as_tensor(mask)
-                if mask.dtype != torch.bool:
-                    raise ValueError(f"expert_mask['layers.{i}.{kind}'] must be bool (True = keep); got {mask.dtype}.")
-                if mask.shape != (e_t,):
-                    raise ValueError(f"expert_mask['layers.{i}.{kind}'] must have shape ({e_t},); got {tuple(mask.shape)}.")
-                limit = int(mask.sum())
-                if limit == 0:
-                    raise ValueError(f"expert_mask['layers.{i}.{kind}'] removes every expert of task {task!r}.")
-            if not 1 <= k <= limit:
-                raise ValueError(
-                    f"top_k={k} for layers.{i}.{kind} must be between 1 and the {limit} experts available to {task!r}"
-                    + (" (lower top_k with the mask)." if limit < e_t else ".")
-                )
+            k, _ = plan.get(f"layers.{i}.{kind}", (None, None))
+            k = getattr(config, f"{kind}_top_k") if k is None else k
             row["router"] += 2 * n * d * e_t
             if kind == "attn":
                 hd = config.attn_expert_head_size

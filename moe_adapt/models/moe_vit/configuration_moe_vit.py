@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig
@@ -267,6 +268,55 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
         if labels:
             return len(labels)
         return self.num_labels
+
+    def routing_plan(self, task: str, top_k=None, expert_mask=None) -> dict[str, tuple]:
+        """Validate a compute-control override for `task` (a name) → `{layer_name: (top_k or None, mask or None)}`
+        (`{}` without an override). `top_k`: an int or `{"attn": k, "mlp": k}`; `expert_mask`: `{layer_name: bool
+        [E_t]}`. The one set of checks behind `forward(top_k=, expert_mask=)`, `set_routing` and
+        `moe_adapt.flops.flops_per_image`, so each rejects the same overrides with the same message."""
+        import torch
+
+        if top_k is None and not expert_mask:
+            return {}
+        names = self.moe_layer_names()
+        if isinstance(top_k, dict):
+            unknown = set(top_k) - {"attn", "mlp"}
+            if unknown:
+                raise ValueError(f"top_k has unknown keys {sorted(unknown)}: use 'attn' and/or 'mlp'.")
+        for value in top_k.values() if isinstance(top_k, dict) else [top_k]:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"top_k must be an integer (or {{'attn': k, 'mlp': k}}); got {value!r}.")
+        if expert_mask:
+            unknown = set(expert_mask) - set(names)
+            if unknown:
+                raise ValueError(f"expert_mask names unknown MoE layers {sorted(unknown)}; known: {names}.")
+        plan = {}
+        for name in names:
+            _, layer, kind = name.split(".")
+            n = self.router_size(task, kind, int(layer))
+            k = top_k.get(kind) if isinstance(top_k, dict) else top_k
+            mask = None if not expert_mask else expert_mask.get(name)
+            if mask is not None:
+                mask = torch.as_tensor(mask)
+                if mask.dtype != torch.bool:
+                    raise ValueError(
+                        f"expert_mask[{name!r}] must be bool (a tensor or list, True = keep); got dtype {mask.dtype}."
+                    )
+                if mask.shape != (n,):
+                    raise ValueError(f"expert_mask[{name!r}] must have shape ({n},) for task {task!r}; got {tuple(mask.shape)}.")
+                if not mask.any():
+                    raise ValueError(f"expert_mask[{name!r}] removes every expert of task {task!r}.")
+            limit = n if mask is None else int(mask.sum())
+            default_k = getattr(self, f"{kind}_top_k")
+            if k is not None and not 1 <= int(k) <= limit:
+                raise ValueError(f"top_k={k} for {name} must be between 1 and the {limit} experts available to {task!r}.")
+            if k is None and default_k > limit:
+                raise ValueError(
+                    f"top_k={default_k} for {name} is the default, but expert_mask[{name!r}] leaves {limit} experts, "
+                    f"fewer than top_k={default_k}: lower top_k too."
+                )
+            plan[name] = (None if k is None else int(k), mask)
+        return plan
 
     def moe_layer_names(self) -> list[str]:
         """Names of the MoE layers in forward order, e.g. `["layers.0.attn", "layers.1.mlp", ...]`."""

@@ -12,7 +12,6 @@ fused dense layer.
 
 from __future__ import annotations
 
-import numbers
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -1123,50 +1122,12 @@ class MoEViTModel(MoEViTPreTrainedModel):
             self.routing_overrides[task] = {"top_k": top_k, "expert_mask": expert_mask}
 
     def routing_plan(self, task: str, top_k=None, expert_mask=None) -> dict[str, tuple]:
-        """`{layer_name: (top_k or None, mask or None)}` after validating the overrides for `task`."""
+        """`{layer_name: (top_k or None, mask or None)}` for `task`: the given overrides, else those of
+        `set_routing`, validated by `MoEViTConfig.routing_plan`."""
         if top_k is None and expert_mask is None and task in self.routing_overrides:
             top_k = self.routing_overrides[task]["top_k"]
             expert_mask = self.routing_overrides[task]["expert_mask"]
-        if top_k is None and not expert_mask:
-            return {}
-        layers = self.moe_layers()
-        if isinstance(top_k, dict):
-            unknown = set(top_k) - {"attn", "mlp"}
-            if unknown:
-                raise ValueError(f"top_k has unknown keys {sorted(unknown)}: use 'attn' and/or 'mlp'.")
-        for value in top_k.values() if isinstance(top_k, dict) else [top_k]:
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                raise ValueError(f"top_k must be an integer (or {{'attn': k, 'mlp': k}}); got {value!r}.")
-        if expert_mask:
-            unknown = set(expert_mask) - set(layers)
-            if unknown:
-                raise ValueError(f"expert_mask names unknown MoE layers {sorted(unknown)}; known: {list(layers)}.")
-        plan = {}
-        for name, module in layers.items():
-            kind = name.rsplit(".", 1)[-1]
-            n = module.router.routers[task].out_features
-            k = top_k.get(kind) if isinstance(top_k, dict) else top_k
-            mask = None if not expert_mask else expert_mask.get(name)
-            if mask is not None:
-                mask = torch.as_tensor(mask)
-                if mask.dtype != torch.bool:
-                    raise ValueError(
-                        f"expert_mask[{name!r}] must be a bool tensor or list (True = keep); got dtype {mask.dtype}."
-                    )
-                if mask.shape != (n,):
-                    raise ValueError(f"expert_mask[{name!r}] must have shape ({n},) for task {task!r}; got {tuple(mask.shape)}.")
-                if not mask.any():
-                    raise ValueError(f"expert_mask[{name!r}] removes every expert of task {task!r}.")
-            limit = n if mask is None else int(mask.sum())
-            default_k = module.router.top_k
-            if k is not None and not 1 <= int(k) <= limit:
-                raise ValueError(f"top_k={k} for {name} must be between 1 and the {limit} experts available to {task!r}.")
-            if k is None and default_k > limit:
-                raise ValueError(
-                    f"expert_mask[{name!r}] leaves {limit} experts, fewer than top_k={default_k}; lower top_k too."
-                )
-            plan[name] = (None if k is None else int(k), mask)
-        return plan
+        return self.config.routing_plan(task, top_k, expert_mask)
 
     def forward(
         self,
