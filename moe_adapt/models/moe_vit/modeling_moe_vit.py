@@ -293,6 +293,16 @@ def activation_backward(act_fn, grad: torch.Tensor, h: torch.Tensor) -> torch.Te
         return torch.autograd.grad(act_fn(leaf), leaf, grad)[0]
 
 
+def _gated_activation_backward(act_fn, grad, h, gates, act, need_h: bool, need_gates: bool, grad_owned: bool = False):
+    """Backward of `act(h) · gates` (gates `[T, e]` broadcast over the last dim of h `[T, e, I]`): `(dh, dgates)`,
+    each None when not needed. `act` is act(h); `grad_owned`: `grad` is the caller's scratch and may be overwritten."""
+    dgates = (grad * act).sum(-1) if need_gates else None
+    if not need_h:
+        return None, dgates
+    scaled = grad.mul_(gates.unsqueeze(-1)) if grad_owned else grad * gates.unsqueeze(-1)
+    return activation_backward(act_fn, scaled, h), dgates
+
+
 class _GatedActivation(torch.autograd.Function):
     """`act(h) · gate` per expert block: h `[T, e, I]`, gates `[T, e]` → `[T, e, I]` (the fused dense path of a
     slice). Keeps only h and the gates for the backward and recomputes act(h) there, where `act → mul` would also
@@ -308,10 +318,9 @@ class _GatedActivation(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         h, gates = ctx.saved_tensors
-        dgates = None
-        if ctx.needs_input_grad[1]:
-            dgates = (grad * ctx.act_fn(h)).sum(-1)
-        dh = activation_backward(ctx.act_fn, grad * gates.unsqueeze(-1), h) if ctx.needs_input_grad[0] else None
+        need_h, need_gates = ctx.needs_input_grad[:2]
+        act = ctx.act_fn(h) if need_gates else None
+        dh, dgates = _gated_activation_backward(ctx.act_fn, grad, h, gates, act, need_h, need_gates)
         return dh, dgates, None
 
 
@@ -436,8 +445,7 @@ class _GatedLowRankLinear(torch.autograd.Function):
         da = torch.mm(dz.t(), (act * gates.unsqueeze(-1)).view(h.shape[0], -1)) if need_a else None
         db = torch.mm(grad.t(), z).mul_(ctx.scaling) if need_b else None
         dx = torch.mm(grad, weight).addmm_(dz, a).view_as(h)  # gradient of the gated activation
-        dgates = (dx * act).sum(-1) if need_gates else None
-        dh = activation_backward(ctx.act_fn, dx.mul_(gates.unsqueeze(-1)), h) if need_h else None
+        dh, dgates = _gated_activation_backward(ctx.act_fn, dx, h, gates, act, need_h, need_gates, grad_owned=True)
         return dh, dgates, None, da, db, None, None
 
 
