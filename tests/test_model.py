@@ -69,6 +69,46 @@ def test_routers_start_uniform():
         torch.testing.assert_close(probs, torch.full_like(probs, 1 / probs.shape[-1]))
 
 
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_router_choosing_every_expert_skips_top_k_and_keeps_the_gates(renormalize):
+    """k == E (a slice that kept exactly k): the gates are the probabilities in expert order, equal to the
+    top-k path's gates scattered back, with the same gradient; the layer output is unchanged."""
+    from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTTopKRouter, _gates_full
+
+    config = tiny(router_renormalize=renormalize)
+    router = MoEViTTopKRouter(config, "mlp", 1)
+    torch.nn.init.normal_(router.routers["a"].weight)
+    x = torch.randn(10, 32)
+    fast = router(x, "a", top_k=8)
+    assert fast.indices.stride(0) == 0 and fast.indices[3].tolist() == list(range(8))
+    probs = F.linear(x, router.routers["a"].weight).softmax(-1)
+    w, i = probs.topk(8, dim=-1)
+    w = w / w.sum(-1, keepdim=True) if renormalize else w
+    reference = torch.zeros(10, 8).scatter(1, i, w)
+    torch.testing.assert_close(_gates_full(fast, 8), reference)
+    # the same gradient reaches the router as through the top-k path
+    g = torch.randn(10, 8)
+    (_gates_full(fast, 8) * g).sum().backward()
+    fast_grad = router.routers["a"].weight.grad.clone()
+    router.routers["a"].weight.grad = None
+    probs = F.linear(x, router.routers["a"].weight).softmax(-1)
+    w, i = probs.topk(8, dim=-1)
+    w = w / w.sum(-1, keepdim=True) if renormalize else w
+    (torch.zeros(10, 8).scatter(1, i, w) * g).sum().backward()
+    torch.testing.assert_close(fast_grad, router.routers["a"].weight.grad)
+
+
+@pytest.mark.parametrize("num_experts", [2, 8, 15, 16, 24])
+def test_router_softmax_equals_softmax_with_its_gradient(num_experts):
+    from moe_adapt.models.moe_vit.modeling_moe_vit import router_softmax
+
+    logits = torch.randn(300, num_experts, dtype=torch.float64, requires_grad=True)
+    probs = router_softmax(logits)
+    assert probs.is_contiguous()
+    torch.testing.assert_close(probs, logits.softmax(-1))
+    torch.autograd.gradcheck(router_softmax, (logits[:12].detach().requires_grad_(),))
+
+
 def test_bad_inputs_raise_clear_errors():
     model = MoEViTModel(tiny())
     with pytest.raises(ValueError, match=r"Unknown task 'c'.*\['a', 'b'\]"):
