@@ -14,7 +14,9 @@ Arms (each in a fresh process, so that peak memory is the arm's own):
 randomly initialised model (no ViT-S can be pretrained here); its accuracies are meaningless.
 
 Each arm reports trainable / total parameters, FLOPs per image, train images/s, peak memory (RSS above the
-process baseline on CPU: weights, gradients, optimizer state, activations) and accuracy. The last line printed is
+process baseline on CPU: weights, gradients, optimizer state, activations) and accuracy. Every arm runs `--seeds`
+times (3; seeds outermost, so machine drift hits all arms alike): accuracy is the mean over seeds, speed and memory
+the median, `per_seed` lists each run. The last line printed is
 ONE JSON object with every arm's report, the ratios of sliced + LoRA to full fine-tuning measured in this run, and
 whether each target of issue 6 is met (<= 5% trainable, <= 50% params, >= 1.5x images/s, <= 0.6x memory,
 accuracy within 1 point).
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -65,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--policy", default="top_n", help="expert selection policy of the sliced arms")
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=3,
+                   help="runs per arm with seeds seed, seed+1, ...: accuracy is their mean, speed and memory their "
+                        "median (one run's accuracy on the ~450 eval images moves by about a point with the seed)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm and print its report
     return p.parse_args(argv)
@@ -146,6 +152,23 @@ def pretrained_model(args) -> str:
     return results["model_dir"]
 
 
+MEDIAN_KEYS = ("train_images_per_s", "train_images_per_cpu_s", "peak_memory_mb", "peak_memory_above_baseline_mb",
+               "train_state_mb")
+
+
+def aggregate(reports: list[dict]) -> dict:
+    """One arm over several seeds: accuracy (= metric) is the mean, speed and memory the median, the rest is the
+    first run's (parameters and FLOPs do not depend on the seed); `per_seed` keeps every run's numbers."""
+    out = dict(reports[0])
+    accuracy = statistics.mean(r["accuracy"] for r in reports)
+    out["accuracy"] = out["metric"] = round(accuracy, 4)
+    for key in MEDIAN_KEYS:
+        out[key] = round(statistics.median(r[key] for r in reports), 4)
+    out["per_seed"] = {key: [r[key] for r in reports] for key in ("accuracy", "train_images_per_cpu_s",
+                                                                 "peak_memory_above_baseline_mb", "final_loss")}
+    return out
+
+
 def ratios(arms: dict) -> tuple[dict, dict]:
     full, lora = arms.get("full_ft"), arms.get("sliced_lora")
     if not full or not lora:
@@ -178,27 +201,34 @@ def main(argv=None) -> None:
         run_one_arm(args)
         return
     start = time.time()
-    model = pretrained_model(args)
-    arms = {}
-    for name in [a for a in args.arms.split(",") if a]:
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
+    names = [a for a in args.arms.split(",") if a]
+    for name in names:
         if name not in ARMS:
             raise SystemExit(f"unknown arm {name!r}; choose from {list(ARMS)}")
-        cmd = [sys.executable, __file__, "--arm", name, "--model", model, "--dataset", args.dataset,
-               "--image-size", str(args.image_size), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--r", str(args.r), *(["--dense-mlp"] if args.dense_mlp else []),
-               "--attention-projections", args.attention_projections, "--policy", args.policy, "--threads", str(args.threads), "--seed", str(args.seed)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            sys.stderr.write(proc.stderr[-4000:])
-            raise SystemExit(f"arm {name} failed (exit code {proc.returncode})")
-        arms[name] = json.loads(lines[-1])
-        print(f"{name}: {arms[name]}", file=sys.stderr)
+    model = pretrained_model(args)
+    runs = {name: [] for name in names}
+    for seed in range(args.seed, args.seed + args.seeds):  # seeds outermost: machine drift hits every arm alike
+        for name in names:
+            cmd = [sys.executable, __file__, "--arm", name, "--model", model, "--dataset", args.dataset,
+                   "--image-size", str(args.image_size), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                   "--r", str(args.r), *(["--dense-mlp"] if args.dense_mlp else []),
+                   "--attention-projections", args.attention_projections, "--policy", args.policy,
+                   "--threads", str(args.threads), "--seed", str(seed)]
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"arm {name} (seed {seed}) failed (exit code {proc.returncode})")
+            runs[name].append(json.loads(lines[-1]))
+            print(f"{name} (seed {seed}): {runs[name][-1]}", file=sys.stderr)
+    arms = {name: aggregate(reports) for name, reports in runs.items()}
     r, targets = ratios(arms)
     print(json.dumps({
         "benchmark": "adapt", "dataset": args.dataset, "image_size": args.image_size, "steps": args.steps,
-        "batch_size": args.batch_size, "lora_r": args.r, "lora_dense_mlp": args.dense_mlp,
+        "batch_size": args.batch_size, "seeds": list(range(args.seed, args.seed + args.seeds)), "lora_r": args.r, "lora_dense_mlp": args.dense_mlp,
         "lora_attention_projections": args.attention_projections.split(","), "selection": args.policy,
         "threads": args.threads, "throughput": "images per CPU-second of the training loop (machine shared; wall "
                                               "clock too, as train_images_per_s)",

@@ -845,13 +845,14 @@ class MoEViTMoAttention(nn.Module):
                 qg = plan.project(flat, ex.q_proj, ex.q_proj_bias, impl, lora=expert_lora(ex, "q_proj"))
                 qg = qg if inside is None else qg * inside.unsqueeze(-1)
                 q = qg if q is None else q + qg
-        q = q.view(b, n, k, h).transpose(1, 2)  # [b, k, n, h]
-        key = self.k_proj(hidden_states).unsqueeze(1)  # [b, 1, n, h]: one key/value head shared by all k queries
+        # One key/value head serves all k queries of a token (multi-query attention), so the k heads need no head
+        # axis: each token's k queries are k more query rows against the same keys. `[tokens, k, h]` is already
+        # `[b, n·k, h]` in memory; no transpose or copy on the way in or out.
+        q = q.reshape(b, 1, n * k, h)
+        key = self.k_proj(hidden_states).unsqueeze(1)  # [b, 1, n, h]
         value = self.v_proj(hidden_states).unsqueeze(1)
-        attn = F.scaled_dot_product_attention(
-            q, key, value, dropout_p=self.dropout_p if self.training else 0.0, enable_gqa=True
-        )
-        attn = attn.transpose(1, 2).reshape(b * n, k, h)  # [tokens, k, h]
+        attn = F.scaled_dot_product_attention(q, key, value, dropout_p=self.dropout_p if self.training else 0.0)
+        attn = attn.view(b * n, k, h)  # [tokens, k, h]
         if dense:
             o = (attn * gates.unsqueeze(-1)).reshape(b * n, k * h)
             out = fused_expert_linear(o, ex, "o_proj", k, stack="in").addmm_(gates, ex.o_proj_bias[:k])
