@@ -218,3 +218,35 @@ def test_other_bad_input():
     peft_model = apply_lora(model, r=2, verbose=False)
     with pytest.raises(ValueError, match="already carries"):
         apply_lora(peft_model, verbose=False)
+
+
+def test_train_norms_trains_saves_and_merges_the_layernorms(tmp_path):
+    """`train_norms=True`: every backbone LayerNorm trains (as a peft modules_to_save copy, the base one frozen), is
+    saved with the adapter, reloads onto a fresh base and merges into a plain model."""
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path / "base")
+    norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * model.config.num_hidden_layers + 1
+    peft_model = apply_lora(model, lora_config(model, r=2, train_norms=True, verbose=False), verbose=False)
+    wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+               if isinstance(m, ModulesToSaveWrapper)}
+    assert set(norms) <= wrapped
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert all(any(n in t and "modules_to_save" in t for t in trainable) for n in norms)
+    base_norm = peft_model.get_submodule(f"base_model.model.{norms[0]}.original_module").weight.detach().clone()
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    x = pixels(4)
+    peft_model.train()
+    peft_model(x, labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+    opt.step()
+    trained_norm = peft_model.get_submodule(f"base_model.model.{norms[0]}.modules_to_save.default").weight
+    assert not torch.equal(trained_norm, base_norm)  # the copy moved
+    assert torch.equal(peft_model.get_submodule(f"base_model.model.{norms[0]}.original_module").weight, base_norm)
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(x).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = load_lora(MoEViTForImageClassification.from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(merge_lora(loaded)(x).logits, expected, atol=1e-5, rtol=0)

@@ -199,6 +199,7 @@ def lora_config(
     tasks: str | list[str] | None = None,
     train_head: bool = True,
     train_router: bool = True,
+    train_norms: bool = False,
     verbose: bool = True,
     **lora_kwargs,
 ) -> LoraConfig:
@@ -220,6 +221,8 @@ def lora_config(
         train_head, train_router: put the tasks' heads (`classifiers[task]`, ...) and routers
             (`router.routers[task]` in every MoE layer) in `modules_to_save` (trained whole, saved with the
             adapter). Routers are never LoRA-wrapped.
+        train_norms: also train the backbone's LayerNorms (weight and bias, 2·d per norm) through
+            `modules_to_save`, so they are saved with the adapter.
         verbose: print the number of parameters the config will train.
         lora_kwargs: any other `LoraConfig` field (e.g. `init_lora_weights`, `use_rslora`). `lora_dropout` must
             stay 0: peft cannot apply dropout to LoRA on a parameter.
@@ -271,6 +274,8 @@ def lora_config(
             )
     task_list = _tasks_of(model, tasks)
     to_save = []
+    if train_norms:
+        to_save += [prefix + n for n, m in backbone.named_modules() if isinstance(m, nn.LayerNorm)]
     for t in task_list:
         if train_head:
             to_save += task_head_names(model, t)
