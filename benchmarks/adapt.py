@@ -166,8 +166,9 @@ def aggregate(reports: list[dict]) -> dict:
     out = dict(reports[0])
     accuracy = statistics.mean(r["accuracy"] for r in reports)
     out["accuracy"] = out["metric"] = round(accuracy, 4)
-    for key in MEDIAN_KEYS:
-        out[key] = round(statistics.median(r[key] for r in reports), 4)
+    for key in MEDIAN_KEYS:  # None where a run measured nothing (e.g. --steps 1: the first step is warm-up)
+        values = [r[key] for r in reports if r.get(key) is not None]
+        out[key] = round(statistics.median(values), 4) if values else None
     out["per_seed"] = {key: [r[key] for r in reports] for key in ("accuracy", "train_images_per_cpu_s",
                                                                  "peak_memory_above_baseline_mb", "final_loss")}
     return out

@@ -88,6 +88,12 @@ def test_attach_task_starts_from_source_router_rows():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():  # same backbone computation as the slice under the source task
         torch.testing.assert_close(new.moe_vit(x, task="digits").pooler_output, sub.moe_vit(x, task="b").pooler_output)
+    # the seed decides the new head's initialisation, and only the head's
+    labels = [str(d) for d in range(10)]
+    again, other = attach_task(sub, "b", "digits", labels, seed=0), attach_task(sub, "b", "digits", labels, seed=1)
+    assert torch.equal(again.classifiers["digits"].weight, new.classifiers["digits"].weight)
+    assert not torch.equal(other.classifiers["digits"].weight, new.classifiers["digits"].weight)
+    assert torch.equal(other.moe_vit.layers[0].layernorm_before.weight, new.moe_vit.layers[0].layernorm_before.weight)
 
 
 def test_lora_mode_end_to_end_saves_adapter_and_merged(parent_dir, digits_root, tmp_path):

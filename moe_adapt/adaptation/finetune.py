@@ -218,13 +218,20 @@ def _check_task(config: MoEViTConfig, task: str, what: str = "source task") -> s
 
 
 def attach_task(
-    model: nn.Module, source_task: str, task: str, label_names: list[str], task_type: str = "classification"
+    model: nn.Module,
+    source_task: str,
+    task: str,
+    label_names: list[str],
+    task_type: str = "classification",
+    seed: int = 0,
 ) -> nn.Module:
     """A single-task model for `task` built from `model`'s backbone and `source_task`'s routing.
 
     Every backbone tensor is copied; in every MoE layer the new router is `source_task`'s router (of a slice: its
     kept rows), the new task embedding is `source_task`'s; the head is new (or, when `model` already has a head
     for `task` with `len(label_names)` outputs, kept, so a fine-tuned model can be fine-tuned further).
+
+    `seed` seeds the new head's initialisation (`torch.manual_seed(seed)`; what follows draws from that state too).
 
     Raises:
         ValueError: `source_task` not in the model, or an existing head for `task` of another size.
@@ -260,7 +267,7 @@ def attach_task(
     impl = getattr(config, "_experts_implementation", None)
     if impl is not None:
         new_config._experts_implementation = impl
-    torch.manual_seed(0)  # the new head's initialisation
+    torch.manual_seed(seed)  # the new head's initialisation
     new = _task_model_class(task_type)(new_config)
     source = backbone.state_dict()
     state = {}
@@ -565,7 +572,7 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
         say(f"sub-network: experts kept per MoE layer {kept}")
     else:
         sliced = parent
-    model = attach_task(sliced, source, task, label_names)
+    model = attach_task(sliced, source, task, label_names, seed=cfg.seed)
     del parent, sliced, backbone
     gc.collect()
     flops = model_flops(model, task, image_size=spec.image_size)

@@ -281,6 +281,7 @@ def lora_config(
             to_save += task_head_names(model, t)
         if train_router:
             to_save += router_names(model, t)
+    to_save = list(dict.fromkeys(to_save))  # a bare backbone's routers are also its "heads": list each once
     config = LoraConfig(
         r=r,
         lora_alpha=2 * r if alpha is None else alpha,

@@ -98,6 +98,8 @@ class RouterOutput(NamedTuple):
     probs: torch.Tensor
     indices: torch.Tensor
     weights: torch.Tensor
+    #: True when the router chose every expert: `indices` is then `arange(E)` per token and `weights` are in that order
+    all_experts: bool = False
 
 
 def router_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -149,10 +151,10 @@ class MoEViTTopKRouter(nn.Module):
         probs = router_softmax(logits.float())
         if k == probs.shape[-1]:
             # Every expert is chosen (a slice that kept exactly k): the gates are the probabilities themselves, in
-            # expert order (renormalising divides by a sum of 1); no top-k, no sort. `indices` is an expanded
-            # arange (stride 0 along tokens), which `_gates_full` recognises.
-            indices = torch.arange(k, device=probs.device).expand(probs.shape[0], k)
-            return RouterOutput(logits, probs, indices, probs.to(hidden_states.dtype))
+            # expert order (renormalising divides by a sum of 1); no top-k, no sort, and `_gates_full` needs no
+            # scatter. The gates are a copy, so that nothing done to them reaches `probs`.
+            indices = torch.arange(k, device=probs.device).expand(probs.shape[0], k).contiguous()
+            return RouterOutput(logits, probs, indices, probs.to(hidden_states.dtype, copy=True), all_experts=True)
         weights, indices = probs.topk(k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -683,7 +685,7 @@ def _add_gated_bias(out: torch.Tensor, gates: torch.Tensor, bias: torch.Tensor) 
 
 def _gates_full(route: RouterOutput, num_experts: int) -> torch.Tensor:
     """Top-k gates scattered into expert order: `[tokens, E]` (zero for unselected experts)."""
-    if route.indices.shape[-1] == num_experts and route.indices.stride(0) == 0:
+    if route.all_experts and route.indices.shape[-1] == num_experts:
         return route.weights  # the router chose every expert and gave the gates in expert order already
     return torch.zeros(
         route.weights.shape[0], num_experts, dtype=route.weights.dtype, device=route.weights.device
