@@ -142,7 +142,7 @@ def test_cli_extract_and_rebuild_from_card(tiny_data, parent_dir, tmp_path, caps
     assert "--policy coverage --coverage 0.5" in card
     again = tmp_path / "rebuilt"
     assert main(["extract", "--from-card", str(out / "README.md"), "--model", str(parent_dir), "--out", str(again)]) == 0
-    assert "weights identical to the card's: yes" in capsys.readouterr().out
+    assert "weights identical to the card's slice: yes" in capsys.readouterr().out
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     # bad input: an existing output folder, a card without a selection block, an unknown task, no data
     assert main(args) == 2
@@ -155,3 +155,25 @@ def test_cli_extract_and_rebuild_from_card(tiny_data, parent_dir, tmp_path, caps
     assert main(["inspect", str(parent_dir), "--data", str(tiny_data), "--task", "a", "--max-images", "0"]) == 2
     assert "no calibration images" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_cli_extract_with_healing_records_it_and_rebuilds_the_slice_before_healing(tiny_data, parent_dir, tmp_path, capsys):
+    common = ["--data", str(tiny_data), "--task", "a", "--policy", "top_n", "--batch-size", "4"]
+    assert main(["extract", str(parent_dir), *common, "--out", str(tmp_path / "plain")]) == 0
+    assert main(["extract", str(parent_dir), *common, "--heal-steps", "5", "--out", str(tmp_path / "healed")]) == 0
+    printed = capsys.readouterr().out
+    assert "healing toward the parent: 5 steps" in printed and "mean squared difference to the parent" in printed
+    card = (tmp_path / "healed" / "README.md").read_text()
+    info = read_card_selection(tmp_path / "healed")
+    assert "## Healing" in card and "--heal-steps 5 --heal-lr 0.003" in card
+    assert info.healed["steps"] == 5 and info.healed["images"] == {"a": 8}
+    plain = (tmp_path / "plain" / "model.safetensors").read_bytes()
+    healed = (tmp_path / "healed" / "model.safetensors").read_bytes()
+    assert (healed == plain) == info.healed["restored"]  # healing changed the weights unless it was undone
+    assert main(["extract", "--from-card", str(tmp_path / "healed"), "--model", str(parent_dir),
+                 "--out", str(tmp_path / "rebuilt")]) == 0
+    out = capsys.readouterr().out
+    assert "weights identical to the card's slice: yes" in out and "holds the slice before healing" in out
+    assert (tmp_path / "rebuilt" / "model.safetensors").read_bytes() == plain
+    assert main(["extract", str(parent_dir), *common, "--heal-steps", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--heal-steps must be 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -11,8 +11,11 @@ the policy, takes the union over tasks, slices the sub-model, verifies it agains
 and writes to DIR: the sub-model (`config.json`, `model.safetensors`), `README.md` (the model card),
 `verification.json`, `selection.json`, `usage_<task>.json` and `usage_heatmap.png`.
 
+`--heal-steps N` fits the slice's router rows, LayerNorms and biases to the parent's outputs on the calibration
+images after slicing (`moe_adapt.surgery.heal_submodel`); the card records it.
+
 The second form rebuilds the sub-model a card describes from its parent, bit for bit (checked against the card's
-weight fingerprints unless `--no-check`).
+weight fingerprints unless `--no-check`); of a healed slice it rebuilds the slice before healing.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--coverage", str(args.coverage)]
     if args.criterion:
         parts += ["--criterion", args.criterion]
+    if args.heal_steps:
+        parts += ["--heal-steps", str(args.heal_steps), "--heal-lr", str(args.heal_lr)]
     parts += ["--split", args.split, "--max-images", str(args.max_images), "--verify-split", args.verify_split,
               "--verify-images", str(args.verify_images), "--batch-size", str(args.batch_size), "--out", args.out]
     if args.no_norms:
@@ -101,7 +106,10 @@ def _from_card(args: argparse.Namespace) -> int:
         raise
     same = info.submodel_fingerprint == weights_fingerprint(sub)
     print(f"wrote {args.out}: {sum(p.numel() for p in sub.parameters()):,} parameters; "
-          f"weights identical to the card's: {'yes' if same else 'not checked' if args.no_check else 'NO'}")
+          f"weights identical to the card's slice: {'yes' if same else 'not checked' if args.no_check else 'NO'}")
+    if info.healed:
+        print(f"note: the card's model was healed after slicing ({info.healed['steps']} steps on calibration images); "
+              f"{args.out} holds the slice before healing. Re-run the card's command (with --data) to heal it again.")
     return 0
 
 
@@ -111,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from moe_adapt.analysis import ExpertSelection, plot_usage_heatmap, select_experts
     from moe_adapt.analysis.calibration import calibration_loader
     from moe_adapt.hub import build_model_card, load_model, weights_fingerprint
-    from moe_adapt.surgery import extract_submodel, verify_submodel
+    from moe_adapt.surgery import extract_submodel, heal_submodel, verify_submodel
 
     if not args.model:
         raise ValueError("MODEL is required: the parent model folder (save_pretrained) or Hub id.")
@@ -119,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out DIR is required: the folder to write the sub-model to.")
     if args.criterion == "reap" and args.no_norms:
         raise ValueError("--criterion reap needs the expert output norms; drop --no-norms.")
+    if args.heal_steps < 0:
+        raise ValueError(f"--heal-steps must be 0 (no healing) or more, got {args.heal_steps}.")
     stage = _StagedFolder(Path(args.out), args.overwrite)
     try:
         parent = load_model(args.model)
@@ -132,9 +142,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"    {name:<16} keep {len(ids):>2}/{selection.layer_size(name):<2} {ids}")
         print("3/4 slicing")
         sub = extract_submodel(parent, selection, tasks=args.task)
+        names = dataset_names(args)
+        heal, slice_fingerprint = None, weights_fingerprint(sub)
+        if args.heal_steps:
+            print(f"    healing toward the parent: {args.heal_steps} steps on the calibration images")
+            calib = {t: calibration_loader(args.data, t, split=args.split, dataset=names.get(t),
+                                           batch_size=args.batch_size, max_images=args.max_images) for t in args.task}
+            heal = heal_submodel(parent, sub, calib, steps=args.heal_steps, lr=args.heal_lr)
+            print(f"    mean squared difference to the parent {heal.loss_before:.4g} -> {heal.loss_after:.4g}"
+                  + (" (no improvement: kept as sliced)" if heal.restored else ""))
         sub.save_pretrained(stage.path)
         print(f"4/4 verifying on {args.verify_split} (up to {args.verify_images} images per task)")
-        names = dataset_names(args)
         verify_data = {
             t: calibration_loader(args.data, t, split=args.verify_split, dataset=names.get(t),
                                   batch_size=args.batch_size, max_images=args.verify_images, seed=1)
@@ -149,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
                            or (args.criterion or "frequency"))
         datasets = {t: names.get(t, t) for t in args.task}
         card = build_model_card(sub, selection, report, base_model=args.model, command=command_line(args),
-                                datasets=datasets, parent_fingerprint=weights_fingerprint(parent))
+                                datasets=datasets, parent_fingerprint=weights_fingerprint(parent),
+                                heal=heal.to_dict() if heal else None, slice_fingerprint=slice_fingerprint)
         card.save(stage.path / "README.md")
         stage.commit()
     except BaseException:
@@ -177,6 +196,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="threshold: keep experts above this percentage of the criterion (default 3)")
     group.add_argument("--coverage", type=float, default=0.9, help="coverage: fraction of the criterion to cover")
     group.add_argument("--criterion", choices=CRITERIA, help="frequency (default), gate_mass (default for coverage), reap")
+    group = parser.add_argument_group("healing")
+    group.add_argument("--heal-steps", type=int, default=0,
+                       help="fit the slice's router rows, LayerNorms and biases to the parent's outputs on the "
+                            "calibration images for this many steps (default 0: no healing)")
+    group.add_argument("--heal-lr", type=float, default=3e-3, help="learning rate of the healing (default 3e-3)")
     group = parser.add_argument_group("verification")
     group.add_argument("--verify-split", default="eval", help="'eval' (default), 'train' or a split name")
     group.add_argument("--verify-images", type=int, default=256, help="verification images per task")

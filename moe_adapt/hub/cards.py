@@ -54,6 +54,7 @@ class CardSelection:
     base_model: str | None
     parent_fingerprint: str | None
     submodel_fingerprint: str | None
+    healed: dict | None = None  # the `HealReport` of a slice healed after slicing (its weights are then not rebuilt)
 
 
 def _compact_json(data) -> str:
@@ -94,6 +95,8 @@ def build_model_card(
     parent_fingerprint: str | None = None,
     model_name: str | None = None,
     license: str | None = None,
+    heal: Mapping | None = None,
+    slice_fingerprint: str | None = None,
 ) -> ModelCard:
     """The model card of `submodel`, sliced with `selection`.
 
@@ -106,6 +109,8 @@ def build_model_card(
         datasets: `{task: dataset id or name}` (or a list) the usage was measured and verified on.
         parent_fingerprint: `weights_fingerprint(parent)`, so a rebuild can check it has the same parent.
         model_name, license: card metadata.
+        heal: `HealReport.to_dict()` when the slice was healed (`heal_submodel`) after slicing; then
+            `slice_fingerprint` is the fingerprint of the slice before healing, which is what `--from-card` rebuilds.
     """
     config = submodel.config
     tasks = list(config.tasks)
@@ -142,9 +147,12 @@ def build_model_card(
         "tasks": tasks,
         "base_model": str(base_model) if base_model else None,
         "parent_fingerprint": parent_fingerprint,
-        "submodel_fingerprint": weights_fingerprint(submodel),
+        "submodel_fingerprint": slice_fingerprint if heal else weights_fingerprint(submodel),
         "selection": selection.to_dict(),
     }
+    if heal:
+        block["healed"] = dict(heal)
+        block["healed_fingerprint"] = weights_fingerprint(submodel)
     parent_txt = f"`{base_model}`" if base_model else "a multi-task MoE ViT"
     body = [
         f"# {model_name}",
@@ -176,6 +184,16 @@ def build_model_card(
         if not report.renormalized:
             body += ["The parent does not renormalise its top-k gates, so each MoE layer of the slice scales its output "
                      "by 1 / (parent router mass on the kept experts); see `max_gate_scale` in verification.json.", ""]
+    if heal:
+        body += [
+            "## Healing", "",
+            f"After slicing, the router rows, LayerNorms and biases ({heal['trained_params']:,} parameters; groups "
+            f"{', '.join(heal['train'])}) were fitted for {heal['steps']} steps (lr {heal['lr']}) so that the slice's last "
+            "hidden states match the parent's on the calibration images (`moe_adapt.surgery.heal_submodel`): mean "
+            f"squared difference {heal['loss_before']:.4g} → {heal['loss_after']:.4g}"
+            + (" (no improvement: the slice was kept as sliced)" if heal.get("restored") else "") + ". "
+            "`--from-card` rebuilds the slice before healing; the command below heals it again.", "",
+        ]
     if command:
         body += ["## How it was made", "", "```bash", command, "```", ""]
     body += [
@@ -225,7 +243,7 @@ def read_card_selection(card: ModelCard | str | os.PathLike) -> CardSelection:
     selection = ExpertSelection.from_dict(block["selection"], source=f"the selection block of {where}")
     return CardSelection(selection=selection, tasks=list(block["tasks"]), base_model=block.get("base_model"),
                          parent_fingerprint=block.get("parent_fingerprint"),
-                         submodel_fingerprint=block.get("submodel_fingerprint"))
+                         submodel_fingerprint=block.get("submodel_fingerprint"), healed=block.get("healed"))
 
 
 def rebuild_from_card(card: ModelCard | str | os.PathLike, parent: nn.Module, check: bool = True) -> nn.Module:
