@@ -144,8 +144,9 @@ def heal_submodel(
             raise ValueError(f"The slice has no task {t!r}; its tasks are {submodel.config.tasks}.")
         parent.config.task_index(t)  # a clear error for a task the parent lacks
     params = healable_parameters(sub_backbone, train)
-    device = next(sub_backbone.parameters()).device
-    pixels = {t: p.to(device) for t, p in _task_batches(data, tasks).items()}
+    first = next(sub_backbone.parameters())
+    device = first.device
+    pixels = {t: p.to(device=device, dtype=first.dtype) for t, p in _task_batches(data, tasks).items()}
 
     @torch.no_grad()
     def targets_of(model, t):
