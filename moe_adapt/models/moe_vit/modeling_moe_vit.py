@@ -91,7 +91,9 @@ class RouterOutput(NamedTuple):
     """What one MoE layer's router decided for one batch (tokens flattened).
 
     logits `[tokens, E_t]`, probs `[tokens, E_t]` (softmax of logits; E_t = the task's router size),
-    indices `[tokens, k]` (chosen expert ids), weights `[tokens, k]` (gates, renormalised if configured).
+    indices `[tokens, k]` (chosen expert ids, highest gate first), weights `[tokens, k]` (gates, renormalised if
+    configured). When the router chooses every expert (k = E_t, e.g. a slice that kept exactly k), indices are
+    `0..E_t-1` in expert order instead and `all_experts` is True.
     """
 
     logits: torch.Tensor
@@ -955,7 +957,8 @@ class MoEViTModelOutput(ModelOutput):
     last_hidden_state `[batch, 1 + patches, d]`; pooler_output `[batch, d]`; aux_loss: the configured Switch
     balance and router z-losses (zero when both weights are 0); hidden_states (input of every layer, then the
     final output) when asked; router_probs / router_logits `[tokens, E_t]` and router_indices `[tokens, k]`, one
-    per MoE layer in `config.moe_layer_names()` order, when `output_router_probs=True`.
+    per MoE layer in `config.moe_layer_names()` order, when `output_router_probs=True` (indices highest gate first,
+    or in expert order in a layer whose router chooses every expert).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
