@@ -197,3 +197,26 @@ def test_attach_task_to_a_multitask_model_with_head_options():
     new = attach_task(model, "det", "digits", [str(i) for i in range(10)])
     assert new.config.tasks == ["digits"] and new.config.head_configs == {}
     assert new(torch.randn(1, 3, 32, 32), task="digits").logits.shape == (1, 10)
+
+
+def test_head_lr_is_the_rate_of_what_lora_trains_whole():
+    """In lora mode the LoRA factors train at `lr` and heads/routers at `head_lr` (default `lr`); a head_lr of 0
+    leaves the head exactly as it was while the factors move."""
+    from moe_adapt.adaptation import apply_lora, lora_config
+    from moe_adapt.adaptation.finetune import InMemoryDataset, train
+
+    cfg = FinetuneConfig(model="m", dataset="d", mode="lora", lr=1e-2)
+    assert cfg.whole_module_learning_rate == 1e-2
+    assert FinetuneConfig(model="m", dataset="d", mode="lora", lr=1e-2, head_lr=5e-3).whole_module_learning_rate == 5e-3
+    assert FinetuneConfig(model="m", dataset="d", mode="full", lr=1e-3).whole_module_learning_rate == 1e-3
+    torch.manual_seed(0)
+    config = MoEViTConfig.from_preset("tiny", tasks=["new"], task_labels={"new": list("abc")})
+    model = apply_lora(MoEViTForImageClassification(config), lora_config(MoEViTForImageClassification(config), r=2,
+                       verbose=False), verbose=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    data = InMemoryDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,)))
+    trained, _, _ = train(model, data, "new", steps=3, batch_size=8, lr=1e-2, log_every=0, head_lr=0.0)
+    after = dict(trained.named_parameters())
+    moved = {n for n in before if not torch.equal(after[n], before[n])}
+    assert moved and all("lora_" in n for n in moved)
+    assert any("classifiers" in n for n in before)  # the head was trainable, at rate 0

@@ -86,6 +86,8 @@ class FinetuneConfig:
         lora: `lora_config` arguments (`r`, `alpha`, `include_attention`, `include_mlp`, `include_dense_mlp`, ...).
         steps, batch_size, lr (default per mode: lora 1e-2, router 1e-2, full 5e-4), weight_decay, warmup_ratio:
             the optimisation (AdamW over trainable parameters only; linear warm-up then cosine decay).
+        head_lr: in `lora` mode, the learning rate of what LoRA trains whole (the head, the routers, and the
+            LayerNorms with `train_norms`); default `lr`. Other modes use `lr` for everything.
         augment: train with random resized crops and flips (default off: fixed-size images, cached in memory).
         eval_batch_size, max_train_images, max_eval_images: evaluation and data caps.
         merge: also write `merged/` (LoRA folded in; `mode: lora` only).
@@ -110,6 +112,7 @@ class FinetuneConfig:
     steps: int = 300
     batch_size: int = 32
     lr: float | None = None
+    head_lr: float | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     augment: bool = False
@@ -157,6 +160,13 @@ class FinetuneConfig:
     @property
     def learning_rate(self) -> float:
         return DEFAULT_LR[self.mode] if self.lr is None else float(self.lr)
+
+    @property
+    def whole_module_learning_rate(self) -> float:
+        """The learning rate of the tensors a `lora` run trains whole (see `head_lr`); `lr` in other modes."""
+        if self.mode != "lora":
+            return self.learning_rate
+        return self.learning_rate if self.head_lr is None else float(self.head_lr)
 
 
 @dataclasses.dataclass
@@ -470,18 +480,25 @@ def train(
     log_every: int = 50,
     accelerator=None,
     memory: MemoryMeter | None = None,
+    head_lr: float | None = None,
 ) -> tuple[nn.Module, Throughput, list[float]]:
     """The fine-tuning loop: AdamW over trainable parameters only (a frozen tensor never moves, weight decay
-    included), linear warm-up then cosine decay, `steps` optimizer steps. Returns (prepared model, throughput,
-    losses)."""
+    included), linear warm-up then cosine decay, `steps` optimizer steps. With `head_lr`, the LoRA factors
+    (parameters named `lora_*`) train at `lr` and every other trainable tensor (heads, routers, norms trained whole)
+    at `head_lr`. Returns (prepared model, throughput, losses)."""
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
     accelerator = accelerator or Accelerator()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("Nothing to train: every parameter of the model is frozen.")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    groups = [{"params": [p for _, p in named], "lr": lr}]
+    if head_lr is not None and head_lr != lr:
+        factors = [p for n, p in named if "lora_" in n]
+        whole = [p for n, p in named if "lora_" not in n]
+        groups = [g for g in ({"params": factors, "lr": lr}, {"params": whole, "lr": head_lr}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup_ratio * steps), steps)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) >= batch_size,
@@ -590,6 +607,7 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
     trained, speed, losses = train(
         model, train_set, task, cfg.steps, cfg.batch_size, cfg.learning_rate, cfg.weight_decay, cfg.warmup_ratio,
         cfg.seed, cfg.log_every if verbose else 0, accelerator=accelerator, memory=memory,
+        head_lr=cfg.whole_module_learning_rate,
     )
     eval_loader = accelerator.prepare(torch.utils.data.DataLoader(
         eval_set, batch_size=cfg.eval_batch_size, collate_fn=collate_fn_for("classification")))
