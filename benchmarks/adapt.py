@@ -213,8 +213,9 @@ def main(argv=None) -> None:
         if name not in ARMS:
             raise SystemExit(f"unknown arm {name!r}; choose from {list(ARMS)}")
     model = pretrained_model(args)
+    seeds = list(range(args.seed, args.seed + args.seeds))
     runs = {name: [] for name in names}
-    for seed in range(args.seed, args.seed + args.seeds):  # seeds outermost: machine drift hits every arm alike
+    for seed in seeds:  # seeds outermost: machine drift hits every arm alike
         for name in names:
             cmd = [sys.executable, __file__, "--arm", name, "--model", model, "--dataset", args.dataset,
                    "--image-size", str(args.image_size), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
@@ -235,7 +236,7 @@ def main(argv=None) -> None:
     r, targets = ratios(arms)
     print(json.dumps({
         "benchmark": "adapt", "dataset": args.dataset, "image_size": args.image_size, "steps": args.steps,
-        "batch_size": args.batch_size, "seeds": list(range(args.seed, args.seed + args.seeds)), "lora_r": args.r, "lora_dense_mlp": args.dense_mlp,
+        "batch_size": args.batch_size, "seeds": seeds, "lora_r": args.r, "lora_dense_mlp": args.dense_mlp,
         "lora_attention_projections": args.attention_projections.split(","), "lora_lr": args.lora_lr, "lora_train_norms": args.train_norms, "selection": args.policy,
         "threads": args.threads, "throughput": "images per CPU-second of the training loop (machine shared; wall "
                                               "clock too, as train_images_per_s)",

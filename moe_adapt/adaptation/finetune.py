@@ -164,9 +164,7 @@ class FinetuneConfig:
     @property
     def whole_module_learning_rate(self) -> float:
         """The learning rate of the tensors a `lora` run trains whole (see `head_lr`); `lr` in other modes."""
-        if self.mode != "lora":
-            return self.learning_rate
-        return self.learning_rate if self.head_lr is None else float(self.head_lr)
+        return self.learning_rate if self.mode != "lora" or self.head_lr is None else float(self.head_lr)
 
 
 @dataclasses.dataclass

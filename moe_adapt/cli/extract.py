@@ -143,8 +143,9 @@ def run(args: argparse.Namespace) -> int:
         print("3/4 slicing")
         sub = extract_submodel(parent, selection, tasks=args.task)
         names = dataset_names(args)
-        heal, slice_fingerprint = None, weights_fingerprint(sub)
+        heal, slice_fingerprint = None, None
         if args.heal_steps:
+            slice_fingerprint = weights_fingerprint(sub)  # what --from-card rebuilds: the slice before healing
             print(f"    healing toward the parent: {args.heal_steps} steps on the calibration images")
             calib = {t: calibration_loader(args.data, t, split=args.split, dataset=names.get(t),
                                            batch_size=args.batch_size, max_images=args.max_images) for t in args.task}

@@ -42,21 +42,23 @@ def mutual_information_loss(joint_counts: torch.Tensor, task_prior: str = "token
     return -terms.sum()
 
 
+def _summed_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    out = tensor.contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks, differentiable: every rank's input reaches every rank's output, so the backward sums the
     incoming gradients over ranks too. (What `torch.distributed.nn.functional.all_reduce` did; torch deprecates it.)"""
 
     @staticmethod
     def forward(ctx, tensor):
-        out = tensor.contiguous().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return _summed_over_ranks(tensor)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+        return _summed_over_ranks(grad)
 
 
 class MutualInformationLoss:

@@ -867,7 +867,7 @@ class MoEViTMoAttention(nn.Module):
             q = fused_expert_linear(flat, ex, "q_proj", k, stack="out").view(b * n, k, h)
         else:
             q, plans = None, []
-            for ex, idx, inside in reachable_groups(route, self.group_sizes, [self.experts, *self.extra_experts]):
+            for ex, idx, inside in reachable_groups(route, self.group_sizes, groups):
                 plan = ExpertDispatch(idx, ex.num_experts)
                 plans.append((ex, plan, inside))
                 qg = plan.project(flat, ex.q_proj, ex.q_proj_bias, impl, lora=expert_lora(ex, "q_proj"))
