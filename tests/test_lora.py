@@ -176,7 +176,7 @@ def test_activation_space_expert_lora_matches_peft_parametrization(dense_slice):
         model = tiny_model(impl, dense_slice)
         peft_model = apply_lora(model, lora_config(model, r=2, verbose=False, init_lora_weights=False), verbose=False)
         for layer in peft_model.get_base_model().moe_vit.moe_layers().values():
-            layer.register_forward_pre_hook(lambda m, a: seen.append((impl, bool(m.experts.__dict__.get("_lora_factors")))))
+            layer.register_forward_pre_hook(lambda m, a, impl=impl: seen.append((impl, bool(m.experts.__dict__.get("_lora_factors")))))
         y = peft_model(pixels(3), task="new").logits
         y.square().sum().backward()
         grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}  # LoRA, heads, routers
