@@ -8,7 +8,7 @@ Layer: forward + backward of one MoE MLP layer at ViT-S shape (d=384, 16 experts
 plain per-expert Python loop. `matmul_floor_vs_dense`: the expert matmuls alone (16 blocks of 394 rows) against
 the dense MLP's matmuls, the floor under any backend's `best_vs_dense` on this machine. Model: one AdamW train step of the MoE ViT-S preset against transformers'
 `ViTForImageClassification` of the same width and depth, batch 8 at 224 px. Timings are medians over rounds that
-interleave the candidates, so machine noise hits all of them alike; the ratios are what to compare.
+interleave the candidates (in an order that rotates every round), so machine noise hits all of them alike; the ratios are what to compare.
 """
 
 from __future__ import annotations
@@ -46,10 +46,13 @@ def interleaved(cands: dict, rounds: int, device, warmup: int = 2, once=()) -> d
         for _ in range(0 if k in once else warmup):
             fn()
     times = {k: [] for k in cands}
+    names = list(cands)
     for r in range(rounds):
-        for k, fn in cands.items():
+        # each round starts one candidate later: what runs right after another (a cache or allocator state left
+        # behind) is not always the same pair, so no candidate carries a fixed position's cost or benefit
+        for k in names[r % len(names):] + names[: r % len(names)]:
             if k not in once or r == 0:
-                times[k].append(timed(fn, device))
+                times[k].append(timed(cands[k], device))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -13,6 +13,7 @@ fused dense layer.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -237,20 +238,22 @@ class _SegmentedLinear(torch.autograd.Function):
 
     `index` (or None for rows already in sorted order) picks the source row of each sorted row. One matmul per
     expert on a contiguous block: no padding, and a hand-written backward that forms only the gradients asked for
-    (frozen experts get no weight gradient) and scatters the input gradient back with one `index_add_`."""
+    (frozen experts get no weight gradient) and scatters the input gradient back with one `index_add_`. The blocks
+    and per-expert matrices are taken as views in one `split`/`unbind` each (not sliced one by one in Python)."""
 
     @staticmethod
     def forward(ctx, x, index, weight, bias, bounds):
         xs = (x if index is None else x.index_select(0, index)).contiguous()
         out = xs.new_empty(xs.shape[0], weight.shape[1])
-        for e, (s, t) in enumerate(bounds):
-            if t > s:
-                if bias is None:
-                    torch.mm(xs[s:t], weight[e].t(), out=out[s:t])
-                else:
-                    torch.addmm(bias[e], xs[s:t], weight[e].t(), out=out[s:t])
+        sizes = [t - s for s, t in bounds]
+        biases = [None] * len(sizes) if bias is None else bias.unbind(0)
+        for x_e, w_e, o_e, b_e in zip(xs.split(sizes), weight.transpose(1, 2).unbind(0), out.split(sizes), biases):
+            if x_e.shape[0]:
+                torch.mm(x_e, w_e, out=o_e)
+                if b_e is not None:  # in place on the hot block: ~6% cheaper than addmm's broadcast copy first
+                    o_e.add_(b_e)
         ctx.save_for_backward(xs if ctx.needs_input_grad[2] else None, index, weight)
-        ctx.bounds, ctx.rows, ctx.has_bias = bounds, x.shape[0], bias is not None
+        ctx.sizes, ctx.rows, ctx.has_bias = sizes, x.shape[0], bias is not None
         return out
 
     @staticmethod
@@ -260,43 +263,80 @@ class _SegmentedLinear(torch.autograd.Function):
         need_x, _, need_w, need_b, _ = ctx.needs_input_grad
         grad = grad.contiguous()  # a stride-0 gradient (`y.sum().backward()`) becomes a real one here
         n_exp, n_out, n_in = weight.shape
+        sizes = ctx.sizes
         dxs = grad.new_empty(grad.shape[0], n_in) if need_x else None
         dw = grad.new_empty(n_exp, n_out, n_in) if need_w else None
         db = grad.new_empty(n_exp, n_out) if need_b and ctx.has_bias else None
-        for e, (s, t) in enumerate(ctx.bounds):
-            if t == s:  # an idle expert: zero gradient
-                for buf in (dw, db):
+        none = [None] * n_exp
+        for g, w_e, dx_e, x_e, dw_e, db_e in zip(
+            grad.split(sizes), weight.unbind(0), none if dxs is None else dxs.split(sizes),
+            none if dw is None else xs.split(sizes), none if dw is None else dw.unbind(0),
+            none if db is None else db.unbind(0),
+        ):
+            if not g.shape[0]:  # an idle expert: zero gradient
+                for buf in (dw_e, db_e):
                     if buf is not None:
-                        buf[e].zero_()
+                        buf.zero_()
                 continue
-            g = grad[s:t]
-            if dxs is not None:
-                torch.mm(g, weight[e], out=dxs[s:t])
-            if dw is not None:
-                torch.mm(g.t(), xs[s:t], out=dw[e])
-            if db is not None:
-                torch.sum(g, 0, out=db[e])
+            if dx_e is not None:
+                torch.mm(g, w_e, out=dx_e)
+            if dw_e is not None:
+                torch.mm(g.t(), x_e, out=dw_e)
+            if db_e is not None:
+                torch.sum(g, 0, out=db_e)
         if dxs is not None and index is not None:
             dxs = dxs.new_zeros(ctx.rows, n_in).index_add_(0, index, dxs)
         return dxs, None, dw, db, None
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`(a * b).sum(1)` for `[S, d]` operands as S batched 1×d · d×1 products: no `[S, d]` temporary (~20% faster on
+    CPU at MoE shapes)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _csr_combine_ok(y: torch.Tensor) -> bool:
+    """Whether `_CombineSorted` may sum with a sparse CSR matmul (CPU, fp32/fp64): one pass over the expert outputs,
+    where `y * gate` then `index_add_` makes three."""
+    return y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64)
+
+
 class _CombineSorted(torch.autograd.Function):
-    """`out[t] = Σ_{s : index[s] = t} gate[s] · y[s]`: expert outputs in sorted order `[S, d]` with their gates
-    `[S]` → token outputs `[tokens, d]`, in one `index_add_` (and one gather in the backward)."""
+    """`out[t] = Σ_j gates[t, j] · y[inverse[t·k + j]]`: expert outputs in sorted pair order `[S, d]`, gates
+    `[tokens, k]` in pair order → token outputs `[tokens, d]`. On CPU the forward is one sparse CSR × dense matmul
+    (row t holds token t's k gates at its pairs' sorted positions); elsewhere a gated `index_add_`. The backward is
+    one gather, a batched row-dot for the gates and an in-place scale."""
 
     @staticmethod
-    def forward(ctx, y, gate, index, tokens):
-        ctx.save_for_backward(y, gate, index)
-        return y.new_zeros(tokens, y.shape[1]).index_add_(0, index, y * gate.unsqueeze(1))
+    def forward(ctx, y, gates, perm, inverse, k):
+        tokens = gates.shape[0]
+        g_pairs = gates.reshape(-1).to(y.dtype)
+        if _csr_combine_ok(y):
+            cols, order = inverse.view(tokens, k).sort(dim=1)  # CSR rows with ascending columns
+            crow = torch.arange(0, tokens * k + 1, k, device=y.device)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta" (the matmul is long stable)
+                warnings.simplefilter("ignore")
+                mat = torch.sparse_csr_tensor(
+                    crow, cols.reshape(-1), g_pairs.view(tokens, k).gather(1, order).reshape(-1),
+                    size=(tokens, y.shape[0]), dtype=y.dtype, device=y.device,
+                )
+                out = torch.sparse.mm(mat, y)
+        else:
+            g_sorted = g_pairs.index_select(0, perm)
+            out = y.new_zeros(tokens, y.shape[1]).index_add_(0, perm // k, y * g_sorted.unsqueeze(1))
+        ctx.save_for_backward(y, g_pairs, perm, inverse)
+        ctx.k = k
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        y, gate, index = ctx.saved_tensors
-        dy = grad.contiguous().index_select(0, index)
-        dgate = (dy * y).sum(1) if ctx.needs_input_grad[1] else None
-        return dy.mul_(gate.unsqueeze(1)), dgate, None, None
+        y, g_pairs, perm, inverse = ctx.saved_tensors
+        dy = grad.contiguous().index_select(0, perm // ctx.k)
+        dgate = None
+        if ctx.needs_input_grad[1]:  # per sorted pair, then back to pair order
+            dgate = _rowdot(dy, y).index_select(0, inverse).view(-1, ctx.k)
+        return dy.mul_(g_pairs.index_select(0, perm).unsqueeze(1)), dgate, None, None, None
 
 
 def _is_gelu(act_fn) -> bool:
@@ -507,8 +547,7 @@ class ExpertDispatch:
 
     def combine(self, y_sorted: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Expert outputs in sorted pair order `[S, d]` and gates `[tokens, k]` → `Σ_j gate_j · y_j` `[tokens, d]`."""
-        g = gates.reshape(-1).to(y_sorted.dtype).index_select(0, self.perm)
-        return _CombineSorted.apply(y_sorted, g, self.sorted_tokens, self.tokens)
+        return _CombineSorted.apply(y_sorted, gates, self.perm, self.inverse, self.k)
 
     def project_sum(self, pairs: torch.Tensor, weight: torch.Tensor, bias, gates: torch.Tensor, impl: str, lora=None):
         """`Σ_j gate_j · expert_j(pairs_j)`: pair inputs `[tokens, k, in]` → `[tokens, out]`."""
@@ -649,10 +688,14 @@ def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights
     up = segmented_linear(
         x, plan.sorted_tokens, self.up_proj, self.up_proj_bias, plan.bounds, expert_lora(self, "up_proj")
     )
-    y = segmented_linear(
-        self.act_fn(up), None, self.down_proj, self.down_proj_bias, plan.bounds, expert_lora(self, "down_proj")
-    )
-    return plan.combine(y, top_k_weights).to(hidden_states.dtype)
+    y = segmented_linear(self.act_fn(up), None, self.down_proj, None, plan.bounds, expert_lora(self, "down_proj"))
+    # The down projection's bias at token level: Σ_j g_j b_{e_j} is one [tokens, E] × [E, d] product, which saves a
+    # pass over the k-times-replicated rows in the forward and the per-expert bias sums in the backward.
+    gates = top_k_weights.to(y.dtype)
+    out = plan.combine(y, gates)
+    full = torch.zeros(plan.tokens, self.num_experts, dtype=y.dtype, device=y.device)
+    full = full.scatter_add(1, top_k_index, gates)  # add: slots outside this expert group are clamped, gate 0
+    return _add_gated_bias(out, full, self.down_proj_bias).to(hidden_states.dtype)
 
 
 ALL_EXPERTS_FUNCTIONS.register("segmented_mm", segmented_mm_experts_forward)
