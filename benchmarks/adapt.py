@@ -66,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--attention-projections", default="q_proj,v_proj",
                    help="comma-separated attention projections LoRA adapts (q_proj,k_proj,v_proj,o_proj)")
     p.add_argument("--train-norms", action="store_true", help="LoRA arms also train the backbone's LayerNorms")
+    p.add_argument("--patch-embedding", action="store_true", help="LoRA arms also adapt the patch embedding (conv LoRA)")
     p.add_argument("--lora-lr", type=float, default=None,
                    help="learning rate of the LoRA arms (default: the recipe's, FinetuneConfig's per-mode default)")
     p.add_argument("--policy", default="top_n", help="expert selection policy of the sliced arms")
@@ -106,7 +107,8 @@ def run_one_arm(args) -> None:
         model=args.model, dataset={"builtin": args.dataset, "image_size": args.image_size}, output_dir=None,
         mode=arm["mode"], slice=arm["slice"], selection={"policy": args.policy},
         lora={"r": args.r, "include_dense_mlp": args.dense_mlp,
-              "attention_projections": args.attention_projections.split(","), "train_norms": args.train_norms},
+              "attention_projections": args.attention_projections.split(","), "train_norms": args.train_norms,
+              "include_patch_embedding": args.patch_embedding},
         lr=args.lora_lr if arm["mode"] == "lora" else None,
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, num_threads=args.threads, log_every=0,
     )
@@ -223,6 +225,7 @@ def main(argv=None) -> None:
                    "--attention-projections", args.attention_projections, "--policy", args.policy,
                    *(["--lora-lr", str(args.lora_lr)] if args.lora_lr is not None else []),
                    *(["--train-norms"] if args.train_norms else []),
+                   *(["--patch-embedding"] if args.patch_embedding else []),
                    "--threads", str(args.threads), "--seed", str(seed)]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -237,7 +240,8 @@ def main(argv=None) -> None:
     print(json.dumps({
         "benchmark": "adapt", "dataset": args.dataset, "image_size": args.image_size, "steps": args.steps,
         "batch_size": args.batch_size, "seeds": seeds, "lora_r": args.r, "lora_dense_mlp": args.dense_mlp,
-        "lora_attention_projections": args.attention_projections.split(","), "lora_lr": args.lora_lr, "lora_train_norms": args.train_norms, "selection": args.policy,
+        "lora_attention_projections": args.attention_projections.split(","), "lora_lr": args.lora_lr, "lora_train_norms": args.train_norms,
+        "lora_patch_embedding": args.patch_embedding, "selection": args.policy,
         "threads": args.threads, "throughput": "images per CPU-second of the training loop (machine shared; wall "
                                               "clock too, as train_images_per_s)",
         "model": model, "untrained_preset": args.untrained_preset, "source_task": next(iter(arms.values()))["source_task"] if arms else None,

@@ -66,9 +66,10 @@ def test_lora_config_attention_projections_subset():
         lora_config(model, r=2, verbose=False, attention_projections=["query"])
 
 
-def test_lora_config_prints_count_that_matches_peft(capsys):
+@pytest.mark.parametrize("patch_embedding", [False, True])
+def test_lora_config_prints_count_that_matches_peft(capsys, patch_embedding):
     model = tiny_model()
-    cfg = lora_config(model, r=2)
+    cfg = lora_config(model, r=2, include_patch_embedding=patch_embedding)
     printed = capsys.readouterr().out
     peft_model = apply_lora(model, cfg)
     trainable, _ = peft_model.get_nb_trainable_parameters()
@@ -250,3 +251,41 @@ def test_train_norms_trains_saves_and_merges_the_layernorms(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, expected, atol=1e-6, rtol=0)
         torch.testing.assert_close(merge_lora(loaded)(x).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_patch_embedding_lora_trains_saves_and_merges(tmp_path):
+    """`include_patch_embedding=True`: peft's conv LoRA on the patch embedding; its factors get gradients and move,
+    the base convolution stays frozen, the printed count matches peft, and the adapter reloads and merges."""
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path / "base")
+    base_conv = model.moe_vit.embeddings.projection.weight.detach().clone()
+    cfg = lora_config(model, r=2, include_patch_embedding=True, verbose=False)
+    assert "moe_vit.embeddings.projection" in cfg.target_modules
+    assert "moe_vit.embeddings.projection" not in lora_config(model, r=2, verbose=False).target_modules
+    peft_model = apply_lora(model, cfg, verbose=False)
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad and "embeddings.projection" in n]
+    assert names and all("lora_" in n for n in names)
+    # lora_B starts at zero: one step moves it, and then the output depends on the conv's LoRA
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    x = pixels(4)
+    peft_model.train()
+    peft_model(x, labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if n in names}
+    assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
+    opt.step()
+    conv = peft_model.get_submodule("base_model.model.moe_vit.embeddings.projection")
+    assert torch.equal(conv.base_layer.weight, base_conv)  # frozen
+    assert conv.lora_B["default"].weight.abs().sum() > 0
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(x).logits
+        with peft_model.disable_adapter():
+            assert not torch.allclose(peft_model(x).logits, expected)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = load_lora(MoEViTForImageClassification.from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(merge_lora(loaded)(x).logits, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="embeddings.projection"):
+        lora_config(tiny_model(), r=10_000, include_patch_embedding=True, include_experts=False,
+                    include_attention=False, include_mlp=False, verbose=False)

@@ -200,6 +200,7 @@ def lora_config(
     train_head: bool = True,
     train_router: bool = True,
     train_norms: bool = False,
+    include_patch_embedding: bool = False,
     verbose: bool = True,
     **lora_kwargs,
 ) -> LoraConfig:
@@ -223,6 +224,9 @@ def lora_config(
             adapter). Routers are never LoRA-wrapped.
         train_norms: also train the backbone's LayerNorms (weight and bias, 2·d per norm) through
             `modules_to_save`, so they are saved with the adapter.
+        include_patch_embedding: also LoRA the patch embedding (peft's LoRA for `nn.Conv2d`: a rank-r `p x p`
+            convolution, then a 1x1 one; r·(C·p² + d) parameters). For a downstream set whose images differ in kind
+            from pretraining (digits after clothes) this first projection is a cheap place to adapt.
         verbose: print the number of parameters the config will train.
         lora_kwargs: any other `LoraConfig` field (e.g. `init_lora_weights`, `use_rslora`). `lora_dropout` must
             stay 0: peft cannot apply dropout to LoRA on a parameter.
@@ -255,7 +259,12 @@ def lora_config(
         params = {k: v for k, v in params.items() if ".mlp." not in k}
     if not include_dense_mlp:
         linears = {k: v for k, v in linears.items() if not k.endswith(DENSE_MLP_LINEARS)}
-    if not params and not linears:
+    convs = {}
+    if include_patch_embedding:
+        conv = backbone.embeddings.projection
+        convs[prefix + "embeddings.projection"] = (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1],
+                                                   conv.out_channels)
+    if not params and not linears and not convs:
         raise ValueError(
             "lora_config selected no target: the model has no layer matching include_attention="
             f"{include_attention}, include_mlp={include_mlp}, include_dense_mlp={include_dense_mlp}."
@@ -266,7 +275,7 @@ def lora_config(
                 f"LoRA rank r={r} is larger than expert tensor {name} allows: each expert is a {out_f}x{in_f} "
                 f"matrix, so r must be at most {min(out_f, in_f)}. Lower r."
             )
-    for name, (in_f, out_f) in linears.items():
+    for name, (in_f, out_f) in {**linears, **convs}.items():
         if r > min(in_f, out_f):
             raise ValueError(
                 f"LoRA rank r={r} is larger than {name} ({in_f} -> {out_f}) allows: r must be at most "
@@ -286,7 +295,7 @@ def lora_config(
         r=r,
         lora_alpha=2 * r if alpha is None else alpha,
         lora_dropout=0.0,
-        target_modules=sorted(linears) or None,
+        target_modules=sorted(linears) + sorted(convs) or None,
         target_parameters=sorted(params) or None,
         modules_to_save=to_save or None,
         **lora_kwargs,
@@ -294,12 +303,14 @@ def lora_config(
     _use_fused_linear(config)
     enable_expert_lora(model)
     if verbose:
-        n_lora = sum(r * e * (o + i) for e, o, i in params.values()) + sum(r * (i + o) for i, o in linears.values())
+        n_lora = sum(r * e * (o + i) for e, o, i in params.values())
+        n_lora += sum(r * (i + o) for i, o in {**linears, **convs}.values())
         base = model.get_base_model() if isinstance(model, PeftModel) else model
         n_saved = sum(base.get_submodule(n).weight.numel() + _bias_numel(base.get_submodule(n)) for n in to_save)
         total = sum(p.numel() for p in base.parameters())
         print(
-            f"lora_config: r={r}, {len(params)} expert tensors + {len(linears)} linear layers -> {n_lora:,} LoRA "
+            f"lora_config: r={r}, {len(params)} expert tensors + {len(linears) + len(convs)} linear/conv layers -> "
+            f"{n_lora:,} LoRA "
             f"params, {n_saved:,} in modules_to_save ({len(to_save)} modules); {n_lora + n_saved:,} trainable "
             f"({100 * (n_lora + n_saved) / max(total, 1):.2f}% of the {total:,} model params)"
         )
