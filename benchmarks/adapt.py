@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--attention-projections", default="q_proj,v_proj",
                    help="comma-separated attention projections LoRA adapts (q_proj,k_proj,v_proj,o_proj)")
     p.add_argument("--train-norms", action="store_true", help="LoRA arms also train the backbone's LayerNorms")
+    p.add_argument("--lora-experts", default="all", choices=["all", "attention", "none"],
+                   help="which fused expert tensors LoRA adapts: all (MLP and attention experts), attention (the MoA "
+                        "experts' q/o only), none (Linear layers only)")
     p.add_argument("--patch-embedding", action="store_true", help="LoRA arms also adapt the patch embedding (conv LoRA)")
     p.add_argument("--lora-lr", type=float, default=None,
                    help="learning rate of the LoRA arms (default: the recipe's, FinetuneConfig's per-mode default)")
@@ -108,7 +111,8 @@ def run_one_arm(args) -> None:
         mode=arm["mode"], slice=arm["slice"], selection={"policy": args.policy},
         lora={"r": args.r, "include_dense_mlp": args.dense_mlp,
               "attention_projections": args.attention_projections.split(","), "train_norms": args.train_norms,
-              "include_patch_embedding": args.patch_embedding},
+              "include_patch_embedding": args.patch_embedding,
+              "include_experts": args.lora_experts != "none", "include_mlp": args.lora_experts == "all"},
         lr=args.lora_lr if arm["mode"] == "lora" else None,
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, num_threads=args.threads, log_every=0,
     )
@@ -225,7 +229,7 @@ def main(argv=None) -> None:
                    "--attention-projections", args.attention_projections, "--policy", args.policy,
                    *(["--lora-lr", str(args.lora_lr)] if args.lora_lr is not None else []),
                    *(["--train-norms"] if args.train_norms else []),
-                   *(["--patch-embedding"] if args.patch_embedding else []),
+                   *(["--patch-embedding"] if args.patch_embedding else []), "--lora-experts", args.lora_experts,
                    "--threads", str(args.threads), "--seed", str(seed)]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -241,7 +245,7 @@ def main(argv=None) -> None:
         "benchmark": "adapt", "dataset": args.dataset, "image_size": args.image_size, "steps": args.steps,
         "batch_size": args.batch_size, "seeds": seeds, "lora_r": args.r, "lora_dense_mlp": args.dense_mlp,
         "lora_attention_projections": args.attention_projections.split(","), "lora_lr": args.lora_lr, "lora_train_norms": args.train_norms,
-        "lora_patch_embedding": args.patch_embedding, "selection": args.policy,
+        "lora_patch_embedding": args.patch_embedding, "lora_experts": args.lora_experts, "selection": args.policy,
         "threads": args.threads, "throughput": "images per CPU-second of the training loop (machine shared; wall "
                                               "clock too, as train_images_per_s)",
         "model": model, "untrained_preset": args.untrained_preset, "source_task": next(iter(arms.values()))["source_task"] if arms else None,

@@ -10,7 +10,7 @@ from helpers import trained_like
 
 import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
-from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, grouped_mm
+from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, _csr_combine_ok, grouped_mm
 
 BACKENDS = ("eager", "batched_mm", "grouped_mm", "padded_bmm", "segmented_mm")
 
@@ -173,6 +173,29 @@ def test_grouped_mm_backward_with_stride_zero_gradient():
         expected = torch.cat([w[0].sum(0).expand(3, 8), w[2].sum(0).expand(6, 8), w[3].sum(0).expand(3, 8)])
         torch.testing.assert_close(x.grad, expected)
         assert w.grad[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_of_sorted_expert_outputs_matches_direct_sum(dtype):
+    """`ExpertDispatch.combine`: out[t] = sum_j gate[t, j] * y[pair (t, j)], as a sparse CSR matmul (CPU fp32) or a
+    gated index_add_ (other dtypes), with the gradients of y and of the gates."""
+    assert _csr_combine_ok(torch.zeros(1, dtype=dtype)) == (dtype == torch.float32)
+    g = torch.Generator().manual_seed(0)
+    tokens, k, experts, d = 37, 3, 5, 8
+    indices = torch.rand(tokens, experts, generator=g).topk(k, dim=-1).indices
+    plan = ExpertDispatch(indices, experts)
+    y = torch.randn(tokens * k, d, generator=g).to(dtype).requires_grad_(True)  # sorted pair order
+    gates = torch.rand(tokens, k, generator=g).to(dtype).requires_grad_(True)
+    out = plan.combine(y, gates)
+    grad = torch.randn(tokens, d, generator=g).to(dtype)
+    out.backward(grad)
+    y_pairs = y.detach().float()[plan.inverse].view(tokens, k, d)  # back to (token, slot) order
+    expected = (gates.detach().float().unsqueeze(-1) * y_pairs).sum(1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), expected, **tol)
+    torch.testing.assert_close(gates.grad.float(), (y_pairs * grad.float().unsqueeze(1)).sum(-1), **tol)
+    dy_pairs = gates.detach().float().unsqueeze(-1) * grad.float().unsqueeze(1)  # [tokens, k, d]
+    torch.testing.assert_close(y.grad.float(), dy_pairs.reshape(-1, d)[plan.perm], **tol)
 
 
 def test_moa_matches_direct_per_head_formula():
