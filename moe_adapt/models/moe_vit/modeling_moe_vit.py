@@ -247,11 +247,14 @@ class _SegmentedLinear(torch.autograd.Function):
         out = xs.new_empty(xs.shape[0], weight.shape[1])
         sizes = [t - s for s, t in bounds]
         biases = [None] * len(sizes) if bias is None else bias.unbind(0)
-        for x_e, w_e, o_e, b_e in zip(xs.split(sizes), weight.transpose(1, 2).unbind(0), out.split(sizes), biases):
+        for x_e, w_e, o_e in zip(xs.split(sizes), weight.transpose(1, 2).unbind(0), out.split(sizes)):
             if x_e.shape[0]:
                 torch.mm(x_e, w_e, out=o_e)
-                if b_e is not None:  # in place on the hot block: ~6% cheaper than addmm's broadcast copy first
-                    o_e.add_(b_e)
+        # Biases in place, block by block, after all matmuls: ~6% cheaper than addmm's broadcast copy first, and
+        # ~2% cheaper than adding each right after its matmul (on this CPU, work between matmuls slows them).
+        if bias is not None:
+            for o_e, b_e in zip(out.split(sizes), biases):
+                o_e.add_(b_e)
         ctx.save_for_backward(xs if ctx.needs_input_grad[2] else None, index, weight)
         ctx.sizes, ctx.rows, ctx.has_bias = sizes, x.shape[0], bias is not None
         return out
@@ -268,21 +271,20 @@ class _SegmentedLinear(torch.autograd.Function):
         dw = grad.new_empty(n_exp, n_out, n_in) if need_w else None
         db = grad.new_empty(n_exp, n_out) if need_b and ctx.has_bias else None
         none = [None] * n_exp
-        for g, w_e, dx_e, x_e, dw_e, db_e in zip(
+        for g, w_e, dx_e, x_e, dw_e in zip(
             grad.split(sizes), weight.unbind(0), none if dxs is None else dxs.split(sizes),
             none if dw is None else xs.split(sizes), none if dw is None else dw.unbind(0),
-            none if db is None else db.unbind(0),
         ):
             if not g.shape[0]:  # an idle expert: zero gradient
-                for buf in (dw_e, db_e):
-                    if buf is not None:
-                        buf.zero_()
-                continue
-            if dx_e is not None:
-                torch.mm(g, w_e, out=dx_e)
-            if dw_e is not None:
-                torch.mm(g.t(), x_e, out=dw_e)
-            if db_e is not None:
+                if dw_e is not None:
+                    dw_e.zero_()
+            else:
+                if dx_e is not None:
+                    torch.mm(g, w_e, out=dx_e)
+                if dw_e is not None:
+                    torch.mm(g.t(), x_e, out=dw_e)
+        if db is not None:  # after the matmuls, as in the forward (an idle expert's sum is zero)
+            for g, db_e in zip(grad.split(sizes), db.unbind(0)):
                 torch.sum(g, 0, out=db_e)
         if dxs is not None and index is not None:
             dxs = dxs.new_zeros(ctx.rows, n_in).index_add_(0, index, dxs)
