@@ -673,8 +673,8 @@ def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights
     """The `segmented_mm` experts backend (our default; registered with transformers' `ExpertsInterface`).
 
     (token, expert) pairs are sorted by expert; each expert runs one matmul per projection on its contiguous block
-    of rows (`segmented_linear`: no padding, no per-pair weight copies, fixed-size buffers, biases added in place on
-    each hot block), and the gate-weighted sum is one sparse CSR × dense matmul on CPU (`_CombineSorted`); the down
+    of rows (`segmented_linear`: no padding, no per-pair weight copies, fixed-size buffers, biases added in place
+    after the block matmuls), and the gate-weighted sum is one sparse CSR × dense matmul on CPU (`_CombineSorted`); the down
     projection's bias joins at token level (`gates @ bias`, one `[tokens, E] × [E, d]` product). Backward is written
     by hand: a gather and a scatter around the same per-expert matmuls, batched row-dots for the gates' gradient, and
     no weight gradient for frozen experts (or for experts under an activation-space LoRA).
