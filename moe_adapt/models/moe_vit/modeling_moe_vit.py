@@ -674,10 +674,10 @@ def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights
 
     (token, expert) pairs are sorted by expert; each expert runs one matmul per projection on its contiguous block
     of rows (`segmented_linear`: no padding, no per-pair weight copies, fixed-size buffers, biases added in place
-    after the block matmuls), and the gate-weighted sum is one sparse CSR × dense matmul on CPU (`_CombineSorted`); the down
-    projection's bias joins at token level (`gates @ bias`, one `[tokens, E] × [E, d]` product). Backward is written
-    by hand: a gather and a scatter around the same per-expert matmuls, batched row-dots for the gates' gradient, and
-    no weight gradient for frozen experts (or for experts under an activation-space LoRA).
+    after the block matmuls), and the gate-weighted sum is one sparse CSR × dense matmul on CPU (`_CombineSorted`);
+    the down projection's bias joins at token level (`gates @ bias`, one `[tokens, E] × [E, d]` product). Backward
+    is written by hand: a gather and a scatter around the same per-expert matmuls, batched row-dots for the gates'
+    gradient, and no weight gradient for frozen experts (or for experts under an activation-space LoRA).
 
     At ViT-S shape on this project's CPU (1 thread) these cut the layer from 1.40x to ~1.30x a dense MLP of equal
     active width; the expert matmuls alone cost 1.06-1.09x, the rest is the gather and scatter over k-times
@@ -688,7 +688,9 @@ def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights
 
     (A variant that ran each expert's whole chain before the next was ~7% faster at ViT-S shape but allocates
     per-expert temporaries whose sizes change every step; glibc's heap fragmented and RSS crept up by hundreds of
-    MB over a few hundred steps, so it was dropped.)"""
+    MB over a few hundred steps, so it was dropped. Re-tested with every intermediate written into preallocated
+    full-size buffers, so nothing is allocated per expert, it ran ~20% slower than this: on this CPU, elementwise
+    work between the block matmuls slows the matmuls.)"""
     if on_accelerator(hidden_states) and expert_lora(self, "up_proj") is None and expert_lora(self, "down_proj") is None:
         return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
     plan = ExpertDispatch(top_k_index, self.num_experts)
