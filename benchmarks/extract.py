@@ -15,8 +15,9 @@ sub-model and reports, all measured in this run on the same machine:
   alike): the full model routing for the task, the slice, and the same-shape `ViTModel`; timed interleaved, the
   median of several rounds;
 - the task metric (accuracy / COCO mAP / mean IoU on the eval split) of the full model and of the slice, and of
-  the slice healed toward the parent on the calibration images (`heal_submodel`: router rows, LayerNorms and
-  biases fitted to the parent's last hidden states, `--heal-steps`, 0 to skip); the healed slice has the same
+  the slice healed toward the parent on the calibration images (`heal_submodel`: by default the whole backbone,
+  `--heal-train all`, distilled to the parent's last hidden states at lr 1e-4; `--heal-train routers,norms,biases`
+  fits only those small tensors; `--heal-steps`, 0 to skip); the healed slice has the same
   parameters, FLOPs and speed as the slice.
 
 Targets: slice ≤ 50% of the full model's parameters, ≥ 99% of its metric, ≥ 0.95× the images/s of the dense ViT.
@@ -54,7 +55,10 @@ def parse_args(argv):
                    help="also heal each slice toward the parent on the calibration images (heal_submodel) and report "
                         "its metric; 0 skips it")
     p.add_argument("--heal-batch-size", type=int, default=32)
-    p.add_argument("--heal-lr", type=float, default=3e-3)
+    p.add_argument("--heal-train", default="all",
+                   help="groups healing fits: 'all' (default) or comma-separated routers, norms, biases, weights")
+    p.add_argument("--heal-lr", type=float, default=None,
+                   help="healing learning rate (default heal_submodel's: 1e-4 with weights, else 3e-3)")
     p.add_argument("--eval-images", type=int, default=None, help="eval images per task for the metric (default all)")
     p.add_argument("--batch-size", type=int, default=64, help="batch of the throughput runs")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median)")
@@ -117,6 +121,9 @@ def main(argv=None) -> int:
         args.pretrain_steps, args.calibration_images, args.eval_images = 3, 32, 32
         args.heal_steps = min(args.heal_steps, 3)
         args.rounds, args.iters, args.batch_size = 2, 1, 16
+    from moe_adapt.cli.extract import heal_train_groups
+
+    heal_groups = heal_train_groups(args.heal_train)
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_extract_"))
@@ -172,7 +179,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             healed = extract_submodel(model, selection, tasks=[task]).eval()
             heal = heal_submodel(model, healed, calib, steps=args.heal_steps, lr=args.heal_lr,
-                                 batch_size=args.heal_batch_size, seed=args.seed)
+                                 batch_size=args.heal_batch_size, seed=args.seed, train=heal_groups)
             m_healed = evaluate_task(healed, d, task, max_samples=args.eval_images)[metric]
             seconds[f"heal_{task}"] = time.perf_counter() - t0
 
@@ -208,7 +215,7 @@ def main(argv=None) -> int:
                        "ratio": (m_sub / m_full) if m_full else None,
                        "healed": m_healed, "healed_ratio": (m_healed / m_full) if m_full and m_healed is not None else None},
             "heal": None if heal is None else {k: heal.to_dict()[k] for k in
-                                               ("steps", "lr", "batch_size", "trained_params", "loss_before",
+                                               ("steps", "lr", "batch_size", "train", "trained_params", "loss_before",
                                                 "loss_after", "restored")},
             "kept_experts": {n: len(ids) for n, ids in selection.experts.items()},
             "dense_layers": sum(len(ids) == selection.top_k(n) for n, ids in selection.experts.items()),

@@ -165,7 +165,8 @@ def test_cli_extract_with_healing_records_it_and_rebuilds_the_slice_before_heali
     assert "healing toward the parent: 5 steps" in printed and "mean squared difference to the parent" in printed
     card = (tmp_path / "healed" / "README.md").read_text()
     info = read_card_selection(tmp_path / "healed")
-    assert "## Healing" in card and "--heal-steps 5 --heal-lr 0.003" in card
+    assert "## Healing" in card and "--heal-steps 5 --heal-train routers,norms,biases" in card
+    assert "router rows, LayerNorms and biases" in card and info.healed["lr"] == 3e-3
     assert info.healed["steps"] == 5 and info.healed["images"] == {"a": 8}
     plain = (tmp_path / "plain" / "model.safetensors").read_bytes()
     healed = (tmp_path / "healed" / "model.safetensors").read_bytes()
@@ -177,3 +178,14 @@ def test_cli_extract_with_healing_records_it_and_rebuilds_the_slice_before_heali
     assert (tmp_path / "rebuilt" / "model.safetensors").read_bytes() == plain
     assert main(["extract", str(parent_dir), *common, "--heal-steps", "-1", "--out", str(tmp_path / "bad")]) == 2
     assert "--heal-steps must be 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # the whole backbone: the command and the card say so, and the default rate follows
+    assert main(["extract", str(parent_dir), *common, "--heal-steps", "3", "--heal-train", "all",
+                 "--out", str(tmp_path / "all")]) == 0
+    capsys.readouterr()
+    card = (tmp_path / "all" / "README.md").read_text()
+    info = read_card_selection(tmp_path / "all")
+    assert "--heal-train all" in card and "other backbone tensors" in card
+    assert info.healed["train"] == ["routers", "norms", "biases", "weights"] and info.healed["lr"] == 1e-4
+    assert main(["extract", str(parent_dir), *common, "--heal-steps", "3", "--heal-train", "routers,matrices",
+                 "--out", str(tmp_path / "bad2")]) == 2
+    assert "--heal-train 'routers,matrices'" in capsys.readouterr().err and not (tmp_path / "bad2").exists()

@@ -11,8 +11,8 @@ the policy, takes the union over tasks, slices the sub-model, verifies it agains
 and writes to DIR: the sub-model (`config.json`, `model.safetensors`), `README.md` (the model card),
 `verification.json`, `selection.json`, `usage_<task>.json` and `usage_heatmap.png`.
 
-`--heal-steps N` fits the slice's router rows, LayerNorms and biases to the parent's outputs on the calibration
-images after slicing (`moe_adapt.surgery.heal_submodel`); the card records it.
+`--heal-steps N` fits the slice's router rows, LayerNorms and biases (`--heal-train all`: its whole backbone) to the
+parent's outputs on the calibration images after slicing (`moe_adapt.surgery.heal_submodel`); the card records it.
 
 The second form rebuilds the sub-model a card describes from its parent, bit for bit (checked against the card's
 weight fingerprints unless `--no-check`); of a healed slice it rebuilds the slice before healing.
@@ -31,6 +31,17 @@ from moe_adapt.analysis.selection import POLICIES
 from moe_adapt.analysis.usage import CRITERIA
 
 from .inspect import add_calibration_arguments, collect_usages, dataset_names
+
+
+def heal_train_groups(spec: str) -> tuple[str, ...]:
+    """`--heal-train`: "all" or comma-separated groups of `HEAL_GROUPS` → the groups (a clear error otherwise)."""
+    from moe_adapt.surgery.heal import HEAL_GROUPS
+
+    groups = HEAL_GROUPS if spec.strip() == "all" else tuple(g.strip() for g in spec.split(",") if g.strip())
+    unknown = [g for g in groups if g not in HEAL_GROUPS]
+    if unknown or not groups:
+        raise ValueError(f"--heal-train {spec!r}: choose 'all' or comma-separated groups of {list(HEAL_GROUPS)}.")
+    return groups
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -53,7 +64,9 @@ def command_line(args: argparse.Namespace) -> str:
     if args.criterion:
         parts += ["--criterion", args.criterion]
     if args.heal_steps:
-        parts += ["--heal-steps", str(args.heal_steps), "--heal-lr", str(args.heal_lr)]
+        parts += ["--heal-steps", str(args.heal_steps), "--heal-train", args.heal_train]
+        if args.heal_lr is not None:
+            parts += ["--heal-lr", str(args.heal_lr)]
     parts += ["--split", args.split, "--max-images", str(args.max_images), "--verify-split", args.verify_split,
               "--verify-images", str(args.verify_images), "--batch-size", str(args.batch_size), "--out", args.out]
     if args.no_norms:
@@ -129,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--criterion reap needs the expert output norms; drop --no-norms.")
     if args.heal_steps < 0:
         raise ValueError(f"--heal-steps must be 0 (no healing) or more, got {args.heal_steps}.")
+    heal_groups = heal_train_groups(args.heal_train)
     stage = _StagedFolder(Path(args.out), args.overwrite)
     try:
         parent = load_model(args.model)
@@ -149,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"    healing toward the parent: {args.heal_steps} steps on the calibration images")
             calib = {t: calibration_loader(args.data, t, split=args.split, dataset=names.get(t),
                                            batch_size=args.batch_size, max_images=args.max_images) for t in args.task}
-            heal = heal_submodel(parent, sub, calib, steps=args.heal_steps, lr=args.heal_lr)
+            heal = heal_submodel(parent, sub, calib, steps=args.heal_steps, lr=args.heal_lr, train=heal_groups)
             print(f"    mean squared difference to the parent {heal.loss_before:.4g} -> {heal.loss_after:.4g}"
                   + (" (no improvement: kept as sliced)" if heal.restored else ""))
         sub.save_pretrained(stage.path)
@@ -201,7 +215,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     group.add_argument("--heal-steps", type=int, default=0,
                        help="fit the slice's router rows, LayerNorms and biases to the parent's outputs on the "
                             "calibration images for this many steps (default 0: no healing)")
-    group.add_argument("--heal-lr", type=float, default=3e-3, help="learning rate of the healing (default 3e-3)")
+    group.add_argument("--heal-train", default="routers,norms,biases",
+                       help="comma-separated groups healing fits: routers, norms, biases, weights (every other backbone "
+                            "tensor), or 'all' (default routers,norms,biases)")
+    group.add_argument("--heal-lr", type=float, default=None,
+                       help="learning rate of the healing (default 3e-3, or 1e-4 when weights are fitted)")
     group = parser.add_argument_group("verification")
     group.add_argument("--verify-split", default="eval", help="'eval' (default), 'train' or a split name")
     group.add_argument("--verify-images", type=int, default=256, help="verification images per task")

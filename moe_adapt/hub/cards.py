@@ -57,6 +57,16 @@ class CardSelection:
     healed: dict | None = None  # the `HealReport` of a slice healed after slicing (its weights are then not rebuilt)
 
 
+_HEAL_GROUP_TEXT = {"routers": "router rows", "norms": "LayerNorms", "biases": "biases",
+                    "weights": "other backbone tensors (matrices, expert tensors, embeddings)"}
+
+
+def _heal_groups_text(groups) -> str:
+    """`["routers", "norms"]` → "router rows and LayerNorms" (the card's words for `HealReport.train`)."""
+    words = [_HEAL_GROUP_TEXT.get(g, g) for g in groups]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def _compact_json(data) -> str:
     """Indented JSON with lists of numbers kept on one line."""
     text = json.dumps(data, indent=1)
@@ -187,7 +197,7 @@ def build_model_card(
     if heal:
         body += [
             "## Healing", "",
-            f"After slicing, the router rows, LayerNorms and biases ({heal['trained_params']:,} parameters; groups "
+            f"After slicing, the slice's {_heal_groups_text(heal['train'])} ({heal['trained_params']:,} parameters; groups "
             f"{', '.join(heal['train'])}) were fitted for {heal['steps']} steps (lr {heal['lr']}) so that the slice's last "
             "hidden states match the parent's on the calibration images (`moe_adapt.surgery.heal_submodel`): mean "
             f"squared difference {heal['loss_before']:.4g} → {heal['loss_after']:.4g}"
