@@ -189,3 +189,5 @@ def test_cli_extract_with_healing_records_it_and_rebuilds_the_slice_before_heali
     assert main(["extract", str(parent_dir), *common, "--heal-steps", "3", "--heal-train", "routers,matrices",
                  "--out", str(tmp_path / "bad2")]) == 2
     assert "--heal-train 'routers,matrices'" in capsys.readouterr().err and not (tmp_path / "bad2").exists()
+    assert main(["extract", str(parent_dir), *common, "--heal-train", "all", "--out", str(tmp_path / "bad3")]) == 2
+    assert "add --heal-steps" in capsys.readouterr().err and not (tmp_path / "bad3").exists()

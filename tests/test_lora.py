@@ -279,8 +279,11 @@ def test_patch_embedding_lora_trains_saves_and_merges(tmp_path):
     peft_model.eval()
     with torch.no_grad():
         expected = peft_model(x).logits
-        with peft_model.disable_adapter():
-            assert not torch.allclose(peft_model(x).logits, expected)
+        trained_b = conv.lora_B["default"].weight.clone()
+        conv.lora_B["default"].weight.zero_()  # the conv's LoRA alone switched off: the output changes
+        assert not torch.allclose(peft_model(x).logits, expected)
+        conv.lora_B["default"].weight.copy_(trained_b)
+        torch.testing.assert_close(peft_model(x).logits, expected, atol=0, rtol=0)
     peft_model.save_pretrained(tmp_path / "adapter")
     loaded = load_lora(MoEViTForImageClassification.from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
     with torch.no_grad():

@@ -32,12 +32,15 @@ from moe_adapt.analysis.usage import CRITERIA
 
 from .inspect import add_calibration_arguments, collect_usages, dataset_names
 
+#: `--heal-train`'s default: the small tensors (`heal_submodel`'s `DEFAULT_HEAL_GROUPS`)
+HEAL_TRAIN_DEFAULT = "routers,norms,biases"
+
 
 def heal_train_groups(spec: str) -> tuple[str, ...]:
     """`--heal-train`: "all" or comma-separated groups of `HEAL_GROUPS` → the groups (a clear error otherwise)."""
     from moe_adapt.surgery.heal import HEAL_GROUPS
 
-    groups = HEAL_GROUPS if spec.strip() == "all" else tuple(g.strip() for g in spec.split(",") if g.strip())
+    groups = HEAL_GROUPS if spec.strip() == "all" else tuple(dict.fromkeys(g.strip() for g in spec.split(",") if g.strip()))
     unknown = [g for g in groups if g not in HEAL_GROUPS]
     if unknown or not groups:
         raise ValueError(f"--heal-train {spec!r}: choose 'all' or comma-separated groups of {list(HEAL_GROUPS)}.")
@@ -143,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     if args.heal_steps < 0:
         raise ValueError(f"--heal-steps must be 0 (no healing) or more, got {args.heal_steps}.")
     heal_groups = heal_train_groups(args.heal_train)
+    if not args.heal_steps and (args.heal_train != HEAL_TRAIN_DEFAULT or args.heal_lr is not None):
+        raise ValueError("--heal-train and --heal-lr set how a slice is healed; add --heal-steps N (N > 0) to heal it.")
     stage = _StagedFolder(Path(args.out), args.overwrite)
     try:
         parent = load_model(args.model)
@@ -213,9 +218,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     group.add_argument("--criterion", choices=CRITERIA, help="frequency (default), gate_mass (default for coverage), reap")
     group = parser.add_argument_group("healing")
     group.add_argument("--heal-steps", type=int, default=0,
-                       help="fit the slice's router rows, LayerNorms and biases to the parent's outputs on the "
-                            "calibration images for this many steps (default 0: no healing)")
-    group.add_argument("--heal-train", default="routers,norms,biases",
+                       help="fit the slice (the groups of --heal-train) to the parent's outputs on the calibration "
+                            "images for this many steps (default 0: no healing)")
+    group.add_argument("--heal-train", default=HEAL_TRAIN_DEFAULT,
                        help="comma-separated groups healing fits: routers, norms, biases, weights (every other backbone "
                             "tensor), or 'all' (default routers,norms,biases)")
     group.add_argument("--heal-lr", type=float, default=None,

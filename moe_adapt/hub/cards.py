@@ -58,12 +58,12 @@ class CardSelection:
 
 
 _HEAL_GROUP_TEXT = {"routers": "router rows", "norms": "LayerNorms", "biases": "biases",
-                    "weights": "other backbone tensors (matrices, expert tensors, embeddings)"}
+                    "weights": "other backbone tensors: matrices, expert tensors, embeddings"}
 
 
 def _heal_groups_text(groups) -> str:
     """`["routers", "norms"]` → "router rows and LayerNorms" (the card's words for `HealReport.train`)."""
-    words = [_HEAL_GROUP_TEXT.get(g, g) for g in groups]
+    words = [_HEAL_GROUP_TEXT.get(g, g) for g in dict.fromkeys(groups)]
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 

@@ -316,8 +316,10 @@ class _CombineSorted(torch.autograd.Function):
         if _csr_combine_ok(y):
             cols, order = inverse.view(tokens, k).sort(dim=1)  # CSR rows with ascending columns
             crow = torch.arange(0, tokens * k + 1, k, device=y.device)
-            with warnings.catch_warnings():  # "sparse CSR support is in beta" (the matmul is long stable)
-                warnings.simplefilter("ignore")
+            # autocast off: the sums stay in y's dtype, as the index_add_ path keeps them (CPU autocast would cast
+            # the sparse matmul to bf16/fp16, which has no CPU kernel)
+            with warnings.catch_warnings(), torch.autocast("cpu", enabled=False):
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta" (the matmul is long stable)
                 mat = torch.sparse_csr_tensor(
                     crow, cols.reshape(-1), g_pairs.view(tokens, k).gather(1, order).reshape(-1),
                     size=(tokens, y.shape[0]), dtype=y.dtype, device=y.device,
