@@ -246,14 +246,13 @@ class _SegmentedLinear(torch.autograd.Function):
         xs = (x if index is None else x.index_select(0, index)).contiguous()
         out = xs.new_empty(xs.shape[0], weight.shape[1])
         sizes = [t - s for s, t in bounds]
-        biases = [None] * len(sizes) if bias is None else bias.unbind(0)
         for x_e, w_e, o_e in zip(xs.split(sizes), weight.transpose(1, 2).unbind(0), out.split(sizes)):
             if x_e.shape[0]:
                 torch.mm(x_e, w_e, out=o_e)
         # Biases in place, block by block, after all matmuls: ~6% cheaper than addmm's broadcast copy first, and
         # ~2% cheaper than adding each right after its matmul (on this CPU, work between matmuls slows them).
         if bias is not None:
-            for o_e, b_e in zip(out.split(sizes), biases):
+            for o_e, b_e in zip(out.split(sizes), bias.unbind(0)):
                 o_e.add_(b_e)
         ctx.save_for_backward(xs if ctx.needs_input_grad[2] else None, index, weight)
         ctx.sizes, ctx.rows, ctx.has_bias = sizes, x.shape[0], bias is not None
@@ -310,8 +309,8 @@ class _CombineSorted(torch.autograd.Function):
     one gather, a batched row-dot for the gates and an in-place scale."""
 
     @staticmethod
-    def forward(ctx, y, gates, perm, inverse, k):
-        tokens = gates.shape[0]
+    def forward(ctx, y, gates, perm, inverse, sorted_tokens):
+        tokens, k = gates.shape
         g_pairs = gates.reshape(-1).to(y.dtype)
         if _csr_combine_ok(y):
             cols, order = inverse.view(tokens, k).sort(dim=1)  # CSR rows with ascending columns
@@ -327,19 +326,19 @@ class _CombineSorted(torch.autograd.Function):
                 out = torch.sparse.mm(mat, y)
         else:
             g_sorted = g_pairs.index_select(0, perm)
-            out = y.new_zeros(tokens, y.shape[1]).index_add_(0, perm // k, y * g_sorted.unsqueeze(1))
-        ctx.save_for_backward(y, g_pairs, perm, inverse)
-        ctx.k = k
+            out = y.new_zeros(tokens, y.shape[1]).index_add_(0, sorted_tokens, y * g_sorted.unsqueeze(1))
+        ctx.save_for_backward(y, g_pairs, perm, inverse, sorted_tokens)
+        ctx.gates_shape = gates.shape
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        y, g_pairs, perm, inverse = ctx.saved_tensors
-        dy = grad.contiguous().index_select(0, perm // ctx.k)
+        y, g_pairs, perm, inverse, sorted_tokens = ctx.saved_tensors
+        dy = grad.contiguous().index_select(0, sorted_tokens)
         dgate = None
         if ctx.needs_input_grad[1]:  # per sorted pair, then back to pair order
-            dgate = _rowdot(dy, y).index_select(0, inverse).view(-1, ctx.k)
+            dgate = _rowdot(dy, y).index_select(0, inverse).view(ctx.gates_shape)
         return dy.mul_(g_pairs.index_select(0, perm).unsqueeze(1)), dgate, None, None, None
 
 
@@ -516,7 +515,8 @@ class ExpertDispatch:
     """The token-to-expert plan of one layer: `(token, slot)` pairs sorted by expert id.
 
     indices `[tokens, k]` → `perm` `[S]` (S = tokens·k; sorted position → flat pair), `inverse` `[S]`,
-    `offsets` `[E]` (int32 cumulative counts for grouped matmuls), `sorted_ids` `[S]`, `counts` `[E]`.
+    `offsets` `[E]` (int32 cumulative counts for grouped matmuls), `sorted_ids` `[S]`, `sorted_tokens` `[S]` (the
+    token of each sorted pair), `counts` `[E]`.
     """
 
     #: the padded-buffer path is used while E·capacity stays within this factor of S, else grouped matmuls
@@ -533,6 +533,7 @@ class ExpertDispatch:
         self.inverse = torch.empty_like(self.perm).scatter_(
             0, self.perm, torch.arange(self.perm.numel(), device=self.perm.device)
         )
+        self.sorted_tokens = self.perm // self.k  #: the token of each sorted pair `[S]`
         self._buffer = None
         self._bounds = None
 
@@ -544,14 +545,9 @@ class ExpertDispatch:
             self._bounds = list(zip([0] + ends[:-1], ends))
         return self._bounds
 
-    @property
-    def sorted_tokens(self) -> torch.Tensor:
-        """The token of each sorted pair `[S]`."""
-        return self.perm // self.k
-
     def combine(self, y_sorted: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Expert outputs in sorted pair order `[S, d]` and gates `[tokens, k]` → `Σ_j gate_j · y_j` `[tokens, d]`."""
-        return _CombineSorted.apply(y_sorted, gates, self.perm, self.inverse, self.k)
+        return _CombineSorted.apply(y_sorted, gates, self.perm, self.inverse, self.sorted_tokens)
 
     def project_sum(self, pairs: torch.Tensor, weight: torch.Tensor, bias, gates: torch.Tensor, impl: str, lora=None):
         """`Σ_j gate_j · expert_j(pairs_j)`: pair inputs `[tokens, k, in]` → `[tokens, out]`."""
@@ -616,7 +612,7 @@ class ExpertDispatch:
         elif buf is not None:
             out = self.from_buffer(self.batched_linear(self.to_buffer(x, per_slot), weight, bias))
         else:
-            src = pairs.index_select(0, self.perm) if per_slot else x.index_select(0, self.perm // self.k)
+            src = pairs.index_select(0, self.perm) if per_slot else x.index_select(0, self.sorted_tokens)
             out = grouped_mm(src, weight, self.offsets)
             if bias is not None:
                 out = out + bias.index_select(0, self.sorted_ids)
@@ -671,6 +667,12 @@ def on_accelerator(x: torch.Tensor) -> bool:
     return x.device.type != "cpu"
 
 
+def runs_grouped_mm(x: torch.Tensor, groups, names: tuple[str, ...]) -> bool:
+    """Whether `segmented_mm` hands these expert groups to the `grouped_mm` kernel: on an accelerator, when none of
+    the tensors `names` of any group carries an activation-space LoRA (see `on_accelerator`)."""
+    return on_accelerator(x) and not any(expert_lora(g, name) for g in groups for name in names)
+
+
 def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """The `segmented_mm` experts backend (our default; registered with transformers' `ExpertsInterface`).
 
@@ -693,7 +695,7 @@ def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights
     MB over a few hundred steps, so it was dropped. Re-tested with every intermediate written into preallocated
     full-size buffers, so nothing is allocated per expert, it ran ~20% slower than this: on this CPU, elementwise
     work between the block matmuls slows the matmuls.)"""
-    if on_accelerator(hidden_states) and expert_lora(self, "up_proj") is None and expert_lora(self, "down_proj") is None:
+    if runs_grouped_mm(hidden_states, [self], ("up_proj", "down_proj")):
         return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
     plan = ExpertDispatch(top_k_index, self.num_experts)
     x = hidden_states.to(self.up_proj.dtype)
@@ -911,9 +913,7 @@ class MoEViTMoAttention(nn.Module):
         k, h = route.indices.shape[-1], self.head_dim
         impl = self.config._experts_implementation or "segmented_mm"
         groups = [self.experts, *self.extra_experts]
-        if impl == "segmented_mm" and on_accelerator(flat) and not any(
-            expert_lora(g, name) for g in groups for name in ("q_proj", "o_proj")
-        ):
+        if impl == "segmented_mm" and runs_grouped_mm(flat, groups, ("q_proj", "o_proj")):
             impl = "grouped_mm"  # the fused kernel does the same segmented matmul (see `on_accelerator`)
         dense = k == route.logits.shape[-1] <= self.group_sizes[0]
         if dense:  # every expert is selected: one dense projection over the concatenated heads
