@@ -259,12 +259,12 @@ def lora_config(
         params = {k: v for k, v in params.items() if ".mlp." not in k}
     if not include_dense_mlp:
         linears = {k: v for k, v in linears.items() if not k.endswith(DENSE_MLP_LINEARS)}
-    convs = {}
+    modules = dict(linears)  # target_modules: the Linear layers, and the patch embedding's conv if asked
     if include_patch_embedding:
         conv = backbone.embeddings.projection
-        convs[prefix + "embeddings.projection"] = (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1],
-                                                   conv.out_channels)
-    if not params and not linears and not convs:
+        modules[prefix + "embeddings.projection"] = (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1],
+                                                     conv.out_channels)
+    if not params and not modules:
         raise ValueError(
             "lora_config selected no target: the model has no layer matching include_attention="
             f"{include_attention}, include_mlp={include_mlp}, include_dense_mlp={include_dense_mlp}."
@@ -275,7 +275,7 @@ def lora_config(
                 f"LoRA rank r={r} is larger than expert tensor {name} allows: each expert is a {out_f}x{in_f} "
                 f"matrix, so r must be at most {min(out_f, in_f)}. Lower r."
             )
-    for name, (in_f, out_f) in {**linears, **convs}.items():
+    for name, (in_f, out_f) in modules.items():
         if r > min(in_f, out_f):
             raise ValueError(
                 f"LoRA rank r={r} is larger than {name} ({in_f} -> {out_f}) allows: r must be at most "
@@ -295,7 +295,7 @@ def lora_config(
         r=r,
         lora_alpha=2 * r if alpha is None else alpha,
         lora_dropout=0.0,
-        target_modules=sorted(linears) + sorted(convs) or None,
+        target_modules=sorted(modules) or None,
         target_parameters=sorted(params) or None,
         modules_to_save=to_save or None,
         **lora_kwargs,
@@ -303,15 +303,13 @@ def lora_config(
     _use_fused_linear(config)
     enable_expert_lora(model)
     if verbose:
-        n_lora = sum(r * e * (o + i) for e, o, i in params.values())
-        n_lora += sum(r * (i + o) for i, o in {**linears, **convs}.values())
+        n_lora = sum(r * e * (o + i) for e, o, i in params.values()) + sum(r * (i + o) for i, o in modules.values())
         base = model.get_base_model() if isinstance(model, PeftModel) else model
         n_saved = sum(base.get_submodule(n).weight.numel() + _bias_numel(base.get_submodule(n)) for n in to_save)
         total = sum(p.numel() for p in base.parameters())
         print(
-            f"lora_config: r={r}, {len(params)} expert tensors + {len(linears) + len(convs)} linear/conv layers -> "
-            f"{n_lora:,} LoRA "
-            f"params, {n_saved:,} in modules_to_save ({len(to_save)} modules); {n_lora + n_saved:,} trainable "
+            f"lora_config: r={r}, {len(params)} expert tensors + {len(modules)} linear/conv layers -> {n_lora:,} "
+            f"LoRA params, {n_saved:,} in modules_to_save ({len(to_save)} modules); {n_lora + n_saved:,} trainable "
             f"({100 * (n_lora + n_saved) / max(total, 1):.2f}% of the {total:,} model params)"
         )
     return config
