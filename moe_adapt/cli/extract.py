@@ -29,17 +29,16 @@ from pathlib import Path
 
 from moe_adapt.analysis.selection import POLICIES
 from moe_adapt.analysis.usage import CRITERIA
+from moe_adapt.surgery.heal import DEFAULT_HEAL_GROUPS, HEAL_GROUPS
 
 from .inspect import add_calibration_arguments, collect_usages, dataset_names
 
-#: `--heal-train`'s default: the small tensors (`heal_submodel`'s `DEFAULT_HEAL_GROUPS`)
-HEAL_TRAIN_DEFAULT = "routers,norms,biases"
+#: `--heal-train`'s default: `heal_submodel`'s own (the small tensors)
+HEAL_TRAIN_DEFAULT = ",".join(DEFAULT_HEAL_GROUPS)
 
 
 def heal_train_groups(spec: str) -> tuple[str, ...]:
     """`--heal-train`: "all" or comma-separated groups of `HEAL_GROUPS` → the groups (a clear error otherwise)."""
-    from moe_adapt.surgery.heal import HEAL_GROUPS
-
     groups = HEAL_GROUPS if spec.strip() == "all" else tuple(dict.fromkeys(g.strip() for g in spec.split(",") if g.strip()))
     unknown = [g for g in groups if g not in HEAL_GROUPS]
     if unknown or not groups:
@@ -152,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         parent = load_model(args.model)
         print(f"1/4 collecting expert usage of {args.task} on {args.data} ({args.split}, up to {args.max_images} images)")
-        usages = collect_usages(parent, args)
+        calib = {} if args.heal_steps else None  # healing reuses the calibration batches the usage was measured on
+        usages = collect_usages(parent, args, keep=calib)
         print(f"2/4 selecting experts: policy {args.policy}")
         kwargs = {"n": args.n, "threshold": args.threshold, "coverage": args.coverage, "criterion": args.criterion}
         selections = [select_experts(u, policy=args.policy, **kwargs) for u in usages.values()]
@@ -166,8 +166,6 @@ def run(args: argparse.Namespace) -> int:
         if args.heal_steps:
             slice_fingerprint = weights_fingerprint(sub)  # what --from-card rebuilds: the slice before healing
             print(f"    healing toward the parent: {args.heal_steps} steps on the calibration images")
-            calib = {t: calibration_loader(args.data, t, split=args.split, dataset=names.get(t),
-                                           batch_size=args.batch_size, max_images=args.max_images) for t in args.task}
             heal = heal_submodel(parent, sub, calib, steps=args.heal_steps, lr=args.heal_lr, train=heal_groups)
             print(f"    mean squared difference to the parent {heal.loss_before:.4g} -> {heal.loss_after:.4g}"
                   + (" (no improvement: kept as sliced)" if heal.restored else ""))
@@ -222,7 +220,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                             "images for this many steps (default 0: no healing)")
     group.add_argument("--heal-train", default=HEAL_TRAIN_DEFAULT,
                        help="comma-separated groups healing fits: routers, norms, biases, weights (every other backbone "
-                            "tensor), or 'all' (default routers,norms,biases)")
+                            f"tensor), or 'all' (default {HEAL_TRAIN_DEFAULT})")
     group.add_argument("--heal-lr", type=float, default=None,
                        help="learning rate of the healing (default 3e-3, or 1e-4 when weights are fitted)")
     group = parser.add_argument_group("verification")

@@ -48,8 +48,9 @@ def dataset_names(args: argparse.Namespace) -> dict[str, str]:
     return names
 
 
-def collect_usages(model, args: argparse.Namespace, split: str | None = None) -> dict:
-    """Run `collect_expert_usage` for every `--task` on its calibration data; `{task: ExpertUsage}`."""
+def collect_usages(model, args: argparse.Namespace, split: str | None = None, keep: dict | None = None) -> dict:
+    """Run `collect_expert_usage` for every `--task` on its calibration data; `{task: ExpertUsage}`. With `keep` (a
+    dict), each task's calibration batches are read once into memory and left in `keep[task]` for a later use."""
     from moe_adapt.analysis import collect_expert_usage
     from moe_adapt.analysis.calibration import calibration_loader
 
@@ -63,6 +64,8 @@ def collect_usages(model, args: argparse.Namespace, split: str | None = None) ->
         model.config.task_index(task)  # a clear error before any data is read
         loader = calibration_loader(args.data, task, split=split or args.split, dataset=names.get(task),
                                     batch_size=args.batch_size, max_images=args.max_images)
+        if keep is not None:
+            loader = keep[task] = list(loader)
         usages[task] = collect_expert_usage(model, loader, task, output_norms=not args.no_norms, progress=True)
     return usages
 
