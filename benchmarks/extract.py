@@ -214,9 +214,7 @@ def main(argv=None) -> int:
             "metric": {"name": metric, "full": m_full, "sliced": m_sub,
                        "ratio": (m_sub / m_full) if m_full else None,
                        "healed": m_healed, "healed_ratio": (m_healed / m_full) if m_full and m_healed is not None else None},
-            "heal": None if heal is None else {k: heal.to_dict()[k] for k in
-                                               ("steps", "lr", "batch_size", "train", "trained_params", "loss_before",
-                                                "loss_after", "restored")},
+            "heal": None if heal is None else {k: v for k, v in heal.to_dict().items() if k not in ("images", "per_task")},
             "kept_experts": {n: len(ids) for n, ids in selection.experts.items()},
             "dense_layers": sum(len(ids) == selection.top_k(n) for n, ids in selection.experts.items()),
             "tokens_routed_outside_kept": report.tasks[task]["routing_left_kept_set"]["any_layer"],

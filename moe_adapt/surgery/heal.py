@@ -169,8 +169,7 @@ def heal_submodel(
         return torch.cat([model(x, task=t).last_hidden_state for x in pixels[t].split(batch_size)])
 
     def loss_on_all(t, target):
-        with torch.no_grad():
-            return F.mse_loss(targets_of(sub_backbone, t), target).item()
+        return F.mse_loss(targets_of(sub_backbone, t), target).item()
 
     was_training = (parent_backbone.training, sub_backbone.training)
     flags = {name: p.requires_grad for name, p in sub_backbone.named_parameters()}
