@@ -38,7 +38,12 @@ def main(argv: list[str] | None = None) -> None:
         args.config, model=args.model, dataset=dataset, output_dir=args.output_dir, mode=args.mode,
         source_task=args.source_task, steps=args.steps, merge=args.merge, slice=args.slice,
     )
-    finetune(cfg)
+    try:
+        finetune(cfg)
+    finally:  # leave no live process group behind: gloo's threads at interpreter exit can abort the process
+        from accelerate import PartialState
+
+        PartialState().destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     config = load_pretrain_config(args.config, overrides)
-    results = pretrain(config, resume=args.resume)
+    try:
+        results = pretrain(config, resume=args.resume)
+    finally:  # leave no live process group behind: gloo's threads at interpreter exit can abort the process
+        from accelerate import PartialState
+
+        PartialState().destroy_process_group()
     if results:  # the main process
         for task, value in results["primary"].items():
             print(f"{task}: {results['primary_metric'][task]} = {value:.4f}")
