@@ -10,17 +10,22 @@ sub-model and reports, all measured in this run on the same machine:
 
 - parameters of the full model (all of it, and the part the task can reach) and of the slice;
 - FLOPs per image (`moe_adapt.flops.flops_per_image`) of the full model, the slice and a transformers `ViTModel` of
-  the same active shape (same width, depth, heads, MLP width = the active experts' width, image and patch size);
-- inference images/s of the backbones (pixels → last hidden state; heads left out so that all three compare
-  alike): the full model routing for the task, the slice, and the same-shape `ViTModel`; timed interleaved, the
-  median of several rounds;
+  the same active shape, layer by layer (same width, depth, image and patch size; k heads of the attention
+  experts' head size in mixture-of-attention layers, via `ViTConfig.head_dim`; MLP width = the active experts'
+  width), and of the standard ViT of that width (hidden / heads per head everywhere: narrower attention than
+  Mod-Squad's 2·d/heads experts, so fewer FLOPs than the slice);
+- inference images/s of the backbones (pixels → last hidden state; heads left out so that all compare alike):
+  the full model routing for the task, the slice, the same-shape `ViTModel` and the standard one; timed
+  interleaved, the median of several rounds; and the rate of backbone FLOPs per second of the slice over each
+  ViT's (`flop_rate_sliced_vs_vit*`: 1.0 = the slice runs its work as efficiently as transformers' ViT);
 - the task metric (accuracy / COCO mAP / mean IoU on the eval split) of the full model and of the slice, and of
   the slice healed toward the parent on the calibration images (`heal_submodel`: by default the whole backbone,
   `--heal-train all`, distilled to the parent's last hidden states at lr 1e-4; `--heal-train routers,norms,biases`
   fits only those small tensors; `--heal-steps`, 0 to skip); the healed slice has the same
   parameters, FLOPs and speed as the slice.
 
-Targets: slice ≤ 50% of the full model's parameters, ≥ 99% of its metric, ≥ 0.95× the images/s of the dense ViT.
+Targets: slice ≤ 50% of the full model's parameters, ≥ 99% of its metric, ≥ 0.95× the images/s of the same-shape
+dense ViT (`speed_sliced_vs_vit`; `speed_sliced_vs_vit_standard` is reported beside it).
 """
 
 from __future__ import annotations
@@ -70,19 +75,35 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def same_shape_vit(config, image_size: int):
-    """A transformers ViTModel with the slice's active shape: same width, depth, heads, image/patch size, and an
-    MLP as wide as the active MLP experts together (= the dense MLP width of a Mod-Squad layout)."""
-    from transformers import ViTConfig, ViTModel
+def same_shape_vit(config, image_size: int, standard_heads: bool = False):
+    """A transformers `ViTModel` with the slice's active shape, layer by layer: the same width, depth, image and
+    patch size; in a mixture-of-attention layer, attention with k heads of the experts' head size (transformers'
+    `ViTConfig.head_dim`; Mod-Squad's attention experts are 2·d/heads wide), elsewhere the model's dense
+    attention; an MLP as wide as the active MLP experts together in an MoE MLP layer, elsewhere the dense MLP.
 
-    mlp_width = config.mlp_top_k * config.mlp_expert_size if any(config.mlp_experts) else config.intermediate_size
-    vit_config = ViTConfig(
-        hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads, intermediate_size=mlp_width, image_size=image_size,
-        patch_size=config.patch_size, num_channels=config.num_channels, qkv_bias=config.qkv_bias,
-        layer_norm_eps=config.layer_norm_eps, hidden_act=config.hidden_act,
-    )
-    return ViTModel(vit_config, add_pooling_layer=False).eval()
+    `standard_heads=True` gives the plain ViT of the same width instead: `num_attention_heads` heads of
+    hidden / heads everywhere (narrower than the attention experts, so fewer FLOPs than the slice)."""
+    from transformers import ViTConfig, ViTModel
+    from transformers.models.vit.modeling_vit import ViTAttention, ViTMLP
+
+    def vit_config(heads=config.num_attention_heads, head_dim=None, mlp_width=config.intermediate_size):
+        extra = {} if head_dim is None else {"head_dim": head_dim}
+        return ViTConfig(
+            hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers, num_attention_heads=heads,
+            intermediate_size=mlp_width, image_size=image_size, patch_size=config.patch_size,
+            num_channels=config.num_channels, qkv_bias=config.qkv_bias, layer_norm_eps=config.layer_norm_eps,
+            hidden_act=config.hidden_act, **extra)
+
+    base = vit_config()
+    moa = base if standard_heads else vit_config(config.attn_top_k, config.attn_expert_head_size)
+    moe_mlp = vit_config(mlp_width=config.mlp_top_k * config.mlp_expert_size)
+    vit = ViTModel(base, add_pooling_layer=False)
+    for i, layer in enumerate(vit.layers):
+        if config.attn_experts[i] and moa is not base:
+            layer.attention = ViTAttention(moa)
+        if config.mlp_experts[i] and moe_mlp.intermediate_size != base.intermediate_size:
+            layer.mlp = ViTMLP(moe_mlp)
+    return vit.eval()
 
 
 def throughput(runners: dict, pixels, rounds: int, iters: int) -> dict[str, float]:
@@ -186,12 +207,14 @@ def main(argv=None) -> int:
         log(f"[{task}] throughput ...")
         image_size = int(eval_batches[0].shape[-1])
         vit = same_shape_vit(model.config, image_size)
+        vit_standard = same_shape_vit(model.config, image_size, standard_heads=True)
         pixels = torch.randn(args.batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         t0 = time.perf_counter()
         speed = throughput({
             "full": lambda x, t=task: model.moe_vit(x, task=t),
             "sliced": lambda x, m=sub, t=task: m.moe_vit(x, task=t),
             "vit": lambda x, m=vit: m(pixel_values=x),
+            "vit_standard": lambda x, m=vit_standard: m(pixel_values=x),
         }, pixels, args.rounds, args.iters)
         seconds[f"speed_{task}"] = time.perf_counter() - t0
 
@@ -199,17 +222,25 @@ def main(argv=None) -> int:
         f_full = flops_per_image(model, task=task, image_size=image_size)
         f_sub = flops_per_image(sub, task=task, image_size=image_size)
         f_vit = flops_per_image(vit, image_size=image_size)
+        f_vit_standard = flops_per_image(vit_standard, image_size=image_size)
+        f_sub_backbone = f_sub["total"] - (f_sub["head"] or 0)
         entry = {
             "task_type": d.task_type,
             "params": {"full": p_full["total"], "full_reachable_by_task": p_full["task_total"], "sliced": p_sub["total"],
                        "ratio": p_sub["total"] / p_full["total"]},
             "backbone_params": {"sliced": sum(p.numel() for p in sub.moe_vit.parameters()),
-                                "vit": sum(p.numel() for p in vit.parameters())},
+                                "vit": sum(p.numel() for p in vit.parameters()),
+                                "vit_standard": sum(p.numel() for p in vit_standard.parameters())},
             "flops_per_image": {"full": f_full["total"], "sliced": f_sub["total"],
-                                "vit_backbone": f_vit["total"], "sliced_backbone": f_sub["total"] - (f_sub["head"] or 0),
+                                "vit_backbone": f_vit["total"], "vit_standard_backbone": f_vit_standard["total"],
+                                "sliced_backbone": f_sub_backbone,
                                 "image_size": image_size},
             "images_per_s": {k: round(v, 1) for k, v in speed.items()},
             "speed_sliced_vs_vit": speed["sliced"] / speed["vit"],
+            "speed_sliced_vs_vit_standard": speed["sliced"] / speed["vit_standard"],
+            # backbone FLOPs done per second, slice over ViT: how efficiently each runs its work (1.0 = alike)
+            "flop_rate_sliced_vs_vit": speed["sliced"] * f_sub_backbone / (speed["vit"] * f_vit["total"]),
+            "flop_rate_sliced_vs_vit_standard": speed["sliced"] * f_sub_backbone / (speed["vit_standard"] * f_vit_standard["total"]),
             "speed_sliced_vs_full": speed["sliced"] / speed["full"],
             "metric": {"name": metric, "full": m_full, "sliced": m_sub,
                        "ratio": (m_sub / m_full) if m_full else None,
@@ -229,7 +260,8 @@ def main(argv=None) -> int:
         }
         log(f"[{task}] params {entry['params']['ratio']:.3f}, {metric} {m_full:.4f} -> {m_sub:.4f}"
             + (f" (healed {m_healed:.4f})" if m_healed is not None else "") + ", "
-            f"images/s full {speed['full']:.0f} sliced {speed['sliced']:.0f} vit {speed['vit']:.0f}")
+            f"images/s full {speed['full']:.0f} sliced {speed['sliced']:.0f} vit {speed['vit']:.0f} "
+            f"(standard heads {speed['vit_standard']:.0f})")
 
     line = {
         "benchmark": "extract",

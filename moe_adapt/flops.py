@@ -97,6 +97,23 @@ def _head_flops(model: nn.Module, task: str, hw: tuple[int, int]) -> tuple[int |
     return total[0], None
 
 
+def _dense_layer_widths(config, model: nn.Module | None, depth: int) -> list[tuple[int, int]]:
+    """(heads × head size, MLP width) of each dense layer. A transformers `ViTConfig` may set `head_dim` (heads
+    wider or narrower than hidden / heads); a `ViTModel` is read layer by layer from its `q_proj` and `fc1`, so a
+    model whose layers differ in shape is counted as it is built."""
+    d, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    widths = [(heads * head_dim, config.intermediate_size)] * depth
+    layers = getattr(model, "layers", None) if model is not None else None
+    if layers is not None and len(layers) == depth:
+        for i, layer in enumerate(layers):
+            q_proj = getattr(getattr(layer, "attention", None), "q_proj", None)
+            fc1 = getattr(getattr(layer, "mlp", None), "fc1", None)
+            widths[i] = (widths[i][0] if q_proj is None else q_proj.out_features,
+                         widths[i][1] if fc1 is None else fc1.out_features)
+    return widths
+
+
 def flops_per_image(
     model_or_config,
     task: str | None = None,
@@ -109,7 +126,8 @@ def flops_per_image(
     Args:
         model_or_config: a `MoEViTConfig`, an `MoEViTModel` or any task model holding `.moe_vit` (its heads are
             then counted too, by a hooked forward pass on a blank image), or a transformers `ViTConfig` /
-            `ViTModel` (all layers dense; used to compare with a same-shape dense ViT).
+            `ViTModel` (all layers dense, each counted with its own head width and MLP width; used to compare with
+            a same-shape dense ViT).
         task: whose routers to count (a task may route over fewer experts, `config.task_router_sizes`); default
             `config.default_task` or the first task.
         image_size: an int or (height, width); default `config.image_size`.
@@ -149,16 +167,18 @@ def flops_per_image(
         if top_k is not None or expert_mask:
             raise ValueError("top_k / expert_mask only apply to MoE ViT models; this config has no experts.")
 
+    dense_widths = _dense_layer_widths(config, None if is_moe else model, depth)
     result = {"patch_embed": 2 * patches * config.num_channels * p * p * d, "attention": 0, "mlp": 0, "router": 0}
     layers = []
     for i in range(depth):
         row = {"layer": i, "attention": 0, "mlp": 0, "router": 0, "attn_experts_active": 0, "mlp_experts_active": 0}
         for kind, counts in (("attn", attn_counts), ("mlp", mlp_counts)):
             if counts[i] == 0:
+                attn_width, mlp_width = dense_widths[i]
                 if kind == "attn":  # standard multi-head attention: q, k, v, o projections + QK^T and AV
-                    row["attention"] = 4 * 2 * n * d * d + 2 * 2 * n * n * d
+                    row["attention"] = 4 * 2 * n * d * attn_width + 2 * 2 * n * n * attn_width
                 else:
-                    row["mlp"] = 2 * 2 * n * d * config.intermediate_size
+                    row["mlp"] = 2 * 2 * n * d * mlp_width
                 continue
             e_t = config.router_size(task, kind, i)
             k, _ = plan.get(f"layers.{i}.{kind}", (None, None))

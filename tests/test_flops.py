@@ -68,6 +68,23 @@ def test_dense_vit_and_all_dense_moe_config_agree():
     assert f_vit["attention"] == 4 * dense_attention() and f_vit["router"] == 0 and f_vit["task"] is None
 
 
+def test_vit_with_wider_heads_is_counted_per_layer():
+    """A ViTModel with `head_dim` (heads wider than hidden / heads), one of whose layers is rebuilt with the default
+    head size, is counted layer by layer from its modules, not from the config alone."""
+    from transformers.models.vit.modeling_vit import ViTAttention
+
+    vit_config = ViTConfig(hidden_size=D, num_hidden_layers=4, num_attention_heads=4, intermediate_size=I_DENSE,
+                           image_size=32, patch_size=8, head_dim=2 * D // 4)
+    vit = ViTModel(vit_config, add_pooling_layer=False)
+    wide = 4 * 2 * N * D * (2 * D) + 2 * 2 * N * N * (2 * D)
+    assert flops_per_image(vit_config)["attention"] == flops_per_image(vit)["attention"] == 4 * wide
+    vit.layers[1].attention = ViTAttention(ViTConfig(hidden_size=D, num_attention_heads=4))
+    f = flops_per_image(vit)
+    assert f["layers"][1]["attention"] == dense_attention() and f["layers"][0]["attention"] == wide
+    assert f["attention"] == 3 * wide + dense_attention()
+    assert vit(pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state.shape == (1, N, D)
+
+
 def test_parameter_counts():
     config = MoEViTConfig.from_preset("tiny", tasks=["a", "b"], task_labels={"a": list("xyz"), "b": list("uv")})
     model = MoEViTForImageClassification(config)
