@@ -23,6 +23,8 @@ def tiny_model(impl: str = "segmented_mm", dense_slice: bool = False, seed: int 
     config = MoEViTConfig.from_preset("tiny", tasks=["new"], task_labels={"new": list("abc")}, **kw)
     config._experts_implementation = impl
     model = MoEViTForImageClassification(config)
+    if dense_slice:
+        assert {m.router.num_experts for m in model.moe_vit.moe_layers().values()} == {2}  # k = 2 = E: dense layers
     for module in model.moe_vit.moe_layers().values():
         torch.nn.init.normal_(module.router.routers["new"].weight, std=1.0)
     return model

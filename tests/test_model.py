@@ -27,6 +27,11 @@ def test_presets_follow_mod_squad_layout():
     assert (s.attn_top_k, s.mlp_top_k, s.mlp_expert_size, s.attn_expert_head_size) == (6, 4, 384, 128)
     b = MoEViTConfig.from_preset("vit-b", tasks=["cls"])
     assert b.attn_experts[0] == 24 and b.attn_top_k == 12 and b.mlp_experts[1] == 16 and b.mlp_expert_size == 768
+    # the preset's expert counts are knobs too (once silently ignored), and layout "all" uses them in every block
+    t = MoEViTConfig.from_preset("tiny", tasks=["a"], attn_num_experts=2, mlp_num_experts=3)
+    assert t.attn_experts == [2, 0, 2, 0] and t.mlp_experts == [0, 3, 0, 3]
+    assert not hasattr(t, "attn_num_experts") and not hasattr(t, "mlp_num_experts")
+    assert MoEViTConfig.from_preset("tiny", tasks=["a"], layout="all", mlp_num_experts=4).mlp_experts == [4] * 4
 
 
 @pytest.mark.parametrize(

@@ -223,13 +223,16 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
         """Build a Mod-Squad layout: `"vit-s"`, `"vit-b"`, `"mini"` or `"tiny"`.
 
         `layout="mod-squad"` puts attention experts in even blocks and MLP experts in odd blocks; `"all"` makes
-        every block's attention and MLP a mixture. Any field can be overridden through `kwargs`.
+        every block's attention and MLP a mixture. `attn_num_experts` / `mlp_num_experts` change the preset's
+        expert count of those blocks; any config field (e.g. per-layer `attn_experts` lists) can be overridden
+        through `kwargs` too.
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; available: {sorted(PRESETS)}.")
         p = dict(PRESETS[name])
         depth = kwargs.get("num_hidden_layers", p["num_hidden_layers"])
         n_attn, n_mlp = p.pop("attn_num_experts"), p.pop("mlp_num_experts")
+        n_attn, n_mlp = kwargs.pop("attn_num_experts", n_attn), kwargs.pop("mlp_num_experts", n_mlp)
         if layout == "mod-squad":
             p["attn_experts"] = [n_attn if i % 2 == 0 else 0 for i in range(depth)]
             p["mlp_experts"] = [n_mlp if i % 2 == 1 else 0 for i in range(depth)]

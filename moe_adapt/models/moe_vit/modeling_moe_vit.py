@@ -358,7 +358,8 @@ def activation_backward(act_fn, grad: torch.Tensor, h: torch.Tensor) -> torch.Te
 def _gated_activation_backward(act_fn, grad, h, gates, act, need_h: bool, need_gates: bool, grad_owned: bool = False):
     """Backward of `act(h) · gates` (gates `[T, e]` broadcast over the last dim of h `[T, e, I]`): `(dh, dgates)`,
     each None when not needed. `act` is act(h); `grad_owned`: `grad` is the caller's scratch and may be overwritten."""
-    dgates = (grad * act).sum(-1) if need_gates else None
+    # per (token, expert) block a row-dot of grad and act(h): no `[T, e, I]` product is formed
+    dgates = _rowdot(grad.reshape(-1, h.shape[-1]), act.reshape(-1, h.shape[-1])).view(gates.shape) if need_gates else None
     if not need_h:
         return None, dgates
     scaled = grad.mul_(gates.unsqueeze(-1)) if grad_owned else grad * gates.unsqueeze(-1)
@@ -485,7 +486,10 @@ def stacked_inputs_operands(experts: nn.Module, name: str, num: int):
 class _GatedLowRankLinear(torch.autograd.Function):
     """`x Wᵀ + s · (x Aᵀ) Bᵀ` with `x = act(h) · gates` (per expert block) and a frozen W: a slice's gated activation
     followed by its LoRA'd down projection. Keeps h, the gates and the rank-r `x Aᵀ`, not x: the backward recomputes
-    x from h (one activation pass), so LoRA's A gradient costs no `[T, e·I]` activation per layer."""
+    x from h (one activation pass), so LoRA's A gradient costs no `[T, e·I]` activation per layer. A must be
+    block-diagonal, expert e's R on block e (`stacked_inputs_operands`): the gates then scale the rank-r gradient
+    rather than act(h), and only A's diagonal blocks of the returned gradient are correct (all that block_diag's
+    backward reads)."""
 
     @staticmethod
     def forward(ctx, h, gates, weight, a, b, scaling, act_fn):
@@ -504,7 +508,11 @@ class _GatedLowRankLinear(torch.autograd.Function):
         grad = grad.contiguous()
         act = ctx.act_fn(h)
         dz = torch.mm(grad, b).mul_(ctx.scaling)
-        da = torch.mm(dz.t(), (act * gates.unsqueeze(-1)).view(h.shape[0], -1)) if need_a else None
+        da = None
+        if need_a:  # A is block-diagonal (expert e's R on block e): scale dz's rank-r block e by gate e, not act(h)
+            t, e = gates.shape
+            dz_gated = (dz.view(t, e, -1) * gates.unsqueeze(-1)).view(t, -1)
+            da = torch.mm(dz_gated.t(), act.view(t, -1))  # its off-diagonal blocks are never read
         db = torch.mm(grad.t(), z).mul_(ctx.scaling) if need_b else None
         dx = torch.mm(grad, weight).addmm_(dz, a).view_as(h)  # gradient of the gated activation
         dh, dgates = _gated_activation_backward(ctx.act_fn, dx, h, gates, act, need_h, need_gates, grad_owned=True)
