@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--r", type=int, default=2, help="LoRA rank")
+    p.add_argument("--r", type=int, default=4, help="LoRA rank (FinetuneConfig's default)")
     p.add_argument("--dense-mlp", dest="dense_mlp", action="store_true",
                    help="also LoRA the dense MLPs' fc1/fc2 (default: the fused experts and the attention projections)")
     p.add_argument("--attention-projections", default="q_proj,v_proj",
