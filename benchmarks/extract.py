@@ -228,7 +228,11 @@ def main(argv=None) -> int:
             "task_type": d.task_type,
             "params": {"full": p_full["total"], "full_reachable_by_task": p_full["task_total"], "sliced": p_sub["total"],
                        "ratio": p_sub["total"] / p_full["total"]},
-            "backbone_params": {"sliced": sum(p.numel() for p in sub.moe_vit.parameters()),
+            # the backbones alone (task heads cannot be sliced: a segmentation head weighs on the ratio above)
+            "backbone_params": {"full": sum(p.numel() for p in model.moe_vit.parameters()),
+                                "sliced": sum(p.numel() for p in sub.moe_vit.parameters()),
+                                "ratio": sum(p.numel() for p in sub.moe_vit.parameters())
+                                / sum(p.numel() for p in model.moe_vit.parameters()),
                                 "vit": sum(p.numel() for p in vit.parameters()),
                                 "vit_standard": sum(p.numel() for p in vit_standard.parameters())},
             "flops_per_image": {"full": f_full["total"], "sliced": f_sub["total"],
