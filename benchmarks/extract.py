@@ -95,11 +95,16 @@ def same_shape_vit(config, image_size: int, standard_heads: bool = False):
             hidden_act=config.hidden_act, **extra)
 
     base = vit_config()
-    moa = base if standard_heads else vit_config(config.attn_top_k, config.attn_expert_head_size)
-    moe_mlp = vit_config(mlp_width=config.mlp_top_k * config.mlp_expert_size)
     vit = ViTModel(base, add_pooling_layer=False)
+    moa_shape = (config.attn_top_k, config.attn_expert_head_size)
+    rebuild_attention = not standard_heads and moa_shape != (base.num_attention_heads, base.hidden_size // base.num_attention_heads)
+    moa = vit_config(*moa_shape)
+    moe_mlp = vit_config(mlp_width=config.mlp_top_k * config.mlp_expert_size)
+    # rebuilt layers run the same attention kernel as the model's own (a fresh config has none set, and transformers
+    # would fall back to its slower eager attention there)
+    moa._attn_implementation = moe_mlp._attn_implementation = vit.config._attn_implementation
     for i, layer in enumerate(vit.layers):
-        if config.attn_experts[i] and moa is not base:
+        if config.attn_experts[i] and rebuild_attention:
             layer.attention = ViTAttention(moa)
         if config.mlp_experts[i] and moe_mlp.intermediate_size != base.intermediate_size:
             layer.mlp = ViTMLP(moe_mlp)

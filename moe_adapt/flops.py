@@ -102,7 +102,9 @@ def _dense_layer_widths(config, model: nn.Module | None, depth: int) -> list[tup
     wider or narrower than hidden / heads); a `ViTModel` is read layer by layer from its `q_proj` and `fc1`, so a
     model whose layers differ in shape is counted as it is built."""
     d, heads = config.hidden_size, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or d // heads
+    # MoE ViT dense attention always uses hidden / heads; only a transformers ViTConfig may set `head_dim`
+    is_moe = getattr(config, "model_type", None) == "moe_vit"
+    head_dim = (None if is_moe else getattr(config, "head_dim", None)) or d // heads
     widths = [(heads * head_dim, config.intermediate_size)] * depth
     layers = getattr(model, "layers", None) if model is not None else None
     if layers is not None and len(layers) == depth:

@@ -83,6 +83,10 @@ def test_vit_with_wider_heads_is_counted_per_layer():
     assert f["layers"][1]["attention"] == dense_attention() and f["layers"][0]["attention"] == wide
     assert f["attention"] == 3 * wide + dense_attention()
     assert vit(pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state.shape == (1, N, D)
+    # a MoE ViT's dense attention is hidden / heads wide whatever a stray `head_dim` says
+    moe = MoEViTConfig.from_preset("tiny", tasks=["a"], attn_experts=0, mlp_experts=0)
+    moe.head_dim = 16
+    assert flops_per_image(moe)["attention"] == 4 * dense_attention()
 
 
 def test_parameter_counts():

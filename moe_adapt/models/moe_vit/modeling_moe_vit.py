@@ -493,7 +493,10 @@ class _GatedLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, gates, weight, a, b, scaling, act_fn):
-        x = act_fn(h).mul_(gates.unsqueeze(-1)).view(h.shape[0], -1)
+        t, e, i = h.shape
+        if a.shape[1] != e * i or a.shape[0] % e:
+            raise ValueError(f"A must be block-diagonal over the {e} experts' inputs ([e·r, {e * i}]); got {tuple(a.shape)}.")
+        x = act_fn(h).mul_(gates.unsqueeze(-1)).view(t, -1)
         z = torch.mm(x, a.t())
         y = torch.mm(x, weight.t()).addmm_(z, b.t(), alpha=scaling)
         ctx.save_for_backward(h, gates, weight, a, b, z)
