@@ -296,6 +296,9 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
+_SAMPLED_DGATE = True
+
+
 def _csr_combine_ok(y: torch.Tensor) -> bool:
     """Whether `_CombineSorted` may sum with a sparse CSR matmul (CPU, fp32/fp64): one pass over the expert outputs,
     where `y * gate` then `index_add_` makes three."""
@@ -324,9 +327,11 @@ class _CombineSorted(torch.autograd.Function):
                     size=(tokens, y.shape[0]), dtype=y.dtype, device=y.device,
                 )
                 out = torch.sparse.mm(mat, y)
+            ctx.csr = (mat, order)
         else:
             g_sorted = g_pairs.index_select(0, perm)
             out = y.new_zeros(tokens, y.shape[1]).index_add_(0, sorted_tokens, y * g_sorted.unsqueeze(1))
+            ctx.csr = None
         ctx.save_for_backward(y, g_pairs, perm, inverse, sorted_tokens)
         ctx.gates_shape = gates.shape
         return out
@@ -335,10 +340,21 @@ class _CombineSorted(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         y, g_pairs, perm, inverse, sorted_tokens = ctx.saved_tensors
-        dy = grad.contiguous().index_select(0, sorted_tokens)
+        grad = grad.contiguous()
+        dy = grad.index_select(0, sorted_tokens)
         dgate = None
-        if ctx.needs_input_grad[1]:  # per sorted pair, then back to pair order
+        if ctx.needs_input_grad[1] and ctx.csr is not None and _SAMPLED_DGATE:
+            # d gate[t, j] = <grad[t], y[pair (t, j)]>: exactly the forward's CSR pattern, so one sampled matmul reads
+            # grad and y where a row-dot would read the gathered [S, d] dy and y
+            mat, order = ctx.csr
+            with warnings.catch_warnings(), torch.autocast("cpu", enabled=False):
+                warnings.simplefilter("ignore")
+                vals = torch.sparse.sampled_addmm(mat, grad, y.t(), beta=0.0).values()
+            dgate = torch.empty(ctx.gates_shape, dtype=vals.dtype, device=vals.device).scatter_(
+                1, order, vals.view(ctx.gates_shape))
+        elif ctx.needs_input_grad[1]:  # per sorted pair, then back to pair order
             dgate = _rowdot(dy, y).index_select(0, inverse).view(ctx.gates_shape)
+        ctx.csr = None
         return dy.mul_(g_pairs.index_select(0, perm).unsqueeze(1)), dgate, None, None, None
 
 
