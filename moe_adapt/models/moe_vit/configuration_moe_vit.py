@@ -61,7 +61,9 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
     - `attn_experts`, `mlp_experts` (`list[int]`): number of experts in each layer's attention / MLP; 0 = dense.
       Per-layer lists let sliced models (fewer experts in some layers) save and reload exactly.
     - `attn_top_k`, `mlp_top_k`: experts each token selects. `attn_expert_head_size` (default `2*d/heads`,
-      Mod-Squad's doubled head) is the width of one attention expert; `mlp_expert_size` (default
+      Mod-Squad's doubled head) is the width of one attention expert (dense attention blocks keep transformers'
+      ViT heads of `d/heads`, where Mod-Squad doubles them too, so that upcycled ViT checkpoints load as they
+      are); `mlp_expert_size` (default
       `4*d/mlp_top_k`, so the active width equals a dense ViT's) is the width of one MLP expert.
     - `router_renormalize` (default True): renormalise the top-k gates to sum to one. This makes slicing exact
       (Mod-Squad does not renormalise).
