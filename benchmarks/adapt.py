@@ -48,7 +48,7 @@ KEEP = ("trainable_params", "total_params", "trainable_fraction", "flops_per_ima
         "peak_memory_mb", "peak_memory_above_baseline_mb", "train_state_mb", "metric")
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="pretrained multi-task model folder (default: pretrain a mini model briefly)")
     p.add_argument("--untrained-preset", choices=["vit-s", "vit-b"],
@@ -80,7 +80,30 @@ def parse_args(argv=None):
                         "median (one run's accuracy on the ~450 eval images moves by about a point with the seed)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm and print its report
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+#: options only the parent process reads (the child gets the model folder, its arm and its seed explicitly)
+PARENT_ONLY = {"help", "model", "untrained_preset", "pretrain_steps", "pretrain_dir", "seeds", "arms", "arm", "seed"}
+
+
+def child_argv(args) -> list[str]:
+    """Every other option of this run as command-line flags for an arm's child process, read from the parser, so
+    that a new option reaches the arms without forwarding code of its own."""
+    argv = []
+    for action in build_parser()._actions:
+        if not action.option_strings or action.dest in PARENT_ONLY:
+            continue
+        value, flag = getattr(args, action.dest), action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
 
 
 def warm_up_libraries() -> None:
@@ -223,14 +246,7 @@ def main(argv=None) -> None:
     runs = {name: [] for name in names}
     for seed in seeds:  # seeds outermost: machine drift hits every arm alike
         for name in names:
-            cmd = [sys.executable, __file__, "--arm", name, "--model", model, "--dataset", args.dataset,
-                   "--image-size", str(args.image_size), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--r", str(args.r), *(["--dense-mlp"] if args.dense_mlp else []),
-                   "--attention-projections", args.attention_projections, "--policy", args.policy,
-                   *(["--lora-lr", str(args.lora_lr)] if args.lora_lr is not None else []),
-                   *(["--train-norms"] if args.train_norms else []),
-                   *(["--patch-embedding"] if args.patch_embedding else []), "--lora-experts", args.lora_experts,
-                   "--threads", str(args.threads), "--seed", str(seed)]
+            cmd = [sys.executable, __file__, "--arm", name, "--model", model, "--seed", str(seed), *child_argv(args)]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
