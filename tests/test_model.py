@@ -32,6 +32,10 @@ def test_presets_follow_mod_squad_layout():
     assert t.attn_experts == [2, 0, 2, 0] and t.mlp_experts == [0, 3, 0, 3]
     assert not hasattr(t, "attn_num_experts") and not hasattr(t, "mlp_num_experts")
     assert MoEViTConfig.from_preset("tiny", tasks=["a"], layout="all", mlp_num_experts=4).mlp_experts == [4] * 4
+    # a misspelt field is an error that names it (it used to be stored as a stray attribute and ignored)
+    with pytest.raises(ValueError, match="'mi_loss_wieght' \\(did you mean 'mi_loss_weight'\\?\\)"):
+        MoEViTConfig.from_preset("tiny", tasks=["a"], mi_loss_wieght=0.5)
+    assert MoEViTConfig.from_preset("tiny", tasks=["a"], num_labels=7, experts_implementation="eager").mi_loss_weight == 0.005
 
 
 @pytest.mark.parametrize(

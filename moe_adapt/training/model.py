@@ -48,10 +48,13 @@ def build_model_config(
     overrides = dict(config.model.overrides)
     head_configs = {t: dict(s.head) for t, s in config.tasks.items() if s.head}
     head_configs.update(overrides.pop("head_configs", {}) or {})
-    return MoEViTConfig.from_preset(
-        config.model.preset, tasks=list(config.tasks), layout=config.model.layout,
-        task_types=task_types, task_labels=task_labels, head_configs=head_configs, **overrides,
-    )
+    try:
+        return MoEViTConfig.from_preset(
+            config.model.preset, tasks=list(config.tasks), layout=config.model.layout,
+            task_types=task_types, task_labels=task_labels, head_configs=head_configs, **overrides,
+        )
+    except ValueError as err:  # name where the bad value came from: the recipe's model section
+        raise ValueError(f"model (preset {config.model.preset!r}, overrides {sorted(overrides)}): {err}") from err
 
 
 def build_model(config: PretrainConfig, label_names: Mapping[str, list[str]] | None = None, specs=None) -> MoEViTForMultiTask:

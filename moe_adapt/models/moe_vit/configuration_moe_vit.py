@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import numbers
 
 from transformers.backbone_utils import BackboneConfigMixin
@@ -227,7 +229,7 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
         `layout="mod-squad"` puts attention experts in even blocks and MLP experts in odd blocks; `"all"` makes
         every block's attention and MLP a mixture. `attn_num_experts` / `mlp_num_experts` change the preset's
         expert count of those blocks; any config field (e.g. per-layer `attn_experts` lists) can be overridden
-        through `kwargs` too.
+        through `kwargs` too. A key that is no config field raises a `ValueError` naming it (and the closest field).
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; available: {sorted(PRESETS)}.")
@@ -243,7 +245,20 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
         else:
             raise ValueError(f"Unknown layout {layout!r}; expected 'mod-squad' or 'all'.")
         p.update(kwargs)
-        return cls(tasks=list(tasks), **p)
+        config = cls(tasks=list(tasks), **p)
+        # A key that is no config field lands as a stray attribute that nothing reads (transformers' configs accept
+        # any keyword): a typo such as `mi_loss_wieght` in a recipe's overrides would change nothing, silently.
+        fields = {f.name for f in dataclasses.fields(cls)}
+        stray = sorted(k for k in kwargs if k not in fields and k in vars(config))
+        if stray:
+            hints = {k: difflib.get_close_matches(k, sorted(fields), n=1) for k in stray}
+            raise ValueError(
+                "from_preset: unknown MoEViTConfig field(s) "
+                + ", ".join(f"{k!r}" + (f" (did you mean {hints[k][0]!r}?)" if hints[k] else "") for k in stray)
+                + "; the fields are the documented ones of MoEViTConfig (plus transformers' num_labels, "
+                "experts_implementation, attn_implementation)."
+            )
+        return config
 
     # Convenience views used across the package ------------------------------------------------------------------
     def task_index(self, task: str | int) -> int:
