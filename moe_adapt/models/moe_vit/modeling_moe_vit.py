@@ -296,9 +296,6 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-_SAMPLED_DGATE = True
-
-
 def _csr_combine_ok(y: torch.Tensor) -> bool:
     """Whether `_CombineSorted` may sum with a sparse CSR matmul (CPU, fp32/fp64): one pass over the expert outputs,
     where `y * gate` then `index_add_` makes three."""
@@ -343,7 +340,7 @@ class _CombineSorted(torch.autograd.Function):
         grad = grad.contiguous()
         dy = grad.index_select(0, sorted_tokens)
         dgate = None
-        if ctx.needs_input_grad[1] and ctx.csr is not None and _SAMPLED_DGATE:
+        if ctx.needs_input_grad[1] and ctx.csr is not None:
             # d gate[t, j] = <grad[t], y[pair (t, j)]>: exactly the forward's CSR pattern, so one sampled matmul reads
             # grad and y where a row-dot would read the gathered [S, d] dy and y
             mat, order = ctx.csr
