@@ -306,7 +306,8 @@ class _CombineSorted(torch.autograd.Function):
     """`out[t] = Σ_j gates[t, j] · y[inverse[t·k + j]]`: expert outputs in sorted pair order `[S, d]`, gates
     `[tokens, k]` in pair order → token outputs `[tokens, d]`. On CPU the forward is one sparse CSR × dense matmul
     (row t holds token t's k gates at its pairs' sorted positions); elsewhere a gated `index_add_`. The backward is
-    one gather, a batched row-dot for the gates and an in-place scale."""
+    one gather and an in-place scale for y, and for the gates a sampled matmul on the same CSR pattern
+    (`torch.sparse.sampled_addmm`: ⟨grad[t], y[pair]⟩) on CPU, a batched row-dot elsewhere."""
 
     @staticmethod
     def forward(ctx, y, gates, perm, inverse, sorted_tokens):
