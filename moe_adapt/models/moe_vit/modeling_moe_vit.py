@@ -705,8 +705,9 @@ def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights
     of rows (`segmented_linear`: no padding, no per-pair weight copies, fixed-size buffers, biases added in place
     after the block matmuls), and the gate-weighted sum is one sparse CSR × dense matmul on CPU (`_CombineSorted`);
     the down projection's bias joins at token level (`gates @ bias`, one `[tokens, E] × [E, d]` product). Backward
-    is written by hand: a gather and a scatter around the same per-expert matmuls, batched row-dots for the gates'
-    gradient, and no weight gradient for frozen experts (or for experts under an activation-space LoRA).
+    is written by hand: a gather and a scatter around the same per-expert matmuls, a sampled matmul on the combine's
+    CSR pattern for the gates' gradient (a batched row-dot off CPU), and no weight gradient for frozen experts (or
+    for experts under an activation-space LoRA).
 
     At ViT-S shape on this project's CPU (1 thread) these cut the layer from 1.40x to ~1.30x a dense MLP of equal
     active width; the expert matmuls alone cost 1.06-1.09x, the rest is the gather and scatter over k-times
