@@ -101,8 +101,10 @@ def child_argv(args) -> list[str]:
         value, flag = getattr(args, action.dest), action.option_strings[0]
         if isinstance(action, argparse._StoreTrueAction):
             argv += [flag] if value else []
+        elif type(action) is not argparse._StoreAction or action.nargs is not None:
+            raise TypeError(f"child_argv cannot forward {flag} ({type(action).__name__}); extend it for that action.")
         elif value is not None:
-            argv += [flag, str(value)]
+            argv.append(f"{flag}={value}")  # one token: a value starting with '-' stays a value
     return argv
 
 

@@ -67,7 +67,7 @@ def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="sampling.strategy='random'"):
         PretrainConfig.from_dict({"data": {"mini": {"out": "x"}}, "tasks": {"f": {}}, "sampling": {"strategy": "random"}})
     misspelt = load_pretrain_config(CONFIGS / "mini.yaml", ["model.overrides={mi_loss_wieght: 0.05}"])
-    with pytest.raises(ValueError, match=r"model \(preset 'mini'.*'mi_loss_wieght' \(did you mean 'mi_loss_weight'"):
+    with pytest.raises(ValueError, match=r"model.overrides of the recipe \(preset 'mini'.*'mi_loss_wieght' \(did you mean 'mi_loss_weight'"):
         build_model_config(misspelt)
     overridden = load_pretrain_config(CONFIGS / "mini.yaml", ["train.max_steps=7", "sampling.strategy=temperature"])
     assert overridden.train.max_steps == 7 and overridden.sampling.strategy == "temperature"

@@ -53,8 +53,11 @@ def build_model_config(
             config.model.preset, tasks=list(config.tasks), layout=config.model.layout,
             task_types=task_types, task_labels=task_labels, head_configs=head_configs, **overrides,
         )
-    except ValueError as err:  # name where the bad value came from: the recipe's model section
-        raise ValueError(f"model (preset {config.model.preset!r}, overrides {sorted(overrides)}): {err}") from err
+    except ValueError as err:
+        if not str(err).startswith("from_preset: unknown"):
+            raise
+        # a misspelt key can only have come from the recipe's model section: say so
+        raise ValueError(f"model.overrides of the recipe (preset {config.model.preset!r}, keys {sorted(overrides)}): {err}") from err
 
 
 def build_model(config: PretrainConfig, label_names: Mapping[str, list[str]] | None = None, specs=None) -> MoEViTForMultiTask:

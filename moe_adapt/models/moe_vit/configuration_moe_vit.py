@@ -255,8 +255,8 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(
                 "from_preset: unknown MoEViTConfig field(s) "
                 + ", ".join(f"{k!r}" + (f" (did you mean {hints[k][0]!r}?)" if hints[k] else "") for k in stray)
-                + "; the fields are the documented ones of MoEViTConfig (plus transformers' num_labels, "
-                "experts_implementation, attn_implementation)."
+                + "; the fields are the documented ones of MoEViTConfig, and transformers' own config keywords "
+                "(num_labels, id2label, experts_implementation, attn_implementation, dtype, out_indices, ...) pass too."
             )
         return config
 

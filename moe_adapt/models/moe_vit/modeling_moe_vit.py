@@ -347,7 +347,10 @@ class _CombineSorted(torch.autograd.Function):
             mat, order = ctx.csr
             with warnings.catch_warnings(), torch.autocast("cpu", enabled=False):
                 warnings.simplefilter("ignore")
-                vals = torch.sparse.sampled_addmm(mat, grad, y.t(), beta=0.0).values()
+                # the pattern only: zero values, so that a non-finite gate does not turn its gradient into NaN
+                pattern = torch.sparse_csr_tensor(mat.crow_indices(), mat.col_indices(), torch.zeros_like(mat.values()),
+                                                  size=mat.shape)
+                vals = torch.sparse.sampled_addmm(pattern, grad, y.t(), beta=0.0).values()
             dgate = torch.empty(ctx.gates_shape, dtype=vals.dtype, device=vals.device).scatter_(
                 1, order, vals.view(ctx.gates_shape))
         elif ctx.needs_input_grad[1]:  # per sorted pair, then back to pair order
