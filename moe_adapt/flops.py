@@ -97,16 +97,15 @@ def _head_flops(model: nn.Module, task: str, hw: tuple[int, int]) -> tuple[int |
     return total[0], None
 
 
-def _dense_layer_widths(config, model: nn.Module | None, depth: int) -> list[tuple[int, int]]:
+def _dense_layer_widths(config, vit: nn.Module | None, depth: int, is_moe: bool) -> list[tuple[int, int]]:
     """(heads × head size, MLP width) of each dense layer. A transformers `ViTConfig` may set `head_dim` (heads
-    wider or narrower than hidden / heads); a `ViTModel` is read layer by layer from its `q_proj` and `fc1`, so a
-    model whose layers differ in shape is counted as it is built."""
+    wider or narrower than hidden / heads); a `ViTModel` (`vit`) is read layer by layer from its `q_proj` and `fc1`,
+    so a model whose layers differ in shape is counted as it is built. A MoE ViT's dense attention always uses
+    hidden / heads, whatever a stray `head_dim` says."""
     d, heads = config.hidden_size, config.num_attention_heads
-    # MoE ViT dense attention always uses hidden / heads; only a transformers ViTConfig may set `head_dim`
-    is_moe = getattr(config, "model_type", None) == "moe_vit"
     head_dim = (None if is_moe else getattr(config, "head_dim", None)) or d // heads
     widths = [(heads * head_dim, config.intermediate_size)] * depth
-    layers = getattr(model, "layers", None) if model is not None else None
+    layers = None if is_moe or vit is None else getattr(vit, "layers", None)
     if layers is not None and len(layers) == depth:
         for i, layer in enumerate(layers):
             q_proj = getattr(getattr(layer, "attention", None), "q_proj", None)
@@ -169,7 +168,7 @@ def flops_per_image(
         if top_k is not None or expert_mask:
             raise ValueError("top_k / expert_mask only apply to MoE ViT models; this config has no experts.")
 
-    dense_widths = _dense_layer_widths(config, None if is_moe else model, depth)
+    dense_widths = _dense_layer_widths(config, model, depth, is_moe)
     result = {"patch_embed": 2 * patches * config.num_channels * p * p * d, "attention": 0, "mlp": 0, "router": 0}
     layers = []
     for i in range(depth):

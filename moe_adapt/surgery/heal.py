@@ -77,12 +77,18 @@ class HealReport:
         return asdict(self)
 
 
-def healable_parameters(backbone: nn.Module, train: Iterable[str] = DEFAULT_HEAL_GROUPS) -> dict[str, nn.Parameter]:
-    """The backbone's floating-point parameters of the chosen groups: `{name: parameter}`."""
+def _heal_groups(train: str | Iterable[str]) -> tuple[str, ...]:
+    """`train` (one group name or several) as a tuple, checked against `HEAL_GROUPS`."""
     train = (train,) if isinstance(train, str) else tuple(train)
     unknown = [g for g in train if g not in HEAL_GROUPS]
     if unknown or not train:
         raise ValueError(f"heal_submodel: train={list(train)!r}; choose a non-empty subset of {list(HEAL_GROUPS)}.")
+    return train
+
+
+def healable_parameters(backbone: nn.Module, train: Iterable[str] = DEFAULT_HEAL_GROUPS) -> dict[str, nn.Parameter]:
+    """The backbone's floating-point parameters of the chosen groups: `{name: parameter}`."""
+    train = _heal_groups(train)
     norms = {n for n, m in backbone.named_modules() if isinstance(m, nn.LayerNorm)}
     chosen = {}
     for name, p in backbone.named_parameters():
@@ -149,7 +155,7 @@ def heal_submodel(
     """
     if steps < 1:
         raise ValueError(f"heal_submodel: steps must be at least 1, got {steps}.")
-    train = (train,) if isinstance(train, str) else tuple(train)
+    train = _heal_groups(train)
     if lr is None:
         lr = DEFAULT_HEAL_LR["weights" if "weights" in train else "small"]
     sub_backbone, _ = find_backbone(submodel)

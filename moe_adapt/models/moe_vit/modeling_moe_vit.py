@@ -12,6 +12,7 @@ fused dense layer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -296,6 +297,16 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
+@contextlib.contextmanager
+def _cpu_sparse_ops():
+    """Around `_CombineSorted`'s CPU sparse matmuls: autocast off, so the sums stay in y's dtype as the `index_add_`
+    path keeps them (CPU autocast would cast them to bf16/fp16, which have no sparse CPU kernels), and torch's "sparse
+    CSR support is in beta" warning silenced (these matmuls are long stable)."""
+    with warnings.catch_warnings(), torch.autocast("cpu", enabled=False):
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _csr_combine_ok(y: torch.Tensor) -> bool:
     """Whether `_CombineSorted` may sum with a sparse CSR matmul (CPU, fp32/fp64): one pass over the expert outputs,
     where `y * gate` then `index_add_` makes three."""
@@ -315,17 +326,12 @@ class _CombineSorted(torch.autograd.Function):
         g_pairs = gates.reshape(-1).to(y.dtype)
         if _csr_combine_ok(y):
             cols, order = inverse.view(tokens, k).sort(dim=1)  # CSR rows with ascending columns
-            crow = torch.arange(0, tokens * k + 1, k, device=y.device)
-            # autocast off: the sums stay in y's dtype, as the index_add_ path keeps them (CPU autocast would cast
-            # the sparse matmul to bf16/fp16, which has no CPU kernel)
-            with warnings.catch_warnings(), torch.autocast("cpu", enabled=False):
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta" (the matmul is long stable)
-                mat = torch.sparse_csr_tensor(
-                    crow, cols.reshape(-1), g_pairs.view(tokens, k).gather(1, order).reshape(-1),
-                    size=(tokens, y.shape[0]), dtype=y.dtype, device=y.device,
-                )
+            crow, cols = torch.arange(0, tokens * k + 1, k, device=y.device), cols.reshape(-1)
+            with _cpu_sparse_ops():
+                mat = torch.sparse_csr_tensor(crow, cols, g_pairs.view(tokens, k).gather(1, order).reshape(-1),
+                                              size=(tokens, y.shape[0]), dtype=y.dtype, device=y.device)
                 out = torch.sparse.mm(mat, y)
-            ctx.csr = (mat, order)
+            ctx.csr = (crow, cols, order)
         else:
             g_sorted = g_pairs.index_select(0, perm)
             out = y.new_zeros(tokens, y.shape[1]).index_add_(0, sorted_tokens, y * g_sorted.unsqueeze(1))
@@ -344,12 +350,11 @@ class _CombineSorted(torch.autograd.Function):
         if ctx.needs_input_grad[1] and ctx.csr is not None:
             # d gate[t, j] = <grad[t], y[pair (t, j)]>: exactly the forward's CSR pattern, so one sampled matmul reads
             # grad and y where a row-dot would read the gathered [S, d] dy and y
-            mat, order = ctx.csr
-            with warnings.catch_warnings(), torch.autocast("cpu", enabled=False):
-                warnings.simplefilter("ignore")
+            crow, cols, order = ctx.csr
+            with _cpu_sparse_ops():
                 # the pattern only: zero values, so that a non-finite gate does not turn its gradient into NaN
-                pattern = torch.sparse_csr_tensor(mat.crow_indices(), mat.col_indices(), torch.zeros_like(mat.values()),
-                                                  size=mat.shape)
+                pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(cols.shape, dtype=y.dtype, device=y.device),
+                                                  size=(grad.shape[0], y.shape[0]))
                 vals = torch.sparse.sampled_addmm(pattern, grad, y.t(), beta=0.0).values()
             dgate = torch.empty(ctx.gates_shape, dtype=vals.dtype, device=vals.device).scatter_(
                 1, order, vals.view(ctx.gates_shape))
