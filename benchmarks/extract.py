@@ -229,17 +229,15 @@ def main(argv=None) -> int:
         f_vit = flops_per_image(vit, image_size=image_size)
         f_vit_standard = flops_per_image(vit_standard, image_size=image_size)
         f_sub_backbone = f_sub["total"] - (f_sub["head"] or 0)
+        n_backbone = {name: sum(p.numel() for p in m.parameters())
+                      for name, m in (("full", model.moe_vit), ("sliced", sub.moe_vit), ("vit", vit),
+                                      ("vit_standard", vit_standard))}
         entry = {
             "task_type": d.task_type,
             "params": {"full": p_full["total"], "full_reachable_by_task": p_full["task_total"], "sliced": p_sub["total"],
                        "ratio": p_sub["total"] / p_full["total"]},
             # the backbones alone (task heads cannot be sliced: a segmentation head weighs on the ratio above)
-            "backbone_params": {"full": sum(p.numel() for p in model.moe_vit.parameters()),
-                                "sliced": sum(p.numel() for p in sub.moe_vit.parameters()),
-                                "ratio": sum(p.numel() for p in sub.moe_vit.parameters())
-                                / sum(p.numel() for p in model.moe_vit.parameters()),
-                                "vit": sum(p.numel() for p in vit.parameters()),
-                                "vit_standard": sum(p.numel() for p in vit_standard.parameters())},
+            "backbone_params": {**n_backbone, "ratio": n_backbone["sliced"] / n_backbone["full"]},
             "flops_per_image": {"full": f_full["total"], "sliced": f_sub["total"],
                                 "vit_backbone": f_vit["total"], "vit_standard_backbone": f_vit_standard["total"],
                                 "sliced_backbone": f_sub_backbone,
