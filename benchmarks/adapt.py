@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-embedding", action="store_true", help="LoRA arms also adapt the patch embedding (conv LoRA)")
     p.add_argument("--lora-lr", type=float, default=None,
                    help="learning rate of the LoRA arms (default: the recipe's, FinetuneConfig's per-mode default)")
+    p.add_argument("--lora-weight-decay", type=float, default=None,
+                   help="AdamW weight decay of the LoRA arms (default: the recipe's, 0)")
+    p.add_argument("--augment", action="store_true", help="every arm trains with random resized crops and flips")
+    p.add_argument("--validation", type=float, default=None, metavar="FRACTION",
+                   help="evaluate on this fraction of the training images (held out, the same for every arm and "
+                        "seed) instead of the test split: for choosing the LoRA settings without the test images")
     p.add_argument("--policy", default="top_n", help="expert selection policy of the sliced arms")
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm")
     p.add_argument("--seed", type=int, default=0)
@@ -138,8 +144,10 @@ def run_one_arm(args) -> None:
               "attention_projections": args.attention_projections.split(","), "train_norms": args.train_norms,
               "include_patch_embedding": args.patch_embedding,
               "include_experts": args.lora_experts != "none", "include_mlp": args.lora_experts == "all"},
-        lr=args.lora_lr if arm["mode"] == "lora" else None,
+        lr=args.lora_lr if arm["mode"] == "lora" else None, augment=args.augment,
+        **({"weight_decay": args.lora_weight_decay} if arm["mode"] == "lora" and args.lora_weight_decay is not None else {}),
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, num_threads=args.threads, log_every=0,
+        validation_fraction=args.validation,
     )
     result = finetune(cfg, verbose=False)
     report = result.report.to_dict()
@@ -261,8 +269,11 @@ def main(argv=None) -> None:
     r, targets = ratios(arms)
     print(json.dumps({
         "benchmark": "adapt", "dataset": args.dataset, "image_size": args.image_size, "steps": args.steps,
-        "batch_size": args.batch_size, "seeds": seeds, "lora_r": args.r, "lora_dense_mlp": args.dense_mlp,
-        "lora_attention_projections": args.attention_projections.split(","), "lora_lr": args.lora_lr, "lora_train_norms": args.train_norms,
+        "batch_size": args.batch_size, "seeds": seeds,
+        "evaluated_on": f"validation: {args.validation} of the training images" if args.validation else "test split",
+        "lora_r": args.r, "lora_dense_mlp": args.dense_mlp,
+        "lora_attention_projections": args.attention_projections.split(","), "lora_lr": args.lora_lr, "lora_weight_decay": args.lora_weight_decay, "augment": args.augment,
+        "lora_train_norms": args.train_norms,
         "lora_patch_embedding": args.patch_embedding, "lora_experts": args.lora_experts, "selection": args.policy,
         "threads": args.threads, "throughput": "images per CPU-second of the training loop (machine shared; wall "
                                               "clock too, as train_images_per_s)",

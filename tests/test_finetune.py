@@ -220,3 +220,43 @@ def test_head_lr_is_the_rate_of_what_lora_trains_whole():
     moved = {n for n in before if not torch.equal(after[n], before[n])}
     assert moved and all("lora_" in n for n in moved)
     assert any("classifiers" in n for n in before)  # the head was trainable, at rate 0
+
+
+def _rows(pixels: torch.Tensor) -> set[bytes]:
+    return {row.numpy().tobytes() for row in pixels.flatten(1)}
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_validation_fraction_holds_out_training_images(digits_root, augment):
+    """`validation_fraction` evaluates on held-out training images (never the test split), disjoint from what is
+    trained on, the same draw for every seed; with augmentation the held-out images are read unaugmented."""
+    from moe_adapt.adaptation.finetune import load_downstream_data
+
+    def load(**kw):
+        cfg = FinetuneConfig(model="unused", dataset={"builtin": "digits", "root": str(digits_root)},
+                             max_train_images=None if augment else 200, augment=augment, **kw)
+        return load_downstream_data(cfg, 32)
+
+    _, train, test, _ = load()
+    _, fit, val, _ = load(validation_fraction=0.25)
+    _, _, val_seed, _ = load(validation_fraction=0.25, seed=7)
+    n = len(train)
+    assert len(val) == round(n * 0.25) and len(fit) + len(val) == n
+    assert torch.equal(val.pixel_values, val_seed.pixel_values) and torch.equal(val.labels, val_seed.labels)
+    val_rows, test_rows = _rows(val.pixel_values), _rows(test.pixel_values)
+    assert not val_rows & test_rows  # not the test split
+    if augment:  # a Subset of the augmented training set; the held-out images are read without augmentation
+        from moe_adapt.data import load_task_dataset
+
+        held = sorted(set(range(n)) - set(fit.indices))
+        assert len(held) == len(val) and len(set(fit.indices)) == len(fit)
+        plain = load_task_dataset(fit.dataset.spec, split="train", transform="eval")
+        assert val_rows == _rows(torch.stack([plain[i]["pixel_values"] for i in held]))
+    else:
+        assert not val_rows & _rows(fit.pixel_values)
+        assert val_rows | _rows(fit.pixel_values) == _rows(train.pixel_values)
+    for bad in (0, 1, 1.5, -0.1, True, "0.2"):
+        with pytest.raises(ValueError, match=f"validation_fraction={bad!r} must be a number strictly between"):
+            FinetuneConfig(model="m", dataset="builtin:digits", validation_fraction=bad)
+    with pytest.raises(ValueError, match="leaves 0 for validation"):
+        load(validation_fraction=0.0001)

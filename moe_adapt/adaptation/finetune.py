@@ -90,6 +90,9 @@ class FinetuneConfig:
             LayerNorms with `train_norms`); default `lr`. Other modes use `lr` for everything.
         augment: train with random resized crops and flips (default off: fixed-size images, cached in memory).
         eval_batch_size, max_train_images, max_eval_images: evaluation and data caps.
+        validation_fraction: hold out this fraction of the training images (a fixed, seeded draw, the same for every
+            `seed`) and evaluate on them instead of the eval split, so that hyperparameters can be chosen without
+            looking at the test images; training uses the rest. None (default): evaluate on the eval split.
         merge: also write `merged/` (LoRA folded in; `mode: lora` only).
         experts_implementation: `segmented_mm`, `padded_bmm`, `grouped_mm`, `batched_mm` or `eager` (default: the model's).
         seed, log_every: reproducibility and logging.
@@ -119,6 +122,7 @@ class FinetuneConfig:
     eval_batch_size: int = 128
     max_train_images: int | None = None
     max_eval_images: int | None = None
+    validation_fraction: float | None = None
     merge: bool = False
     experts_implementation: str | None = None
     seed: int = 0
@@ -138,6 +142,9 @@ class FinetuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
+        f = self.validation_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1):
+            raise ValueError(f"validation_fraction={f!r} must be a number strictly between 0 and 1 (or None).")
         if self.experts_implementation not in (None, *EXPERTS_IMPLEMENTATIONS):
             raise ValueError(
                 f"experts_implementation={self.experts_implementation!r}: choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}."
@@ -383,6 +390,26 @@ def _cache(dataset, limit: int | None) -> InMemoryDataset:
                            torch.tensor([int(it["labels"]) for it in items], dtype=torch.long))
 
 
+def _hold_out_validation(spec, train_set, cfg: FinetuneConfig):
+    """(train, validation): `cfg.validation_fraction` of the training images, drawn with a fixed seed (not
+    `cfg.seed`, so that every run of a sweep sees the same split), become the evaluation set; with `augment` they
+    are read again without augmentation."""
+    n = len(train_set)
+    n_val = round(n * cfg.validation_fraction)
+    if not 1 <= n_val < n:
+        raise ValueError(f"validation_fraction={cfg.validation_fraction} of dataset {spec.name!r}'s {n} training images "
+                         f"leaves {n_val} for validation and {n - n_val} for training: both need at least one.")
+    if isinstance(train_set, InMemoryDataset):  # already in a seeded random order (`_cache`)
+        return (InMemoryDataset(train_set.pixel_values[n_val:], train_set.labels[n_val:]),
+                InMemoryDataset(train_set.pixel_values[:n_val], train_set.labels[:n_val]))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    plain = load_task_dataset(spec, split=spec.split, transform="eval")
+    held = [plain[i] for i in order[:n_val]]
+    validation = InMemoryDataset(torch.stack([it["pixel_values"] for it in held]),
+                                 torch.tensor([int(it["labels"]) for it in held], dtype=torch.long))
+    return torch.utils.data.Subset(train_set, order[n_val:]), validation
+
+
 def load_downstream_data(cfg: FinetuneConfig, image_size: int):
     """→ (spec, train dataset, eval dataset, label names). Checks the labels against the number of classes."""
     spec = resolve_dataset_spec(cfg.dataset, image_size=image_size)
@@ -415,6 +442,8 @@ def load_downstream_data(cfg: FinetuneConfig, image_size: int):
             eval_set = InMemoryDataset(eval_set.pixel_values[: cfg.max_eval_images], eval_set.labels[: cfg.max_eval_images])
         if cfg.max_train_images:
             train_set = InMemoryDataset(train_set.pixel_values[: cfg.max_train_images], train_set.labels[: cfg.max_train_images])
+    if cfg.validation_fraction is not None:
+        train_set, eval_set = _hold_out_validation(spec, train_set, cfg)
     for name, ds in (("train", train_set), ("eval", eval_set)):
         if isinstance(ds, InMemoryDataset) and len(ds) and (ds.labels.min() < 0 or ds.labels.max() >= len(label_names)):
             raise ValueError(
