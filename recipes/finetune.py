@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge", action="store_true", default=None, help="also write a merged standalone model")
     parser.add_argument("--no-slice", dest="slice", action="store_false", default=None,
                         help="keep every expert (no sub-network extraction)")
+    parser.add_argument("--validation-fraction", type=float,
+                        help="evaluate on this fraction of the training images (held out; the same draw every run) "
+                             "instead of the eval split, e.g. to choose settings without the test images")
     args = parser.parse_args(argv)
     dataset = args.dataset
     if dataset is not None and dataset.lstrip().startswith("{"):
@@ -37,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = FinetuneConfig.from_yaml(
         args.config, model=args.model, dataset=dataset, output_dir=args.output_dir, mode=args.mode,
         source_task=args.source_task, steps=args.steps, merge=args.merge, slice=args.slice,
+        validation_fraction=args.validation_fraction,
     )
     try:
         finetune(cfg)

@@ -149,9 +149,12 @@ def test_recipe_runs_from_yaml(parent_dir, digits_root, tmp_path):
     spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    recipe.main(["--config", str(path), "--merge", "--source-task", "a"])
+    recipe.main(["--config", str(path), "--merge", "--source-task", "a", "--validation-fraction", "0.25"])
     saved = json.loads((tmp_path / "recipe" / "report.json").read_text())
     assert saved["extra"]["source_task"] == "a" and (tmp_path / "recipe" / "merged" / "config.json").is_file()
+    # 8 of the 32 (capped) training images held out and evaluated on, instead of the eval split's 16
+    extra = saved["extra"]
+    assert (extra["train_images"], extra["eval_images"]) == (24, 8) and extra["evaluated_on"].startswith("validation")
     with pytest.raises(ValueError, match="unknown key"):
         FinetuneConfig.from_yaml(path, **{"stepz": 3})
 

@@ -648,7 +648,9 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
         extra={"source_task": source, "routing_entropy": {t: round(h, 4) for t, h in entropies.items()},
                "experts_kept": None if selection is None else {n: len(v) for n, v in selection.experts.items()},
                "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4), "train_images": len(train_set),
-               "eval_images": len(eval_set)},
+               "eval_images": len(eval_set),
+               "evaluated_on": (f"validation: {cfg.validation_fraction} of the training images"
+                                if cfg.validation_fraction is not None else "eval split")},
     )
     if accelerator.is_main_process:
         say(report.to_console())
