@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="every arm trains with random resized crops and flips")
     p.add_argument("--validation", type=float, default=None, metavar="FRACTION",
                    help="evaluate on this fraction of the training images (held out, the same for every arm and "
-                        "seed) instead of the test split: for choosing the LoRA settings without the test images")
+                        "seed) instead of the eval (test) split: for choosing settings without scoring the test images")
     p.add_argument("--policy", default="top_n", help="expert selection policy of the sliced arms")
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm")
     p.add_argument("--seed", type=int, default=0)
@@ -145,7 +145,8 @@ def run_one_arm(args) -> None:
               "include_patch_embedding": args.patch_embedding,
               "include_experts": args.lora_experts != "none", "include_mlp": args.lora_experts == "all"},
         lr=args.lora_lr if arm["mode"] == "lora" else None, augment=args.augment,
-        **({"weight_decay": args.lora_weight_decay} if arm["mode"] == "lora" and args.lora_weight_decay is not None else {}),
+        **({"weight_decay": args.lora_weight_decay}
+           if arm["mode"] == "lora" and args.lora_weight_decay is not None else {}),
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, num_threads=args.threads, log_every=0,
         validation_fraction=args.validation,
     )
@@ -270,9 +271,10 @@ def main(argv=None) -> None:
     print(json.dumps({
         "benchmark": "adapt", "dataset": args.dataset, "image_size": args.image_size, "steps": args.steps,
         "batch_size": args.batch_size, "seeds": seeds,
-        "evaluated_on": f"validation: {args.validation} of the training images" if args.validation else "test split",
+        "evaluated_on": f"validation: {args.validation} of the training images" if args.validation else "eval split",
         "lora_r": args.r, "lora_dense_mlp": args.dense_mlp,
-        "lora_attention_projections": args.attention_projections.split(","), "lora_lr": args.lora_lr, "lora_weight_decay": args.lora_weight_decay, "augment": args.augment,
+        "lora_attention_projections": args.attention_projections.split(","), "lora_lr": args.lora_lr,
+        "lora_weight_decay": args.lora_weight_decay, "augment": args.augment,
         "lora_train_norms": args.train_norms,
         "lora_patch_embedding": args.patch_embedding, "lora_experts": args.lora_experts, "selection": args.policy,
         "threads": args.threads, "throughput": "images per CPU-second of the training loop (machine shared; wall "

@@ -229,37 +229,54 @@ def _rows(pixels: torch.Tensor) -> set[bytes]:
     return {row.numpy().tobytes() for row in pixels.flatten(1)}
 
 
+def _pairs(ds) -> set[tuple[bytes, int]]:
+    return {(ds.pixel_values[i].numpy().tobytes(), int(ds.labels[i])) for i in range(len(ds))}
+
+
 @pytest.mark.parametrize("augment", [False, True])
-def test_validation_fraction_holds_out_training_images(digits_root, augment):
-    """`validation_fraction` evaluates on held-out training images (never the test split), disjoint from what is
-    trained on, the same draw for every seed; with augmentation the held-out images are read unaugmented."""
+@pytest.mark.parametrize("eval_split", [True, False])
+def test_validation_fraction_holds_out_training_images(digits_root, augment, eval_split):
+    """`validation_fraction` evaluates on held-out training images (never the eval split), disjoint from what is
+    trained on, with their own labels, the same draw for every seed, within `max_train_images` / `max_eval_images`;
+    with augmentation the held-out images are read unaugmented and training still augments. A dataset without an
+    eval split gives its whole training split to the two (no extra 10% set aside)."""
+    import dataclasses
+
     from moe_adapt.adaptation.finetune import load_downstream_data
+    from moe_adapt.data import load_task_dataset
+
+    spec = builtin_downstream_spec("digits", root=digits_root)
+    spec = spec if eval_split else dataclasses.replace(spec, eval_split=None)
 
     def load(**kw):
-        cfg = FinetuneConfig(model="unused", dataset={"builtin": "digits", "root": str(digits_root)},
-                             max_train_images=None if augment else 200, augment=augment, **kw)
+        cfg = FinetuneConfig(model="unused", dataset=spec, max_train_images=200, augment=augment, **kw)
         return load_downstream_data(cfg, 32)
 
-    _, train, test, _ = load()
     _, fit, val, _ = load(validation_fraction=0.25)
     _, _, val_seed, _ = load(validation_fraction=0.25, seed=7)
-    n = len(train)
-    assert len(val) == round(n * 0.25) and len(fit) + len(val) == n
+    assert (len(fit), len(val)) == (150, 50)
     assert torch.equal(val.pixel_values, val_seed.pixel_values) and torch.equal(val.labels, val_seed.labels)
-    val_rows, test_rows = _rows(val.pixel_values), _rows(test.pixel_values)
-    assert not val_rows & test_rows  # not the test split
-    if augment:  # a Subset of the augmented training set; the held-out images are read without augmentation
-        from moe_adapt.data import load_task_dataset
-
-        held = sorted(set(range(n)) - set(fit.indices))
-        assert len(held) == len(val) and len(set(fit.indices)) == len(fit)
-        plain = load_task_dataset(fit.dataset.spec, split="train", transform="eval")
-        assert val_rows == _rows(torch.stack([plain[i]["pixel_values"] for i in held]))
+    plain = load_task_dataset(spec, split="train", transform="eval")  # every training image, unaugmented
+    truth = {(plain[i]["pixel_values"].numpy().tobytes(), int(plain[i]["labels"])) for i in range(len(plain))}
+    assert _pairs(val) <= truth  # training images, each with its own label
+    if eval_split:
+        test = load_task_dataset(spec, split="test", transform="eval")
+        assert not _rows(val.pixel_values) & _rows(torch.stack([test[i]["pixel_values"] for i in range(len(test))]))
+    if augment:  # a Subset of the augmented split: no held-out index is trained on, and training still augments
+        assert isinstance(fit, torch.utils.data.Subset) and len(set(fit.indices)) == len(fit)
+        assert not _rows(val.pixel_values) & _rows(torch.stack([plain[i]["pixel_values"] for i in fit.indices]))
+        torch.manual_seed(0)
+        first = fit[0]["pixel_values"]
+        assert not torch.equal(first, fit[0]["pixel_values"])  # random crops and flips on every read
     else:
-        assert not val_rows & _rows(fit.pixel_values)
-        assert val_rows | _rows(fit.pixel_values) == _rows(train.pixel_values)
+        assert not _rows(val.pixel_values) & _rows(fit.pixel_values) and _pairs(fit) <= truth
+    _, fit_capped, val_capped, _ = load(validation_fraction=0.25, max_eval_images=20)
+    assert (len(fit_capped), len(val_capped)) == (150, 20)
+    assert torch.equal(val_capped.pixel_values, val.pixel_values[:20])
     for bad in (0, 1, 1.5, -0.1, True, "0.2"):
         with pytest.raises(ValueError, match=f"validation_fraction={bad!r} must be a number strictly between"):
             FinetuneConfig(model="m", dataset="builtin:digits", validation_fraction=bad)
-    with pytest.raises(ValueError, match="leaves 0 for validation"):
-        load(validation_fraction=0.0001)
+    with pytest.raises(ValueError, match="leaves 0 for validation and 200 for training"):
+        load(validation_fraction=0.001)
+    with pytest.raises(ValueError, match="leaves 200 for validation and 0 for training"):
+        load(validation_fraction=0.999)

@@ -379,35 +379,44 @@ class InMemoryDataset(torch.utils.data.Dataset):
         return {"pixel_values": self.pixel_values[i], "labels": int(self.labels[i])}
 
 
-def _cache(dataset, limit: int | None) -> InMemoryDataset:
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    if n == 0:
-        raise ValueError(f"dataset {getattr(dataset, 'spec', None) and dataset.spec.name!r} has no samples.")
-    # a fixed, class-mixed subset when capped (imagefolders list files class by class)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    items = [dataset[i] for i in order]
+def _seeded_order(n: int, limit: int | None = None) -> list[int]:
+    """A fixed, class-mixed order of n items (seed 0, whatever the run's seed; imagefolders list files class by
+    class), cut to the first `limit`."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return (order if limit is None else order[:limit]).tolist()
+
+
+def _cache_items(dataset, indices: list[int]) -> InMemoryDataset:
+    items = [dataset[i] for i in indices]
     return InMemoryDataset(torch.stack([it["pixel_values"] for it in items]),
                            torch.tensor([int(it["labels"]) for it in items], dtype=torch.long))
 
 
-def _hold_out_validation(spec, train_set, cfg: FinetuneConfig):
-    """(train, validation): `cfg.validation_fraction` of the training images, drawn with a fixed seed (not
-    `cfg.seed`, so that every run of a sweep sees the same split), become the evaluation set; with `augment` they
-    are read again without augmentation."""
-    n = len(train_set)
-    n_val = round(n * cfg.validation_fraction)
+def _cache(dataset, limit: int | None) -> InMemoryDataset:
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n == 0:
+        raise ValueError(f"dataset {getattr(dataset, 'spec', None) and dataset.spec.name!r} has no samples.")
+    return _cache_items(dataset, _seeded_order(len(dataset), n))  # a fixed, class-mixed subset when capped
+
+
+def _train_images(train_raw, indices: list[int], augment: bool):
+    """The training set over `indices` of the training split: augmented on the fly (a `Subset`), or cached."""
+    return torch.utils.data.Subset(train_raw, indices) if augment else _cache_items(train_raw, indices)
+
+
+def _hold_out_validation(spec, train_raw, cfg: FinetuneConfig):
+    """(train, validation) for `cfg.validation_fraction`: the training split in a fixed order (seed 0, not
+    `cfg.seed`, so that every run of a sweep sees the same split), capped at `max_train_images`; its first
+    `validation_fraction` (capped at `max_eval_images`) is the evaluation set, read without augmentation, the rest
+    trains. The eval split is not used."""
+    pool = _seeded_order(len(train_raw), cfg.max_train_images)
+    n, n_val = len(pool), round(len(pool) * cfg.validation_fraction)
     if not 1 <= n_val < n:
-        raise ValueError(f"validation_fraction={cfg.validation_fraction} of dataset {spec.name!r}'s {n} training images "
-                         f"leaves {n_val} for validation and {n - n_val} for training: both need at least one.")
-    if isinstance(train_set, InMemoryDataset):  # already in a seeded random order (`_cache`)
-        return (InMemoryDataset(train_set.pixel_values[n_val:], train_set.labels[n_val:]),
-                InMemoryDataset(train_set.pixel_values[:n_val], train_set.labels[:n_val]))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
-    plain = load_task_dataset(spec, split=spec.split, transform="eval")
-    held = [plain[i] for i in order[:n_val]]
-    validation = InMemoryDataset(torch.stack([it["pixel_values"] for it in held]),
-                                 torch.tensor([int(it["labels"]) for it in held], dtype=torch.long))
-    return torch.utils.data.Subset(train_set, order[n_val:]), validation
+        raise ValueError(f"validation_fraction={cfg.validation_fraction!r} of dataset {spec.name!r}'s {n} training "
+                         f"images leaves {n_val} for validation and {n - n_val} for training: both need at least one.")
+    held = pool[:n_val][: cfg.max_eval_images or None]
+    plain = load_task_dataset(spec, split=spec.split, transform="eval") if cfg.augment else train_raw
+    return _train_images(train_raw, pool[n_val:], cfg.augment), _cache_items(plain, held)
 
 
 def load_downstream_data(cfg: FinetuneConfig, image_size: int):
@@ -424,7 +433,9 @@ def load_downstream_data(cfg: FinetuneConfig, image_size: int):
             f"dataset {spec.name!r} has {len(label_names)} classes ({label_names[:12]}) but num_labels="
             f"{cfg.num_labels} was asked for: fix num_labels or the dataset's label_names / class folders."
         )
-    if spec.eval_split:
+    if cfg.validation_fraction is not None:
+        train_set, eval_set = _hold_out_validation(spec, train_raw, cfg)
+    elif spec.eval_split:
         eval_raw = load_task_dataset(spec, split=spec.eval_split, transform="eval")
         if list(eval_raw.label_names) != label_names:
             raise ValueError(
@@ -432,7 +443,9 @@ def load_downstream_data(cfg: FinetuneConfig, image_size: int):
                 f"{spec.split!r} split's {label_names}."
             )
         eval_set = _cache(eval_raw, cfg.max_eval_images)
-        train_set = train_raw if cfg.augment else _cache(train_raw, cfg.max_train_images)
+        if not len(train_raw):
+            raise ValueError(f"dataset {spec.name!r} has no samples in split {spec.split!r}.")
+        train_set = _train_images(train_raw, _seeded_order(len(train_raw), cfg.max_train_images), cfg.augment)
     else:  # hold out a fixed 10% of the training split
         full = _cache(load_task_dataset(spec, split=spec.split, transform="eval"), None)
         n_eval = max(1, len(full) // 10)
@@ -442,8 +455,6 @@ def load_downstream_data(cfg: FinetuneConfig, image_size: int):
             eval_set = InMemoryDataset(eval_set.pixel_values[: cfg.max_eval_images], eval_set.labels[: cfg.max_eval_images])
         if cfg.max_train_images:
             train_set = InMemoryDataset(train_set.pixel_values[: cfg.max_train_images], train_set.labels[: cfg.max_train_images])
-    if cfg.validation_fraction is not None:
-        train_set, eval_set = _hold_out_validation(spec, train_set, cfg)
     for name, ds in (("train", train_set), ("eval", eval_set)):
         if isinstance(ds, InMemoryDataset) and len(ds) and (ds.labels.min() < 0 or ds.labels.max() >= len(label_names)):
             raise ValueError(
