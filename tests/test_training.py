@@ -142,3 +142,26 @@ def test_normalized_mi_is_zero_for_shared_and_one_for_disjoint_experts():
     disjoint = {"a": usage("a", [5.0, 0.0]), "b": usage("b", [0.0, 3.0])}
     assert normalized_task_expert_mi(shared)["mean"] == pytest.approx(0.0, abs=1e-9)
     assert normalized_task_expert_mi(disjoint)["mean"] == pytest.approx(1.0)
+
+
+def test_adamw_is_fused_where_torch_can_and_steps_like_the_plain_one():
+    from moe_adapt.training.loop import adamw
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    fused = adamw([a], lr=0.1, weight_decay=0.05)
+    plain = adamw([b], lr=0.1, weight_decay=0.05, fused=False)
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    for _ in range(3):
+        for p, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            (p.sin() * torch.arange(15.0).view(5, 3)).sum().backward()
+            opt.step()
+    assert not torch.equal(a, torch.randn(5, 3)) and torch.allclose(a, b, atol=1e-6)
+    # no fused kernel for a complex tensor: the plain optimizer, which steps (fused=True would fail at the step)
+    c = torch.nn.Parameter(torch.randn(2, dtype=torch.complex64))
+    opt = adamw([{"params": [c]}, {"params": [torch.nn.Parameter(torch.randn(2))]}], lr=0.1)
+    assert not opt.defaults["fused"]
+    c.abs().sum().backward()
+    opt.step()

@@ -527,6 +527,8 @@ def train(
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
+    from ..training.loop import adamw
+
     accelerator = accelerator or Accelerator()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
@@ -536,7 +538,7 @@ def train(
         factors = [p for n, p in named if "lora_" in n]
         whole = [p for n, p in named if "lora_" not in n]
         groups = [g for g in ({"params": factors, "lr": lr}, {"params": whole, "lr": head_lr}) if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    optimizer = adamw(groups, lr=lr, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup_ratio * steps), steps)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) >= batch_size,

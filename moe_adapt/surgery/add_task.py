@@ -319,12 +319,12 @@ def trainable_optimizer(model: nn.Module, lr: float = 1e-3, weight_decay: float 
     """AdamW over the trainable parameters only (frozen ones are left out, so weight decay cannot move them), with
     the pretraining's parameter groups (`moe_adapt.training.loop.parameter_groups`: no decay on biases, norms,
     embeddings and routers)."""
-    from ..training.loop import parameter_groups
+    from ..training.loop import adamw, parameter_groups
 
     groups = [g for g in parameter_groups(model, weight_decay) if g["params"]]
     if not groups:
         raise ValueError("The model has no trainable parameters: did freeze_old_tasks name the new task?")
-    return torch.optim.AdamW(groups, lr=lr, **kwargs)
+    return adamw(groups, lr=lr, **kwargs)
 
 
 def train_new_tasks(model: nn.Module) -> nn.Module:
