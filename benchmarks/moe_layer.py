@@ -6,7 +6,7 @@
 Layer: forward + backward of one MoE MLP layer at ViT-S shape (d=384, 16 experts, top-4, expert width 384,
 8×197 tokens), routing included, for each experts backend; a dense MLP of equal active width (d → 4d → d); and a
 plain per-expert Python loop. `matmul_floor_vs_dense`: the expert matmuls alone (16 blocks of 394 rows) against
-the dense MLP's matmuls, the floor under any backend's `best_vs_dense` on this machine. Model: one AdamW train step of the MoE ViT-S preset against transformers'
+the dense MLP's matmuls, the floor under any backend's `best_vs_dense` on this machine. Model: one AdamW train step (fused, as transformers' Trainer's default) of the MoE ViT-S preset against transformers'
 `ViTForImageClassification` of the same width and depth, batch 8 at 224 px. Timings are medians over rounds that
 interleave the candidates (in an order that rotates every round), so machine noise hits all of them alike; the ratios are what to compare.
 """
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification
 from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTSparseMLP
+from moe_adapt.training.loop import adamw
 
 
 def sync(device):
@@ -166,7 +167,8 @@ def model_benchmark(device, dtype, rounds, batch, image_size):
     vit = ViTForImageClassification(vit_cfg).to(device=device, dtype=dtype)
     x = torch.randn(batch, 3, image_size, image_size, device=device, dtype=dtype)
     y = torch.randint(0, 1000, (batch,), device=device)
-    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (moe, vit)}
+    # fused where torch has the kernel, as transformers' Trainer uses by default
+    opts = {id(m): adamw(m.parameters(), lr=1e-4) for m in (moe, vit)}
 
     def step(model, **kw):
         def run():
