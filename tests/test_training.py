@@ -144,24 +144,62 @@ def test_normalized_mi_is_zero_for_shared_and_one_for_disjoint_experts():
     assert normalized_task_expert_mi(disjoint)["mean"] == pytest.approx(1.0)
 
 
+def _adamw_steps(param, opt, n):
+    for _ in range(n):
+        opt.zero_grad()
+        (param.sin() * (1 + torch.arange(float(param.numel()))).view_as(param)).sum().backward()
+        opt.step()
+
+
 def test_adamw_is_fused_where_torch_can_and_steps_like_the_plain_one():
     from moe_adapt.training.loop import adamw
 
     torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(5, 3))
-    b = torch.nn.Parameter(a.detach().clone())
-    fused = adamw([a], lr=0.1, weight_decay=0.05)
-    plain = adamw([b], lr=0.1, weight_decay=0.05, fused=False)
+    start = torch.randn(5, 3)
+    a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    fused, plain = adamw([a], lr=0.1, weight_decay=0.05), torch.optim.AdamW([b], lr=0.1, weight_decay=0.05)
     assert fused.defaults["fused"] is True and not plain.defaults["fused"]
-    for _ in range(3):
-        for p, opt in ((a, fused), (b, plain)):
-            opt.zero_grad()
-            (p.sin() * torch.arange(15.0).view(5, 3)).sum().backward()
-            opt.step()
-    assert not torch.equal(a, torch.randn(5, 3)) and torch.allclose(a, b, atol=1e-6)
+    _adamw_steps(a, fused, 3)
+    _adamw_steps(b, plain, 3)
+    assert (a - start).abs().min() > 0.05 and torch.allclose(a, b, atol=1e-6)  # every entry moved, as plain's did
+
+    # whatever torch.optim.AdamW takes: generators, (name, tensor) pairs, groups holding a tensor or a generator
+    linear = torch.nn.Linear(3, 2)
+    for params in (linear.parameters(), linear.named_parameters(), ({"params": linear.weight}, {"params": iter([linear.bias])}),
+                   [{"params": linear.named_parameters(), "lr": 0.5}]):
+        opt = adamw(params, lr=0.1)
+        assert opt.defaults["fused"] is True and sum(len(g["params"]) for g in opt.param_groups) == 2
+    # a choice of the caller's stands
+    for kwargs in ({"foreach": True}, {"foreach": False}, {"fused": False}, {"differentiable": True}):
+        assert not adamw(linear.parameters(), lr=0.1, **kwargs).defaults["fused"]
     # no fused kernel for a complex tensor: the plain optimizer, which steps (fused=True would fail at the step)
     c = torch.nn.Parameter(torch.randn(2, dtype=torch.complex64))
     opt = adamw([{"params": [c]}, {"params": [torch.nn.Parameter(torch.randn(2))]}], lr=0.1)
     assert not opt.defaults["fused"]
     c.abs().sum().backward()
     opt.step()
+
+
+def test_adamw_resumes_from_a_checkpoint_of_the_plain_optimizer():
+    """A checkpoint written by the plain AdamW (before the training loops used the fused one) loads into `adamw`'s
+    fused optimizer and resumes: the groups stay fused, a gradient scaler's step works (it raised when the groups
+    took the checkpoint's `fused=None`), and the result follows the uninterrupted plain run."""
+    from moe_adapt.training.loop import adamw
+
+    torch.manual_seed(0)
+    start = torch.randn(4, 3)
+    a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    plain_a, plain_b = torch.optim.AdamW([a], lr=0.1), torch.optim.AdamW([b], lr=0.1)
+    _adamw_steps(a, plain_a, 5)
+    _adamw_steps(b, plain_b, 3)
+    resumed = adamw([b], lr=0.1)
+    resumed.load_state_dict(plain_b.state_dict())
+    assert all(g["fused"] is True for g in resumed.param_groups)
+    _adamw_steps(b, resumed, 2)
+    assert float(resumed.state[b]["step"]) == 5 and torch.allclose(a, b, atol=1e-6)
+    scaler = torch.amp.GradScaler("cpu")
+    resumed.zero_grad()
+    scaler.scale((b * b).sum()).backward()
+    scaler.unscale_(resumed)
+    scaler.step(resumed)
+    scaler.update()

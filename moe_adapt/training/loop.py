@@ -21,6 +21,7 @@ budget for demos on shared machines, makes the schedule depend on time and so gi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -69,18 +70,37 @@ def parameter_groups(module: torch.nn.Module, weight_decay: float, no_decay_rout
 
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:
-    """`torch.optim.AdamW`, fused where torch has a fused kernel for the parameters (CPU and CUDA floating-point
-    tensors; transformers' default optimizer, `adamw_torch_fused`, with torch >= 2.8), else the plain one. The
-    fused step updates every tensor in one kernel instead of a Python loop over them: ~9% off a full fine-tuning
-    step of the mini model on CPU. `fused=False` in `kwargs` forces the plain one."""
-    params = [params] if isinstance(params, torch.Tensor) else list(params)
-    params = [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
-              if isinstance(g, dict) else g for g in params]
-    tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
-    auto = "fused" not in kwargs and not kwargs.get("foreach") and not kwargs.get("differentiable")
-    if auto and tensors and all(_has_fused_adam(t) for t in tensors):
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    """`torch.optim.AdamW`, fused where torch has a fused kernel for every parameter (floating-point tensors on CPU,
+    CUDA and the other devices torch lists; transformers' default optimizer, `adamw_torch_fused`, with torch >=
+    2.8), else the plain one. On CPU the fused step updates every tensor in one kernel instead of a Python loop over
+    them. Passing `fused` or `foreach` (or `differentiable=True`) leaves the choice to torch as given.
+
+    `params` is anything `torch.optim.AdamW` takes (tensors, `(name, tensor)` pairs, or groups of either). The
+    choice is kept across `load_state_dict` (see `_keep_kind`): a checkpoint of the other kind, e.g. one written
+    before training loops used the fused optimizer, loads and resumes."""
+    params = _one_pass_to_list(params)
+    if isinstance(params, (list, tuple)):
+        params = [{**g, "params": _one_pass_to_list(g["params"])} if isinstance(g, dict) else g for g in params]
+    if {"fused", "foreach"} & set(kwargs) or kwargs.get("differentiable"):
+        return torch.optim.AdamW(params, **kwargs)  # the caller chose; torch takes it as given
+    try:
+        tensors = [] if isinstance(params, (torch.Tensor, dict)) else _tensors_of(params)
+    except (KeyError, TypeError):  # not parameters torch takes: torch's own error follows
+        tensors = []
+    fused = bool(tensors) and all(isinstance(t, torch.Tensor) and _has_fused_adam(t) for t in tensors)
+    optimizer = torch.optim.AdamW(params, **kwargs, **({"fused": True} if fused else {}))
+    optimizer.register_load_state_dict_post_hook(functools.partial(_keep_kind, fused=fused))
+    return optimizer
+
+
+def _tensors_of(params) -> list:
+    """The parameters of an optimizer's `params` argument: tensors, `(name, tensor)` pairs, or groups of either."""
+    out = []
+    for g in params:
+        entries = g["params"] if isinstance(g, dict) else [g]
+        entries = [entries] if isinstance(entries, torch.Tensor) else entries
+        out += [e[1] if isinstance(e, tuple) and len(e) == 2 else e for e in entries]
+    return out
 
 
 def _has_fused_adam(t: torch.Tensor) -> bool:
@@ -91,6 +111,26 @@ def _has_fused_adam(t: torch.Tensor) -> bool:
     except ImportError:  # a torch without it: the plain optimizer
         return False
     return torch.is_floating_point(t) and t.device.type in _get_fused_kernels_supported_devices()
+
+
+def _one_pass_to_list(x):
+    """A generator (or other one-pass iterable) as a list, so that it can be read twice; tensors, lists, tuples,
+    sets and dicts as they are (torch itself rejects what it does not take)."""
+    return x if isinstance(x, (torch.Tensor, list, tuple, set, dict)) else list(x)
+
+
+def _keep_kind(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """After `load_state_dict`, the kind `adamw` chose stays: a checkpoint of the other kind (e.g. one written before
+    the optimizer was fused) would otherwise set the groups' `fused` flag, so that torch runs one update while a
+    gradient scaler treats the optimizer as the other (and fails). Each step counter moves to where that kind reads
+    it: a float32 tensor on the parameter's device when fused, on the CPU otherwise."""
+    for group in optimizer.param_groups:
+        group["fused"] = True if fused else None
+        group["foreach"] = None
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and torch.is_tensor(state.get("step")) and not group.get("capturable"):
+                state["step"] = state["step"].to(device=p.device if fused else "cpu", dtype=torch.float32)
 
 
 def build_optimizer(module: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
