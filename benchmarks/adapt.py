@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of the LoRA arms (default: the recipe's, FinetuneConfig's per-mode default)")
     p.add_argument("--lora-weight-decay", type=float, default=None,
                    help="AdamW weight decay of the LoRA arms (default: the recipe's, 0)")
-    p.add_argument("--augment", action="store_true", help="every arm trains with random resized crops and flips")
+    p.add_argument("--augment", default=None, metavar="SPEC",
+                   help="every arm trains with augmentation: 'default' (random resized crops of 25-100%% and flips) "
+                        "or a JSON mapping of scale / ratio / hflip_p, e.g. '{\"scale\": [0.8, 1.0], \"hflip_p\": 0}'")
     p.add_argument("--validation", type=float, default=None, metavar="FRACTION",
                    help="evaluate on this fraction of the training images (held out, the same for every arm and "
                         "seed) instead of the eval (test) split: for choosing settings without scoring the test images")
@@ -114,6 +116,21 @@ def child_argv(args) -> list[str]:
     return argv
 
 
+def parse_augment(value: str | None):
+    """`--augment`: None (off), 'default' (True) or a JSON mapping."""
+    if value is None:
+        return False
+    if value == "default":
+        return True
+    try:
+        spec = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--augment {value!r}: expected 'default' or a JSON mapping ({e}).") from None
+    if not isinstance(spec, dict):
+        raise SystemExit(f"--augment {value!r}: expected 'default' or a JSON mapping, got {type(spec).__name__}.")
+    return spec
+
+
 def warm_up_libraries() -> None:
     """Two training steps of a throwaway tiny model, so that one-time allocations of the libraries (kernels,
     thread pools, lazily imported modules) happen before the memory baseline and are not charged to the arm."""
@@ -144,7 +161,7 @@ def run_one_arm(args) -> None:
               "attention_projections": args.attention_projections.split(","), "train_norms": args.train_norms,
               "include_patch_embedding": args.patch_embedding,
               "include_experts": args.lora_experts != "none", "include_mlp": args.lora_experts == "all"},
-        lr=args.lora_lr if arm["mode"] == "lora" else None, augment=args.augment,
+        lr=args.lora_lr if arm["mode"] == "lora" else None, augment=parse_augment(args.augment),
         **({"weight_decay": args.lora_weight_decay}
            if arm["mode"] == "lora" and args.lora_weight_decay is not None else {}),
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, num_threads=args.threads, log_every=0,

@@ -280,3 +280,40 @@ def test_validation_fraction_holds_out_training_images(digits_root, augment, eva
         load(validation_fraction=0.001)
     with pytest.raises(ValueError, match="leaves 200 for validation and 0 for training"):
         load(validation_fraction=0.999)
+
+
+def test_augment_mapping_sets_the_training_transform(digits_root):
+    """`augment` as a mapping sets the crop scale and flip probability (no flips for digits); True is the defaults;
+    unknown keys and other values are errors naming the field."""
+    from moe_adapt.adaptation.finetune import load_downstream_data
+
+    spec = builtin_downstream_spec("digits", root=digits_root, image_size=32)
+
+    def train_set(augment):
+        cfg = FinetuneConfig(model="unused", dataset=spec, max_train_images=50, augment=augment)
+        return load_downstream_data(cfg, 32)[1]
+
+    plain = load_task_dataset_eval(spec)
+    mirrored = 0
+    torch.manual_seed(0)
+    for augment in ({"scale": [1.0, 1.0], "hflip_p": 0.0}, {"scale": [1.0, 1.0], "hflip_p": 1.0}):
+        fit = train_set(augment)
+        i = fit.indices[0]
+        x, ref = fit[0]["pixel_values"], plain[i]["pixel_values"]
+        if augment["hflip_p"] == 0.0:
+            assert torch.allclose(x, ref, atol=1e-5)  # a full-image crop and no flip: the image itself
+        else:
+            assert torch.allclose(x, ref.flip(-1), atol=1e-5) and not torch.allclose(x, ref, atol=1e-3)
+            mirrored += 1
+    assert mirrored == 1
+    assert FinetuneConfig(model="m", dataset="builtin:digits", augment={}).augment is True
+    with pytest.raises(ValueError, match=r"augment: unknown key\(s\) \['flip'\]"):
+        FinetuneConfig(model="m", dataset="builtin:digits", augment={"flip": 0})
+    with pytest.raises(ValueError, match="augment='yes' must be true, false or a mapping"):
+        FinetuneConfig(model="m", dataset="builtin:digits", augment="yes")
+
+
+def load_task_dataset_eval(spec):
+    from moe_adapt.data import load_task_dataset
+
+    return load_task_dataset(spec, split="train", transform="eval")

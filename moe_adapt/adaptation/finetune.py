@@ -60,6 +60,8 @@ from .report import (
 
 MODES = ("lora", "router", "full")
 DEFAULT_LR = {"lora": 1e-2, "router": 1e-2, "full": 5e-4}
+#: what an `augment` mapping may set (`moe_adapt.data.build_transforms`' training options)
+AUGMENT_KEYS = frozenset({"scale", "ratio", "hflip_p"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,6 +91,9 @@ class FinetuneConfig:
         head_lr: in `lora` mode, the learning rate of what LoRA trains whole (the head, the routers, and the
             LayerNorms with `train_norms`); default `lr`. Other modes use `lr` for everything.
         augment: train with random resized crops and flips (default off: fixed-size images, cached in memory).
+            True takes the classification defaults (crops of 25–100% of the image, flips with p 0.5); a mapping
+            sets `scale`, `ratio` and `hflip_p` as in pretraining's task settings, e.g. `{scale: [0.8, 1.0],
+            hflip_p: 0.0}` for digits, where a mirrored digit is another symbol.
         eval_batch_size, max_train_images, max_eval_images: evaluation and data caps.
         validation_fraction: hold out this fraction of the training images (a fixed, seeded draw, the same for every
             `seed`) and evaluate on them instead of the eval split, so that hyperparameters can be chosen without
@@ -118,7 +123,7 @@ class FinetuneConfig:
     head_lr: float | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
-    augment: bool = False
+    augment: bool | dict = False
     eval_batch_size: int = 128
     max_train_images: int | None = None
     max_eval_images: int | None = None
@@ -142,6 +147,14 @@ class FinetuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if isinstance(self.augment, Mapping) and not self.augment:
+            self.augment = True  # an empty mapping: the defaults
+        if isinstance(self.augment, Mapping):
+            unknown = sorted(set(self.augment) - AUGMENT_KEYS)
+            if unknown:
+                raise ValueError(f"augment: unknown key(s) {unknown}; an augment mapping takes {sorted(AUGMENT_KEYS)}.")
+        elif not isinstance(self.augment, bool):
+            raise ValueError(f"augment={self.augment!r} must be true, false or a mapping of {sorted(AUGMENT_KEYS)}.")
         f = self.validation_fraction
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1):
             raise ValueError(f"validation_fraction={f!r} must be a number strictly between 0 and 1 (or None).")
@@ -379,6 +392,19 @@ class InMemoryDataset(torch.utils.data.Dataset):
         return {"pixel_values": self.pixel_values[i], "labels": int(self.labels[i])}
 
 
+def _train_transform(spec, augment):
+    """The training split's transform: "eval" without augmentation, "train" (the task type's defaults) for True,
+    and `build_transforms` with the mapping's `scale` / `ratio` / `hflip_p` otherwise."""
+    if not augment:
+        return "eval"
+    if augment is True:
+        return "train"
+    from ..data import build_transforms
+
+    options = {k: tuple(float(x) for x in v) if k in ("scale", "ratio") else float(v) for k, v in augment.items()}
+    return build_transforms(spec.task_type, spec.image_size, train=True, **options)
+
+
 def _seeded_order(n: int, limit: int | None = None) -> list[int]:
     """A fixed, class-mixed order of n items (seed 0, whatever the run's seed; imagefolders list files class by
     class), cut to the first `limit`."""
@@ -426,7 +452,7 @@ def load_downstream_data(cfg: FinetuneConfig, image_size: int):
         raise ValueError(
             f"dataset {spec.name!r} is {spec.task_type}; the fine-tuning recipe supports classification so far."
         )
-    train_raw = load_task_dataset(spec, split=spec.split, transform="train" if cfg.augment else "eval")
+    train_raw = load_task_dataset(spec, split=spec.split, transform=_train_transform(spec, cfg.augment))
     label_names = list(train_raw.label_names)
     if cfg.num_labels is not None and cfg.num_labels != len(label_names):
         raise ValueError(
