@@ -13,6 +13,10 @@ Arms (each in a fresh process, so that peak memory is the arm's own):
 `--untrained-preset vit-s --image-size 224 --steps 6 --batch-size 8` measures speed and memory at ViT-S size on a
 randomly initialised model (no ViT-S can be pretrained here); its accuracies are meaningless.
 
+`--validation 0.2` scores every arm on a fixed 20% of the training images instead of the test split, for choosing
+LoRA settings (`--r`, `--attention-projections`, `--lora-lr`, `--lora-weight-decay`, `--augment`, ...) without
+looking at the test images.
+
 Each arm reports trainable / total parameters, FLOPs per image, train images/s, peak memory (RSS above the
 process baseline on CPU: weights, gradients, optimizer state, activations) and accuracy. Every arm runs `--seeds`
 times (3; seeds outermost, so machine drift hits all arms alike): accuracy is the mean over seeds, speed and memory
