@@ -23,6 +23,7 @@ from .config import (
 from .data import TaskBatchStream, TaskData, hash_seed, load_task_data, resolve_specs
 from .evaluation import METRIC_FOR, PRIMARY_METRIC, evaluate_task, normalized_task_expert_mi
 from .loop import (
+    adamw,
     build_optimizer,
     checkpoint_dirs,
     configure_threads,
@@ -58,6 +59,7 @@ __all__ = [
     "TaskData",
     "TaskSampler",
     "TrainConfig",
+    "adamw",
     "apply_overrides",
     "build_model",
     "build_model_config",
