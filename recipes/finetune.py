@@ -3,7 +3,7 @@
     accelerate launch recipes/finetune.py --config recipes/configs/finetune_digits.yaml
     python recipes/finetune.py --config recipes/configs/finetune_digits.yaml --model runs/pretrain/final --merge
 
-All knobs live in the YAML (keys: the fields of `moe_adapt.adaptation.FinetuneConfig`); the flags below override
+All knobs live in the YAML (keys: the fields of `moe_adapt.adaptation.finetune.FinetuneConfig`); the flags below override
 it. The logic is `moe_adapt.adaptation.finetune`; see docs/adaptation.md.
 """
 

@@ -19,7 +19,7 @@ The path, each step taking the previous step's object (`finetune(FinetuneConfig(
    model (`merged/`) that `from_pretrained` loads without peft.
 
 ```python
->>> from moe_adapt.adaptation import FinetuneConfig, finetune
+>>> from moe_adapt.adaptation.finetune import FinetuneConfig, finetune
 >>> result = finetune(FinetuneConfig(model="runs/pretrain/final", dataset="builtin:digits", output_dir="runs/digits",
 ...                                  mode="lora", steps=300, merge=True))
 >>> print(result.report.to_console())
