@@ -44,7 +44,7 @@ from torch import nn
 
 from ..analysis import ExpertSelection, ExpertUsage, collect_expert_usage, select_experts
 from ..analysis.usage import find_backbone
-from ..data import collate_fn_for, load_task_dataset
+from ..data import AUGMENT_OPTIONS, augment_options, build_transforms, collate_fn_for, load_task_dataset
 from ..models.moe_vit import MoEViTConfig, MoEViTForImageClassification
 from ..models.moe_vit.modeling_moe_vit import EXPERTS_IMPLEMENTATIONS
 from .downstream import resolve_dataset_spec
@@ -60,8 +60,6 @@ from .report import (
 
 MODES = ("lora", "router", "full")
 DEFAULT_LR = {"lora": 1e-2, "router": 1e-2, "full": 5e-4}
-#: what an `augment` mapping may set (`moe_adapt.data.build_transforms`' training options)
-AUGMENT_KEYS = frozenset({"scale", "ratio", "hflip_p"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,11 +148,11 @@ class FinetuneConfig:
         if isinstance(self.augment, Mapping) and not self.augment:
             self.augment = True  # an empty mapping: the defaults
         if isinstance(self.augment, Mapping):
-            unknown = sorted(set(self.augment) - AUGMENT_KEYS)
+            unknown = sorted(set(self.augment) - set(AUGMENT_OPTIONS))
             if unknown:
-                raise ValueError(f"augment: unknown key(s) {unknown}; an augment mapping takes {sorted(AUGMENT_KEYS)}.")
+                raise ValueError(f"augment: unknown key(s) {unknown}; an augment mapping takes {sorted(AUGMENT_OPTIONS)}.")
         elif not isinstance(self.augment, bool):
-            raise ValueError(f"augment={self.augment!r} must be true, false or a mapping of {sorted(AUGMENT_KEYS)}.")
+            raise ValueError(f"augment={self.augment!r} must be true, false or a mapping of {sorted(AUGMENT_OPTIONS)}.")
         f = self.validation_fraction
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1):
             raise ValueError(f"validation_fraction={f!r} must be a number strictly between 0 and 1 (or None).")
@@ -399,10 +397,7 @@ def _train_transform(spec, augment):
         return "eval"
     if augment is True:
         return "train"
-    from ..data import build_transforms
-
-    options = {k: tuple(float(x) for x in v) if k in ("scale", "ratio") else float(v) for k, v in augment.items()}
-    return build_transforms(spec.task_type, spec.image_size, train=True, **options)
+    return build_transforms(spec.task_type, spec.image_size, train=True, **augment_options(augment))
 
 
 def _seeded_order(n: int, limit: int | None = None) -> list[int]:

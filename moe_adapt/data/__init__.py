@@ -17,16 +17,19 @@ from .loaders import TaskDataset, load_task_dataset
 from .mini import build_mini_benchmark, load_fashion_mnist, load_mnist_digits
 from .specs import FORMATS, IGNORE_INDEX, TASK_TYPES, DatasetSpec, load_specs, save_specs
 from .transforms import (
+    AUGMENT_OPTIONS,
     Compose,
     Normalize,
     RandomHorizontalFlip,
     RandomResizedCrop,
     Resize,
+    augment_options,
     build_transforms,
     scale_boxes,
 )
 
 __all__ = [
+    "AUGMENT_OPTIONS",
     "FORMATS",
     "IGNORE_INDEX",
     "TASK_TYPES",
@@ -39,6 +42,7 @@ __all__ = [
     "RandomResizedCrop",
     "Resize",
     "TaskDataset",
+    "augment_options",
     "build_mini_benchmark",
     "build_transforms",
     "collate_fn_for",

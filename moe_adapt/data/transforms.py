@@ -25,7 +25,7 @@ torch.Size([3, 64, 64])
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -225,6 +225,19 @@ class Normalize:
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+#: what an augmentation mapping (a recipe's `augment:`) may set: `build_transforms`' training options
+AUGMENT_OPTIONS = ("hflip_p", "ratio", "scale")
+
+
+def augment_options(augment: Mapping[str, Any]) -> dict[str, Any]:
+    """An augmentation mapping as `build_transforms` keywords: `scale` and `ratio` (lists in YAML) as float tuples."""
+    out = dict(augment)
+    for key in ("scale", "ratio"):
+        if key in out:
+            out[key] = tuple(float(v) for v in out[key])
+    return out
 
 
 def build_transforms(

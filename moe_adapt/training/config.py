@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from ..data.transforms import AUGMENT_OPTIONS
 from .loss_weighting import LOSS_WEIGHTINGS
 from .sampling import SAMPLING_STRATEGIES
 
@@ -100,9 +101,9 @@ class TaskConfig:
         self.loss_weight = _number(self.loss_weight, "loss_weight")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1; got {self.batch_size}.")
-        unknown = sorted(set(self.augment) - {"scale", "ratio", "hflip_p"})
+        unknown = sorted(set(self.augment) - set(AUGMENT_OPTIONS))
         if unknown:
-            raise ValueError(f"augment: unknown key(s) {unknown}; known: ['hflip_p', 'ratio', 'scale'].")
+            raise ValueError(f"augment: unknown key(s) {unknown}; known: {sorted(AUGMENT_OPTIONS)}.")
 
 
 @dataclasses.dataclass

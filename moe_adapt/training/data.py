@@ -19,6 +19,7 @@ import torch
 from ..data import (
     DatasetSpec,
     TaskDataset,
+    augment_options,
     build_mini_benchmark,
     build_transforms,
     collate_fn_for,
@@ -173,7 +174,7 @@ def load_task_data(config: PretrainConfig, main_process: bool = True, splits: tu
     out = {}
     for task, settings in config.tasks.items():
         spec = task_spec(config, specs, task)
-        train_tf = build_transforms(spec.task_type, spec.image_size, train=True, **_augment(settings.augment))
+        train_tf = build_transforms(spec.task_type, spec.image_size, train=True, **augment_options(settings.augment))
         train = load_task_dataset(spec, split=spec.split, transform=train_tf) if "train" in splits else None
         evaluation = None
         if "eval" in splits and spec.eval_split:
@@ -183,14 +184,6 @@ def load_task_data(config: PretrainConfig, main_process: bool = True, splits: tu
             name=task, task_type=spec.task_type, label_names=list(names), train=train, eval=evaluation,
             batch_size=settings.batch_size, eval_batch_size=settings.eval_batch_size or 2 * settings.batch_size,
         )
-    return out
-
-
-def _augment(augment: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(augment)
-    for key in ("scale", "ratio"):
-        if key in out:
-            out[key] = tuple(float(v) for v in out[key])
     return out
 
 
