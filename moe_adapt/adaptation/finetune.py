@@ -425,6 +425,11 @@ def _train_images(train_raw, indices: list[int], augment: bool):
     return torch.utils.data.Subset(train_raw, indices) if augment else _cache_items(train_raw, indices)
 
 
+def _unaugmented(spec, train_raw, augment) -> torch.utils.data.Dataset:
+    """The training split read without augmentation: `train_raw` itself unless it augments."""
+    return load_task_dataset(spec, split=spec.split, transform="eval") if augment else train_raw
+
+
 def _hold_out_validation(spec, train_raw, cfg: FinetuneConfig):
     """(train, validation) for `cfg.validation_fraction`: the training split in a fixed order (seed 0, not
     `cfg.seed`, so that every run of a sweep sees the same split), capped at `max_train_images`; its first
@@ -436,8 +441,7 @@ def _hold_out_validation(spec, train_raw, cfg: FinetuneConfig):
         raise ValueError(f"validation_fraction={cfg.validation_fraction!r} of dataset {spec.name!r}'s {n} training "
                          f"images leaves {n_val} for validation and {n - n_val} for training: both need at least one.")
     held = pool[:n_val][: cfg.max_eval_images or None]
-    plain = load_task_dataset(spec, split=spec.split, transform="eval") if cfg.augment else train_raw
-    return _train_images(train_raw, pool[n_val:], cfg.augment), _cache_items(plain, held)
+    return _train_images(train_raw, pool[n_val:], cfg.augment), _cache_items(_unaugmented(spec, train_raw, cfg.augment), held)
 
 
 def load_downstream_data(cfg: FinetuneConfig, image_size: int):
@@ -468,7 +472,7 @@ def load_downstream_data(cfg: FinetuneConfig, image_size: int):
             raise ValueError(f"dataset {spec.name!r} has no samples in split {spec.split!r}.")
         train_set = _train_images(train_raw, _seeded_order(len(train_raw), cfg.max_train_images), cfg.augment)
     else:  # hold out a fixed 10% of the training split
-        full = _cache(load_task_dataset(spec, split=spec.split, transform="eval"), None)
+        full = _cache(_unaugmented(spec, train_raw, cfg.augment), None)
         n_eval = max(1, len(full) // 10)
         eval_set = InMemoryDataset(full.pixel_values[:n_eval], full.labels[:n_eval])
         train_set = InMemoryDataset(full.pixel_values[n_eval:], full.labels[n_eval:])
