@@ -2,6 +2,7 @@
 
     python benchmarks/moe_layer.py                      # CPU, fp32 (the README's numbers)
     python benchmarks/moe_layer.py --device cuda --dtype bfloat16
+    python benchmarks/moe_layer.py --malloc default     # glibc's own malloc thresholds (see below)
 
 Layer: forward + backward of one MoE MLP layer at ViT-S shape (d=384, 16 experts, top-4, expert width 384,
 8×197 tokens), routing included, for each experts backend; a dense MLP of equal active width (d → 4d → d); and a
@@ -9,6 +10,11 @@ plain per-expert Python loop. `matmul_floor_vs_dense`: the expert matmuls alone 
 the dense MLP's matmuls, the floor under any backend's `best_vs_dense` on this machine. Model: one AdamW train step (fused, as transformers' Trainer's default) of the MoE ViT-S preset against transformers'
 `ViTForImageClassification` of the same width and depth, batch 8 at 224 px. Timings are medians over rounds that
 interleave the candidates (in an order that rotates every round), so machine noise hits all of them alike; the ratios are what to compare.
+
+`--malloc keep` (the default) first calls `moe_adapt.runtime.keep_freed_memory()`, as the training recipes do:
+glibc then keeps freed buffers for the next step instead of returning them to the kernel and page-faulting them
+back in, a cost that falls on every candidate but most on the MoE layer's larger temporaries. `--malloc default`
+measures with glibc's own thresholds; the JSON's `malloc` says which ran.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification
 from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTSparseMLP
+from moe_adapt.runtime import keep_freed_memory
 from moe_adapt.training.loop import adamw
 
 
@@ -194,7 +201,12 @@ def main():
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated experts backends to time")
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="keep: glibc keeps freed memory for the next step (moe_adapt.runtime.keep_freed_memory, as the "
+                        "training recipes run); default: glibc's own thresholds, which page-fault freed buffers back "
+                        "in every step")
     a = p.parse_args()
+    kept_mb = keep_freed_memory() if a.malloc == "keep" else None
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
     names = a.backends.split(",")
     layer = layer_benchmark(device, dtype, a.rounds, a.tokens, names)
@@ -203,6 +215,7 @@ def main():
     result = {
         "device": a.device if a.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": a.dtype,
+        "malloc": f"keep freed memory (glibc thresholds {kept_mb} MiB)" if kept_mb else "glibc default",
         "tokens": a.tokens,
         "dense_ms": round(layer["dense"], 3),
         "backends_ms": backends,

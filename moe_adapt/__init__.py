@@ -66,4 +66,7 @@ __all__ += ["AutoModelForMultiTask", "MoEViTForMultiTask", "MoEViTMultiTaskOutpu
 from .adaptation.lora import lora_config  # noqa: E402  (peft LoRA config for the MoE layout, issue 6)
 
 __all__ += ["lora_config"]
+from .runtime import keep_freed_memory  # noqa: E402  (glibc keeps freed buffers between training steps)
 from .surgery.add_task import add_task  # noqa: E402,F401  (continual learning, issue 7)
+
+__all__ += ["keep_freed_memory"]

@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from ..models.moe_vit.losses import MutualInformationLoss
+from ..runtime import keep_freed_memory
 from .config import OptimizerConfig, PretrainConfig
 from .data import TaskBatchStream, hash_seed, load_task_data
 from .evaluation import PRIMARY_METRIC, evaluate_task, normalized_task_expert_mi
@@ -260,6 +261,8 @@ def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerat
     none), or a checkpoint folder.
     """
     threads = configure_threads(config.train.num_threads)
+    if config.train.keep_freed_memory:
+        keep_freed_memory()
     accelerator = accelerator or Accelerator(
         # Without a GPU (or other accelerator), `cpu=True` makes accelerate run torchrun / `accelerate launch`
         # processes as MULTI_CPU with gloo, instead of one independent process each.

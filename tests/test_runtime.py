@@ -1,0 +1,71 @@
+"""`moe_adapt.runtime.keep_freed_memory`: glibc keeps freed buffers instead of page-faulting them back in, and the
+pretraining recipe's `train.keep_freed_memory` turns it on. The setting is process-wide and cannot be undone, so
+each case runs in its own Python process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+from test_pretrain_recipe import tiny_recipe
+
+from moe_adapt.runtime import keep_freed_memory
+from moe_adapt.training import TrainConfig
+
+FAULTS = textwrap.dedent("""
+    import json, resource, sys, torch
+    from moe_adapt.runtime import freed_memory_threshold_mb, keep_freed_memory
+    kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+    def faults():  # minor page faults of allocating, filling and freeing a 64 MiB tensor three times
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            t = torch.ones(16 * 2**20)
+            del t
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults()  # the first allocation faults in any case
+    print(json.dumps({"kept": kept, "threshold": freed_memory_threshold_mb(), "faults": faults()}))
+""")
+
+
+def run_python(code: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_stops_page_faulting_freed_buffers_back_in():
+    default, kept = run_python(FAULTS, "default"), run_python(FAULTS, "keep")
+    assert default["kept"] is None and default["threshold"] is None
+    assert kept["kept"] == kept["threshold"] == 256
+    # glibc by default maps a 64 MiB block afresh on every allocation (above its 32 MiB dynamic ceiling): each
+    # round faults its pages in again; kept, the freed block is reused
+    assert default["faults"] >= 3 * 16, default
+    assert kept["faults"] * 10 <= default["faults"], (kept, default)
+
+
+def test_keep_freed_memory_rejects_bad_thresholds():
+    for bad in (0, -5, 2048, 1.5, True):
+        with pytest.raises(ValueError, match="threshold_mb"):
+            keep_freed_memory(bad)
+    with pytest.raises(ValueError, match="train.keep_freed_memory='yes'"):
+        TrainConfig(keep_freed_memory="yes")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_pretraining_recipe_keeps_freed_memory_when_asked(mini_data_dir, tmp_path):
+    for keep in (False, True):
+        recipe = tiny_recipe(mini_data_dir, tmp_path / f"run-{keep}", max_steps=1, keep_freed_memory=keep)
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        code = textwrap.dedent(f"""
+            import json
+            from moe_adapt.runtime import freed_memory_threshold_mb
+            from moe_adapt.training import load_pretrain_config, pretrain
+            pretrain(load_pretrain_config({str(tmp_path / "recipe.yaml")!r}))
+            print(json.dumps({{"threshold": freed_memory_threshold_mb()}}))
+        """)
+        assert run_python(code)["threshold"] == (256 if keep else None)
