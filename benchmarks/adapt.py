@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on this fraction of the training images (held out, the same for every arm and "
                         "seed) instead of the eval (test) split: for choosing settings without scoring the test images")
     p.add_argument("--policy", default="top_n", help="expert selection policy of the sliced arms")
+    p.add_argument("--source-task", default="auto",
+                   help="pretraining task whose routers route the new task's images (default auto: lowest routing "
+                        "entropy, FinetuneConfig's default)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3,
@@ -160,7 +163,7 @@ def run_one_arm(args) -> None:
     arm = ARMS[args.arm]
     cfg = FinetuneConfig(
         model=args.model, dataset={"builtin": args.dataset, "image_size": args.image_size}, output_dir=None,
-        mode=arm["mode"], slice=arm["slice"], selection={"policy": args.policy},
+        mode=arm["mode"], slice=arm["slice"], selection={"policy": args.policy}, source_task=args.source_task,
         lora={"r": args.r, "include_dense_mlp": args.dense_mlp,
               "attention_projections": args.attention_projections.split(","), "train_norms": args.train_norms,
               "include_patch_embedding": args.patch_embedding,

@@ -6,15 +6,16 @@ top of the heap is returned). A training step frees its activations and gradient
 sizes again in the next step, so every step page-faults those megabytes back in, zero-filled, one 4 KiB page at a
 time. A MoE layer allocates more, and larger, temporaries than a dense MLP (the k-times-replicated token rows of
 its dispatch, a weight gradient per expert), so it pays more: at ViT-S shape one MoE MLP layer's forward + backward
-faulted ~2,700 pages per step against the dense MLP's ~800, about 5% of its time on this project's CPU. Raising both
-thresholds keeps the freed memory in the process for the next step. This is the glibc form of what PyTorch's CPU
-performance guides get from jemalloc or tcmalloc (`LD_PRELOAD`); it is also what `MALLOC_MMAP_THRESHOLD_` and
-`MALLOC_TRIM_THRESHOLD_` in the environment do, but settable from Python after start-up.
+faulted 2,700-9,900 pages per step (depending on what the process had run before) against the dense MLP's
+800-1,100, about 5% of its time on this project's CPU. Raising both thresholds keeps the freed memory in the
+process for the next step. This is the glibc form of what PyTorch's CPU performance guides get from jemalloc or
+tcmalloc (`LD_PRELOAD`); it is also what `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` in the environment
+do, but settable from Python after start-up.
 
-The cost: memory freed by the process stays in its RSS until something calls `malloc_trim` (blocks larger than
-the threshold are still mapped and unmapped as before). The training loops of this package call it when their
-config says so (`train.keep_freed_memory` in pretraining, `FinetuneConfig.keep_freed_memory`), and the benchmarks
-say in their JSON whether it was on.
+The cost: memory the process frees stays in its RSS (blocks larger than the threshold are still mapped and
+unmapped as before) until the process ends or calls `malloc_trim`. Nothing in this package turns it on by itself:
+pretraining does when its config says so (`train.keep_freed_memory: true`), and `benchmarks/moe_layer.py` does by
+default and says so in its JSON (`--malloc default` measures without it).
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def keep_freed_memory(threshold_mb: int = 256) -> int | None:
         return None
     for mb in dict.fromkeys((threshold_mb, min(threshold_mb, 32))):
         size = ctypes.c_int(mb * 2**20)
-        if libc.mallopt(_M_MMAP_THRESHOLD, size) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, size) == 1:
+        if libc.mallopt(_M_MMAP_THRESHOLD, size) == 1:  # older glibc refuses more than 32 MiB here: try 32
+            if libc.mallopt(_M_TRIM_THRESHOLD, size) != 1:  # never refused by any glibc; say so if it were
+                raise OSError(f"glibc mallopt(M_TRIM_THRESHOLD, {mb} MiB) failed after M_MMAP_THRESHOLD was set.")
             _threshold_mb = mb
             return mb
     return None

@@ -349,7 +349,7 @@ class _CombineSorted(torch.autograd.Function):
         y, g_pairs, perm, inverse, sorted_tokens = ctx.saved_tensors
         grad = grad.contiguous()
         g_sorted = g_pairs.index_select(0, perm)
-        if ctx.bag:
+        if ctx.bag and ctx.needs_input_grad[0]:
             with _cpu_sparse_ops():
                 rows = torch.arange(sorted_tokens.numel(), device=grad.device)
                 dy = F.embedding_bag(sorted_tokens, grad, rows, mode="sum", per_sample_weights=g_sorted)
@@ -364,12 +364,12 @@ class _CombineSorted(torch.autograd.Function):
             crow = torch.arange(0, tokens * k + 1, k, device=y.device)
             with _cpu_sparse_ops():
                 # the pattern only: zero values, so that a non-finite gate does not turn its gradient into NaN
-                pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), torch.zeros(cols.numel(), dtype=y.dtype, device=y.device),
-                                                  size=(tokens, y.shape[0]))
+                zeros = torch.zeros(cols.numel(), dtype=y.dtype, device=y.device)
+                pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), zeros, size=(tokens, y.shape[0]))
                 vals = torch.sparse.sampled_addmm(pattern, grad, y.t(), beta=0.0).values()
             dgate = torch.empty(ctx.gates_shape, dtype=vals.dtype, device=vals.device).scatter_(
                 1, order, vals.view(ctx.gates_shape))
-        if dy is None:  # per sorted pair: the token's gradient, then (for the gates) a row-dot before scaling
+        if not ctx.bag:  # per sorted pair: the token's gradient, then (for the gates) a row-dot before scaling
             dy = grad.index_select(0, sorted_tokens)
             if ctx.needs_input_grad[1]:
                 dgate = _rowdot(dy, y).index_select(0, inverse).view(ctx.gates_shape)
@@ -726,12 +726,12 @@ def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights
     of rows (`segmented_linear`: no padding, no per-pair weight copies, fixed-size buffers, biases added in place
     after the block matmuls), and the gate-weighted sum is one weighted `embedding_bag` on CPU (`_CombineSorted`);
     the down projection's bias joins at token level (`gates @ bias`, one `[tokens, E] × [E, d]` product). Backward
-    is written by hand: a gather and a scatter around the same per-expert matmuls, a sampled matmul on the combine's
-    CSR pattern for the gates' gradient (a batched row-dot off CPU), and no weight gradient for frozen experts (or
+    is written by hand: a gather and a scatter around the same per-expert matmuls, a sampled matmul on the
+    (token, pair) CSR pattern for the gates' gradient (a batched row-dot off CPU), and no weight gradient for frozen experts (or
     for experts under an activation-space LoRA).
 
     At ViT-S shape on this project's CPU (1 thread) these cut the layer from 1.40x to 1.25-1.30x a dense MLP of equal
-    active width; the expert matmuls alone cost 1.06-1.09x, the rest is the gather and scatter over k-times
+    active width; the expert matmuls alone cost 1.06-1.12x, the rest is the gather and scatter over k-times
     replicated rows that a fused kernel would avoid.
 
     On an accelerator (see `on_accelerator`) it runs transformers' `grouped_mm` kernel instead, unless an
