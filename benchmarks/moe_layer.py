@@ -12,10 +12,9 @@ the dense MLP's matmuls, the floor under any backend's `best_vs_dense` on this m
 interleave the candidates (in an order that rotates every round), so machine noise hits all of them alike; the ratios are what to compare.
 
 `--malloc keep` (the default) first calls `moe_adapt.runtime.keep_freed_memory()` (`train.keep_freed_memory: true`
-in a pretraining recipe):
-glibc then keeps freed buffers for the next step instead of returning them to the kernel and page-faulting them
-back in, a cost that falls on every candidate but most on the MoE layer's larger temporaries. `--malloc default`
-measures with glibc's own thresholds; the JSON's `malloc` says which ran.
+in a pretraining recipe): glibc then keeps freed buffers for the next step instead of returning them to the kernel
+and page-faulting them back in, a cost that falls on every candidate but most on the MoE layer's larger
+temporaries. `--malloc default` measures with glibc's own thresholds; the JSON's `malloc` says which ran.
 """
 
 from __future__ import annotations
@@ -204,8 +203,8 @@ def main():
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated experts backends to time")
     p.add_argument("--malloc", choices=["keep", "default"], default="keep",
                    help="keep: glibc keeps freed memory for the next step (moe_adapt.runtime.keep_freed_memory; "
-                        "train.keep_freed_memory in a recipe); default: glibc's own thresholds, which page-fault freed buffers back "
-                        "in every step")
+                        "train.keep_freed_memory in a recipe); default: glibc's own thresholds, which page-fault "
+                        "freed buffers back in every step")
     a = p.parse_args()
     kept_mb = keep_freed_memory() if a.malloc == "keep" else None
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
