@@ -10,6 +10,7 @@ from helpers import trained_like
 
 import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
+from moe_adapt.models.moe_vit.configuration_moe_vit import UnknownConfigFieldError
 from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, _bag_combine_ok, grouped_mm
 
 BACKENDS = ("eager", "batched_mm", "grouped_mm", "padded_bmm", "segmented_mm")
@@ -33,8 +34,9 @@ def test_presets_follow_mod_squad_layout():
     assert not hasattr(t, "attn_num_experts") and not hasattr(t, "mlp_num_experts")
     assert MoEViTConfig.from_preset("tiny", tasks=["a"], layout="all", mlp_num_experts=4).mlp_experts == [4] * 4
     # a misspelt field is an error that names it (it used to be stored as a stray attribute and ignored)
-    with pytest.raises(ValueError, match="'mi_loss_wieght' \\(did you mean 'mi_loss_weight'\\?\\)"):
-        MoEViTConfig.from_preset("tiny", tasks=["a"], mi_loss_wieght=0.5)
+    with pytest.raises(UnknownConfigFieldError, match="'mi_loss_wieght' \\(did you mean 'mi_loss_weight'\\?\\)") as err:
+        MoEViTConfig.from_preset("tiny", tasks=["a"], mi_loss_wieght=0.5, attn_topk=2)
+    assert err.value.fields == ["attn_topk", "mi_loss_wieght"] and isinstance(err.value, ValueError)
     assert MoEViTConfig.from_preset("tiny", tasks=["a"], num_labels=7, experts_implementation="eager").mi_loss_weight == 0.005
 
 

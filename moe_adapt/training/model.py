@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from ..data import DatasetSpec, load_specs
 from ..data.mini import mini_specs
 from ..models.moe_vit import MoEViTConfig, MoEViTForMultiTask
+from ..models.moe_vit.configuration_moe_vit import UnknownConfigFieldError
 from .config import PretrainConfig
 
 
@@ -53,9 +54,7 @@ def build_model_config(
             config.model.preset, tasks=list(config.tasks), layout=config.model.layout,
             task_types=task_types, task_labels=task_labels, head_configs=head_configs, **overrides,
         )
-    except ValueError as err:
-        if not str(err).startswith("from_preset: unknown"):
-            raise
+    except UnknownConfigFieldError as err:
         # a misspelt key can only have come from the recipe's model section: say so
         raise ValueError(f"model.overrides of the recipe (preset {config.model.preset!r}, keys {sorted(overrides)}): {err}") from err
 

@@ -50,6 +50,14 @@ def _per_layer(name: str, value, depth: int) -> list[int]:
     return value
 
 
+class UnknownConfigFieldError(ValueError):
+    """`MoEViTConfig.from_preset` got keywords that are no config field (`fields`: their names): transformers'
+    configs would keep them as attributes nothing reads, so a misspelt override would change nothing silently."""
+
+    def __init__(self, fields: list[str], message: str):
+        super().__init__(message)
+        self.fields = list(fields)
+
 class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""Configuration of [`MoEViTModel`]: a ViT whose layers are mixtures of experts with one router per task.
 
@@ -252,7 +260,8 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
         stray = sorted(k for k in kwargs if k not in fields and k in vars(config))
         if stray:
             hints = {k: difflib.get_close_matches(k, sorted(fields), n=1) for k in stray}
-            raise ValueError(
+            raise UnknownConfigFieldError(
+                stray,
                 "from_preset: unknown MoEViTConfig field(s) "
                 + ", ".join(f"{k!r}" + (f" (did you mean {hints[k][0]!r}?)" if hints[k] else "") for k in stray)
                 + "; the fields are the documented ones of MoEViTConfig, and transformers' own config keywords "
