@@ -292,10 +292,11 @@ def main(argv=None) -> None:
             print(f"{name} (seed {seed}): {runs[name][-1]}", file=sys.stderr)
     arms = {name: aggregate(reports) for name, reports in runs.items()}
     r, targets = ratios(arms)
+    from moe_adapt.adaptation.finetune import evaluated_on
     print(json.dumps({
         "benchmark": "adapt", "dataset": args.dataset, "image_size": args.image_size, "steps": args.steps,
         "batch_size": args.batch_size, "seeds": seeds,
-        "evaluated_on": f"validation: {args.validation} of the training images" if args.validation else "eval split",
+        "evaluated_on": evaluated_on(args.validation),
         "lora_r": args.r, "lora_dense_mlp": args.dense_mlp,
         "lora_attention_projections": args.attention_projections.split(","), "lora_lr": args.lora_lr,
         "lora_weight_decay": args.lora_weight_decay, "augment": args.augment,

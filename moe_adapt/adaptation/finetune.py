@@ -44,7 +44,14 @@ from torch import nn
 
 from ..analysis import ExpertSelection, ExpertUsage, collect_expert_usage, select_experts
 from ..analysis.usage import find_backbone
-from ..data import AUGMENT_OPTIONS, augment_options, build_transforms, collate_fn_for, load_task_dataset
+from ..data import (
+    AUGMENT_OPTIONS,
+    augment_options,
+    build_transforms,
+    check_augment_keys,
+    collate_fn_for,
+    load_task_dataset,
+)
 from ..models.moe_vit import MoEViTConfig, MoEViTForImageClassification
 from ..models.moe_vit.modeling_moe_vit import EXPERTS_IMPLEMENTATIONS
 from .downstream import resolve_dataset_spec
@@ -148,9 +155,7 @@ class FinetuneConfig:
         if isinstance(self.augment, Mapping) and not self.augment:
             self.augment = True  # an empty mapping: the defaults
         if isinstance(self.augment, Mapping):
-            unknown = sorted(set(self.augment) - set(AUGMENT_OPTIONS))
-            if unknown:
-                raise ValueError(f"augment: unknown key(s) {unknown}; an augment mapping takes {sorted(AUGMENT_OPTIONS)}.")
+            check_augment_keys(self.augment)
         elif not isinstance(self.augment, bool):
             raise ValueError(f"augment={self.augment!r} must be true, false or a mapping of {sorted(AUGMENT_OPTIONS)}.")
         f = self.validation_fraction
@@ -388,6 +393,13 @@ class InMemoryDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"pixel_values": self.pixel_values[i], "labels": int(self.labels[i])}
+
+
+def evaluated_on(validation_fraction: float | None) -> str:
+    """Which images a run is scored on (its report's `extra.evaluated_on`)."""
+    if validation_fraction is None:
+        return "eval split"
+    return f"validation: {validation_fraction} of the training images"
 
 
 def _train_transform(spec, augment):
@@ -687,8 +699,7 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
                "experts_kept": None if selection is None else {n: len(v) for n, v in selection.experts.items()},
                "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4), "train_images": len(train_set),
                "eval_images": len(eval_set),
-               "evaluated_on": (f"validation: {cfg.validation_fraction} of the training images"
-                                if cfg.validation_fraction is not None else "eval split")},
+               "evaluated_on": evaluated_on(cfg.validation_fraction)},
     )
     if accelerator.is_main_process:
         say(report.to_console())

@@ -25,6 +25,7 @@ from .transforms import (
     Resize,
     augment_options,
     build_transforms,
+    check_augment_keys,
     scale_boxes,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "augment_options",
     "build_mini_benchmark",
     "build_transforms",
+    "check_augment_keys",
     "collate_fn_for",
     "load_fashion_mnist",
     "load_mnist_digits",

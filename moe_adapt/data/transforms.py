@@ -231,6 +231,13 @@ class Normalize:
 AUGMENT_OPTIONS = ("hflip_p", "ratio", "scale")
 
 
+def check_augment_keys(augment: Mapping[str, Any]) -> None:
+    """A `ValueError` naming any key of an augmentation mapping that is not one of `AUGMENT_OPTIONS`."""
+    unknown = sorted(set(augment) - set(AUGMENT_OPTIONS))
+    if unknown:
+        raise ValueError(f"augment: unknown key(s) {unknown}; an augment mapping takes {sorted(AUGMENT_OPTIONS)}.")
+
+
 def augment_options(augment: Mapping[str, Any]) -> dict[str, Any]:
     """An augmentation mapping as `build_transforms` keywords: `scale` and `ratio` (lists in YAML) as float tuples."""
     out = dict(augment)

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from ..data.transforms import AUGMENT_OPTIONS
+from ..data.transforms import check_augment_keys
 from .loss_weighting import LOSS_WEIGHTINGS
 from .sampling import SAMPLING_STRATEGIES
 
@@ -101,9 +101,7 @@ class TaskConfig:
         self.loss_weight = _number(self.loss_weight, "loss_weight")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1; got {self.batch_size}.")
-        unknown = sorted(set(self.augment) - set(AUGMENT_OPTIONS))
-        if unknown:
-            raise ValueError(f"augment: unknown key(s) {unknown}; known: {sorted(AUGMENT_OPTIONS)}.")
+        check_augment_keys(self.augment)
 
 
 @dataclasses.dataclass

@@ -348,32 +348,31 @@ class _CombineSorted(torch.autograd.Function):
     def backward(ctx, grad):
         y, g_pairs, perm, inverse, sorted_tokens = ctx.saved_tensors
         grad = grad.contiguous()
-        g_sorted = g_pairs.index_select(0, perm)
-        if ctx.bag and ctx.needs_input_grad[0]:
+        need_y, need_gates = ctx.needs_input_grad[:2]
+        dy = dgate = None
+        if ctx.bag:
             with _cpu_sparse_ops():
-                rows = torch.arange(sorted_tokens.numel(), device=grad.device)
-                dy = F.embedding_bag(sorted_tokens, grad, rows, mode="sum", per_sample_weights=g_sorted)
-        else:
-            dy = None
-        dgate = None
-        if ctx.needs_input_grad[1] and ctx.bag:
-            # d gate[t, j] = <grad[t], y[pair (t, j)]>: one sampled matmul on the (token, pair) CSR pattern reads
-            # grad and y where a row-dot would first gather grad into pair order
-            tokens, k = ctx.gates_shape
-            cols, order = inverse.view(tokens, k).sort(dim=1)  # CSR rows with ascending columns
-            crow = torch.arange(0, tokens * k + 1, k, device=y.device)
-            with _cpu_sparse_ops():
-                # the pattern only: zero values, so that a non-finite gate does not turn its gradient into NaN
-                zeros = torch.zeros(cols.numel(), dtype=y.dtype, device=y.device)
-                pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), zeros, size=(tokens, y.shape[0]))
-                vals = torch.sparse.sampled_addmm(pattern, grad, y.t(), beta=0.0).values()
-            dgate = torch.empty(ctx.gates_shape, dtype=vals.dtype, device=vals.device).scatter_(
-                1, order, vals.view(ctx.gates_shape))
-        if not ctx.bag:  # per sorted pair: the token's gradient, then (for the gates) a row-dot before scaling
+                if need_y:  # sorted pair s gets gate · grad[token(s)]
+                    rows = torch.arange(sorted_tokens.numel(), device=grad.device)
+                    dy = F.embedding_bag(sorted_tokens, grad, rows, mode="sum",
+                                         per_sample_weights=g_pairs.index_select(0, perm))
+                if need_gates:
+                    # d gate[t, j] = <grad[t], y[pair (t, j)]>: one sampled matmul on the (token, pair) CSR pattern
+                    # reads grad and y where a row-dot would first gather grad into pair order
+                    tokens, k = ctx.gates_shape
+                    cols, order = inverse.view(tokens, k).sort(dim=1)  # CSR rows with ascending columns
+                    crow = torch.arange(0, tokens * k + 1, k, device=y.device)
+                    # the pattern only: zero values, so that a non-finite gate does not turn its gradient into NaN
+                    zeros = torch.zeros(cols.numel(), dtype=y.dtype, device=y.device)
+                    pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), zeros, size=(tokens, y.shape[0]))
+                    vals = torch.sparse.sampled_addmm(pattern, grad, y.t(), beta=0.0).values()
+                    dgate = torch.empty(ctx.gates_shape, dtype=vals.dtype, device=vals.device).scatter_(
+                        1, order, vals.view(ctx.gates_shape))
+        else:  # per sorted pair: the token's gradient, then (for the gates) a row-dot before scaling
             dy = grad.index_select(0, sorted_tokens)
-            if ctx.needs_input_grad[1]:
+            if need_gates:
                 dgate = _rowdot(dy, y).index_select(0, inverse).view(ctx.gates_shape)
-            dy.mul_(g_sorted.unsqueeze(1))
+            dy.mul_(g_pairs.index_select(0, perm).unsqueeze(1))
         return dy, dgate, None, None, None
 
 
