@@ -40,7 +40,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from moe_adapt.runtime import MALLOC_LIBRARIES, find_malloc_library, malloc_library  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
+MALLOC_PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4"}  # Debian/Ubuntu packages
 ARMS = {
     "full_ft": {"mode": "full", "slice": False},
     "sliced_lora": {"mode": "lora", "slice": True},
@@ -76,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-embedding", action="store_true", help="LoRA arms also adapt the patch embedding (conv LoRA)")
     p.add_argument("--lora-lr", type=float, default=None,
                    help="learning rate of the LoRA arms (default: the recipe's, FinetuneConfig's per-mode default)")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of what the LoRA arms train whole (head, routers; FinetuneConfig.head_lr, "
+                        "default: the LoRA rate)")
     p.add_argument("--lora-weight-decay", type=float, default=None,
                    help="AdamW weight decay of the LoRA arms (default: the recipe's, 0)")
     p.add_argument("--augment", default=None, metavar="SPEC",
@@ -89,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretraining task whose routers route the new task's images (default auto: lowest routing "
                         "entropy, FinetuneConfig's default)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm")
+    p.add_argument("--malloc", default="glibc", choices=["glibc", *MALLOC_LIBRARIES],
+                   help="allocator of every arm's process: glibc's malloc, or jemalloc / tcmalloc preloaded "
+                        "(LD_PRELOAD), as PyTorch's CPU launcher torch.backends.xeon.run_cpu does; peak RSS depends "
+                        "on it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3,
                    help="runs per arm with seeds seed, seed+1, ...: accuracy is their mean, speed and memory their "
@@ -158,6 +168,9 @@ def run_one_arm(args) -> None:
     from moe_adapt.adaptation.finetune import FinetuneConfig, finetune
 
     torch.set_num_threads(args.threads)
+    if malloc_library() != args.malloc:
+        raise SystemExit(f"--malloc {args.malloc}: this process runs {malloc_library()}'s malloc (LD_PRELOAD="
+                         f"{os.environ.get('LD_PRELOAD', '')!r}).")
     warm_up_libraries()
 
     arm = ARMS[args.arm]
@@ -168,7 +181,8 @@ def run_one_arm(args) -> None:
               "attention_projections": args.attention_projections.split(","), "train_norms": args.train_norms,
               "include_patch_embedding": args.patch_embedding,
               "include_experts": args.lora_experts != "none", "include_mlp": args.lora_experts == "all"},
-        lr=args.lora_lr if arm["mode"] == "lora" else None, augment=parse_augment(args.augment),
+        lr=args.lora_lr if arm["mode"] == "lora" else None,
+        head_lr=args.head_lr if arm["mode"] == "lora" else None, augment=parse_augment(args.augment),
         **({"weight_decay": args.lora_weight_decay}
            if arm["mode"] == "lora" and args.lora_weight_decay is not None else {}),
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, num_threads=args.threads, log_every=0,
@@ -177,7 +191,7 @@ def run_one_arm(args) -> None:
     result = finetune(cfg, verbose=False)
     report = result.report.to_dict()
     print(json.dumps({k: report[k] for k in KEEP} | {
-        "accuracy": report["metric"], "source_task": result.source_task,
+        "accuracy": report["metric"], "source_task": result.source_task, "malloc": malloc_library(),
         "experts_kept": report["extra"]["experts_kept"], "final_loss": report["extra"]["final_loss"],
     }))
 
@@ -276,13 +290,20 @@ def main(argv=None) -> None:
     for name in names:
         if name not in ARMS:
             raise SystemExit(f"unknown arm {name!r}; choose from {list(ARMS)}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    if args.malloc != "glibc":
+        library = find_malloc_library(args.malloc)
+        if library is None:
+            raise SystemExit(f"--malloc {args.malloc}: no {args.malloc} library found (Debian/Ubuntu: apt-get install "
+                             f"{MALLOC_PACKAGES[args.malloc]}; conda: conda install -c conda-forge "
+                             f"{'gperftools' if args.malloc == 'tcmalloc' else 'jemalloc'}).")
+        env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD")) if p)
     model = pretrained_model(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
     runs = {name: [] for name in names}
     for seed in seeds:  # seeds outermost: machine drift hits every arm alike
         for name in names:
             cmd = [sys.executable, __file__, "--arm", name, "--model", model, "--seed", str(seed), *child_argv(args)]
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             if proc.returncode != 0 or not lines:
@@ -298,11 +319,11 @@ def main(argv=None) -> None:
         "batch_size": args.batch_size, "seeds": seeds,
         "evaluated_on": evaluated_on(args.validation),
         "lora_r": args.r, "lora_dense_mlp": args.dense_mlp,
-        "lora_attention_projections": args.attention_projections.split(","), "lora_lr": args.lora_lr,
+        "lora_attention_projections": args.attention_projections.split(","), "lora_lr": args.lora_lr, "head_lr": args.head_lr,
         "lora_weight_decay": args.lora_weight_decay, "augment": args.augment,
         "lora_train_norms": args.train_norms,
         "lora_patch_embedding": args.patch_embedding, "lora_experts": args.lora_experts, "selection": args.policy,
-        "threads": args.threads, "throughput": "images per CPU-second of the training loop (machine shared; wall "
+        "threads": args.threads, "malloc": args.malloc, "throughput": "images per CPU-second of the training loop (machine shared; wall "
                                               "clock too, as train_images_per_s)",
         "model": model, "untrained_preset": args.untrained_preset, "source_task": next(iter(arms.values()))["source_task"] if arms else None,
         "memory": "peak_memory_above_baseline_mb: peak RSS above the process (libraries warmed, data loaded) before "

@@ -16,14 +16,31 @@ The cost: memory the process frees stays in its RSS (blocks larger than the thre
 unmapped as before) until the process ends or calls `malloc_trim`. Nothing in this package turns it on by itself:
 pretraining does when its config says so (`train.keep_freed_memory: true`), and `benchmarks/moe_layer.py` does by
 default and says so in its JSON (`--malloc default` measures without it).
+
+`malloc_library()` names the allocator that serves this process's `malloc` (glibc's, or jemalloc / tcmalloc put in
+front of it with `LD_PRELOAD`, as PyTorch's CPU launcher `python -m torch.backends.xeon.run_cpu` does by default),
+`release_free_memory()` hands memory that the allocator holds but nobody uses back to the kernel, whichever it is
+(so that an RSS measured next counts live data only), and `find_malloc_library()` finds an installed jemalloc or
+tcmalloc to preload into a child process.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import gc
+import os
 import sys
+from pathlib import Path
 
-__all__ = ["keep_freed_memory", "freed_memory_threshold_mb"]
+__all__ = [
+    "MALLOC_LIBRARIES",
+    "find_malloc_library",
+    "freed_memory_threshold_mb",
+    "keep_freed_memory",
+    "malloc_library",
+    "release_free_memory",
+]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 _threshold_mb: int | None = None
@@ -65,3 +82,94 @@ def keep_freed_memory(threshold_mb: int = 256) -> int | None:
 def freed_memory_threshold_mb() -> int | None:
     """The threshold `keep_freed_memory` set in this process, or None if it was not called (or had no effect)."""
     return _threshold_mb
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which allocator serves malloc, and handing its free memory back
+# ---------------------------------------------------------------------------------------------------------------
+
+# The allocators `find_malloc_library` can preload, with the file names their packages install (Debian/Ubuntu:
+# libjemalloc2, libtcmalloc-minimal4 or libgoogle-perftools4; conda-forge: jemalloc, gperftools).
+MALLOC_LIBRARIES = {
+    "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
+    "tcmalloc": ("libtcmalloc.so.4", "libtcmalloc_minimal.so.4", "libtcmalloc.so", "libtcmalloc_minimal.so"),
+}
+_MALLCTL_ARENAS_ALL = 4096  # jemalloc's "all arenas" index in "arena.<i>.purge"
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _malloc_file() -> str | None:
+    """The shared object that defines the `malloc` this process calls (dladdr of the global symbol)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        proc = ctypes.CDLL(None)
+        dladdr = getattr(proc, "dladdr", None) or ctypes.CDLL("libdl.so.2").dladdr
+        addr = ctypes.cast(proc.malloc, ctypes.c_void_p).value
+        info = _DlInfo()
+        if not dladdr(ctypes.c_void_p(addr), ctypes.byref(info)) or not info.dli_fname:
+            return None
+        return os.fsdecode(info.dli_fname)
+    except (OSError, AttributeError):
+        return None
+
+
+def malloc_library() -> str | None:
+    """"jemalloc", "tcmalloc" or "glibc": the allocator behind this process's `malloc` (and so behind PyTorch's CPU
+    tensors); another library's file name if it is none of these; None where it cannot be told (not Linux)."""
+    path = _malloc_file()
+    if path is None:
+        return None
+    name = Path(path).name
+    for kind in MALLOC_LIBRARIES:
+        if kind in name:
+            return kind
+    if name.startswith("libc.so") and _glibc() is not None:
+        return "glibc"
+    return name
+
+
+def release_free_memory() -> str | None:
+    """Collect Python garbage, then have the allocator return the memory it holds free to the kernel: glibc's
+    `malloc_trim(0)`, jemalloc's `thread.tcache.flush` and `arena.<all>.purge`, tcmalloc's
+    `MallocExtension_ReleaseFreeMemory`. Returns what `malloc_library()` returns. An RSS read right after counts
+    live data only, whichever allocator runs; without this, jemalloc and tcmalloc keep freed pages resident for a
+    while (seconds, or until released), and a baseline taken then hides them from whatever reuses them later."""
+    gc.collect()
+    kind = malloc_library()
+    try:
+        if kind == "glibc":
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        elif kind == "jemalloc":
+            proc = ctypes.CDLL(None)
+            proc.mallctl(b"thread.tcache.flush", None, None, None, ctypes.c_size_t(0))
+            proc.mallctl(f"arena.{_MALLCTL_ARENAS_ALL}.purge".encode(), None, None, None, ctypes.c_size_t(0))
+        elif kind == "tcmalloc":
+            ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory()
+    except (OSError, AttributeError):
+        pass
+    return kind
+
+
+def find_malloc_library(kind: str) -> str | None:
+    """The path of an installed `kind` ("jemalloc" or "tcmalloc") shared library, for `LD_PRELOAD` in a child
+    process, or None if none is installed. Looks in this environment's `lib/`, the system library folders and the
+    dynamic linker's cache, in that order."""
+    if kind not in MALLOC_LIBRARIES:
+        raise ValueError(f"kind={kind!r}: choose one of {sorted(MALLOC_LIBRARIES)}.")
+    folders = [Path(sys.prefix) / "lib", Path(os.environ.get("CONDA_PREFIX", sys.prefix)) / "lib",
+               Path("/usr/local/lib"), Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/aarch64-linux-gnu"),
+               Path("/usr/lib64"), Path("/usr/lib")]
+    for folder in dict.fromkeys(folders):
+        for name in MALLOC_LIBRARIES[kind]:
+            if (folder / name).is_file():
+                return str(folder / name)
+    for stem in (kind, "tcmalloc_minimal") if kind == "tcmalloc" else (kind,):
+        found = ctypes.util.find_library(stem)
+        if found:
+            return found
+    return None

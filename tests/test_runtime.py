@@ -1,10 +1,12 @@
-"""`moe_adapt.runtime.keep_freed_memory`: glibc keeps freed buffers instead of page-faulting them back in, and the
-pretraining recipe's `train.keep_freed_memory` turns it on. The setting is process-wide and cannot be undone, so
-each case runs in its own Python process."""
+"""`moe_adapt.runtime`: `keep_freed_memory` (glibc keeps freed buffers instead of page-faulting them back in, and the
+pretraining recipe's `train.keep_freed_memory` turns it on), and `malloc_library` / `release_free_memory` /
+`find_malloc_library` under glibc, jemalloc and tcmalloc. Allocator settings are process-wide and cannot be undone,
+and a preloaded allocator needs its own process, so each case runs in a child Python process."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,7 @@ import pytest
 import yaml
 from test_pretrain_recipe import tiny_recipe
 
-from moe_adapt.runtime import keep_freed_memory
+from moe_adapt.runtime import MALLOC_LIBRARIES, find_malloc_library, keep_freed_memory, malloc_library
 from moe_adapt.training import TrainConfig
 
 FAULTS = textwrap.dedent("""
@@ -37,8 +39,8 @@ FAULTS = textwrap.dedent("""
 """)
 
 
-def run_python(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+def run_python(code: str, *args: str, env: dict | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -79,3 +81,51 @@ def test_pretraining_recipe_keeps_freed_memory_when_asked(mini_data_dir, tmp_pat
         """)
         threshold = run_python(code)["threshold"]
         assert threshold in (256, 32) if keep else threshold is None
+
+
+RELEASE = textwrap.dedent("""
+    import json, re, torch
+    from moe_adapt.runtime import malloc_library, release_free_memory
+    def rss_mb():
+        return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+    release_free_memory()
+    base = rss_mb()
+    blocks = [torch.ones(8192) for _ in range(2048)]  # 64 MiB in 32 KiB blocks: heap memory under every allocator
+    pin = torch.ones(8192)  # allocated last, so glibc cannot give the freed blocks back by trimming the heap's top
+    filled = rss_mb()
+    del blocks
+    held = rss_mb()
+    kind = release_free_memory()
+    print(json.dumps({"kind": kind, "library": malloc_library(), "filled": filled - base, "held": held - base,
+                      "released": rss_mb() - base}))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
+@pytest.mark.parametrize("kind", ["glibc", *MALLOC_LIBRARIES])
+def test_release_free_memory_returns_freed_memory_under_each_allocator(kind):
+    """Freed memory stays in the RSS under each allocator (so a memory baseline taken then would hide it from what
+    reuses it later) until `release_free_memory` hands it back; `malloc_library` names the allocator."""
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    if kind != "glibc":
+        library = find_malloc_library(kind)
+        if library is None:
+            pytest.skip(f"no {kind} installed (Debian/Ubuntu: libjemalloc2, libtcmalloc-minimal4)")
+        env["LD_PRELOAD"] = library
+    out = run_python(RELEASE, env=env)
+    assert out["kind"] == out["library"] == kind, out
+    assert out["filled"] >= 60, out  # 64 MiB of tensors were resident
+    assert out["held"] >= 16, out  # freed, but at least a quarter of it still held by the allocator
+    assert out["released"] <= 8, out  # handed back
+
+
+def test_find_malloc_library_finds_files_and_rejects_unknown_kinds():
+    assert malloc_library() in ("glibc", "jemalloc", "tcmalloc") or not sys.platform.startswith("linux")
+    for kind in MALLOC_LIBRARIES:
+        path = find_malloc_library(kind)
+        assert path is None or kind in os.path.basename(path), path
+        if path is not None and os.sep in path:
+            assert os.path.isfile(path)
+    with pytest.raises(ValueError, match="kind='mimalloc'"):
+        find_malloc_library("mimalloc")

@@ -54,6 +54,7 @@ from ..data import (
 )
 from ..models.moe_vit import MoEViTConfig, MoEViTForImageClassification
 from ..models.moe_vit.modeling_moe_vit import EXPERTS_IMPLEMENTATIONS
+from ..runtime import malloc_library
 from .downstream import resolve_dataset_spec
 from .lora import apply_lora, lora_config, merge_lora
 from .report import (
@@ -699,7 +700,7 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
                "experts_kept": None if selection is None else {n: len(v) for n, v in selection.experts.items()},
                "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4), "train_images": len(train_set),
                "eval_images": len(eval_set),
-               "evaluated_on": evaluated_on(cfg.validation_fraction)},
+               "evaluated_on": evaluated_on(cfg.validation_fraction), "malloc": malloc_library()},
     )
     if accelerator.is_main_process:
         say(report.to_console())

@@ -20,7 +20,6 @@ weights, gradients, optimizer state and activations. Compare runs with that numb
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from ..io import atomic_write_json
+from ..runtime import release_free_memory
 from .lora import count_model_parameters
 
 
@@ -51,15 +51,9 @@ def _max_rss_mb() -> float:
 
 
 def _release_free_memory() -> None:
-    """Hand memory that Python and glibc hold but no longer use back to the OS, so that RSS measured next reflects
-    live data (e.g. not a parent model freed after slicing)."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    """Hand memory that Python and the allocator hold but no longer use back to the OS, so that RSS measured next
+    reflects live data (e.g. not a parent model freed after slicing), under glibc, jemalloc or tcmalloc alike."""
+    release_free_memory()
 
 
 class MemoryMeter:
