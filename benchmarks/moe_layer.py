@@ -3,6 +3,7 @@
     python benchmarks/moe_layer.py                      # CPU, fp32 (the README's numbers)
     python benchmarks/moe_layer.py --device cuda --dtype bfloat16
     python benchmarks/moe_layer.py --malloc default     # glibc's own malloc thresholds (see below)
+    python benchmarks/moe_layer.py --malloc tcmalloc    # tcmalloc preloaded (or jemalloc)
 
 Layer: forward + backward of one MoE MLP layer at ViT-S shape (d=384, 16 experts, top-4, expert width 384,
 8×197 tokens), routing included, for each experts backend; a dense MLP of equal active width (d → 4d → d); and a
@@ -14,15 +15,19 @@ interleave the candidates (in an order that rotates every round), so machine noi
 `--malloc keep` (the default) first calls `moe_adapt.runtime.keep_freed_memory()` (`train.keep_freed_memory: true`
 in a pretraining recipe): glibc then keeps freed buffers for the next step instead of returning them to the kernel
 and page-faulting them back in, a cost that falls on every candidate but most on the MoE layer's larger
-temporaries. `--malloc default` measures with glibc's own thresholds; the JSON's `malloc` says which ran.
+temporaries. `--malloc default` measures with glibc's own thresholds; `--malloc jemalloc` / `--malloc tcmalloc`
+restart the benchmark with that allocator preloaded (`LD_PRELOAD`), as PyTorch's CPU launcher
+`python -m torch.backends.xeon.run_cpu` does by default. The JSON's `malloc` says which ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification
 from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTSparseMLP
-from moe_adapt.runtime import keep_freed_memory
+from moe_adapt.runtime import MALLOC_LIBRARIES, find_malloc_library, keep_freed_memory, malloc_library
 from moe_adapt.training.loop import adamw
 
 
@@ -201,11 +206,21 @@ def main():
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated experts backends to time")
-    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+    p.add_argument("--malloc", choices=["keep", "default", *MALLOC_LIBRARIES], default="keep",
                    help="keep: glibc keeps freed memory for the next step (moe_adapt.runtime.keep_freed_memory; "
                         "train.keep_freed_memory in a recipe); default: glibc's own thresholds, which page-fault "
-                        "freed buffers back in every step")
+                        "freed buffers back in every step; jemalloc / tcmalloc: the benchmark restarts itself with "
+                        "that allocator preloaded (LD_PRELOAD), as PyTorch's CPU launcher does")
     a = p.parse_args()
+    if a.malloc in MALLOC_LIBRARIES and malloc_library() != a.malloc:
+        library = find_malloc_library(a.malloc)
+        if library is None or os.environ.get("MOE_ADAPT_PRELOADED") == a.malloc:
+            raise SystemExit(f"--malloc {a.malloc}: " + (f"no {a.malloc} library found (Debian/Ubuntu: apt-get install "
+                             "libjemalloc2 / libtcmalloc-minimal4)" if library is None else
+                             f"preloading {library} did not replace malloc ({malloc_library()})"))
+        env = dict(os.environ, LD_PRELOAD=":".join(x for x in (library, os.environ.get("LD_PRELOAD")) if x),
+                   MOE_ADAPT_PRELOADED=a.malloc)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     kept_mb = keep_freed_memory() if a.malloc == "keep" else None
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
     names = a.backends.split(",")
@@ -215,7 +230,8 @@ def main():
     result = {
         "device": a.device if a.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": a.dtype,
-        "malloc": f"keep freed memory (glibc thresholds {kept_mb} MiB)" if kept_mb else "glibc default",
+        "malloc": f"keep freed memory (glibc thresholds {kept_mb} MiB)" if kept_mb else
+                  "glibc default" if a.malloc == "default" else malloc_library(),
         "tokens": a.tokens,
         "dense_ms": round(layer["dense"], 3),
         "backends_ms": backends,

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=["lora", "router", "full"])
     parser.add_argument("--source-task", help="a task of the model, or 'auto' (lowest routing entropy)")
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--lr", type=float, help="learning rate (lora mode: of the LoRA factors)")
+    parser.add_argument("--head-lr", type=float,
+                        help="learning rate of the new task's head and routers (default per mode: lora 3e-2, full 1e-2)")
     parser.add_argument("--merge", action="store_true", default=None, help="also write a merged standalone model")
     parser.add_argument("--no-slice", dest="slice", action="store_false", default=None,
                         help="keep every expert (no sub-network extraction)")
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset = json.loads(dataset)
     cfg = FinetuneConfig.from_yaml(
         args.config, model=args.model, dataset=dataset, output_dir=args.output_dir, mode=args.mode,
-        source_task=args.source_task, steps=args.steps, merge=args.merge, slice=args.slice,
+        source_task=args.source_task, steps=args.steps, lr=args.lr, head_lr=args.head_lr, merge=args.merge, slice=args.slice,
         validation_fraction=args.validation_fraction,
     )
     try:

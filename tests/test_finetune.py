@@ -149,9 +149,12 @@ def test_recipe_runs_from_yaml(parent_dir, digits_root, tmp_path):
     spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    recipe.main(["--config", str(path), "--merge", "--source-task", "a", "--validation-fraction", "0.25"])
+    recipe.main(["--config", str(path), "--merge", "--source-task", "a", "--validation-fraction", "0.25",
+                 "--lr", "0.02", "--head-lr", "0.05"])
     saved = json.loads((tmp_path / "recipe" / "report.json").read_text())
     assert saved["extra"]["source_task"] == "a" and (tmp_path / "recipe" / "merged" / "config.json").is_file()
+    assert (saved["extra"]["lr"], saved["extra"]["head_lr"]) == (0.02, 0.05)
+    assert saved["extra"]["malloc"] in ("glibc", "jemalloc", "tcmalloc")
     # 8 of the 32 (capped) training images held out and evaluated on, instead of the eval split's 16
     extra = saved["extra"]
     assert (extra["train_images"], extra["eval_images"]) == (24, 8) and extra["evaluated_on"].startswith("validation")
@@ -202,27 +205,42 @@ def test_attach_task_to_a_multitask_model_with_head_options():
     assert new(torch.randn(1, 3, 32, 32), task="digits").logits.shape == (1, 10)
 
 
-def test_head_lr_is_the_rate_of_what_lora_trains_whole():
-    """In lora mode the LoRA factors train at `lr` and heads/routers at `head_lr` (default `lr`); a head_lr of 0
-    leaves the head exactly as it was while the factors move."""
+def test_head_lr_is_the_rate_of_the_new_tasks_tensors():
+    """In lora mode the LoRA factors train at `lr` and heads/routers at `head_lr`; in full mode the new task's head,
+    routers and task embedding train at `head_lr` and the backbone at `lr`. A head_lr of 0 leaves exactly those
+    tensors as they were while the rest moves. Defaults per mode: lora 3e-2, full 1e-2, router `lr`."""
     from moe_adapt.adaptation import apply_lora, lora_config
-    from moe_adapt.adaptation.finetune import InMemoryDataset, train
+    from moe_adapt.adaptation.finetune import DEFAULT_HEAD_LR, InMemoryDataset, train
 
-    cfg = FinetuneConfig(model="m", dataset="d", mode="lora", lr=1e-2)
-    assert cfg.whole_module_learning_rate == 1e-2
-    assert FinetuneConfig(model="m", dataset="d", mode="lora", lr=1e-2, head_lr=5e-3).whole_module_learning_rate == 5e-3
-    assert FinetuneConfig(model="m", dataset="d", mode="full", lr=1e-3).whole_module_learning_rate == 1e-3
+    def rate(**kw):
+        return FinetuneConfig(model="m", dataset="d", **kw).whole_module_learning_rate
+
+    assert rate(mode="lora", lr=1e-2) == DEFAULT_HEAD_LR["lora"] == 3e-2
+    assert rate(mode="lora", lr=1e-2, head_lr=5e-3) == 5e-3
+    assert rate(mode="full", lr=1e-3) == DEFAULT_HEAD_LR["full"] == 1e-2
+    assert rate(mode="full", lr=1e-3, head_lr=1e-3) == 1e-3
+    assert rate(mode="router", lr=2e-3) == 2e-3 and rate(mode="router") == 1e-2
     torch.manual_seed(0)
     config = MoEViTConfig.from_preset("tiny", tasks=["new"], task_labels={"new": list("abc")})
-    model = apply_lora(MoEViTForImageClassification(config), lora_config(MoEViTForImageClassification(config), r=2,
-                       verbose=False), verbose=False)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     data = InMemoryDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,)))
-    trained, _, _ = train(model, data, "new", steps=3, batch_size=8, lr=1e-2, log_every=0, head_lr=0.0)
-    after = dict(trained.named_parameters())
-    moved = {n for n in before if not torch.equal(after[n], before[n])}
+
+    def moved_after_training(model):
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        trained, _, _ = train(model, data, "new", steps=3, batch_size=8, lr=1e-2, log_every=0, head_lr=0.0)
+        after = dict(trained.named_parameters())
+        return set(before), {n for n in before if not torch.equal(after[n], before[n])}
+
+    lora = apply_lora(MoEViTForImageClassification(config), lora_config(MoEViTForImageClassification(config), r=2,
+                      verbose=False), verbose=False)
+    trainable, moved = moved_after_training(lora)
     assert moved and all("lora_" in n for n in moved)
-    assert any("classifiers" in n for n in before)  # the head was trainable, at rate 0
+    assert any("classifiers" in n for n in trainable)  # the head was trainable, at rate 0
+
+    trainable, moved = moved_after_training(MoEViTForImageClassification(config))
+    own = {n for n in trainable if "new" in n.split(".")}
+    assert {"classifiers.new.weight", "moe_vit.task_embeddings.new"} <= own
+    assert any(".routers.new." in n for n in own)
+    assert moved == trainable - own  # the backbone moved, the new task's own tensors stayed
 
 
 def _rows(pixels: torch.Tensor) -> set[bytes]:
