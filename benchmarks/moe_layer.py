@@ -212,15 +212,16 @@ def main():
                         "freed buffers back in every step; jemalloc / tcmalloc: the benchmark restarts itself with "
                         "that allocator preloaded (LD_PRELOAD), as PyTorch's CPU launcher does")
     a = p.parse_args()
+    preloaded = os.environ.pop("MOE_ADAPT_PRELOADED", None)  # set by the restart below, for this process only
     if a.malloc in MALLOC_LIBRARIES and malloc_library() != a.malloc:
         library = find_malloc_library(a.malloc)
-        if library is None or os.environ.get("MOE_ADAPT_PRELOADED") == a.malloc:
+        if library is None or preloaded == a.malloc:
             raise SystemExit(f"--malloc {a.malloc}: " + (f"no {a.malloc} library found (Debian/Ubuntu: apt-get install "
                              "libjemalloc2 / libtcmalloc-minimal4)" if library is None else
                              f"preloading {library} did not replace malloc ({malloc_library()})"))
         env = dict(os.environ, LD_PRELOAD=":".join(x for x in (library, os.environ.get("LD_PRELOAD")) if x),
                    MOE_ADAPT_PRELOADED=a.malloc)
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)  # interpreter flags kept
     kept_mb = keep_freed_memory() if a.malloc == "keep" else None
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
     names = a.backends.split(",")

@@ -31,6 +31,7 @@ import ctypes.util
 import gc
 import os
 import sys
+import warnings
 from pathlib import Path
 
 __all__ = [
@@ -60,14 +61,14 @@ def _glibc():
 def keep_freed_memory(threshold_mb: int = 256) -> int | None:
     """Keep freed blocks of up to `threshold_mb` MiB in the process instead of handing them back to the kernel
     (glibc's `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD`; see the module docstring). Returns the threshold in effect
-    in MiB (glibc versions that refuse a threshold above 32 MiB get 32), or None where the C library is not glibc
-    (nothing is changed there). Process-wide and not undone: glibc has no call that restores its dynamic
+    in MiB (glibc versions that refuse a threshold above 32 MiB get 32), or None where glibc's malloc is not the one
+    in use (another C library, or jemalloc / tcmalloc preloaded; nothing is changed there). Process-wide and not undone: glibc has no call that restores its dynamic
     thresholds."""
     global _threshold_mb
     if isinstance(threshold_mb, bool) or not isinstance(threshold_mb, int) or not 1 <= threshold_mb < 2048:
         raise ValueError(f"threshold_mb={threshold_mb!r}: give a whole number of MiB from 1 to 2047 (mallopt takes an int).")
     libc = _glibc()
-    if libc is None:
+    if libc is None or malloc_library() != "glibc":  # another allocator preloaded: glibc's thresholds do nothing
         return None
     for mb in dict.fromkeys((threshold_mb, min(threshold_mb, 32))):
         size = ctypes.c_int(mb * 2**20)
@@ -146,10 +147,14 @@ def release_free_memory() -> str | None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         elif kind == "jemalloc":
             proc = ctypes.CDLL(None)
-            proc.mallctl(b"thread.tcache.flush", None, None, None, ctypes.c_size_t(0))
-            proc.mallctl(f"arena.{_MALLCTL_ARENAS_ALL}.purge".encode(), None, None, None, ctypes.c_size_t(0))
+            for key in (b"thread.tcache.flush", f"arena.{_MALLCTL_ARENAS_ALL}.purge".encode()):
+                if proc.mallctl(key, None, None, None, ctypes.c_size_t(0)) != 0:  # e.g. jemalloc < 5
+                    warnings.warn(f"jemalloc refused mallctl({key.decode()!r}): freed memory stays resident.",
+                                  RuntimeWarning, stacklevel=2)
         elif kind == "tcmalloc":
-            ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory()
+            proc = ctypes.CDLL(None)
+            proc.MallocExtension_MarkThreadIdle()  # this thread's cache first, then the page heap
+            proc.MallocExtension_ReleaseFreeMemory()
     except (OSError, AttributeError):
         pass
     return kind

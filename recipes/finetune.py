@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--lr", type=float, help="learning rate (lora mode: of the LoRA factors)")
     parser.add_argument("--head-lr", type=float,
-                        help="learning rate of the new task's head and routers (default per mode: lora 3e-2, full 1e-2)")
+                        help="learning rate of the new task's head and routers (default: lr x 3 in lora mode, x 20 in full mode)")
     parser.add_argument("--merge", action="store_true", default=None, help="also write a merged standalone model")
     parser.add_argument("--no-slice", dest="slice", action="store_false", default=None,
                         help="keep every expert (no sub-network extraction)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -208,39 +209,47 @@ def test_attach_task_to_a_multitask_model_with_head_options():
 def test_head_lr_is_the_rate_of_the_new_tasks_tensors():
     """In lora mode the LoRA factors train at `lr` and heads/routers at `head_lr`; in full mode the new task's head,
     routers and task embedding train at `head_lr` and the backbone at `lr`. A head_lr of 0 leaves exactly those
-    tensors as they were while the rest moves. Defaults per mode: lora 3e-2, full 1e-2, router `lr`."""
+    tensors as they were while the rest moves, whatever the task is called. Default: `lr` x 3 (lora), x 20 (full),
+    x 1 (router)."""
     from moe_adapt.adaptation import apply_lora, lora_config
-    from moe_adapt.adaptation.finetune import DEFAULT_HEAD_LR, InMemoryDataset, train
+    from moe_adapt.adaptation.finetune import HEAD_LR_SCALE, InMemoryDataset, train
 
     def rate(**kw):
         return FinetuneConfig(model="m", dataset="d", **kw).whole_module_learning_rate
 
-    assert rate(mode="lora", lr=1e-2) == DEFAULT_HEAD_LR["lora"] == 3e-2
+    assert HEAD_LR_SCALE == {"lora": 3.0, "full": 20.0, "router": 1.0}
+    assert rate(mode="lora") == pytest.approx(3e-2) and rate(mode="lora", lr=2e-3) == pytest.approx(6e-3)
     assert rate(mode="lora", lr=1e-2, head_lr=5e-3) == 5e-3
-    assert rate(mode="full", lr=1e-3) == DEFAULT_HEAD_LR["full"] == 1e-2
+    assert rate(mode="full") == pytest.approx(1e-2) and rate(mode="full", lr=1e-3) == pytest.approx(2e-2)
     assert rate(mode="full", lr=1e-3, head_lr=1e-3) == 1e-3
     assert rate(mode="router", lr=2e-3) == 2e-3 and rate(mode="router") == 1e-2
-    torch.manual_seed(0)
-    config = MoEViTConfig.from_preset("tiny", tasks=["new"], task_labels={"new": list("abc")})
     data = InMemoryDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,)))
 
-    def moved_after_training(model):
+    def moved_after_training(model, task):
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        trained, _, _ = train(model, data, "new", steps=3, batch_size=8, lr=1e-2, log_every=0, head_lr=0.0)
+        trained, _, _ = train(model, data, task, steps=3, batch_size=8, lr=1e-2, log_every=0, head_lr=0.0)
         after = dict(trained.named_parameters())
         return set(before), {n for n in before if not torch.equal(after[n], before[n])}
 
-    lora = apply_lora(MoEViTForImageClassification(config), lora_config(MoEViTForImageClassification(config), r=2,
-                      verbose=False), verbose=False)
-    trainable, moved = moved_after_training(lora)
-    assert moved and all("lora_" in n for n in moved)
+    def tiny(task):
+        torch.manual_seed(0)
+        return MoEViTForImageClassification(
+            MoEViTConfig.from_preset("tiny", tasks=[task], task_labels={task: list("abc")}))
+
+    lora = apply_lora(tiny("new"), lora_config(tiny("new"), r=2, verbose=False), verbose=False)
+    trainable, moved = moved_after_training(lora, "new")
+    assert moved and all(".lora_A." in n or ".lora_B." in n for n in moved)
     assert any("classifiers" in n for n in trainable)  # the head was trainable, at rate 0
 
-    trainable, moved = moved_after_training(MoEViTForImageClassification(config))
-    own = {n for n in trainable if "new" in n.split(".")}
-    assert {"classifiers.new.weight", "moe_vit.task_embeddings.new"} <= own
-    assert any(".routers.new." in n for n in own)
-    assert moved == trainable - own  # the backbone moved, the new task's own tensors stayed
+    # task names that are also words of backbone tensor names ("layers.0.", ".attention.", "lora_")
+    for task in ("new", "0", "attention", "lora_A"):
+        trainable, moved = moved_after_training(tiny(task), task)
+        own = {n for n in trainable if re.search(rf"(classifiers|routers|task_embeddings)\.{re.escape(task)}(\.|$)", n)}
+        assert {f"classifiers.{task}.weight", f"moe_vit.task_embeddings.{task}"} <= own, (task, own)
+        assert any(".routers." in n for n in own), task
+        assert moved == trainable - own, task  # the backbone moved, the new task's own tensors stayed
+    with pytest.raises(ValueError, match="no trainable tensor of task 'other'"):
+        train(tiny("new"), data, "other", steps=1, batch_size=8, lr=1e-2, log_every=0, head_lr=0.0)
 
 
 def _rows(pixels: torch.Tensor) -> set[bytes]:
