@@ -120,7 +120,8 @@ def test_release_free_memory_returns_freed_memory_under_each_allocator(kind):
     assert out["kind"] == out["library"] == kind, out
     assert out["filled"] >= 60, out  # 64 MiB of tensors were resident
     assert out["held"] >= 48, out  # freed, but still held by the allocator
-    assert out["released"] <= 4, out  # handed back
+    # handed back; tcmalloc keeps a few MiB of the 32 KiB size class in its central caches (2.6-5.7 MiB seen)
+    assert out["released"] <= (16 if kind == "tcmalloc" else 4), out
     # glibc's thresholds mean nothing to a preloaded allocator: keep_freed_memory leaves it alone and says so
     assert (out["kept"] in (256, 32)) if kind == "glibc" else out["kept"] is None, out
 
