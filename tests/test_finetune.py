@@ -344,3 +344,19 @@ def load_task_dataset_eval(spec):
     from moe_adapt.data import load_task_dataset
 
     return load_task_dataset(spec, split="train", transform="eval")
+
+
+def test_console_report_names_the_allocator_behind_the_rss():
+    """The console report's memory line says which malloc the RSS was measured under (it depends on it)."""
+    from moe_adapt.adaptation.report import MemoryMeter, efficiency_report
+    from moe_adapt.runtime import malloc_library
+
+    model = MoEViTForImageClassification(MoEViTConfig.from_preset("tiny", tasks=["t"], task_labels={"t": list("ab")}))
+    meter = MemoryMeter("cpu")
+    with meter.track():
+        pass
+    common = dict(model=model, task="t", name="t", mode="full", images_per_s=1.0, memory=meter, metric_name="accuracy",
+                  metric=0.5)
+    text = efficiency_report(**common, extra={"malloc": malloc_library()}).to_console()
+    assert f"peak memory (rss, {malloc_library()} malloc)" in text, text
+    assert "peak memory (rss)" in efficiency_report(**common).to_console()

@@ -239,6 +239,8 @@ class EfficiencyReport:
         mem = num(self.peak_memory_mb, "{:.1f} MiB")
         if self.peak_memory_above_baseline_mb is not None and self.memory_kind == "rss":
             mem += f" ({self.peak_memory_above_baseline_mb:.1f} MiB above the process baseline)"
+        malloc = (self.extra or {}).get("malloc") if self.memory_kind == "rss" else None
+        kind = self.memory_kind + (f", {malloc} malloc" if malloc else "")  # RSS depends on the allocator
         rows = [
             ("run", f"{self.name} ({self.mode})"),
             ("trainable params", f"{self.trainable_params:,} ({100 * self.trainable_fraction:.2f}%)"),
@@ -247,7 +249,7 @@ class EfficiencyReport:
                 "" if self.flops_per_image is None else f" ({self.flops_per_image / 1e9:.4f} GFLOPs)")),
             ("train images/s", num(self.train_images_per_s, "{:.1f}") + " wall, "
              + num(self.train_images_per_cpu_s, "{:.1f}") + " per CPU-second"),
-            (f"peak memory ({self.memory_kind})", mem),
+            (f"peak memory ({kind})", mem),
             ("train state", num(self.train_state_mb, "{:.1f} MiB") + " (weights, grads, optimizer, activations)"),
             (self.metric_name or "metric", num(self.metric, "{:.4f}")),
         ]
