@@ -62,8 +62,8 @@ def keep_freed_memory(threshold_mb: int = 256) -> int | None:
     """Keep freed blocks of up to `threshold_mb` MiB in the process instead of handing them back to the kernel
     (glibc's `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD`; see the module docstring). Returns the threshold in effect
     in MiB (glibc versions that refuse a threshold above 32 MiB get 32), or None where glibc's malloc is not the one
-    in use (another C library, or jemalloc / tcmalloc preloaded; nothing is changed there). Process-wide and not undone: glibc has no call that restores its dynamic
-    thresholds."""
+    in use (another C library, or jemalloc / tcmalloc preloaded; nothing is changed there). Process-wide and not
+    undone: glibc has no call that restores its dynamic thresholds."""
     global _threshold_mb
     if isinstance(threshold_mb, bool) or not isinstance(threshold_mb, int) or not 1 <= threshold_mb < 2048:
         raise ValueError(f"threshold_mb={threshold_mb!r}: give a whole number of MiB from 1 to 2047 (mallopt takes an int).")
