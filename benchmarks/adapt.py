@@ -40,10 +40,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from moe_adapt.runtime import MALLOC_LIBRARIES, find_malloc_library, malloc_library  # noqa: E402
+from moe_adapt.runtime import MALLOC_LIBRARIES, malloc_library, preload_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MALLOC_PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4"}  # Debian/Ubuntu packages
 ARMS = {
     "full_ft": {"mode": "full", "slice": False},
     "sliced_lora": {"mode": "lora", "slice": True},
@@ -168,8 +167,9 @@ def run_one_arm(args) -> None:
     from moe_adapt.adaptation.finetune import FinetuneConfig, finetune
 
     torch.set_num_threads(args.threads)
-    if malloc_library() != args.malloc and (args.malloc != "glibc" or malloc_library() in MALLOC_LIBRARIES):
-        raise SystemExit(f"--malloc {args.malloc}: this process runs {malloc_library()}'s malloc (LD_PRELOAD="
+    running = malloc_library()
+    if running != args.malloc and (args.malloc != "glibc" or running in MALLOC_LIBRARIES):
+        raise SystemExit(f"--malloc {args.malloc}: this process runs {running}'s malloc (LD_PRELOAD="
                          f"{os.environ.get('LD_PRELOAD', '')!r}).")
     warm_up_libraries()
 
@@ -191,7 +191,7 @@ def run_one_arm(args) -> None:
     result = finetune(cfg, verbose=False)
     report = result.report.to_dict()
     print(json.dumps({k: report[k] for k in KEEP} | {
-        "accuracy": report["metric"], "source_task": result.source_task, "malloc": malloc_library(),
+        "accuracy": report["metric"], "source_task": result.source_task, "malloc": running,
         "lr": report["extra"]["lr"], "head_lr": report["extra"]["head_lr"],
         "experts_kept": report["extra"]["experts_kept"], "final_loss": report["extra"]["final_loss"],
     }))
@@ -293,12 +293,10 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown arm {name!r}; choose from {list(ARMS)}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     if args.malloc != "glibc":
-        library = find_malloc_library(args.malloc)
-        if library is None:
-            raise SystemExit(f"--malloc {args.malloc}: no {args.malloc} library found (Debian/Ubuntu: apt-get install "
-                             f"{MALLOC_PACKAGES[args.malloc]}; conda: conda install -c conda-forge "
-                             f"{'gperftools' if args.malloc == 'tcmalloc' else 'jemalloc'}).")
-        env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD")) if p)
+        try:
+            env = preload_env(args.malloc, env)
+        except FileNotFoundError as e:
+            raise SystemExit(f"--malloc {args.malloc}: {e}") from None
     model = pretrained_model(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
     runs = {name: [] for name in names}

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification
 from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTSparseMLP
-from moe_adapt.runtime import MALLOC_LIBRARIES, find_malloc_library, keep_freed_memory, malloc_library
+from moe_adapt.runtime import MALLOC_LIBRARIES, keep_freed_memory, malloc_library, preload_env
 from moe_adapt.training.loop import adamw
 
 
@@ -214,13 +214,13 @@ def main():
     a = p.parse_args()
     preloaded = os.environ.pop("MOE_ADAPT_PRELOADED", None)  # set by the restart below, for this process only
     if a.malloc in MALLOC_LIBRARIES and malloc_library() != a.malloc:
-        library = find_malloc_library(a.malloc)
-        if library is None or preloaded == a.malloc:
-            raise SystemExit(f"--malloc {a.malloc}: " + (f"no {a.malloc} library found (Debian/Ubuntu: apt-get install "
-                             "libjemalloc2 / libtcmalloc-minimal4)" if library is None else
-                             f"preloading {library} did not replace malloc ({malloc_library()})"))
-        env = dict(os.environ, LD_PRELOAD=":".join(x for x in (library, os.environ.get("LD_PRELOAD")) if x),
-                   MOE_ADAPT_PRELOADED=a.malloc)
+        if preloaded == a.malloc:
+            raise SystemExit(f"--malloc {a.malloc}: preloading (LD_PRELOAD={os.environ.get('LD_PRELOAD')!r}) did not "
+                             f"replace malloc ({malloc_library()})")
+        try:
+            env = preload_env(a.malloc) | {"MOE_ADAPT_PRELOADED": a.malloc}
+        except FileNotFoundError as e:
+            raise SystemExit(f"--malloc {a.malloc}: {e}") from None
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)  # interpreter flags kept
     kept_mb = keep_freed_memory() if a.malloc == "keep" else None
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)

@@ -20,8 +20,8 @@ default and says so in its JSON (`--malloc default` measures without it).
 `malloc_library()` names the allocator that serves this process's `malloc` (glibc's, or jemalloc / tcmalloc put in
 front of it with `LD_PRELOAD`, as PyTorch's CPU launcher `python -m torch.backends.xeon.run_cpu` does by default),
 `release_free_memory()` hands memory that the allocator holds but nobody uses back to the kernel, whichever it is
-(so that an RSS measured next counts live data only), and `find_malloc_library()` finds an installed jemalloc or
-tcmalloc to preload into a child process.
+(so that an RSS measured next counts live data only), `find_malloc_library()` finds an installed jemalloc or
+tcmalloc, and `preload_env()` makes the environment of a child process that preloads it.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ __all__ = [
     "freed_memory_threshold_mb",
     "keep_freed_memory",
     "malloc_library",
+    "preload_env",
     "release_free_memory",
 ]
 
@@ -89,12 +90,13 @@ def freed_memory_threshold_mb() -> int | None:
 # Which allocator serves malloc, and handing its free memory back
 # ---------------------------------------------------------------------------------------------------------------
 
-# The allocators `find_malloc_library` can preload, with the file names their packages install (Debian/Ubuntu:
-# libjemalloc2, libtcmalloc-minimal4 or libgoogle-perftools4; conda-forge: jemalloc, gperftools).
+# The allocators `find_malloc_library` can preload, with the file names their packages install, and the packages
+# (Debian/Ubuntu, conda-forge; libgoogle-perftools4 also ships a tcmalloc).
 MALLOC_LIBRARIES = {
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
     "tcmalloc": ("libtcmalloc.so.4", "libtcmalloc_minimal.so.4", "libtcmalloc.so", "libtcmalloc_minimal.so"),
 }
+MALLOC_PACKAGES = {"jemalloc": ("libjemalloc2", "jemalloc"), "tcmalloc": ("libtcmalloc-minimal4", "gperftools")}
 _MALLCTL_ARENAS_ALL = 4096  # jemalloc's "all arenas" index in "arena.<i>.purge"
 
 
@@ -178,3 +180,17 @@ def find_malloc_library(kind: str) -> str | None:
         if found:
             return found
     return None
+
+
+def preload_env(kind: str, env: dict | None = None) -> dict:
+    """A copy of `env` (default: this process's environment) whose `LD_PRELOAD` puts the installed `kind`
+    ("jemalloc" or "tcmalloc") library first, for a child process. A `FileNotFoundError` naming the packages to
+    install when `find_malloc_library` finds none."""
+    library = find_malloc_library(kind)
+    if library is None:
+        apt, conda = MALLOC_PACKAGES[kind]
+        raise FileNotFoundError(f"no {kind} library found (Debian/Ubuntu: apt-get install {apt}; conda: conda install "
+                                f"-c conda-forge {conda}).")
+    env = dict(os.environ if env is None else env)
+    env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD")) if p)
+    return env

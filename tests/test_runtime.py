@@ -15,7 +15,14 @@ import pytest
 import yaml
 from test_pretrain_recipe import tiny_recipe
 
-from moe_adapt.runtime import MALLOC_LIBRARIES, find_malloc_library, keep_freed_memory, malloc_library
+from moe_adapt import runtime
+from moe_adapt.runtime import (
+    MALLOC_LIBRARIES,
+    find_malloc_library,
+    keep_freed_memory,
+    malloc_library,
+    preload_env,
+)
 from moe_adapt.training import TrainConfig
 
 FAULTS = textwrap.dedent("""
@@ -110,10 +117,10 @@ def test_release_free_memory_returns_freed_memory_under_each_allocator(kind):
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
     if kind != "glibc":
-        library = find_malloc_library(kind)
-        if library is None:
-            pytest.skip(f"no {kind} installed (Debian/Ubuntu: libjemalloc2, libtcmalloc-minimal4)")
-        env["LD_PRELOAD"] = library
+        try:
+            env = preload_env(kind, env)
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
     if kind == "jemalloc":  # no time-based purging, so that what the call releases is all still held before it
         env["MALLOC_CONF"] = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
     out = run_python(RELEASE, env=env)
@@ -135,3 +142,17 @@ def test_find_malloc_library_finds_files_and_rejects_unknown_kinds():
             assert os.path.isfile(path)
     with pytest.raises(ValueError, match="kind='mimalloc'"):
         find_malloc_library("mimalloc")
+
+
+def test_preload_env_puts_the_allocator_first_or_names_the_package(monkeypatch):
+    for kind in MALLOC_LIBRARIES:
+        path = find_malloc_library(kind)
+        if path is not None:
+            env = {"LD_PRELOAD": "/opt/other.so", "KEEP": "1"}
+            assert preload_env(kind, env) == {"LD_PRELOAD": f"{path}:/opt/other.so", "KEEP": "1"}
+            assert env["LD_PRELOAD"] == "/opt/other.so"  # a copy: the caller's mapping is unchanged
+            assert preload_env(kind, {})["LD_PRELOAD"] == path
+    monkeypatch.setattr(runtime, "find_malloc_library", lambda kind: None)  # as on a machine without them
+    with pytest.raises(FileNotFoundError, match=r"no tcmalloc library found \(Debian/Ubuntu: apt-get install "
+                                                r"libtcmalloc-minimal4; conda: conda install -c conda-forge gperftools"):
+        preload_env("tcmalloc")

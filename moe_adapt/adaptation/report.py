@@ -50,12 +50,6 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def _release_free_memory() -> None:
-    """Hand memory that Python and the allocator hold but no longer use back to the OS, so that RSS measured next
-    reflects live data (e.g. not a parent model freed after slicing), under glibc, jemalloc or tcmalloc alike."""
-    release_free_memory()
-
-
 class MemoryMeter:
     """Peak memory of a stretch of work: RSS on CPU, max allocated CUDA memory on GPU.
 
@@ -67,7 +61,7 @@ class MemoryMeter:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "rss"
         if self.kind == "rss":
-            _release_free_memory()
+            release_free_memory()
         self.baseline_mb = self._current_mb()
         self.peak_mb: float | None = None
         self.resettable = True
@@ -82,7 +76,7 @@ class MemoryMeter:
         if self.kind == "cuda_max_allocated":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
-        _release_free_memory()
+        release_free_memory()
         try:  # "5" resets VmHWM (the peak RSS) to the current RSS (Linux >= 4.0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")

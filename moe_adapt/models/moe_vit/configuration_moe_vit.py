@@ -58,6 +58,7 @@ class UnknownConfigFieldError(ValueError):
         super().__init__(message)
         self.fields = list(fields)
 
+
 class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""Configuration of [`MoEViTModel`]: a ViT whose layers are mixtures of experts with one router per task.
 
