@@ -44,7 +44,7 @@ def tiny_recipe(specs_dir: Path, out: Path, **train) -> dict:
 
 
 # -- config files ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["mini", "vit-s", "vit-b"])
+@pytest.mark.parametrize("name", ["mini", "mini_full", "vit-s", "vit-b"])
 def test_config_files_parse_and_build_their_model(name):
     config = load_pretrain_config(CONFIGS / f"{name}.yaml")
     model_config = build_model_config(config)
@@ -59,6 +59,18 @@ def test_config_files_parse_and_build_their_model(name):
         assert [len(model_config.task_labels[t]) for t in config.tasks] == [1000, 80, 150]
     if name == "vit-b":
         assert model_config.hidden_size == 768 and model_config.attn_experts[0] == 24 and n > 100e6
+
+
+def test_mini_full_is_the_mini_recipe_run_to_the_end_of_its_schedule():
+    """The benchmarks' model (mini_full.yaml) differs from the demo's recipe only in how long and where it trains."""
+    mini, full = (load_pretrain_config(CONFIGS / f"{n}.yaml").to_dict() for n in ("mini", "mini_full"))
+    assert full["train"]["max_steps"] > mini["train"]["max_steps"] and full["train"]["max_minutes"] is None
+    assert mini["train"]["max_minutes"] is not None
+    for cfg in (mini, full):
+        for key in ("max_steps", "max_minutes", "num_threads"):
+            cfg["train"].pop(key)
+        cfg.pop("output_dir")
+    assert full == mini
 
 
 def test_config_errors_name_the_key():
