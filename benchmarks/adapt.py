@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-mlp", dest="dense_mlp", action="store_true",
                    help="also LoRA the dense MLPs' fc1/fc2 (default: the fused experts and the attention projections)")
     p.add_argument("--attention-projections", default="q_proj,v_proj",
-                   help="comma-separated attention projections LoRA adapts (q_proj,k_proj,v_proj,o_proj)")
+                   help="comma-separated attention projections LoRA adapts (q_proj,k_proj,v_proj,o_proj), or none: no "
+                        "attention LoRA at all (neither Linears nor the MoA experts' q/o; include_attention=False)")
     p.add_argument("--train-norms", action="store_true", help="LoRA arms also train the backbone's LayerNorms")
     p.add_argument("--lora-experts", default="all", choices=["all", "attention", "none"],
                    help="which fused expert tensors LoRA adapts: all (MLP and attention experts), attention (the MoA "
@@ -180,7 +181,9 @@ def run_one_arm(args) -> None:
         model=args.model, dataset={"builtin": args.dataset, "image_size": args.image_size}, output_dir=None,
         mode=arm["mode"], slice=arm["slice"], selection={"policy": args.policy}, source_task=args.source_task,
         lora={"r": args.r, "include_dense_mlp": args.dense_mlp,
-              "attention_projections": args.attention_projections.split(","), "train_norms": args.train_norms,
+              **({"include_attention": False} if args.attention_projections == "none"
+                 else {"attention_projections": args.attention_projections.split(",")}),
+              "train_norms": args.train_norms,
               "include_patch_embedding": args.patch_embedding,
               "include_experts": args.lora_experts != "none", "include_mlp": args.lora_experts == "all"},
         lr=args.lora_lr if arm["mode"] == "lora" else None,

@@ -68,6 +68,33 @@ def test_lora_config_attention_projections_subset():
         lora_config(model, r=2, verbose=False, attention_projections=["query"])
 
 
+def test_lora_config_mlp_experts_only_trains_them_and_leaves_attention_alone():
+    """`include_attention=False` (the adaptation benchmark's `--attention-projections none`): LoRA on the fused MLP
+    experts only, on a dense slice as well; a step moves those factors, and every attention tensor but the task's
+    routers stays as it was."""
+    for dense_slice in (False, True):
+        model = tiny_model(dense_slice=dense_slice)
+        cfg = lora_config(model, r=2, include_attention=False, verbose=False, init_lora_weights=False)
+        assert sorted(cfg.target_parameters) == sorted(
+            f"moe_vit.layers.{i}.mlp.experts.{p}" for i in (1, 3) for p in ("up_proj", "down_proj"))
+        assert not cfg.target_modules
+        peft_model = apply_lora(model, cfg, verbose=False)
+        factors = {n: p for n, p in peft_model.named_parameters() if ".lora_" in n}
+        assert factors and all(".mlp.experts." in n for n in factors)
+        # the attention layers' own tensors (their routers are the task's and train whole, as in every LoRA mode)
+        attention = {n: p.detach().clone() for n, p in peft_model.named_parameters()
+                     if ".attention." in n and ".router." not in n}
+        assert any(".attention.experts." in n for n in attention) and any("k_proj" in n for n in attention)
+        before = {n: p.detach().clone() for n, p in factors.items()}
+        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+        peft_model(pixels(), labels=torch.tensor([0, 2])).loss.backward()
+        optimizer.step()
+        assert all(not torch.equal(p, before[n]) for n, p in factors.items()), "an MLP expert factor did not train"
+        for n, p in peft_model.named_parameters():
+            if n in attention:
+                assert torch.equal(p, attention[n]), f"{n} moved"
+
+
 @pytest.mark.parametrize("patch_embedding", [False, True])
 def test_lora_config_prints_count_that_matches_peft(capsys, patch_embedding):
     model = tiny_model()
