@@ -85,6 +85,7 @@ def test_lora_config_mlp_experts_only_trains_them_and_leaves_attention_alone():
         attention = {n: p.detach().clone() for n, p in peft_model.named_parameters()
                      if ".attention." in n and ".router." not in n}
         assert any(".attention.experts." in n for n in attention) and any("k_proj" in n for n in attention)
+        assert not any(p.requires_grad for n, p in peft_model.named_parameters() if n in attention)
         before = {n: p.detach().clone() for n, p in factors.items()}
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
         peft_model(pixels(), labels=torch.tensor([0, 2])).loss.backward()

@@ -61,8 +61,9 @@ def test_config_files_parse_and_build_their_model(name):
         assert model_config.hidden_size == 768 and model_config.attn_experts[0] == 24 and n > 100e6
 
 
-def test_mini_full_is_the_mini_recipe_run_to_the_end_of_its_schedule():
-    """The benchmarks' model (mini_full.yaml) differs from the demo's recipe only in how long and where it trains."""
+def test_mini_full_differs_from_mini_only_in_length_threads_and_output():
+    """The adaptation benchmark's model (mini_full.yaml) differs from the demo's recipe only in how long it trains
+    (steps, no time cap), on how many threads, and where it writes."""
     mini, full = (load_pretrain_config(CONFIGS / f"{n}.yaml").to_dict() for n in ("mini", "mini_full"))
     assert full["train"]["max_steps"] > mini["train"]["max_steps"] and full["train"]["max_minutes"] is None
     assert mini["train"]["max_minutes"] is not None
