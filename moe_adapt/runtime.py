@@ -145,8 +145,8 @@ def release_free_memory() -> str | None:
     gc.collect()
     kind = malloc_library()
     try:
-        if kind == "glibc":
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        if kind == "glibc":  # malloc_library said "glibc" only after _glibc() found it
+            _glibc().malloc_trim(0)
         elif kind == "jemalloc":
             proc = ctypes.CDLL(None)
             for key in (b"thread.tcache.flush", f"arena.{_MALLCTL_ARENAS_ALL}.purge".encode()):
