@@ -98,6 +98,13 @@ def test_router_choosing_every_expert_skips_top_k_and_keeps_the_gates(renormaliz
     w = w / w.sum(-1, keepdim=True) if renormalize else w
     reference = torch.zeros(10, 8).scatter(1, i, w)
     torch.testing.assert_close(_gates_full(fast, 8), reference)
+    torch.testing.assert_close(fast.logits, F.linear(x, router.routers["a"].weight))
+    torch.testing.assert_close(fast.probs, probs)
+    # a masked expert gets gate 0 and the others share the softmax over the unmasked ones
+    mask = torch.tensor([True, False, True, True, False, True, True, True])
+    masked = router(x, "a", top_k=8, expert_mask=mask)
+    assert masked.all_experts and torch.all(_gates_full(masked, 8)[:, ~mask] == 0)
+    torch.testing.assert_close(_gates_full(masked, 8)[:, mask], F.linear(x, router.routers["a"].weight[mask]).softmax(-1))
     # the same gradient reaches the router as through the top-k path
     g = torch.randn(10, 8)
     (_gates_full(fast, 8) * g).sum().backward()
