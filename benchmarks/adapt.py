@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on this fraction of the training images (held out, the same for every arm and "
                         "seed) instead of the eval (test) split: for choosing settings without scoring the test images")
     p.add_argument("--policy", default="top_n", help="expert selection policy of the sliced arms")
+    p.add_argument("--criterion", default="frequency", choices=["frequency", "gate_mass", "reap"],
+                   help="what the policy ranks experts by (default frequency: the criterion this benchmark's "
+                        "results were measured with; select_experts' top_n default is gate_mass)")
     p.add_argument("--source-task", default="auto",
                    help="pretraining task whose routers route the new task's images (default auto: lowest routing "
                         "entropy, FinetuneConfig's default)")
@@ -183,7 +186,7 @@ def run_one_arm(args) -> None:
     arm = ARMS[args.arm]
     cfg = FinetuneConfig(
         model=args.model, dataset={"builtin": args.dataset, "image_size": args.image_size}, output_dir=None,
-        mode=arm["mode"], slice=arm["slice"], selection={"policy": args.policy}, source_task=args.source_task,
+        mode=arm["mode"], slice=arm["slice"], selection={"policy": args.policy, "criterion": args.criterion}, source_task=args.source_task,
         lora={"r": args.r, "include_dense_mlp": args.dense_mlp,
               **({"include_attention": False} if args.attention_projections == "none"
                  else {"attention_projections": args.attention_projections.split(",")}),
@@ -342,7 +345,7 @@ def main(argv=None) -> None:
         "lora_attention_projections": [] if args.attention_projections == "none" else args.attention_projections.split(","), "lora_lr": args.lora_lr, "head_lr": args.head_lr,
         "lora_weight_decay": args.lora_weight_decay, "augment": args.augment,
         "lora_train_norms": args.train_norms,
-        "lora_patch_embedding": args.patch_embedding, "lora_experts": args.lora_experts, "selection": args.policy,
+        "lora_patch_embedding": args.patch_embedding, "lora_experts": args.lora_experts, "selection": args.policy, "criterion": args.criterion,
         "threads": args.threads, "malloc": args.malloc, "throughput": "images per CPU-second of the training loop (machine shared; wall "
                                               "clock too, as train_images_per_s)",
         "model": model, "untrained_preset": args.untrained_preset, "source_task": next(iter(arms.values()))["source_task"] if arms else None,

@@ -32,14 +32,25 @@ def make_usage(task="a", counts=None, mass=None, reap=None) -> ExpertUsage:
 
 def test_top_n_keeps_the_best_and_at_least_k():
     usage = make_usage()
-    sel = select_experts(usage, "top_n", n=3)
+    sel = select_experts(usage, "top_n", n=3, criterion="frequency")
     assert sel.experts["layers.0.attn"] == [0, 2, 3]  # 6 attention experts: counts 500, 20, 900, 40, 30, 10
     assert sel.experts["layers.1.mlp"] == [0, 2, 6]
     assert select_experts(usage, "top_n").experts["layers.1.mlp"] == [0, 2]  # default n = top-k
     assert select_experts(usage, "top_n", n=1).experts["layers.1.mlp"] == [0, 2]  # never fewer than k
-    per_kind = select_experts(usage, "top_n", n={"attn": 2, "mlp": 4})
+    per_kind = select_experts(usage, "top_n", n={"attn": 2, "mlp": 4}, criterion="frequency")
     assert per_kind.experts["layers.0.attn"] == [0, 2] and per_kind.experts["layers.1.mlp"] == [0, 2, 6, 7]
     assert sel.policy["policy"] == "top_n" and sel.tasks == ["a"]
+
+
+def test_default_criterion_is_gate_mass_for_top_n_and_coverage_and_frequency_for_threshold():
+    usage = make_usage()
+    # the third-best MLP expert is e6 by tokens (300) but e3 by gate mass (100 against 60)
+    default = select_experts(usage, "top_n", n=3)
+    assert default.policy["criterion"] == "gate_mass" and default.experts["layers.1.mlp"] == [0, 2, 3]
+    assert select_experts(usage, "top_n", n=3, criterion="frequency").experts["layers.1.mlp"] == [0, 2, 6]
+    assert select_experts(usage, "coverage").policy["criterion"] == "gate_mass"
+    threshold = select_experts(usage, "threshold", threshold=25)
+    assert threshold.policy["criterion"] == "frequency" and threshold.experts["layers.1.mlp"] == [0, 2, 6]
 
 
 def test_threshold_is_mod_squads_percentage_of_tokens():
@@ -72,12 +83,13 @@ def test_criterion_changes_the_choice():
 
 def test_ties_go_to_the_lower_id():
     usage = make_usage(counts=[100] * 8)
-    assert select_experts(usage, "top_n", n=3).experts["layers.1.mlp"] == [0, 1, 2]
+    assert select_experts(usage, "top_n", n=3, criterion="frequency").experts["layers.1.mlp"] == [0, 1, 2]
+    assert select_experts(make_usage(mass=[5] * 8), "top_n", n=3).experts["layers.1.mlp"] == [0, 1, 2]
 
 
 def test_union_and_json(tmp_path):
-    a = select_experts(make_usage("a"), "top_n")
-    b = select_experts(make_usage("b", counts=[0, 0, 0, 0, 10, 900, 5, 800]), "top_n")
+    a = select_experts(make_usage("a"), "top_n", criterion="frequency")
+    b = select_experts(make_usage("b", counts=[0, 0, 0, 0, 10, 900, 5, 800]), "top_n", criterion="frequency")
     both = a | b
     assert both.tasks == ["a", "b"]
     assert both.experts["layers.1.mlp"] == [0, 2, 5, 7]

@@ -213,7 +213,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     group.add_argument("--threshold", type=float, default=3.0,
                        help="threshold: keep experts above this percentage of the criterion (default 3)")
     group.add_argument("--coverage", type=float, default=0.9, help="coverage: fraction of the criterion to cover")
-    group.add_argument("--criterion", choices=CRITERIA, help="frequency (default), gate_mass (default for coverage), reap")
+    group.add_argument("--criterion", choices=CRITERIA, help="frequency (default for threshold), gate_mass (default for top_n and coverage), reap")
     group = parser.add_argument_group("healing")
     group.add_argument("--heal-steps", type=int, default=0,
                        help="fit the slice (the groups of --heal-train) to the parent's outputs on the calibration "

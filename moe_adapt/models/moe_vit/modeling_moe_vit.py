@@ -178,7 +178,8 @@ class MoEViTTopKRouter(nn.Module):
         probs = logits.float().softmax(dim=0)
         k, tokens = probs.shape
         indices = torch.arange(k, device=probs.device).expand(tokens, k).contiguous()
-        return RouterOutput(logits.t(), probs.t(), indices, probs.t().to(hidden_states.dtype, copy=True), all_experts=True)
+        gates = probs.t().to(hidden_states.dtype, memory_format=torch.contiguous_format, copy=True)
+        return RouterOutput(logits.t(), probs.t(), indices, gates, all_experts=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
