@@ -20,7 +20,7 @@ sub-model and reports, all measured in this run on the same machine:
   ViT's (`flop_rate_sliced_vs_vit*`: 1.0 = the slice runs its work as efficiently as transformers' ViT);
 - the task metric (accuracy / COCO mAP / mean IoU on the eval split) of the full model and of the slice, and of
   the slice healed toward the parent on the calibration images (`heal_submodel`: by default the whole backbone,
-  `--heal-train all`, distilled to the parent's last hidden states at lr 1e-4; `--heal-train routers,norms,biases`
+  `--heal-train all`, distilled to the parent's last hidden states at lr 3e-4, 600 steps on 2,048 images; `--heal-train routers,norms,biases`
   fits only those small tensors; `--heal-steps`, 0 to skip); the healed slice has the same
   parameters, FLOPs and speed as the slice.
 
@@ -55,15 +55,16 @@ def parse_args(argv):
     p.add_argument("--threshold", type=float, default=3.0)
     p.add_argument("--coverage", type=float, default=0.9)
     p.add_argument("--criterion", default=None, choices=["frequency", "gate_mass", "reap"])
-    p.add_argument("--calibration-images", type=int, default=256)
-    p.add_argument("--heal-steps", type=int, default=300,
+    p.add_argument("--calibration-images", type=int, default=2048,
+                   help="training images (eval transforms) for usage and healing")
+    p.add_argument("--heal-steps", type=int, default=600,
                    help="also heal each slice toward the parent on the calibration images (heal_submodel) and report "
                         "its metric; 0 skips it")
     p.add_argument("--heal-batch-size", type=int, default=32)
     p.add_argument("--heal-train", default="all",
                    help="groups healing fits: 'all' (default) or comma-separated routers, norms, biases, weights")
     p.add_argument("--heal-lr", type=float, default=None,
-                   help="healing learning rate (default heal_submodel's: 1e-4 with weights, else 3e-3)")
+                   help="healing learning rate (default heal_submodel's: 3e-4 with weights, else 3e-3)")
     p.add_argument("--eval-images", type=int, default=None, help="eval images per task for the metric (default all)")
     p.add_argument("--batch-size", type=int, default=64, help="batch of the throughput runs")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median)")

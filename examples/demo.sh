@@ -26,8 +26,8 @@ for task in fashion digits-det fashion-seg; do
     --verify-images 128 --out "$OUT/extract/$task" --overwrite
 done
 # the smallest fashion slice (k experts per layer, every MoE layer dense), healed toward the parent
-"$BIN/moe-adapt" extract "$OUT/pretrain/model" --data data/mini --task fashion --policy top_n --heal-steps 300 --heal-train all \
-  --max-images 256 --verify-images 128 --out "$OUT/extract/fashion-top_n-healed" --overwrite
+"$BIN/moe-adapt" extract "$OUT/pretrain/model" --data data/mini --task fashion --policy top_n --heal-steps 600 --heal-train all \
+  --max-images 2048 --verify-images 128 --out "$OUT/extract/fashion-top_n-healed" --overwrite
 
 step "4/5 LoRA fine-tune of scikit-learn digits on its slice"
 "$BIN/python" recipes/finetune.py --config recipes/configs/finetune_digits.yaml --model "$OUT/pretrain/model" \

@@ -185,7 +185,7 @@ def test_cli_extract_with_healing_records_it_and_rebuilds_the_slice_before_heali
     card = (tmp_path / "all" / "README.md").read_text()
     info = read_card_selection(tmp_path / "all")
     assert "--heal-train all" in card and "other backbone tensors" in card
-    assert info.healed["train"] == ["routers", "norms", "biases", "weights"] and info.healed["lr"] == 1e-4
+    assert info.healed["train"] == ["routers", "norms", "biases", "weights"] and info.healed["lr"] == 3e-4
     assert main(["extract", str(parent_dir), *common, "--heal-steps", "3", "--heal-train", "routers,matrices",
                  "--out", str(tmp_path / "bad2")]) == 2
     assert "--heal-train 'routers,matrices'" in capsys.readouterr().err and not (tmp_path / "bad2").exists()

@@ -222,7 +222,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="comma-separated groups healing fits: routers, norms, biases, weights (every other backbone "
                             f"tensor), or 'all' (default {HEAL_TRAIN_DEFAULT})")
     group.add_argument("--heal-lr", type=float, default=None,
-                       help="learning rate of the healing (default 3e-3, or 1e-4 when weights are fitted)")
+                       help="learning rate of the healing (default 3e-3, or 3e-4 when weights are fitted)")
     group = parser.add_argument_group("verification")
     group.add_argument("--verify-split", default="eval", help="'eval' (default), 'train' or a split name")
     group.add_argument("--verify-images", type=int, default=256, help="verification images per task")
