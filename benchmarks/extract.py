@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     from accelerate.utils import set_seed
 
     from moe_adapt.analysis import collect_expert_usage, select_experts
+    from moe_adapt.analysis.selection import DEFAULT_CRITERION
     from moe_adapt.data import load_task_dataset
     from moe_adapt.flops import count_parameters, flops_per_image
     from moe_adapt.hub import load_model
@@ -275,7 +276,10 @@ def main(argv=None) -> int:
         "benchmark": "extract",
         "model": str(model_dir) if args.model else f"mini pretrained here for {args.pretrain_steps} steps",
         "policy": {"policy": args.policy, "n": args.n, "threshold": args.threshold, "coverage": args.coverage,
-                   "criterion": args.criterion},
+                   "criterion": args.criterion or DEFAULT_CRITERION[args.policy]},
+        "calibration_images": args.calibration_images,
+        "heal": {"steps": args.heal_steps, "batch_size": args.heal_batch_size, "train": args.heal_train,
+                 "lr": args.heal_lr},
         "device": "cpu", "threads": args.threads, "batch_size": args.batch_size, "quick": args.quick,
         "tasks": results, "targets_met": targets,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},

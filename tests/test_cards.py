@@ -186,6 +186,14 @@ def test_cli_extract_with_healing_records_it_and_rebuilds_the_slice_before_heali
     info = read_card_selection(tmp_path / "all")
     assert "--heal-train all" in card and "other backbone tensors" in card
     assert info.healed["train"] == ["routers", "norms", "biases", "weights"] and info.healed["lr"] == 3e-4
+    assert info.healed["batch_size"] == 32  # heal_submodel's default
+    assert main(["extract", str(parent_dir), *common, "--heal-steps", "2", "--heal-batch-size", "4",
+                 "--out", str(tmp_path / "b4")]) == 0
+    capsys.readouterr()
+    assert "--heal-batch-size 4" in (tmp_path / "b4" / "README.md").read_text()
+    assert read_card_selection(tmp_path / "b4").healed["batch_size"] == 4
+    assert main(["extract", str(parent_dir), *common, "--heal-batch-size", "4", "--out", str(tmp_path / "bad4")]) == 2
+    assert "add --heal-steps" in capsys.readouterr().err and not (tmp_path / "bad4").exists()
     assert main(["extract", str(parent_dir), *common, "--heal-steps", "3", "--heal-train", "routers,matrices",
                  "--out", str(tmp_path / "bad2")]) == 2
     assert "--heal-train 'routers,matrices'" in capsys.readouterr().err and not (tmp_path / "bad2").exists()

@@ -99,6 +99,7 @@ def test_router_choosing_every_expert_skips_top_k_and_keeps_the_gates(renormaliz
     reference = torch.zeros(10, 8).scatter(1, i, w)
     torch.testing.assert_close(_gates_full(fast, 8), reference)
     torch.testing.assert_close(fast.logits, F.linear(x, router.routers["a"].weight))
+    assert fast.weights.is_contiguous()
     torch.testing.assert_close(fast.probs, probs)
     # a masked expert gets gate 0 and the others share the softmax over the unmasked ones
     mask = torch.tensor([True, False, True, True, False, True, True, True])
@@ -301,6 +302,9 @@ def test_all_experts_selected_runs_fused_dense_path_with_same_output(kind):
             attn = torch.softmax(q @ keys.transpose(1, 2) / ex.head_dim**0.5, -1) @ values
             sparse += gates[..., e : e + 1] * (attn @ ex.o_proj[e].T + ex.o_proj_bias[e])
     torch.testing.assert_close(fused, sparse, rtol=1e-5, atol=1e-5)
+    # the model's router outputs are plain tensors a user may .view(), also when every expert is chosen
+    out = model(torch.randn(2, 3, 32, 32), task="a", output_router_probs=True)
+    assert all(p.is_contiguous() and p.view(-1).numel() == p.numel() for p in out.router_probs + out.router_logits)
 
 
 def test_lora_reaches_fused_expert_tensors():

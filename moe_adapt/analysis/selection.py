@@ -10,9 +10,10 @@ Policies (every one keeps at least the layer's top-k experts, so the slice can s
   layer's total.
 
 Criteria: `"frequency"` (default for threshold), `"gate_mass"` (default for top_n and coverage) and `"reap"`.
-For `top_n` gate mass is the default because slices it picks stay closer to the parent: with n = top-k on the
-mini models, 5 of 6 task slices kept more of the parent's metric before healing than with frequency (up to 5.3
-points), the sixth 0.15 points less (docs/decomposition.md).
+For `top_n` gate mass is the default because the slices it picks start closer to the parent: with n = top-k on
+the mini models, 5 of 6 task slices kept more of the parent's metric before healing than with frequency (up to
+5.3 points), the sixth 0.15 points less; once healed the two are within 0.5 points but for one slice (+1.2 for
+gate mass) (docs/decomposition.md).
 Ties go to the lower expert id. Selections of several tasks combine with `ExpertSelection.union` (or `|`).
 
 ```python

@@ -69,6 +69,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--heal-steps", str(args.heal_steps), "--heal-train", args.heal_train]
         if args.heal_lr is not None:
             parts += ["--heal-lr", str(args.heal_lr)]
+        if args.heal_batch_size is not None:
+            parts += ["--heal-batch-size", str(args.heal_batch_size)]
     parts += ["--split", args.split, "--max-images", str(args.max_images), "--verify-split", args.verify_split,
               "--verify-images", str(args.verify_images), "--batch-size", str(args.batch_size), "--out", args.out]
     if args.no_norms:
@@ -145,8 +147,12 @@ def run(args: argparse.Namespace) -> int:
     if args.heal_steps < 0:
         raise ValueError(f"--heal-steps must be 0 (no healing) or more, got {args.heal_steps}.")
     heal_groups = heal_train_groups(args.heal_train)
-    if not args.heal_steps and (args.heal_train != HEAL_TRAIN_DEFAULT or args.heal_lr is not None):
-        raise ValueError("--heal-train and --heal-lr set how a slice is healed; add --heal-steps N (N > 0) to heal it.")
+    if not args.heal_steps and (args.heal_train != HEAL_TRAIN_DEFAULT or args.heal_lr is not None
+                                or args.heal_batch_size is not None):
+        raise ValueError("--heal-train, --heal-lr and --heal-batch-size set how a slice is healed; add --heal-steps N "
+                         "(N > 0) to heal it.")
+    if args.heal_batch_size is not None and args.heal_batch_size < 1:
+        raise ValueError(f"--heal-batch-size must be at least 1, got {args.heal_batch_size}.")
     stage = _StagedFolder(Path(args.out), args.overwrite)
     try:
         parent = load_model(args.model)
@@ -166,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
         if args.heal_steps:
             slice_fingerprint = weights_fingerprint(sub)  # what --from-card rebuilds: the slice before healing
             print(f"    healing toward the parent: {args.heal_steps} steps on the calibration images")
-            heal = heal_submodel(parent, sub, calib, steps=args.heal_steps, lr=args.heal_lr, train=heal_groups)
+            heal_kw = {} if args.heal_batch_size is None else {"batch_size": args.heal_batch_size}
+            heal = heal_submodel(parent, sub, calib, steps=args.heal_steps, lr=args.heal_lr, train=heal_groups, **heal_kw)
             print(f"    mean squared difference to the parent {heal.loss_before:.4g} -> {heal.loss_after:.4g}"
                   + (" (no improvement: kept as sliced)" if heal.restored else ""))
         sub.save_pretrained(stage.path)
@@ -223,6 +230,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                             f"tensor), or 'all' (default {HEAL_TRAIN_DEFAULT})")
     group.add_argument("--heal-lr", type=float, default=None,
                        help="learning rate of the healing (default 3e-3, or 3e-4 when weights are fitted)")
+    group.add_argument("--heal-batch-size", type=int, default=None,
+                       help="calibration images per healing step (default heal_submodel's: 32)")
     group = parser.add_argument_group("verification")
     group.add_argument("--verify-split", default="eval", help="'eval' (default), 'train' or a split name")
     group.add_argument("--verify-images", type=int, default=256, help="verification images per task")

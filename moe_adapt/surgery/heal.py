@@ -131,7 +131,7 @@ def heal_submodel(
     *,
     steps: int = 300,
     lr: float | None = None,
-    batch_size: int = 64,
+    batch_size: int = 32,
     train: Iterable[str] = DEFAULT_HEAL_GROUPS,
     seed: int = 0,
 ) -> HealReport:
