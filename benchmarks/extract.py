@@ -4,8 +4,9 @@
     python benchmarks/extract.py                              # runs a short mini pretraining itself first
     python benchmarks/extract.py --quick                      # smoke run (numbers not meaningful)
 
-For every task of the model it collects expert usage on calibration images (training split), selects experts
-(default: `top_n` with n = top-k, so every MoE layer collapses to a fused dense layer), slices the task's
+For every task of the model it collects expert usage on calibration images (2,048 of the training split), selects
+experts (default: `top_n` with n = top-k, ranked by gate mass, so every MoE layer collapses to a fused dense
+layer), slices the task's
 sub-model and reports, all measured in this run on the same machine:
 
 - parameters of the full model (all of it, and the part the task can reach) and of the slice;
