@@ -151,39 +151,36 @@ class MoEViTTopKRouter(nn.Module):
         softmax, so the gates equal those of a model sliced to the unmasked experts."""
         weight = self.routers[task].weight
         k = self.top_k if top_k is None else top_k
-        if k == weight.shape[0]:
-            return self._route_all(hidden_states, weight, expert_mask)
+        every_expert = k == weight.shape[0]
+        if every_expert and hidden_states.device.type == "cpu":
+            # [E, tokens] logits and a softmax over their first dimension: `[tokens, E]` views (see `_route_all`)
+            logits_t = torch.mm(weight, hidden_states.t())
+            if expert_mask is not None:
+                keep = expert_mask.to(device=logits_t.device, dtype=torch.bool).unsqueeze(1)
+                logits_t = logits_t.masked_fill(~keep, float("-inf"))
+            return self._route_all(hidden_states, logits_t.t(), logits_t.float().softmax(dim=0).t())
         logits = F.linear(hidden_states, weight)
         if expert_mask is not None:
             logits = logits.masked_fill(~expert_mask.to(device=logits.device, dtype=torch.bool), float("-inf"))
         probs = router_softmax(logits.float())
+        if every_expert:
+            return self._route_all(hidden_states, logits, probs)
         weights, indices = probs.topk(k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return RouterOutput(logits, probs, indices, weights.to(hidden_states.dtype))
 
     @staticmethod
-    def _route_all(hidden_states: torch.Tensor, weight: torch.Tensor, expert_mask) -> RouterOutput:
+    def _route_all(hidden_states: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor) -> RouterOutput:
         """Every expert is chosen (a slice that kept exactly k): the gates are the probabilities themselves, in
         expert order (renormalising divides by a sum of 1); no top-k, no sort, and `_gates_full` needs no scatter.
 
-        On CPU the logits are computed as `W xᵀ` `[E, tokens]` and the softmax runs over their first dimension, so
-        logits and probabilities are `[tokens, E]` views of those (not contiguous). Against `x Wᵀ` followed by
-        `router_softmax`, this takes the router of a mini slice layer from 81-99 µs to 46-60 µs at 1,088 tokens
-        and from 264-281 µs to 149-205 µs at 4,160 (1 thread, 2 and 4 experts). Elsewhere the logits come from
-        `x Wᵀ` as in the top-k path. The gates are a contiguous copy in every case, so that nothing done to them
-        reaches `probs`."""
-        if hidden_states.device.type == "cpu":
-            logits = torch.mm(weight, hidden_states.t())  # [E, tokens]
-            if expert_mask is not None:
-                keep = expert_mask.to(device=logits.device, dtype=torch.bool).unsqueeze(1)
-                logits = logits.masked_fill(~keep, float("-inf"))
-            logits, probs = logits.t(), logits.float().softmax(dim=0).t()
-        else:
-            logits = F.linear(hidden_states, weight)
-            if expert_mask is not None:
-                logits = logits.masked_fill(~expert_mask.to(device=logits.device, dtype=torch.bool), float("-inf"))
-            probs = router_softmax(logits.float())
+        On CPU `forward` computes the logits as `W xᵀ` `[E, tokens]` and the softmax over their first dimension, so
+        logits and probabilities arrive as `[tokens, E]` views of those (not contiguous). Against `x Wᵀ` followed
+        by `router_softmax`, this takes the router of a mini slice layer from 81-99 µs to 46-60 µs at 1,088 tokens
+        and from 264-281 µs to 149-205 µs at 4,160 (1 thread, 2 and 4 experts); elsewhere they come from the
+        top-k path's `x Wᵀ`. The gates are a contiguous copy in every case, so that nothing done to them reaches
+        `probs`."""
         tokens, k = probs.shape
         indices = torch.arange(k, device=probs.device).expand(tokens, k).contiguous()
         gates = probs.to(hidden_states.dtype, memory_format=torch.contiguous_format, copy=True)
