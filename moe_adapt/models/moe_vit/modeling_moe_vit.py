@@ -1005,7 +1005,9 @@ class MoEViTMoAttention(nn.Module):
         attn = F.scaled_dot_product_attention(q, key, value, dropout_p=self.dropout_p if self.training else 0.0)
         attn = attn.view(b * n, k, h)  # [tokens, k, h]
         if dense:
-            o = (attn * gates.unsqueeze(-1)).reshape(b * n, k * h)
+            grad = torch.is_grad_enabled() and (attn.requires_grad or gates.requires_grad)
+            # inference: the gates applied in place on the attention output (one [tokens, k·h] buffer less)
+            o = (attn * gates.unsqueeze(-1) if grad else attn.mul_(gates.unsqueeze(-1))).reshape(b * n, k * h)
             out = _add_gated_bias(fused_expert_linear(o, ex, "o_proj", k, stack="in"), gates, ex.o_proj_bias[:k])
         else:
             out = None
