@@ -29,9 +29,8 @@ Allocator (`--malloc`): by default the benchmark first calls `moe_adapt.runtime.
 `benchmarks/moe_layer.py` does, so that glibc keeps freed buffers for the next forward pass of every model timed.
 Under glibc's own dynamic thresholds the heap top is handed back to the kernel whenever a large enough block is
 freed, and which model pays for it depends on its allocation pattern: measured on the demo model's fashion slice
-(32 px, batch 64, 1 thread), the slice took 550-935 minor page faults per forward pass and the same-shape ViT 20,
-with its `[tokens, 4d]` activation and bias copies running 3-8x slower than the ViT's; with freed memory kept,
-both took none. `--malloc default` measures under glibc's own thresholds.
+(32 px, batch 64, 1 thread), the slice took 557-935 minor page faults per forward pass and the same-shape ViT
+20-232; with freed memory kept, almost none. `--malloc default` measures under glibc's own thresholds.
 
 Targets: slice ≤ 50% of the full model's parameters, ≥ 99% of its metric, ≥ 0.95× the images/s of the same-shape
 dense ViT (`speed_sliced_vs_vit`; `speed_sliced_vs_vit_standard` is reported beside it).
