@@ -150,6 +150,9 @@ def main(argv=None) -> int:
     from moe_adapt.runtime import keep_freed_memory, malloc_library
 
     kept_mb = keep_freed_memory() if args.malloc == "keep" else None
+    if args.malloc == "keep" and kept_mb is None:
+        print(f"warning: --malloc keep has no effect under this allocator ({malloc_library() or 'not glibc'}); "
+              "measuring with it as it is", file=sys.stderr)
 
     from moe_adapt.analysis import collect_expert_usage, select_experts
     from moe_adapt.analysis.selection import DEFAULT_CRITERION
@@ -298,7 +301,7 @@ def main(argv=None) -> int:
                  "lr": args.heal_lr},
         "device": "cpu", "threads": args.threads, "batch_size": args.batch_size, "quick": args.quick,
         "malloc": f"keep freed memory (glibc thresholds {kept_mb} MiB)" if kept_mb else
-                  "glibc default" if args.malloc == "default" else malloc_library(),
+                  "glibc default" if malloc_library() == "glibc" else malloc_library() or "unknown",
         "tasks": results, "targets_met": targets,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
