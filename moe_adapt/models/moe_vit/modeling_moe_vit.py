@@ -762,7 +762,11 @@ def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights
     per-expert temporaries whose sizes change every step; glibc's heap fragmented and RSS crept up by hundreds of
     MB over a few hundred steps, so it was dropped. Re-tested with every intermediate written into preallocated
     full-size buffers, so nothing is allocated per expert, it ran ~20% slower than this: on this CPU, elementwise
-    work between the block matmuls slows the matmuls.)"""
+    work between the block matmuls slows the matmuls. Likewise a down projection fused with the combine, whose
+    backward gathered each block's gradient rows times gates into one reused buffer instead of forming the
+    `[S, d]` gradient with `embedding_bag`: exact, and its backward alone took ~32 ms instead of 33-35 in
+    isolation, but the whole layer ran no faster (105.2 vs 105.9 and 108.5 vs 106.1 ms, interleaved), so it was
+    dropped.)"""
     if runs_grouped_mm(hidden_states, [self], ("up_proj", "down_proj")):
         return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
     plan = ExpertDispatch(top_k_index, self.num_experts)
