@@ -147,10 +147,9 @@ def main(argv=None) -> int:
     import torch
     from accelerate.utils import set_seed
 
-    from moe_adapt.runtime import keep_freed_memory, malloc_library
+    from moe_adapt.runtime import keep_freed_memory, malloc_library, malloc_setting
 
-    kept_mb = keep_freed_memory() if args.malloc == "keep" else None
-    if args.malloc == "keep" and kept_mb is None:
+    if args.malloc == "keep" and keep_freed_memory() is None:
         print(f"warning: --malloc keep has no effect under this allocator ({malloc_library() or 'not glibc'}); "
               "measuring with it as it is", file=sys.stderr)
 
@@ -300,8 +299,7 @@ def main(argv=None) -> int:
         "heal": {"steps": args.heal_steps, "batch_size": args.heal_batch_size, "train": args.heal_train,
                  "lr": args.heal_lr},
         "device": "cpu", "threads": args.threads, "batch_size": args.batch_size, "quick": args.quick,
-        "malloc": f"keep freed memory (glibc thresholds {kept_mb} MiB)" if kept_mb else
-                  "glibc default" if malloc_library() == "glibc" else malloc_library() or "unknown",
+        "malloc": malloc_setting(),
         "tasks": results, "targets_met": targets,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }

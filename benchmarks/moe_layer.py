@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification
 from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTSparseMLP
-from moe_adapt.runtime import MALLOC_LIBRARIES, keep_freed_memory, malloc_library, preload_env
+from moe_adapt.runtime import MALLOC_LIBRARIES, keep_freed_memory, malloc_library, malloc_setting, preload_env
 from moe_adapt.training.loop import adamw
 
 
@@ -222,7 +222,8 @@ def main():
         except FileNotFoundError as e:
             raise SystemExit(f"--malloc {a.malloc}: {e}") from None
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)  # interpreter flags kept
-    kept_mb = keep_freed_memory() if a.malloc == "keep" else None
+    if a.malloc == "keep":
+        keep_freed_memory()
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
     names = a.backends.split(",")
     layer = layer_benchmark(device, dtype, a.rounds, a.tokens, names)
@@ -231,8 +232,7 @@ def main():
     result = {
         "device": a.device if a.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": a.dtype,
-        "malloc": f"keep freed memory (glibc thresholds {kept_mb} MiB)" if kept_mb else
-                  "glibc default" if a.malloc == "default" else malloc_library(),
+        "malloc": malloc_setting(),
         "tokens": a.tokens,
         "dense_ms": round(layer["dense"], 3),
         "backends_ms": backends,

@@ -40,6 +40,7 @@ __all__ = [
     "freed_memory_threshold_mb",
     "keep_freed_memory",
     "malloc_library",
+    "malloc_setting",
     "preload_env",
     "release_free_memory",
 ]
@@ -84,6 +85,16 @@ def keep_freed_memory(threshold_mb: int = 256) -> int | None:
 def freed_memory_threshold_mb() -> int | None:
     """The threshold `keep_freed_memory` set in this process, or None if it was not called (or had no effect)."""
     return _threshold_mb
+
+
+def malloc_setting() -> str:
+    """How this process's `malloc` runs, in words for a benchmark's JSON: "keep freed memory (glibc thresholds N
+    MiB)" after `keep_freed_memory`, "glibc default" under glibc's own thresholds, else the allocator's name
+    (`malloc_library`), or "unknown" where it cannot be told."""
+    if _threshold_mb:
+        return f"keep freed memory (glibc thresholds {_threshold_mb} MiB)"
+    kind = malloc_library()
+    return "glibc default" if kind == "glibc" else kind or "unknown"
 
 
 # ---------------------------------------------------------------------------------------------------------------

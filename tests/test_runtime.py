@@ -27,7 +27,7 @@ from moe_adapt.training import TrainConfig
 
 FAULTS = textwrap.dedent("""
     import json, resource, sys, torch
-    from moe_adapt.runtime import freed_memory_threshold_mb, keep_freed_memory
+    from moe_adapt.runtime import freed_memory_threshold_mb, keep_freed_memory, malloc_setting
     kept = keep_freed_memory() if sys.argv[1] == "keep" else None
     def faults(make):  # minor page faults of three rounds of allocating, filling and freeing `make()`'s tensors
         make(), make()  # the first rounds fault in any case (the heap grows to fit the aligned blocks)
@@ -37,7 +37,7 @@ FAULTS = textwrap.dedent("""
             del tensors
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     print(json.dumps({
-        "kept": kept, "threshold": freed_memory_threshold_mb(),
+        "kept": kept, "threshold": freed_memory_threshold_mb(), "setting": malloc_setting(),
         # one 64 MiB block: glibc maps it afresh every time (above its 32 MiB dynamic mmap ceiling)
         "large": faults(lambda: torch.ones(16 * 2**20)),
         # ten 8 MiB blocks alive together: heap memory, whose freed 80 MiB top glibc trims (above its trim threshold)
@@ -57,6 +57,8 @@ def test_keep_freed_memory_stops_page_faulting_freed_buffers_back_in():
     default, kept = run_python(FAULTS, "default"), run_python(FAULTS, "keep")
     assert default["kept"] is None and default["threshold"] is None
     assert kept["kept"] == kept["threshold"] in (256, 32)  # 32: a glibc that refuses a larger mmap threshold
+    assert default["setting"] == "glibc default"
+    assert kept["setting"] == f"keep freed memory (glibc thresholds {kept['threshold']} MiB)"
     # glibc's defaults fault the freed pages back in every round (8 MiB blocks: at least 2,048 pages a round);
     # kept, the freed memory is reused: the trim threshold keeps the heap's top, the mmap threshold the large block
     assert default["heap"] >= 3 * 2048, default

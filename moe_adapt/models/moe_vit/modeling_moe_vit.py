@@ -152,16 +152,14 @@ class MoEViTTopKRouter(nn.Module):
         weight = self.routers[task].weight
         k = self.top_k if top_k is None else top_k
         every_expert = k == weight.shape[0]
-        if every_expert and hidden_states.device.type == "cpu":
-            # [E, tokens] logits and a softmax over their first dimension: `[tokens, E]` views (see `_route_all`)
-            logits_t = torch.mm(weight, hidden_states.t())
-            if expert_mask is not None:
-                keep = expert_mask.to(device=logits_t.device, dtype=torch.bool).unsqueeze(1)
-                logits_t = logits_t.masked_fill(~keep, float("-inf"))
-            return self._route_all(hidden_states, logits_t.t(), logits_t.float().softmax(dim=0).t())
-        logits = F.linear(hidden_states, weight)
+        # a router choosing every expert on CPU: `[tokens, E]` logits as the transposed view of `W xᵀ` `[E, tokens]`
+        # (see `_route_all`); masking in place keeps that layout
+        transposed = every_expert and hidden_states.device.type == "cpu"
+        logits = torch.mm(weight, hidden_states.t()).t() if transposed else F.linear(hidden_states, weight)
         if expert_mask is not None:
-            logits = logits.masked_fill(~expert_mask.to(device=logits.device, dtype=torch.bool), float("-inf"))
+            logits.masked_fill_(~expert_mask.to(device=logits.device, dtype=torch.bool), float("-inf"))
+        if transposed:  # the softmax over the expert axis, the first of the `[E, tokens]` layout
+            return self._route_all(hidden_states, logits, logits.float().t().softmax(dim=0).t())
         probs = router_softmax(logits.float())
         if every_expert:
             return self._route_all(hidden_states, logits, probs)
@@ -814,6 +812,12 @@ def _add_gated_bias(out: torch.Tensor, gates: torch.Tensor, bias: torch.Tensor) 
     return out.addmm_(gates.to(out.dtype), bias.to(out.dtype))
 
 
+def _tracks_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on these tensors; when not (inference), the fused dense paths of a slice apply
+    their gates in place."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _gates_full(route: RouterOutput, num_experts: int) -> torch.Tensor:
     """Top-k gates scattered into expert order: `[tokens, E]` (zero for unselected experts)."""
     if route.all_experts and route.indices.shape[-1] == num_experts:
@@ -876,7 +880,7 @@ class MoEViTExperts(nn.Module):
         t, e = hidden_states.shape[0], gates.shape[-1]
         h = fused_expert_linear(hidden_states, self, "up_proj", e, stack="out").view(t, e, -1)
         bias = self.down_proj_bias[:e]
-        if not (torch.is_grad_enabled() and (h.requires_grad or gates.requires_grad)):
+        if not _tracks_grad(h, gates):
             a = self.act_fn(h).mul_(gates.unsqueeze(-1))  # inference: the gates applied in place
             return _add_gated_bias(fused_expert_linear(a.view(t, -1), self, "down_proj", e, stack="in"), gates, bias)
         w, lora_a, lora_b, scaling = stacked_inputs_operands(self, "down_proj", e)
@@ -1009,9 +1013,9 @@ class MoEViTMoAttention(nn.Module):
         attn = F.scaled_dot_product_attention(q, key, value, dropout_p=self.dropout_p if self.training else 0.0)
         attn = attn.view(b * n, k, h)  # [tokens, k, h]
         if dense:
-            grad = torch.is_grad_enabled() and (attn.requires_grad or gates.requires_grad)
             # inference: the gates applied in place on the attention output (one [tokens, k·h] buffer less)
-            o = (attn * gates.unsqueeze(-1) if grad else attn.mul_(gates.unsqueeze(-1))).reshape(b * n, k * h)
+            o = attn * gates.unsqueeze(-1) if _tracks_grad(attn, gates) else attn.mul_(gates.unsqueeze(-1))
+            o = o.reshape(b * n, k * h)
             out = _add_gated_bias(fused_expert_linear(o, ex, "o_proj", k, stack="in"), gates, ex.o_proj_bias[:k])
         else:
             out = None
