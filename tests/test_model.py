@@ -561,15 +561,21 @@ def test_routing_overrides_are_validated_and_task_models_delegate():
     assert torch.equal(model(x).logits, full)
 
 
-def test_segmented_linear_idle_experts_and_frozen_weights():
-    from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, segmented_linear
+@pytest.mark.parametrize("out_dim", [12, 6])
+def test_segmented_linear_idle_experts_and_frozen_weights(out_dim):
+    """12 outputs: the blocks run as one CPU `F.grouped_mm`; 6 (rows of 24 bytes, which it rejects): the per-expert loop."""
+    from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, _cpu_grouped_offsets, segmented_linear
 
     torch.manual_seed(0)
     x = torch.randn(5, 8, requires_grad=True)
     indices = torch.tensor([[0, 2], [2, 3], [0, 3], [3, 0], [2, 2]])  # expert 1 receives nothing
     plan = ExpertDispatch(indices, 4)
-    w, b = torch.randn(4, 6, 8, requires_grad=True), torch.randn(4, 6, requires_grad=True)
-    y = segmented_linear(x, plan.sorted_tokens, w, b, plan.bounds).index_select(0, plan.inverse).view(5, 2, 6)
+    w, b = torch.randn(4, out_dim, 8, requires_grad=True), torch.randn(4, out_dim, requires_grad=True)
+    grouped = _cpu_grouped_offsets(plan.bounds, x, w)
+    assert (grouped is not None) == (out_dim == 12)
+    if grouped is not None:
+        assert grouped.tolist() == [t for _, t in plan.bounds]
+    y = segmented_linear(x, plan.sorted_tokens, w, b, plan.bounds).index_select(0, plan.inverse).view(5, 2, out_dim)
     ref = torch.stack([torch.stack([x[t] @ w[e].T + b[e] for e in row]) for t, row in enumerate(indices.tolist())])
     torch.testing.assert_close(y, ref)
     grad = torch.randn_like(y)
