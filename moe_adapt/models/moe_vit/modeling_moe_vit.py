@@ -305,11 +305,11 @@ class _SegmentedLinear(torch.autograd.Function):
             for x_e, w_e, o_e in zip(xs.split(sizes), weight.transpose(1, 2).unbind(0), out.split(sizes)):
                 if x_e.shape[0]:
                     torch.mm(x_e, w_e, out=o_e)
-        # Biases in place, block by block, after all matmuls: ~6% cheaper than addmm's broadcast copy first, and
-        # ~2% cheaper than adding each right after its matmul (on this CPU, work between matmuls slows them).
+        # Biases in place after all matmuls: ~6% cheaper than addmm's broadcast copy first, and ~2% cheaper than
+        # adding each right after its matmul (on this CPU, work between matmuls slows them); one `_foreach_add_` over
+        # the blocks, not a Python loop (0.57 against 0.76 ms at ViT-S shape).
         if bias is not None:
-            for o_e, b_e in zip(out.split(sizes), bias.unbind(0)):
-                o_e.add_(b_e)
+            torch._foreach_add_(list(out.split(sizes)), list(bias.unbind(0)))
         ctx.save_for_backward(xs if ctx.needs_input_grad[2] else None, index, weight, offsets)
         ctx.sizes, ctx.rows, ctx.has_bias = sizes, x.shape[0], bias is not None
         return out
@@ -329,25 +329,28 @@ class _SegmentedLinear(torch.autograd.Function):
         else:
             dxs = loop_dx = grad.new_empty(grad.shape[0], n_in) if need_x else None
             dw = loop_dw = grad.new_empty(n_exp, n_out, n_in) if need_w else None
-        db = grad.new_empty(n_exp, n_out) if need_b and ctx.has_bias else None
-        none = [None] * n_exp
-        for g, w_e, dx_e, x_e, dw_e, db_e in zip(
-            grad.split(sizes), weight.unbind(0), none if loop_dx is None else loop_dx.split(sizes),
-            none if loop_dw is None else xs.split(sizes), none if loop_dw is None else loop_dw.unbind(0),
-            none if db is None else db.unbind(0),
-        ):
-            if not g.shape[0]:  # an idle expert: zero gradient
+        if loop_dx is not None or loop_dw is not None:
+            none = [None] * n_exp
+            for g, w_e, dx_e, x_e, dw_e in zip(
+                grad.split(sizes), weight.unbind(0), none if loop_dx is None else loop_dx.split(sizes),
+                none if loop_dw is None else xs.split(sizes), none if loop_dw is None else loop_dw.unbind(0),
+            ):
+                if not g.shape[0]:  # an idle expert: zero weight gradient
+                    if dw_e is not None:
+                        dw_e.zero_()
+                    continue
+                if dx_e is not None:
+                    torch.mm(g, w_e, out=dx_e)
                 if dw_e is not None:
-                    dw_e.zero_()
-                if db_e is not None:
-                    db_e.zero_()
-                continue
-            if dx_e is not None:
-                torch.mm(g, w_e, out=dx_e)
-            if dw_e is not None:
-                torch.mm(g.t(), x_e, out=dw_e)
-            if db_e is not None:  # right after the block's matmuls, which left it in cache (~1% faster at ViT-S shape)
-                torch.sum(g, 0, out=db_e)
+                    torch.mm(g.t(), x_e, out=dw_e)
+        db = None
+        if need_b and ctx.has_bias and grad.dtype in (torch.float32, torch.float64):
+            # each expert's rows summed in one pass (0.46 against 0.89 ms for 16 sums at ViT-S shape)
+            expert_of_row = torch.repeat_interleave(torch.arange(n_exp, device=grad.device),
+                                                    torch.tensor(sizes, device=grad.device))
+            db = grad.new_zeros(n_exp, n_out).index_add_(0, expert_of_row, grad)
+        elif need_b and ctx.has_bias:  # bf16/fp16: torch.sum accumulates in fp32, a row-by-row index_add_ would not
+            db = torch.stack([g.sum(0) for g in grad.split(sizes)])
         if dxs is not None and index is not None:
             dxs = dxs.new_zeros(ctx.rows, n_in).index_add_(0, index, dxs)
         return dxs, None, dw, db, None
