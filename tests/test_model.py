@@ -11,7 +11,7 @@ from helpers import trained_like
 import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
 from moe_adapt.models.moe_vit.configuration_moe_vit import UnknownConfigFieldError
-from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, _bag_combine_ok, grouped_mm
+from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, _cpu_bag_ok, grouped_mm
 
 BACKENDS = ("eager", "batched_mm", "grouped_mm", "padded_bmm", "segmented_mm")
 
@@ -198,7 +198,7 @@ def test_grouped_mm_backward_with_stride_zero_gradient():
 def test_combine_of_sorted_expert_outputs_matches_direct_sum(dtype):
     """`ExpertDispatch.combine`: out[t] = sum_j gate[t, j] * y[pair (t, j)], as a weighted embedding_bag (CPU fp32) or a
     gated index_add_ (other dtypes), with the gradients of y and of the gates."""
-    assert _bag_combine_ok(torch.zeros(1, dtype=dtype)) == (dtype == torch.float32)
+    assert _cpu_bag_ok(torch.zeros(1, dtype=dtype)) == (dtype == torch.float32)
     g = torch.Generator().manual_seed(0)
     tokens, k, experts, d = 37, 3, 5, 8
     indices = torch.rand(tokens, experts, generator=g).topk(k, dim=-1).indices
