@@ -564,7 +564,11 @@ def test_routing_overrides_are_validated_and_task_models_delegate():
 @pytest.mark.parametrize("out_dim", [12, 6])
 def test_segmented_linear_idle_experts_and_frozen_weights(out_dim):
     """12 outputs: the blocks run as one CPU `F.grouped_mm`; 6 (rows of 24 bytes, which it rejects): the per-expert loop."""
-    from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, _cpu_grouped_offsets, segmented_linear
+    from moe_adapt.models.moe_vit.modeling_moe_vit import (
+        ExpertDispatch,
+        _cpu_grouped_offsets,
+        segmented_linear,
+    )
 
     torch.manual_seed(0)
     x = torch.randn(5, 8, requires_grad=True)
