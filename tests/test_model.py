@@ -596,6 +596,47 @@ def test_segmented_linear_idle_experts_and_frozen_weights(out_dim):
     torch.testing.assert_close(x.grad, torch.stack([sum(w[e].detach().sum(0) for e in row) for row in indices.tolist()]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segmented_linear_grouped_path_equals_the_per_expert_loop(dtype, monkeypatch):
+    """The CPU `F.grouped_mm` path against the per-expert loop (forced by reporting no grouped_mm support): identical
+    outputs and gradients, with the first and the last expert idle, and with no rows at all."""
+    import moe_adapt.models.moe_vit.modeling_moe_vit as M
+
+    if torch.__version__ >= (2, 13):  # the pinned torch: the fast path must engage
+        assert M._cpu_grouped_mm_support() == (True, True)
+    torch.manual_seed(0)
+    w = torch.randn(5, 8, 16, dtype=dtype, requires_grad=True)
+    b = torch.randn(5, 8, dtype=dtype, requires_grad=True)
+    for indices in (torch.tensor([[1, 2], [3, 2], [1, 3]]), torch.zeros(0, 2, dtype=torch.long)):
+        x = torch.randn(indices.shape[0], 16, dtype=dtype, requires_grad=True)
+        plan = ExpertDispatch(indices, 5)
+        results = []
+        for support in ((True, True), (False, False)):
+            monkeypatch.setattr(M, "_cpu_grouped_mm_support", lambda support=support: support)
+            assert (M._cpu_grouped_offsets(plan.bounds, x, w) is not None) == support[0]
+            y = M.segmented_linear(x, plan.sorted_tokens, w, b, plan.bounds)
+            torch.manual_seed(1)
+            results.append((y, *torch.autograd.grad(y, (x, w, b), torch.randn_like(y))))
+        for grouped, loop in zip(*results):
+            assert torch.equal(grouped, loop)
+        _, _, dw, db = results[0]
+        assert dw[0].abs().sum() == 0 and dw[4].abs().sum() == 0 and db[0].abs().sum() == 0 and db[4].abs().sum() == 0
+
+
+def test_grouped_path_skips_misaligned_operands_where_torch_needs_alignment(monkeypatch):
+    """torch 2.10's CPU grouped_mm rejects data pointers that are not 16-byte aligned (weights memory-mapped from a
+    safetensors file can be): where the probe finds that, such operands take the per-expert loop."""
+    import moe_adapt.models.moe_vit.modeling_moe_vit as M
+
+    w = torch.randn(2 * 8 * 16 + 1)[1:].view(2, 8, 16)  # 4 bytes past an aligned allocation
+    x, bounds = torch.randn(3, 16), [(0, 2), (2, 3)]
+    monkeypatch.setattr(M, "_cpu_grouped_mm_support", lambda: (True, False))
+    assert M._cpu_grouped_offsets(bounds, x, w) is None
+    assert M._cpu_grouped_offsets(bounds, x, w.clone()) is not None
+    monkeypatch.setattr(M, "_cpu_grouped_mm_support", lambda: (True, True))
+    assert M._cpu_grouped_offsets(bounds, x, w) is not None
+
+
 def test_segmented_mlp_experts_idle_expert_frozen_weights_and_activation():
     """segmented_mm MLP experts against the eager loop: an expert nobody picks gets zero gradient,
     frozen expert tensors get none, and an activation other than GELU goes through the generic backward."""
