@@ -198,14 +198,17 @@ def test_adapter_save_and_load(tmp_path):
         torch.testing.assert_close(loaded.eval()(x).logits, expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("rank", [2, 8])
 @pytest.mark.parametrize("dense_slice", [False, True], ids=["sparse", "dense-slice"])
-def test_activation_space_expert_lora_matches_peft_parametrization(dense_slice):
+def test_activation_space_expert_lora_matches_peft_parametrization(dense_slice, rank):
     """segmented_mm applies expert LoRA as x·Rᵀ·Lᵀ (no W + ΔW, no frozen weight gradient); grouped_mm goes through
-    peft's parametrization. Same logits, same LoRA gradients."""
+    peft's parametrization. Same logits, same LoRA gradients. Rank 2 runs the LoRA factors' per-expert matmuls as a
+    loop (8-byte rows), rank 8 as CPU `F.grouped_mm` calls."""
     results, seen = {}, []
     for impl in ("segmented_mm", "grouped_mm"):
         model = tiny_model(impl, dense_slice)
-        peft_model = apply_lora(model, lora_config(model, r=2, verbose=False, init_lora_weights=False), verbose=False)
+        cfg = lora_config(model, r=rank, verbose=False, init_lora_weights=False)
+        peft_model = apply_lora(model, cfg, verbose=False)
         for layer in peft_model.get_base_model().moe_vit.moe_layers().values():
             layer.register_forward_pre_hook(lambda m, a, impl=impl: seen.append((impl, bool(m.experts.__dict__.get("_lora_factors")))))
         y = peft_model(pixels(3), task="new").logits
