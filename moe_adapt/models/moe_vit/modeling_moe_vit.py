@@ -827,7 +827,7 @@ def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights
     for experts under an activation-space LoRA).
 
     At ViT-S shape on this project's CPU (1 thread) these cut the layer from 1.40x to 1.25-1.30x a dense MLP of equal
-    active width in quiet VM states (1.35-1.50x in loaded ones); the expert matmuls alone cost 1.06-1.14x, the rest
+    active width in quiet VM states (1.4-1.6x in loaded ones); the expert matmuls alone cost 1.05-1.19x, the rest
     is the gather and scatter over k-times replicated rows that a fused kernel would avoid. Running each
     projection's 16 block matmuls as one CPU `F.grouped_mm` call instead of a Python loop took another ~3% off.
 
