@@ -343,7 +343,7 @@ class _SegmentedLinear(torch.autograd.Function):
         if bias is not None:
             torch._foreach_add_(list(out.split(sizes)), list(bias.unbind(0)))
         ctx.save_for_backward(xs if ctx.needs_input_grad[2] else None, index, weight, offsets)
-        ctx.sizes, ctx.bounds, ctx.rows, ctx.has_bias = sizes, bounds, x.shape[0], bias is not None
+        ctx.bounds, ctx.rows, ctx.has_bias = bounds, x.shape[0], bias is not None
         return out
 
     @staticmethod
@@ -353,19 +353,17 @@ class _SegmentedLinear(torch.autograd.Function):
         need_x, _, need_w, need_b, _ = ctx.needs_input_grad
         grad = grad.contiguous()  # a stride-0 gradient (`y.sum().backward()`) becomes a real one here
         n_exp, n_out, n_in = weight.shape
-        sizes = ctx.sizes
-        dxs = dw = loop_dx = loop_dw = None
+        sizes = [t - s for s, t in ctx.bounds]
         if offsets is not None and _cpu_grouped_mm_ok(grad, grad.t()):  # idle experts' weight gradients come out zero
             dxs = F.grouped_mm(grad, weight, offs=offsets) if need_x else None
             dw = F.grouped_mm(grad.t(), xs, offs=offsets) if need_w else None
         else:
-            dxs = loop_dx = grad.new_empty(grad.shape[0], n_in) if need_x else None
-            dw = loop_dw = grad.new_empty(n_exp, n_out, n_in) if need_w else None
-        if loop_dx is not None or loop_dw is not None:
+            dxs = grad.new_empty(grad.shape[0], n_in) if need_x else None
+            dw = grad.new_empty(n_exp, n_out, n_in) if need_w else None
             none = [None] * n_exp
             for g, w_e, dx_e, x_e, dw_e in zip(
-                grad.split(sizes), weight.unbind(0), none if loop_dx is None else loop_dx.split(sizes),
-                none if loop_dw is None else xs.split(sizes), none if loop_dw is None else loop_dw.unbind(0),
+                grad.split(sizes), weight.unbind(0), none if dxs is None else dxs.split(sizes),
+                none if dw is None else xs.split(sizes), none if dw is None else dw.unbind(0),
             ):
                 if not g.shape[0]:  # an idle expert: zero weight gradient
                     if dw_e is not None:
