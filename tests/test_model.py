@@ -11,7 +11,7 @@ from helpers import trained_like
 import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
 from moe_adapt.models.moe_vit.configuration_moe_vit import UnknownConfigFieldError
-from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, _cpu_bag_ok, grouped_mm
+from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, _cpu_bag_ok, block_counts, grouped_mm
 
 BACKENDS = ("eager", "batched_mm", "grouped_mm", "padded_bmm", "segmented_mm")
 
@@ -664,6 +664,52 @@ def test_segmented_mlp_experts_idle_expert_frozen_weights_and_activation():
         for got, want in zip(results["segmented_mm"], results["eager"]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert results["segmented_mm"][3][1].abs().sum() == 0 and results["segmented_mm"][4][1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accelerator_experts_path_matches_eager_with_idle_experts(dtype):
+    """`sorted_experts_forward` (what segmented_mm runs on a GPU; device-agnostic, so run here on CPU) against the
+    eager loop: outputs and the gradients of input, gates and all four expert tensors, with the first and last
+    experts idle (zero gradient) and a stride-0 incoming gradient."""
+    from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTExperts, sorted_experts_forward
+
+    torch.manual_seed(0)
+    cfg = MoEViTConfig.from_preset("tiny", tasks=["a"])
+    experts = MoEViTExperts(cfg, 6).to(dtype)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(10, cfg.hidden_size, dtype=dtype, requires_grad=True)
+    idx = torch.randint(1, 5, (10, 2))
+    idx[:, 1] = idx[:, 0] % 4 + 1  # experts 1..4, two distinct per token: 0 and 5 idle
+    w = torch.rand(10, 2, dtype=dtype, requires_grad=True)
+    results = []
+    # the reference: the undecorated eager loop in float64 on the same values
+    for fn, cast in ((MoEViTExperts.forward.__wrapped__, torch.float64), (sorted_experts_forward, dtype)):
+        experts.to(cast)
+        xc, wc = (t.detach().to(cast).requires_grad_(True) for t in (x, w))
+        y = fn(experts, xc, idx, wc)
+        y.sum().backward()
+        results.append([t.float() for t in (y.detach(), xc.grad, wc.grad, *(p.grad for p in experts.parameters()))])
+        experts.zero_grad(set_to_none=True)
+    for got, want in zip(results[1], results[0]):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want)
+        else:  # bf16 keeps 8 significant bits: errors within 1% of each tensor's largest entry (the eager loop's: 0.4%)
+            assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+    for g in results[1][3:]:
+        assert g[0].abs().sum() == 0 and g[5].abs().sum() == 0
+
+
+def test_sync_free_block_counts_match_bincount():
+    """The accelerators' block ends (binary search over the sorted ids) equal bincount's, idle experts included."""
+    for ids in ([1, 1, 2, 4, 4, 4], [0, 0, 0], [5], []):
+        sorted_ids = torch.tensor(ids, dtype=torch.long)
+        for sync_free in (False, True):
+            counts, ends = block_counts(sorted_ids, 6, sync_free=sync_free)
+            want = torch.bincount(sorted_ids, minlength=6)
+            assert counts.tolist() == want.tolist() and ends.dtype == torch.int32
+            assert ends.tolist() == want.cumsum(0).tolist()
 
 
 def _all_reduce_worker(rank: int, init_file: str, out_dir: str) -> None:

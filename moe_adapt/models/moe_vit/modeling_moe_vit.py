@@ -651,6 +651,17 @@ class _GatedLowRankLinear(torch.autograd.Function):
         return dh, dgates, None, da, db, None, None
 
 
+def block_counts(sorted_ids: torch.Tensor, num_experts: int, sync_free: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows per expert `[E]` and their int32 cumulative ends `[E]` for expert ids sorted ascending. `sync_free`
+    (accelerators): the block ends by binary search, where `bincount` reads the ids' range back to the host on
+    CUDA; on CPU `bincount` is the cheaper of the two."""
+    if not sync_free:
+        counts = torch.bincount(sorted_ids, minlength=num_experts)
+        return counts, counts.cumsum(0).to(torch.int32)
+    ends = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=sorted_ids.device), right=True)
+    return ends.diff(prepend=ends.new_zeros(1)), ends.to(torch.int32)
+
+
 class ExpertDispatch:
     """The token-to-expert plan of one layer: `(token, slot)` pairs sorted by expert id.
 
@@ -667,8 +678,7 @@ class ExpertDispatch:
         self.tokens, self.k = indices.shape
         flat = indices.reshape(-1)
         self.sorted_ids, self.perm = flat.sort(stable=True)
-        self.counts = torch.bincount(self.sorted_ids, minlength=num_experts)
-        self.offsets = self.counts.cumsum(0).to(torch.int32)
+        self.counts, self.offsets = block_counts(self.sorted_ids, num_experts, sync_free=flat.device.type != "cpu")
         # scatter_/index_select rather than advanced indexing: on CPU, tensor[index] costs ~1000x more here
         self.inverse = torch.empty_like(self.perm).scatter_(
             0, self.perm, torch.arange(self.perm.numel(), device=self.perm.device)
@@ -684,6 +694,12 @@ class ExpertDispatch:
             ends = self.offsets.tolist()
             self._bounds = list(zip([0] + ends[:-1], ends))
         return self._bounds
+
+    def one_hot(self, dtype: torch.dtype) -> torch.Tensor:
+        """`[S, E]` one-hot rows of the sorted pairs' experts, in `dtype`: `one_hot @ bias` adds each pair's expert
+        bias, and its backward `one_hotᵀ @ grad` sums each expert's block in one matmul (fp32 accumulation, no
+        atomics, no host sync)."""
+        return F.one_hot(self.sorted_ids, self.num_experts).to(dtype)
 
     def combine(self, y_sorted: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Expert outputs in sorted pair order `[S, d]` and gates `[tokens, k]` → `Σ_j gate_j · y_j` `[tokens, d]`."""
@@ -754,8 +770,8 @@ class ExpertDispatch:
         else:
             src = pairs.index_select(0, self.perm) if per_slot else x.index_select(0, self.sorted_tokens)
             out = grouped_mm(src, weight, self.offsets)
-            if bias is not None:
-                out = out + bias.index_select(0, self.sorted_ids)
+            if bias is not None:  # its gradient one matmul too (`bias.index_select` would scatter-add it with atomics
+                out = torch.addmm(out, self.one_hot(out.dtype), bias.to(out.dtype))  # on CUDA, in bias's dtype)
             out = out.index_select(0, self.inverse)
         return out.view(self.tokens, self.k, -1)
 
@@ -802,15 +818,40 @@ ALL_EXPERTS_FUNCTIONS.register("padded_bmm", padded_bmm_experts_forward)
 def on_accelerator(x: torch.Tensor) -> bool:
     """`segmented_mm` is the CPU form of a segmented matmul: per-expert matmuls launched from Python, which on a GPU
     cost a kernel launch each and a host sync for the block bounds (~4x slower than the fused kernel in a ViT-S
-    train step on an H100). On an accelerator the same computation runs as one grouped matmul (`grouped_mm`),
-    except under an activation-space expert LoRA, which only the segmented path applies."""
+    train step on an H100). On an accelerator the same computation runs with one grouped matmul per projection
+    (`sorted_experts_forward` for MLP experts, the `grouped_mm` dispatch for attention experts), except under an
+    activation-space expert LoRA, which only the segmented path applies."""
     return x.device.type != "cpu"
 
 
 def runs_grouped_mm(x: torch.Tensor, groups, names: tuple[str, ...]) -> bool:
-    """Whether `segmented_mm` hands these expert groups to the `grouped_mm` kernel: on an accelerator, when none of
+    """Whether `segmented_mm` runs these expert groups with grouped matmuls: on an accelerator, when none of
     the tensors `names` of any group carries an activation-space LoRA (see `on_accelerator`)."""
     return on_accelerator(x) and not any(expert_lora(g, name) for g in groups for name in names)
+
+
+def sorted_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """`segmented_mm` on an accelerator: the same sorted-pairs computation as the CPU path, with each projection one
+    grouped matmul over device-side block offsets, and nothing that waits for the device.
+
+    Against transformers' `grouped_mm` backend, which it replaced here, it gathers and scatters with `index_select`
+    (and a custom gather whose backward is a gather and a sum over each token's k rows) instead of advanced
+    indexing, whose CUDA backward is a sort-based `index_put_` (on an H200, half of a ViT-S MoE train step's GPU
+    time); each expert's up-projection bias is added as `one_hot @ bias`, so its gradient is one matmul instead of
+    a scatter-add in the parameters' dtype; the gate-weighted sum over each token's k outputs is one batched
+    `[1, k] × [k, d]` product (fp32 accumulation, deterministic); and the down projection's bias joins at token
+    level (`gates @ bias`), as on CPU. Runs on any device (the tests run it on CPU)."""
+    plan = ExpertDispatch(top_k_index, self.num_experts)
+    x = hidden_states.to(self.up_proj.dtype)
+    xs = _GatherRows.apply(x, plan.perm, plan.inverse, plan.k, None)  # `[S, d]` in expert order
+    h = grouped_mm(xs, self.up_proj, plan.offsets)
+    h = torch.addmm(h, plan.one_hot(h.dtype), self.up_proj_bias.to(h.dtype))
+    y = grouped_mm(self.act_fn(h), self.down_proj, plan.offsets)
+    y = y.index_select(0, plan.inverse).view(plan.tokens, plan.k, -1)  # pair order: token t's k rows together
+    out = torch.bmm(top_k_weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+    full = torch.zeros(plan.tokens, self.num_experts, dtype=y.dtype, device=y.device)
+    full = full.scatter_add(1, top_k_index, top_k_weights.to(y.dtype))  # add: clamped slots of other groups, gate 0
+    return _add_gated_bias(out, full, self.down_proj_bias).to(hidden_states.dtype)
 
 
 def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -829,8 +870,8 @@ def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights
     is the gather and scatter over k-times replicated rows that a fused kernel would avoid. Running each
     projection's 16 block matmuls as one CPU `F.grouped_mm` call instead of a Python loop took another ~3% off.
 
-    On an accelerator (see `on_accelerator`) it runs transformers' `grouped_mm` kernel instead, unless an
-    activation-space expert LoRA is active.
+    On an accelerator (see `on_accelerator`) it runs `sorted_experts_forward` instead (one grouped matmul per
+    projection, nothing that waits for the device), unless an activation-space expert LoRA is active.
 
     (A variant that ran each expert's whole chain before the next was ~7% faster at ViT-S shape but allocates
     per-expert temporaries whose sizes change every step; glibc's heap fragmented and RSS crept up by hundreds of
@@ -845,7 +886,7 @@ def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights
     stay in cache, was exact and 1-3% faster than the per-expert loop of the time in three interleaved runs, less
     than one-call `F.grouped_mm` gives, with which it cannot combine.)"""
     if runs_grouped_mm(hidden_states, [self], ("up_proj", "down_proj")):
-        return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
+        return sorted_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     plan = ExpertDispatch(top_k_index, self.num_experts)
     x = hidden_states.to(self.up_proj.dtype)
     up = segmented_linear(
