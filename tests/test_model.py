@@ -588,6 +588,18 @@ def test_segmented_linear_idle_experts_and_frozen_weights(out_dim):
     for got, want in ((gx, rx), (gw, rw), (gb, rb)):
         torch.testing.assert_close(got, want)
     assert gw[1].abs().sum() == 0 and gb[1].abs().sum() == 0
+    # the input gradient sent back through the plan's inverse permutation: an embedding_bag over each token's k
+    # sorted rows (fp32), an index_add_ (fp64), and for one source row per sorted row (pair rows) a gather
+    for dtype in (torch.float32, torch.float64):
+        xd, wd, bd = (t.detach().to(dtype).requires_grad_(True) for t in (x, w, b))
+        via = segmented_linear(xd, plan.sorted_tokens, wd, bd, plan.bounds, inverse=plan.inverse)
+        (g_inv,) = torch.autograd.grad(via.index_select(0, plan.inverse).view(5, 2, out_dim), xd, grad.to(dtype))
+        torch.testing.assert_close(g_inv.float(), rx)
+    pairs = x.detach().repeat_interleave(2, 0).requires_grad_(True)  # one row per (token, slot) pair
+    via = segmented_linear(pairs, plan.perm, w, b, plan.bounds, inverse=plan.inverse)
+    (g_pairs,) = torch.autograd.grad(via.index_select(0, plan.inverse).view(5, 2, out_dim), pairs, grad)
+    torch.testing.assert_close(g_pairs.view(5, 2, 8).sum(1), rx)
+    torch.testing.assert_close(g_pairs, torch.einsum("tjo,tjoi->tji", grad, w[indices]).reshape(10, 8))
     # frozen expert weights: the input still gets its gradient, and no weight gradient is formed
     w_frozen = w.detach()
     out = plan.combine(segmented_linear(x, plan.sorted_tokens, w_frozen, None, plan.bounds), torch.ones(5, 2))
