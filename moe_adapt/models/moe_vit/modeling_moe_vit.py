@@ -780,7 +780,12 @@ class ExpertDispatch:
         elif buf is not None:
             out = self.from_buffer(self.batched_linear(self.to_buffer(x, per_slot), weight, bias))
         else:
-            src = pairs.index_select(0, self.perm) if per_slot else x.index_select(0, self.sorted_tokens)
+            if per_slot:
+                src = pairs.index_select(0, self.perm)
+            elif on_accelerator(x):  # backward: a gather and a sum over each token's k rows, not a scatter-add with
+                src = _GatherRows.apply(x, self.perm, self.inverse, self.k, None)  # atomics in x's dtype
+            else:
+                src = x.index_select(0, self.sorted_tokens)
             out = grouped_mm(src, weight, self.offsets)
             if bias is not None:  # its gradient one matmul too (`bias.index_select` would scatter-add it with atomics
                 out = torch.addmm(out, self.one_hot(out.dtype), bias.to(out.dtype))  # on CUDA, in bias's dtype)
