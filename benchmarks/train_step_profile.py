@@ -4,9 +4,9 @@
     python benchmarks/train_step_profile.py --preset tiny --image-size 32      # a quick look on CPU
 
 Per model and per train step (forward, backward, fused AdamW step, as `moe_layer.py`'s model benchmark): the wall
-time with the profiler off (median over `--steps`), the number of operator calls, and on CUDA the number of
-kernels, the time the GPU was busy, and how many times the host waited for the device (`torch.cuda`'s sync debug
-mode). A step far slower than its GPU-busy time is launch-bound: fewer, larger kernels help, not faster ones. The
+time with the profiler off (median over `--steps`), the number of ATen operator calls (nested ones included), and
+on CUDA the number of kernels, the time the GPU was busy, and how many times the host waited for the device
+(`torch.cuda`'s sync debug mode). A step far slower than its GPU-busy time is launch-bound: fewer, larger kernels help, not faster ones. The
 `top` lists give the operators with the most device time (CUDA) or host time (CPU), in ms per step. The MoE model
 is `MoEViTForImageClassification` from a preset (ViT-S by default), the dense one transformers'
 `ViTForImageClassification`.
