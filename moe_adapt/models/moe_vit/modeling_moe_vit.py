@@ -207,19 +207,33 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _grouped_mm_kernel(weight: torch.Tensor):
+    """torch's grouped matmul where it runs on `weight`'s device, else None: `F.grouped_mm` (torch ≥ 2.9; on CUDA
+    from compute capability 8.0), or torch 2.8's `torch._grouped_mm` (CUDA, Hopper only)."""
+    cuda = weight.device.type == "cuda"
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm if not cuda or torch.cuda.get_device_capability(weight.device) >= (8, 0) else None
+    if hasattr(torch, "_grouped_mm") and cuda and torch.cuda.get_device_capability(weight.device)[0] == 9:
+        return torch._grouped_mm
+    return None
+
+
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x `[S, in]` sorted by expert, weight `[E, out, in]`, offsets `[E]` (int32 cumulative counts) → `[S, out]`."""
+    """x `[S, in]` sorted by expert, weight `[E, out, in]`, offsets `[E]` (int32 cumulative counts) → `[S, out]`.
+
+    Under autocast both operands are cast to the autocast dtype first, as `F.linear` would be (the grouped kernels
+    are not autocast-enabled; on CUDA only bf16 takes the fused kernel, other dtypes a per-expert fallback that
+    reads the offsets back to the host). Where no grouped kernel runs (or rows are not 16-byte aligned), a loop
+    over the experts, which reads the offsets back to the host too."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
     x = x.to(weight.dtype).contiguous()
     size = weight.element_size()
     aligned = (weight.shape[-1] * size) % 16 == 0 and (weight.shape[-2] * size) % 16 == 0
-    if not aligned:  # the grouped kernels need 16-byte aligned rows; loop instead
-        out = torch.cat(
-            [x[s:e] @ weight[i].T for i, (s, e) in enumerate(zip([0] + offsets[:-1].tolist(), offsets.tolist()))]
-        )
-    elif hasattr(F, "grouped_mm"):
-        out = F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    elif hasattr(torch, "_grouped_mm"):
-        out = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    kernel = _grouped_mm_kernel(weight) if aligned else None
+    if kernel is not None:
+        out = kernel(x, weight.transpose(-2, -1), offs=offsets)
     else:  # a plain loop over experts: correct everywhere, slower
         out = torch.cat(
             [x[s:e] @ weight[i].T for i, (s, e) in enumerate(zip([0] + offsets[:-1].tolist(), offsets.tolist()))]
@@ -251,7 +265,7 @@ class _GatherRows(torch.autograd.Function):
                 if n < capacity:
                     blocks[e, n:].zero_()
         if ctx.group > 1:
-            g = g.view(ctx.rows, ctx.group, -1).sum(1)
+            g = g.view(ctx.rows, ctx.group, g.shape[-1]).sum(1)
         return g, None, None, None, None
 
 
@@ -711,7 +725,13 @@ class ExpertDispatch:
         """`[S, E]` one-hot rows of the sorted pairs' experts, in `dtype`: `one_hot @ bias` adds each pair's expert
         bias, and its backward `one_hotᵀ @ grad` sums each expert's block in one matmul (fp32 accumulation, no
         atomics, no host sync)."""
-        return F.one_hot(self.sorted_ids, self.num_experts).to(dtype)
+        return (self.sorted_ids.unsqueeze(1) == torch.arange(self.num_experts, device=self.sorted_ids.device)).to(dtype)
+
+    def to_pairs(self, y_sorted: torch.Tensor) -> torch.Tensor:
+        """Rows in sorted pair order `[S, ·]` → flat pair order (token t's k rows at t·k ..): a gather whose backward
+        is a gather too, where `index_select`'s is a scatter-add into zeros (on CUDA under deterministic
+        algorithms, the sort-based `index_put_`)."""
+        return _GatherRows.apply(y_sorted, self.inverse, self.perm, 1, None)
 
     def combine(self, y_sorted: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Expert outputs in sorted pair order `[S, d]` and gates `[tokens, k]` → `Σ_j gate_j · y_j` `[tokens, d]`."""
@@ -776,12 +796,12 @@ class ExpertDispatch:
             src = x.to(weight.dtype)
             index = self.perm if per_slot else self.sorted_tokens
             out = segmented_linear(src.reshape(-1, n_in), index, weight, bias, self.bounds, lora, self.inverse)
-            out = out.index_select(0, self.inverse)
+            out = self.to_pairs(out)
         elif buf is not None:
             out = self.from_buffer(self.batched_linear(self.to_buffer(x, per_slot), weight, bias))
         else:
             if per_slot:
-                src = pairs.index_select(0, self.perm)
+                src = _GatherRows.apply(pairs, self.perm, self.inverse, 1, None)
             elif on_accelerator(x):  # backward: a gather and a sum over each token's k rows, not a scatter-add with
                 src = _GatherRows.apply(x, self.perm, self.inverse, self.k, None)  # atomics in x's dtype
             else:
@@ -789,7 +809,7 @@ class ExpertDispatch:
             out = grouped_mm(src, weight, self.offsets)
             if bias is not None:  # its gradient one matmul too (`bias.index_select` would scatter-add it with atomics
                 out = torch.addmm(out, self.one_hot(out.dtype), bias.to(out.dtype))  # on CUDA, in bias's dtype)
-            out = out.index_select(0, self.inverse)
+            out = self.to_pairs(out)
         return out.view(self.tokens, self.k, -1)
 
     def to_buffer(self, x: torch.Tensor, per_slot: bool = False) -> torch.Tensor:
@@ -864,7 +884,7 @@ def sorted_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     h = grouped_mm(xs, self.up_proj, plan.offsets)
     h = torch.addmm(h, plan.one_hot(h.dtype), self.up_proj_bias.to(h.dtype))
     y = grouped_mm(self.act_fn(h), self.down_proj, plan.offsets)
-    y = y.index_select(0, plan.inverse).view(plan.tokens, plan.k, -1)  # pair order: token t's k rows together
+    y = plan.to_pairs(y).view(plan.tokens, plan.k, y.shape[-1])  # pair order: token t's k rows together
     out = torch.bmm(top_k_weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
     full = torch.zeros(plan.tokens, self.num_experts, dtype=y.dtype, device=y.device)
     full = full.scatter_add(1, top_k_index, top_k_weights.to(y.dtype))  # add: clamped slots of other groups, gate 0
