@@ -140,6 +140,32 @@ def test_bit_identity_holds_for_other_expert_backends(images, impl):
     assert outputs_identical(before, task_outputs(grown, images, ["a", "b"]))
 
 
+def test_grown_model_on_the_accelerator_code_path(images, monkeypatch):
+    """The code segmented_mm runs on a GPU, taken here on CPU, on a grown model: the new task routes over two expert
+    groups (its slots outside a group are clamped to a duplicate expert with gate 0). Its loss and every gradient
+    equal the CPU path's, and training it there leaves the old tasks bit-identical."""
+    import moe_adapt.models.moe_vit.modeling_moe_vit as M
+
+    grown = add_task(tiny_classifier(), "c", labels=4, init="random", data=images)
+    labels = torch.arange(images.shape[0]) % 4
+    results = {}
+    for accelerator in (False, True):
+        monkeypatch.setattr(M, "on_accelerator", lambda x, on=accelerator: on)
+        grown.zero_grad(set_to_none=True)
+        loss = grown(images, labels=labels, task="c").loss
+        loss.backward()
+        results[accelerator] = (loss.detach(), {n: p.grad.clone() for n, p in grown.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(results[True][0], results[False][0])
+    assert results[True][1].keys() == results[False][1].keys()
+    assert any("extra_experts" in n for n in results[True][1])  # the second group is reached and trained
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    grown.zero_grad(set_to_none=True)
+    before = task_outputs(grown, images, ["a", "b"])
+    train_steps(grown, "c", images, steps=2)
+    assert outputs_identical(before, task_outputs(grown, images, ["a", "b"]))
+
+
 def test_growing_twice_keeps_every_earlier_task_identical(images):
     model = tiny_classifier()
     before = task_outputs(model, images, ["a", "b"])
