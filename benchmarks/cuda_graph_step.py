@@ -8,9 +8,9 @@ matmuls stay on the GPU; bf16 takes CUDA's fused grouped kernel), and every tens
 (tokens × top-k rows, whatever the routing), so forward, backward and a capturable fused AdamW step can be recorded
 once with `torch.cuda.graph` and replayed: the routing still changes with the weights, since the replay reads the
 offsets from device memory. This is PyTorch's whole-network capture recipe (warm-up on a side stream,
-`zero_grad(set_to_none=True)` before capture, static inputs); a training loop copies each batch into the captured
-input tensors before `replay()`. Per model and batch: the eager step and the replayed graph (median ms), whether a
-replay moved the parameters, and the captured loss.
+`zero_grad(set_to_none=True)` before capture, static inputs, an optimizer with `capturable=True`); a training loop
+copies each batch into the captured input tensors before `replay()`. Per model and batch: the eager step (plain
+fused AdamW) and the replayed graph (median ms), whether a replay moved the parameters, and the captured loss.
 """
 
 from __future__ import annotations
@@ -54,22 +54,25 @@ def build(name: str, preset: str, image_size: int):
 def measure(name: str, a, batch: int, dtype: torch.dtype) -> dict:
     model, kw = build(name, a.preset, a.image_size)
     model = model.cuda().to(dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
     x = torch.randn(batch, 3, a.image_size, a.image_size, device="cuda", dtype=dtype)
     y = torch.randint(0, 1000, (batch,), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the eager baseline: plain fused AdamW
 
     def step():
         opt.zero_grad(set_to_none=True)
         model(pixel_values=x, labels=y, **kw).loss.backward()
         opt.step()
 
+    for _ in range(a.warmup):
+        step()
+    eager = timeit(step, a.steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)  # its state stays on the GPU
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture stream, as the recipe asks
         for _ in range(3):
             step()
     torch.cuda.current_stream().wait_stream(side)
-    eager = timeit(step, a.steps)
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
@@ -93,6 +96,7 @@ def main():
     p.add_argument("--batches", default="8,64", help="comma-separated batch sizes")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=20, help="timed steps and replays (median)")
+    p.add_argument("--warmup", type=int, default=10, help="eager steps before timing")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("cuda_graph_step.py needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -103,7 +107,8 @@ def main():
             try:
                 result[f"{name}_b{batch}"] = measure(name, a, batch, dtype)
             except RuntimeError as e:  # e.g. a host sync during capture: say which, and go on
-                result[f"{name}_b{batch}"] = {"error": str(e).splitlines()[0][:300]}
+                cause = e.__context__ or e  # a failed capture re-raises on exit; the first error is the one to show
+                result[f"{name}_b{batch}"] = {"error": str(cause).splitlines()[0][:300]}
             print(f"{name} batch {batch}: {result[f'{name}_b{batch}']}", file=sys.stderr, flush=True)
             torch.cuda.empty_cache()
         moe, dense = result[f"moe_b{batch}"], result[f"dense_b{batch}"]

@@ -5,9 +5,10 @@
 
 Per model and per train step (forward, backward, fused AdamW step, as `moe_layer.py`'s model benchmark): the wall
 time with the profiler off (median over `--steps`), the number of ATen operator calls (nested ones included), and
-on CUDA the number of kernels, the time the GPU was busy, and how many times the host waited for the device
-(`torch.cuda`'s sync debug mode). A step far slower than its GPU-busy time is launch-bound: fewer, larger kernels help, not faster ones. The
-`top` lists give the operators with the most device time (CUDA) or host time (CPU), in ms per step. The MoE model
+on CUDA the number of device operations (kernels, memsets and copies), the time the GPU was busy, and how many
+times the host waited for the device (`torch.cuda`'s sync debug mode). A step far slower than its GPU-busy time
+is launch-bound: fewer, larger kernels help, not faster ones (or CUDA graphs: `cuda_graph_step.py`). The `top`
+lists give the operators with the most device time (CUDA) or host time (CPU), in ms per step. The MoE model
 is `MoEViTForImageClassification` from a preset (ViT-S by default), the dense one transformers'
 `ViTForImageClassification`.
 """
@@ -65,7 +66,10 @@ def measure(step, device: torch.device, steps: int, warmup: int, top: int) -> di
             step()
         sync(device)
     events = prof.key_averages()
-    on_device = [e for e in events if cuda and e.device_type == torch.autograd.DeviceType.CUDA]
+    on_device = [  # device work, without user annotations (the optimizer's `Optimizer.step#...` span repeats its kernels)
+        e for e in events
+        if cuda and e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
     host_ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::")]
     out = {"wall_ms": round(statistics.median(walls), 3), "aten_calls": sum(e.count for e in host_ops) // steps}
     if cuda:
@@ -89,7 +93,7 @@ def main():
     p.add_argument("--preset", default="vit-s", help="MoEViTConfig preset of the MoE model (vit-s, vit-b, mini, tiny)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=5, help="profiled steps, and timed steps after them")
+    p.add_argument("--steps", type=int, default=5, help="timed steps, then as many profiled ones")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=5, help="operators listed per model")
     a = p.parse_args()

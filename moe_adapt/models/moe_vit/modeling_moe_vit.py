@@ -207,13 +207,18 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm_kernel(weight: torch.Tensor):
-    """torch's grouped matmul where it runs on `weight`'s device, else None: `F.grouped_mm` (torch ≥ 2.9; on CUDA
-    from compute capability 8.0), or torch 2.8's `torch._grouped_mm` (CUDA, Hopper only)."""
-    cuda = weight.device.type == "cuda"
+def _grouped_mm_kernel(x: torch.Tensor, weight: torch.Tensor):
+    """torch's grouped matmul where it runs on these operands, else None (the caller loops over the experts):
+    `F.grouped_mm` on CUDA from compute capability 8.0 (torch ≥ 2.9) or on CPU where `_cpu_grouped_mm_ok` accepts the
+    operands, or torch 2.8's `torch._grouped_mm` (CUDA, Hopper only). Other devices loop."""
+    device = weight.device
+    if device.type == "cpu":
+        return F.grouped_mm if _cpu_grouped_mm_ok(x, weight.transpose(-2, -1)) else None
+    if device.type != "cuda":
+        return None
     if hasattr(F, "grouped_mm"):
-        return F.grouped_mm if not cuda or torch.cuda.get_device_capability(weight.device) >= (8, 0) else None
-    if hasattr(torch, "_grouped_mm") and cuda and torch.cuda.get_device_capability(weight.device)[0] == 9:
+        return F.grouped_mm if torch.cuda.get_device_capability(device) >= (8, 0) else None
+    if hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device)[0] == 9:
         return torch._grouped_mm
     return None
 
@@ -231,7 +236,7 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     x = x.to(weight.dtype).contiguous()
     size = weight.element_size()
     aligned = (weight.shape[-1] * size) % 16 == 0 and (weight.shape[-2] * size) % 16 == 0
-    kernel = _grouped_mm_kernel(weight) if aligned else None
+    kernel = _grouped_mm_kernel(x, weight) if aligned else None
     if kernel is not None:
         out = kernel(x, weight.transpose(-2, -1), offs=offsets)
     else:  # a plain loop over experts: correct everywhere, slower
@@ -704,6 +709,8 @@ class ExpertDispatch:
         self.tokens, self.k = indices.shape
         flat = indices.reshape(-1)
         self.sorted_ids, self.perm = flat.sort(stable=True)
+        # by device type, not `on_accelerator` (which tests patch to run the GPU code on CPU): bincount is exact on
+        # CPU and only costs a host sync elsewhere; `block_counts` is tested on both branches directly
         self.counts, self.offsets = block_counts(self.sorted_ids, num_experts, sync_free=flat.device.type != "cpu")
         # scatter_/index_select rather than advanced indexing: on CPU, tensor[index] costs ~1000x more here
         self.inverse = torch.empty_like(self.perm).scatter_(
@@ -740,7 +747,7 @@ class ExpertDispatch:
     def project_sum(self, pairs: torch.Tensor, weight: torch.Tensor, bias, gates: torch.Tensor, impl: str, lora=None):
         """`Σ_j gate_j · expert_j(pairs_j)`: pair inputs `[tokens, k, in]` → `[tokens, out]`."""
         if impl != "segmented_mm":
-            return (self.project(pairs, weight, bias, impl, per_slot=True) * gates.unsqueeze(-1)).sum(1)
+            return _pair_sum(self.project(pairs, weight, bias, impl, per_slot=True), gates)
         src = pairs.reshape(-1, pairs.shape[-1]).to(weight.dtype).index_select(0, self.perm)
         return self.combine(segmented_linear(src, None, weight, bias, self.bounds, lora), gates)
 
@@ -879,18 +886,18 @@ def sorted_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """`segmented_mm` on an accelerator: the same sorted-pairs computation as the CPU path, with each projection one
     grouped matmul over device-side block offsets, and nothing that waits for the device.
 
-    Against transformers' `grouped_mm` backend, which it replaced here, it gathers and scatters with `index_select`
-    (and a custom gather whose backward is a gather and a sum over each token's k rows) instead of advanced
-    indexing, whose CUDA backward is a sort-based `index_put_` (on an H200, half of a ViT-S MoE train step's GPU
-    time); each expert's up-projection bias is added as `one_hot @ bias`, so its gradient is one matmul instead of
+    Against transformers' `grouped_mm` backend, which it replaced here, every gather is a `_GatherRows` (whose
+    backward is a gather too, summed over each token's k rows for the token gather) instead of advanced indexing,
+    whose CUDA backward is a sort-based `index_put_` (on an H200, half of a ViT-S MoE train step's GPU time); each
+    expert's up-projection bias is added as `one_hot @ bias`, so its gradient is one matmul instead of
     a scatter-add in the parameters' dtype; the gate-weighted sum over each token's k outputs is a product and a
     sum over k (`_pair_sum`, deterministic); and the down projection's bias joins at token
     level (`gates @ bias`), as on CPU. On an H200 (bf16 ViT-S train step, fused AdamW, interleaved with the old
     hand-off): 54.3 against 91.3 ms per step at batch 64, the same (51.7 against 51.3) at batch 8, where the step is
-    bound by kernel launches; no host sync in forward, backward or optimizer step (CUDA's fused grouped kernel
-    takes bf16 only; see `grouped_mm`). Every shape is fixed by the batch (tokens × k rows, whatever the routing), so
-    a bf16 train step can be captured as one CUDA graph (`benchmarks/cuda_graph_step.py`: 8.2 against 58.4 ms per
-    ViT-S step at batch 8 on the H200). Runs on any device (the tests run it on CPU)."""
+    bound by kernel launches. In bf16 nothing waits for the device (CUDA's fused grouped kernel takes bf16 only; see
+    `grouped_mm`), and every shape is fixed by the batch (tokens × k rows, whatever the routing), so a bf16 train
+    step can be captured as one CUDA graph (`benchmarks/cuda_graph_step.py`; 8.2 ms per ViT-S step replayed at
+    batch 8 on the H200, against 51.7 eager). Runs on any device (the tests run it on CPU)."""
     plan = ExpertDispatch(top_k_index, self.num_experts)
     x = hidden_states.to(self.up_proj.dtype)
     xs = _GatherRows.apply(x, plan.perm, plan.inverse, plan.k, None)  # `[S, d]` in expert order
@@ -899,9 +906,7 @@ def sorted_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     y = grouped_mm(self.act_fn(h), self.down_proj, plan.offsets)
     y = plan.to_pairs(y).view(plan.tokens, plan.k, y.shape[-1])  # pair order: token t's k rows together
     out = _pair_sum(y, top_k_weights.to(y.dtype))
-    full = torch.zeros(plan.tokens, self.num_experts, dtype=y.dtype, device=y.device)
-    full = full.scatter_add(1, top_k_index, top_k_weights.to(y.dtype))  # add: clamped slots of other groups, gate 0
-    return _add_gated_bias(out, full, self.down_proj_bias).to(hidden_states.dtype)
+    return _add_token_bias(out, top_k_index, top_k_weights, self.down_proj_bias).to(hidden_states.dtype)
 
 
 def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -911,7 +916,8 @@ def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights
     of rows (`segmented_linear`: no padding, no per-pair weight copies, fixed-size buffers, biases added in place
     after the block matmuls), and the gate-weighted sum is one weighted `embedding_bag` on CPU (`_CombineSorted`);
     the down projection's bias joins at token level (`gates @ bias`, one `[tokens, E] × [E, d]` product). Backward
-    is written by hand: a gather and a scatter around the same per-expert matmuls, a sampled matmul on the
+    is written by hand: around the same per-expert matmuls, the token gather's gradient is one `embedding_bag` over
+    each token's k rows (an `index_add_` in bf16/fp16) and the combine's a weighted one; a sampled matmul on the
     (token, pair) CSR pattern for the gates' gradient (a batched row-dot off CPU), and no weight gradient for frozen experts (or
     for experts under an activation-space LoRA).
 
@@ -943,13 +949,8 @@ def segmented_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights
         x, plan.sorted_tokens, self.up_proj, self.up_proj_bias, plan.bounds, expert_lora(self, "up_proj"), plan.inverse
     )
     y = segmented_linear(self.act_fn(up), None, self.down_proj, None, plan.bounds, expert_lora(self, "down_proj"))
-    # The down projection's bias at token level: Σ_j g_j b_{e_j} is one [tokens, E] × [E, d] product, which saves a
-    # pass over the k-times-replicated rows in the forward and the per-expert bias sums in the backward.
-    gates = top_k_weights.to(y.dtype)
-    out = plan.combine(y, gates)
-    full = torch.zeros(plan.tokens, self.num_experts, dtype=y.dtype, device=y.device)
-    full = full.scatter_add(1, top_k_index, gates)  # add: slots outside this expert group are clamped, gate 0
-    return _add_gated_bias(out, full, self.down_proj_bias).to(hidden_states.dtype)
+    out = plan.combine(y, top_k_weights.to(y.dtype))
+    return _add_token_bias(out, top_k_index, top_k_weights, self.down_proj_bias).to(hidden_states.dtype)
 
 
 ALL_EXPERTS_FUNCTIONS.register("segmented_mm", segmented_mm_experts_forward)
@@ -974,6 +975,16 @@ def reachable_groups(route: RouterOutput, group_sizes: list[int], groups: list[n
         local = route.indices - offset
         yield experts, local.clamp(0, size - 1), (local >= 0) & (local < size)
         offset += size
+
+
+def _add_token_bias(out: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, bias: torch.Tensor):
+    """`out[t] += Σ_j w[t, j] · bias[index[t, j]]`: each token's experts' output biases at token level, as one
+    `[tokens, E] × [E, d]` product (a pass over the k-times-replicated rows less in the forward, and no per-expert
+    bias sums in the backward). The gates are scatter-added into `[tokens, E]`: slots that fall outside an expert
+    group arrive clamped onto a real expert with gate 0."""
+    gates = top_k_weights.to(out.dtype)
+    full = torch.zeros(out.shape[0], bias.shape[0], dtype=out.dtype, device=out.device).scatter_add(1, top_k_index, gates)
+    return _add_gated_bias(out, full, bias)
 
 
 def _add_gated_bias(out: torch.Tensor, gates: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -1160,7 +1171,7 @@ class MoEViTMoAttention(nn.Module):
         impl = self.config._experts_implementation or "segmented_mm"
         groups = [self.experts, *self.extra_experts]
         if impl == "segmented_mm" and runs_grouped_mm(flat, groups, ("q_proj", "o_proj")):
-            impl = "grouped_mm"  # the fused kernel does the same segmented matmul (see `on_accelerator`)
+            impl = "grouped_mm"  # the dispatch's grouped matmuls, sync-free in bf16 on CUDA (see `on_accelerator`)
         dense = k == route.logits.shape[-1] <= self.group_sizes[0]
         if dense:  # every expert is selected: one dense projection over the concatenated heads
             ex = self.experts
@@ -1317,8 +1328,8 @@ class MoEViTPreTrainedModel(PreTrainedModel):
         return MoEViTModel.set_routing(backbone, task, top_k=top_k, expert_mask=expert_mask)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # Our default is segmented_mm: the fastest on CPU here; on an accelerator it runs the grouped_mm kernel
-        # (`on_accelerator`).
+        # Our default is segmented_mm: the fastest on CPU here; on an accelerator it runs grouped matmuls over
+        # device-side offsets (`on_accelerator`, `sorted_experts_forward`).
         return super().get_correct_experts_implementation(requested_experts or "segmented_mm")
 
     def _init_weights(self, module):
