@@ -727,6 +727,26 @@ def test_accelerator_experts_path_matches_eager_with_idle_experts(dtype):
     assert none.shape == (0, cfg.hidden_size)
 
 
+def test_accelerator_path_never_reads_tensor_data_on_the_host():
+    """A bf16 train step's forward and backward on `meta` tensors, which hold no data: any `.item()`, `.tolist()` or
+    data-dependent shape on the way (what would make a GPU step wait for the device, and break CUDA-graph capture)
+    raises here. `meta` takes the accelerator path (sorted_experts_forward, the grouped_mm dispatch for attention,
+    sync-free block offsets), and its grouped-matmul checks mirror CUDA's fused kernel (bf16)."""
+    cfg = MoEViTConfig.from_preset("tiny", tasks=["a", "b"], num_labels=5)
+    assert cfg._experts_implementation in (None, "segmented_mm")
+    with torch.device("meta"):
+        model = MoEViTForImageClassification(cfg).to(torch.bfloat16)
+    pixels = torch.empty(2, 3, 32, 32, device="meta", dtype=torch.bfloat16)
+    out = model(pixels, labels=torch.zeros(2, dtype=torch.long, device="meta"), task="b")
+    out.loss.backward()
+    experts = model.moe_vit.layers[1].mlp.experts
+    assert experts.up_proj.grad.shape == experts.up_proj.shape and experts.up_proj_bias.grad is not None
+    attention = model.moe_vit.layers[0].attention.experts
+    assert attention.q_proj.grad.shape == attention.q_proj.shape
+    with pytest.raises((RuntimeError, NotImplementedError)):  # the CPU path reads the block bounds on the host
+        _ = ExpertDispatch(torch.zeros(4, 2, dtype=torch.long, device="meta"), 3).bounds
+
+
 def test_sync_free_block_counts_match_bincount():
     """The accelerators' block ends (binary search over the sorted ids) equal bincount's, idle experts included."""
     for ids in ([1, 1, 2, 4, 4, 4], [0, 0, 0], [5], []):

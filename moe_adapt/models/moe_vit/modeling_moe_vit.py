@@ -209,11 +209,13 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def _grouped_mm_kernel(x: torch.Tensor, weight: torch.Tensor):
     """torch's grouped matmul where it runs on these operands, else None (the caller loops over the experts):
-    `F.grouped_mm` on CUDA from compute capability 8.0 (torch ≥ 2.9) or on CPU where `_cpu_grouped_mm_ok` accepts the
-    operands, or torch 2.8's `torch._grouped_mm` (CUDA, Hopper only). Other devices loop."""
+    `F.grouped_mm` on CUDA from compute capability 8.0 (torch ≥ 2.9), on CPU where `_cpu_grouped_mm_ok` accepts the
+    operands, and on `meta` tensors, or torch 2.8's `torch._grouped_mm` (CUDA, Hopper only). Other devices loop."""
     device = weight.device
     if device.type == "cpu":
         return F.grouped_mm if _cpu_grouped_mm_ok(x, weight.transpose(-2, -1)) else None
+    if device.type == "meta":  # shapes only (its checks mirror CUDA's fused kernel: bf16)
+        return F.grouped_mm if hasattr(F, "grouped_mm") else None
     if device.type != "cuda":
         return None
     if hasattr(F, "grouped_mm"):
@@ -230,8 +232,9 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     are not autocast-enabled; on CUDA only bf16 takes the fused kernel, other dtypes a per-expert fallback that
     reads the offsets back to the host). Where no grouped kernel runs (or rows are not 16-byte aligned), a loop
     over the experts, which reads the offsets back to the host too."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
     x = x.to(weight.dtype).contiguous()
     size = weight.element_size()
