@@ -11,7 +11,7 @@ from helpers import trained_like
 import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
 from moe_adapt.models.moe_vit.configuration_moe_vit import UnknownConfigFieldError
-from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, _cpu_bag_ok, block_counts, grouped_mm
+from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, _cpu_bag_ok, block_ends, grouped_mm
 
 BACKENDS = ("eager", "batched_mm", "grouped_mm", "padded_bmm", "segmented_mm")
 
@@ -748,14 +748,17 @@ def test_accelerator_path_never_reads_tensor_data_on_the_host():
 
 
 def test_sync_free_block_counts_match_bincount():
-    """The accelerators' block ends (binary search over the sorted ids) equal bincount's, idle experts included."""
+    """The accelerators' block ends (binary search over the sorted ids) equal bincount's, idle experts included, and
+    the dispatch plan's rows per expert (derived from the ends) are bincount's."""
     for ids in ([1, 1, 2, 4, 4, 4], [0, 0, 0], [5], []):
         sorted_ids = torch.tensor(ids, dtype=torch.long)
+        want = torch.bincount(sorted_ids, minlength=6)
         for sync_free in (False, True):
-            counts, ends = block_counts(sorted_ids, 6, sync_free=sync_free)
-            want = torch.bincount(sorted_ids, minlength=6)
-            assert counts.tolist() == want.tolist() and ends.dtype == torch.int32
+            ends = block_ends(sorted_ids, 6, sync_free=sync_free)
+            assert ends.dtype == torch.int32
             assert ends.tolist() == want.cumsum(0).tolist()
+        counts = ExpertDispatch(sorted_ids.view(-1, 1), 6).counts
+        assert counts.tolist() == want.tolist() and counts.dtype == torch.long
 
 
 def _all_reduce_worker(rank: int, init_file: str, out_dir: str) -> None:

@@ -250,17 +250,18 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
 
 
 class _GatherRows(torch.autograd.Function):
-    """`out[i] = src[index[i] // group]` for an injective `index` whose inverse map `inverse` is known.
+    """`out[i] = src[source[i]]`, where `source = index // group` for an injective `index` (each source row feeds
+    `group` consecutive slots) whose inverse map `inverse` is known; callers pass `source` as they hold it.
 
     Its backward is a gather too (`grad[inverse]`, summed over each group of `group` rows, with the rows listed in
     `zero_blocks` zeroed), never a scatter-add: on CPU, scatter-adds into zero-filled buffers cost more than the
     expert matmuls themselves."""
 
     @staticmethod
-    def forward(ctx, src, index, inverse, group, zero_blocks):
+    def forward(ctx, src, source, inverse, group, zero_blocks):
         ctx.save_for_backward(inverse)
         ctx.group, ctx.rows, ctx.zero_blocks = group, src.shape[0], zero_blocks
-        return src.index_select(0, index // group if group > 1 else index)
+        return src.index_select(0, source)
 
     @staticmethod
     def backward(ctx, grad):
@@ -685,15 +686,14 @@ class _GatedLowRankLinear(torch.autograd.Function):
         return dh, dgates, None, da, db, None, None
 
 
-def block_counts(sorted_ids: torch.Tensor, num_experts: int, sync_free: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows per expert `[E]` and their int32 cumulative ends `[E]` for expert ids sorted ascending. `sync_free`
-    (accelerators): the block ends by binary search, where `bincount` reads the ids' range back to the host on
-    CUDA; on CPU `bincount` is the cheaper of the two."""
+def block_ends(sorted_ids: torch.Tensor, num_experts: int, sync_free: bool) -> torch.Tensor:
+    """int32 cumulative ends `[E]` of each expert's block of rows, for expert ids sorted ascending. `sync_free`
+    (accelerators): binary search, where `bincount` reads the ids' range back to the host on CUDA; on CPU
+    `bincount` is the cheaper of the two."""
     if not sync_free:
-        counts = torch.bincount(sorted_ids, minlength=num_experts)
-        return counts, counts.cumsum(0).to(torch.int32)
-    ends = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=sorted_ids.device), right=True)
-    return ends.diff(prepend=ends.new_zeros(1)), ends.to(torch.int32)
+        return torch.bincount(sorted_ids, minlength=num_experts).cumsum(0).to(torch.int32)
+    arange = torch.arange(num_experts, device=sorted_ids.device)
+    return torch.searchsorted(sorted_ids, arange, right=True, out_int32=True)
 
 
 class ExpertDispatch:
@@ -713,8 +713,8 @@ class ExpertDispatch:
         flat = indices.reshape(-1)
         self.sorted_ids, self.perm = flat.sort(stable=True)
         # by device type, not `on_accelerator` (which tests patch to run the GPU code on CPU): bincount is exact on
-        # CPU and only costs a host sync elsewhere; `block_counts` is tested on both branches directly
-        self.counts, self.offsets = block_counts(self.sorted_ids, num_experts, sync_free=flat.device.type != "cpu")
+        # CPU and only costs a host sync elsewhere; `block_ends` is tested on both branches directly
+        self.offsets = block_ends(self.sorted_ids, num_experts, sync_free=flat.device.type != "cpu")
         # scatter_/index_select rather than advanced indexing: on CPU, tensor[index] costs ~1000x more here
         self.inverse = torch.empty_like(self.perm).scatter_(
             0, self.perm, torch.arange(self.perm.numel(), device=self.perm.device)
@@ -722,6 +722,11 @@ class ExpertDispatch:
         self.sorted_tokens = self.perm // self.k  #: the token of each sorted pair `[S]`
         self._buffer = None
         self._bounds = None
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Rows per expert `[E]` (int64), from the block ends; only the padded-buffer path needs them."""
+        return self.offsets.diff(prepend=self.offsets.new_zeros(1)).long()
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
@@ -760,18 +765,19 @@ class ExpertDispatch:
         row `[E·C]` (0 for padding rows, whose contents are never read back), (C, rows used per expert))."""
         if self._buffer is None:
             n = self.perm.numel()
-            capacity = int(self.counts.max()) if n else 0
+            counts = self.counts
+            capacity = int(counts.max()) if n else 0
             if capacity == 0 or self.num_experts * capacity > self.max_padding * n:
                 self._buffer = (None,)
             else:
                 device = self.perm.device
-                starts = self.offsets.long() - self.counts
+                starts = self.offsets.long() - counts
                 rank = torch.arange(n, device=device) - starts.index_select(0, self.sorted_ids)
                 rows_sorted = self.sorted_ids * capacity + rank
                 pair_row = torch.empty_like(rows_sorted).scatter_(0, self.perm, rows_sorted)
                 row_pair = torch.zeros(self.num_experts * capacity, dtype=torch.long, device=device)
                 row_pair.scatter_(0, rows_sorted, self.perm)
-                self._buffer = (capacity, pair_row, row_pair, (capacity, self.counts.tolist()))
+                self._buffer = (capacity, pair_row, row_pair, (capacity, counts.tolist()))
         return None if self._buffer[0] is None else self._buffer
 
     def project(
@@ -813,7 +819,7 @@ class ExpertDispatch:
             if per_slot:
                 src = _GatherRows.apply(pairs, self.perm, self.inverse, 1, None)
             elif on_accelerator(x):  # backward: a gather and a sum over each token's k rows, not a scatter-add with
-                src = _GatherRows.apply(x, self.perm, self.inverse, self.k, None)  # atomics in x's dtype
+                src = _GatherRows.apply(x, self.sorted_tokens, self.inverse, self.k, None)  # atomics in x's dtype
             else:
                 src = x.index_select(0, self.sorted_tokens)
             out = grouped_mm(src, weight, self.offsets)
@@ -827,7 +833,8 @@ class ExpertDispatch:
         of some real row: they are computed but never read back, and receive no gradient."""
         capacity, pair_row, row_pair, _ = self.buffer()
         src = x.reshape(-1, x.shape[-1]) if per_slot else x
-        out = _GatherRows.apply(src, row_pair, pair_row, 1 if per_slot else self.k, None)
+        group = 1 if per_slot else self.k
+        out = _GatherRows.apply(src, row_pair // group if group > 1 else row_pair, pair_row, group, None)
         return out.view(self.num_experts, capacity, -1)
 
     def from_buffer(self, y: torch.Tensor) -> torch.Tensor:
@@ -903,7 +910,7 @@ def sorted_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     batch 8 on the H200, against 51.7 eager). Runs on any device (the tests run it on CPU)."""
     plan = ExpertDispatch(top_k_index, self.num_experts)
     x = hidden_states.to(self.up_proj.dtype)
-    xs = _GatherRows.apply(x, plan.perm, plan.inverse, plan.k, None)  # `[S, d]` in expert order
+    xs = _GatherRows.apply(x, plan.sorted_tokens, plan.inverse, plan.k, None)  # `[S, d]` in expert order
     h = grouped_mm(xs, self.up_proj, plan.offsets)
     h = torch.addmm(h, plan.one_hot(h.dtype), self.up_proj_bias.to(h.dtype))
     y = grouped_mm(self.act_fn(h), self.down_proj, plan.offsets)
