@@ -22,8 +22,7 @@ import sys
 import time
 
 import torch
-
-from moe_adapt import MoEViTConfig, MoEViTForImageClassification
+from moe_layer import build_model  # benchmarks/ is on sys.path when this script runs
 
 
 def timeit(fn, n: int) -> float:
@@ -37,22 +36,8 @@ def timeit(fn, n: int) -> float:
     return round(statistics.median(times), 2)
 
 
-def build(name: str, preset: str, image_size: int):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    cfg = MoEViTConfig.from_preset(preset, tasks=["cls"], image_size=image_size, num_labels=1000)
-    if name == "moe":
-        return MoEViTForImageClassification(cfg), {"task": "cls"}
-    vit = ViTForImageClassification(ViTConfig(
-        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=4 * cfg.hidden_size, image_size=image_size, patch_size=cfg.patch_size, num_labels=1000,
-    ))
-    return vit, {}
-
-
 def measure(name: str, a, batch: int, dtype: torch.dtype) -> dict:
-    model, kw = build(name, a.preset, a.image_size)
+    model, kw = build_model(name, a.preset, a.image_size)
     model = model.cuda().to(dtype)
     x = torch.randn(batch, 3, a.image_size, a.image_size, device="cuda", dtype=dtype)
     y = torch.randint(0, 1000, (batch,), device="cuda")

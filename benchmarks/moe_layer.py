@@ -166,17 +166,27 @@ def matmul_floor(device, dtype, rounds, tokens):
     return ms["experts"] / ms["dense"]
 
 
-def model_benchmark(device, dtype, rounds, batch, image_size):
+def build_model(name: str, preset: str, image_size: int):
+    """The model a train step times, and its forward's extra arguments: "moe", the MoE ViT preset with one task
+    (`cls`, 1000 labels); "dense", transformers' `ViTForImageClassification` of the same width, depth, heads and
+    patch size with a 4× MLP. Seeded, so each is the same on every call (also used by `train_step_profile.py` and
+    `cuda_graph_step.py`)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
-    moe_cfg = MoEViTConfig.from_preset("vit-s", tasks=["cls"], image_size=image_size, num_labels=1000)
-    moe = MoEViTForImageClassification(moe_cfg).to(device=device, dtype=dtype)
-    vit_cfg = ViTConfig(
-        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, image_size=image_size,
-        patch_size=16, num_labels=1000,
-    )
-    vit = ViTForImageClassification(vit_cfg).to(device=device, dtype=dtype)
+    cfg = MoEViTConfig.from_preset(preset, tasks=["cls"], image_size=image_size, num_labels=1000)
+    if name == "moe":
+        return MoEViTForImageClassification(cfg), {"task": "cls"}
+    vit = ViTForImageClassification(ViTConfig(
+        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=4 * cfg.hidden_size, image_size=image_size, patch_size=cfg.patch_size, num_labels=1000,
+    ))
+    return vit, {}
+
+
+def model_benchmark(device, dtype, rounds, batch, image_size):
+    moe = build_model("moe", "vit-s", image_size)[0].to(device=device, dtype=dtype)
+    vit = build_model("dense", "vit-s", image_size)[0].to(device=device, dtype=dtype)
     x = torch.randn(batch, 3, image_size, image_size, device=device, dtype=dtype)
     y = torch.randint(0, 1000, (batch,), device=device)
     # fused where torch has the kernel, as transformers' Trainer uses by default

@@ -22,9 +22,9 @@ import time
 import warnings
 
 import torch
+from moe_layer import build_model  # benchmarks/ is on sys.path when this script runs
 from torch.profiler import ProfilerActivity, profile
 
-from moe_adapt import MoEViTConfig, MoEViTForImageClassification
 from moe_adapt.training.loop import adamw
 
 
@@ -97,16 +97,9 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=5, help="operators listed per model")
     a = p.parse_args()
-    from transformers import ViTConfig, ViTForImageClassification
-
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
-    torch.manual_seed(0)
-    cfg = MoEViTConfig.from_preset(a.preset, tasks=["cls"], image_size=a.image_size, num_labels=1000)
-    moe = MoEViTForImageClassification(cfg).to(device=device, dtype=dtype)
-    vit = ViTForImageClassification(ViTConfig(
-        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=4 * cfg.hidden_size, image_size=a.image_size, patch_size=cfg.patch_size, num_labels=1000,
-    )).to(device=device, dtype=dtype)
+    moe = build_model("moe", a.preset, a.image_size)[0].to(device=device, dtype=dtype)
+    vit = build_model("dense", a.preset, a.image_size)[0].to(device=device, dtype=dtype)
     x = torch.randn(a.batch, 3, a.image_size, a.image_size, device=device, dtype=dtype)
     y = torch.randint(0, 1000, (a.batch,), device=device)
 
