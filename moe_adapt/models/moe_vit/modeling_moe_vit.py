@@ -344,13 +344,12 @@ class _SegmentedLinear(torch.autograd.Function):
     (the sorted row of each of the `group` consecutive gather slots of a source row, the dispatch plan's inverse
     permutation), a gather (`group` = 1) or, on CPU in fp32/fp64, one `embedding_bag` summing each source row's
     `group` slots (0.61 ms against 0.89 for the `index_add_` into zeros at ViT-S shape, 1 thread); else one
-    `index_add_`. On CPU the
-    per-expert matmuls of each direction are one `F.grouped_mm` call (torch's CPU kernel runs the same MKL matmul per
-    block, so the result is bit-identical to the Python loop it replaces, which remains for operands it rejects:
-    fp64, rows that are not a multiple of 16 bytes such as LoRA rank 2 in fp32). The biases are added with one
-    `_foreach_add_`; on CPU in fp32/fp64 their gradients are one `embedding_bag` over the blocks (it adds each
-    block's rows one after another: relative error ~3e-7 at 394 rows against torch.sum's ~6e-8, ~3.5e-6 at 50,000),
-    elsewhere per-block sums."""
+    `index_add_`. On CPU the per-expert matmuls of each direction are one `F.grouped_mm` call (torch's CPU kernel
+    runs the same MKL matmul per block, so the result is bit-identical to the Python loop it replaces, which remains
+    for operands it rejects: fp64, rows that are not a multiple of 16 bytes such as LoRA rank 2 in fp32). The biases
+    are added with one `_foreach_add_`; on CPU in fp32/fp64 their gradients are one `embedding_bag` over the blocks
+    (it adds each block's rows one after another: relative error ~3e-7 at 394 rows against torch.sum's ~6e-8, ~3.5e-6
+    at 50,000), elsewhere per-block sums."""
 
     @staticmethod
     def forward(ctx, x, index, weight, bias, bounds, inverse=None):
