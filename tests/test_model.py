@@ -41,19 +41,22 @@ def test_presets_follow_mod_squad_layout():
 
 
 @pytest.mark.parametrize(
-    "kwargs, field",
+    "kwargs, message",
     [
-        (dict(tasks=[]), "tasks"),
-        (dict(attn_top_k=7), "attn_top_k"),
-        (dict(mlp_top_k=9), "mlp_top_k"),
-        (dict(attn_experts=[6, 0, 6]), "attn_experts"),
-        (dict(mlp_experts=[0, 8, 0, 8, 0]), "mlp_experts"),
-        (dict(task_types={"a": "captioning"}), "task_types"),
+        (dict(tasks=[]), r"tasks=\[\] is empty"),
+        (dict(tasks="cls"), r"tasks='cls': expected a list"),
+        (dict(attn_top_k=7), r"attn_top_k=7 is larger than the 6 experts"),
+        (dict(mlp_top_k=9), r"mlp_top_k=9 is larger than the 8 experts"),
+        (dict(attn_experts=[6, 0, 6]), r"attn_experts has 3 entries \(\[6, 0, 6\]\) but num_hidden_layers=4"),
+        (dict(mlp_experts=[0, 8, 0, 8, 0]), r"mlp_experts has 5 entries \(\[0, 8, 0, 8, 0\]\)"),
+        (dict(mlp_experts=[0, "8", 0, 8]), r"mlp_experts=\[0, '8', 0, 8\]: expected an integer"),
+        (dict(mlp_experts=[0, 8, 0, -1]), r"mlp_experts has a negative expert count: \[0, 8, 0, -1\]"),
+        (dict(task_types={"a": "captioning"}), r"task_types\['a'\]='captioning'"),
     ],
 )
-def test_config_validation_names_field(kwargs, field):
+def test_config_validation_names_field_and_value(kwargs, message):
     tasks = kwargs.pop("tasks", ["a", "b"])
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=message):
         MoEViTConfig.from_preset("tiny", tasks=tasks, **kwargs)
 
 
@@ -71,6 +74,23 @@ def test_forward_outputs_and_task_selection():
     by_index = model(x, task=1).last_hidden_state
     assert torch.equal(by_index, out.last_hidden_state)
     assert not torch.allclose(model(x, task="a").last_hidden_state, by_index)  # routers differ per task
+
+
+def test_return_dict_false_gives_tuples_as_in_transformers():
+    from moe_adapt import MoEViTForMultiTask
+
+    cfg = tiny(task_labels={"a": ["x", "y"], "b": ["p", "q", "r"]})
+    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    for model in (MoEViTModel(cfg).eval(), MoEViTForImageClassification(cfg).eval(), MoEViTForMultiTask(cfg).eval()):
+        trained_like(model)
+        kw = {} if isinstance(model, MoEViTModel) else {"labels": labels}
+        out = model(x, task="a", **kw)
+        as_tuple = model(x, task="a", return_dict=False, **kw)
+        assert isinstance(as_tuple, tuple) and len(as_tuple) == len(out.to_tuple())
+        for a, b in zip(as_tuple, out.to_tuple()):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    model.config.return_dict = False  # the config's setting, as transformers reads it
+    assert isinstance(model(x, task="b"), tuple)
 
 
 def test_routers_start_uniform():
@@ -467,6 +487,57 @@ def test_backbone_upernet_and_detr_train_and_round_trip(tmp_path):
     detr.eval(), again.eval()
     assert torch.equal(detr(pixel_values=x).logits, again(pixel_values=x).logits)
 
+    # Their from_pretrained is transformers' own; a backbone tensor missing from the checkpoint is still an error
+    # naming it, not a fresh initialisation (the MoE ViT's _init_weights refuses it).
+    for name, cls in (("upernet", UperNetForSemanticSegmentation), ("detr", DetrForObjectDetection)):
+        dropped = drop_tensor(tmp_path / name, ".mlp.experts.up_proj")
+        with pytest.raises(ValueError, match=r"missing the MoE ViT backbone's " + dropped.split("moe_vit.")[1]):
+            cls.from_pretrained(tmp_path / name)
+
+
+def drop_tensor(folder, part: str) -> str:
+    """Delete the first tensor whose name contains `part` from the folder's model.safetensors; return its name."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k in weights if part in k)
+    del weights[name]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return name
+
+
+def test_heads_load_by_transformers_rules_while_the_backbone_stays_strict(tmp_path):
+    from transformers import AutoModel
+
+    cfg = tiny(task_labels={"a": ["x", "y"], "b": ["p", "q", "r"]})
+    clf = MoEViTForImageClassification(cfg).eval()
+    trained_like(clf)
+    clf.save_pretrained(tmp_path / "clf")
+    x = torch.randn(2, 3, 32, 32)
+    # the base from a task model's checkpoint: heads dropped, backbone exact
+    base = AutoModel.from_pretrained(tmp_path / "clf").eval()
+    assert type(base) is MoEViTModel
+    assert torch.equal(base(x, task="a").last_hidden_state, clf.moe_vit(x, task="a").last_hidden_state)
+    # a task model from a base checkpoint: fresh heads on the exact backbone; strict=True refuses
+    base.save_pretrained(tmp_path / "base")
+    again = MoEViTForImageClassification.from_pretrained(tmp_path / "base").eval()
+    for (n, a), (_, b) in zip(clf.moe_vit.state_dict().items(), again.moe_vit.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert not torch.equal(again.classifiers["a"].weight, clf.classifiers["a"].weight)
+    with pytest.raises(ValueError, match=r"missing keys: classifiers\.a\.bias"):
+        MoEViTForImageClassification.from_pretrained(tmp_path / "base", strict=True)
+    # a new label set: the head's shape disagrees -> transformers' error, or a new head when asked for
+    relabelled = tiny(task_labels={"a": ["x", "y", "z", "w"], "b": ["p", "q", "r"]})
+    with pytest.raises(ValueError, match=r"classifiers\.a\.weight: checkpoint \[2, 32\] vs config \[4, 32\]\)\. For a new label set, pass ignore_mismatched_sizes=True"):
+        MoEViTForImageClassification.from_pretrained(tmp_path / "clf", config=relabelled)
+    four = MoEViTForImageClassification.from_pretrained(tmp_path / "clf", config=relabelled, ignore_mismatched_sizes=True)
+    assert four.classifiers["a"].weight.shape[0] == 4 and torch.equal(four.classifiers["b"].weight, clf.classifiers["b"].weight)
+    # ...but never for the backbone: a missing expert tensor stays an error for every class
+    drop_tensor(tmp_path / "clf", "layers.1.mlp.experts.down_proj")
+    for cls in (MoEViTForImageClassification, MoEViTModel):
+        with pytest.raises(ValueError, match=r"missing.*layers\.1\.mlp\.experts\.down_proj"):
+            cls.from_pretrained(tmp_path / "clf", ignore_mismatched_sizes=True)
+
 
 # ---------------------------------------------------------------------------------------------------- upcycling
 def test_from_dense_reproduces_vit_for_every_task(tmp_path):
@@ -487,6 +558,41 @@ def test_from_dense_reproduces_vit_for_every_task(tmp_path):
     vit.save_pretrained(tmp_path)
     from_path = MoEViTModel.from_dense(str(tmp_path), tasks=["a"], num_experts=2, top_k=1, moe_layers="all").eval()
     assert (from_path(x).last_hidden_state - ref).abs().max() < 1e-4
+
+
+def test_from_dense_can_upcycle_attention_into_a_mixture_of_heads():
+    import copy
+
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    heads, h = 4, 8
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=heads, intermediate_size=64,
+                             image_size=32, patch_size=8), add_pooling_layer=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    moe = MoEViTModel.from_dense(vit, tasks=["a", "b"], num_experts=4, top_k=2, attn_experts=heads).eval()
+    assert moe.config.attn_experts == [4, 0, 4, 0] and moe.config.attn_top_k == heads
+    assert moe.config.attn_expert_head_size == h and moe.layers[0].attn_is_moe and not moe.layers[1].attn_is_moe
+    # the reference: the dense ViT with each attention layer's key and value heads replaced by their mean, which
+    # is what multi-query experts can hold; every task then matches it before training
+    ref_vit = copy.deepcopy(vit)
+    with torch.no_grad():
+        for i in (0, 2):
+            for proj in (ref_vit.layers[i].attention.k_proj, ref_vit.layers[i].attention.v_proj):
+                for t in (proj.weight, proj.bias):
+                    per_head = t.view(heads, h, *t.shape[1:])
+                    per_head.copy_(per_head.mean(0, keepdim=True).expand_as(per_head))
+    ref = ref_vit(x).last_hidden_state
+    assert (vit(x).last_hidden_state - ref).abs().max() > 1e-2  # the mean is a real change...
+    for task in ("a", "b"):
+        assert (moe(x, task=task).last_hidden_state - ref).abs().max() < 1e-4  # ...and exactly what the MoE holds
+    # more experts than heads cycle through the heads; validation names the field
+    wide = MoEViTModel.from_dense(vit, tasks=["a"], attn_experts=8, attn_top_k=2, attn_layers="all")
+    assert torch.equal(wide.layers[1].attention.experts.q_proj[5], wide.layers[1].attention.experts.q_proj[1])
+    with pytest.raises(ValueError, match="attn_top_k=9 must lie between 1 and attn_experts=8"):
+        MoEViTModel.from_dense(vit, tasks=["a"], attn_experts=8, attn_top_k=9)
+    with pytest.raises(ValueError, match="attn_layers='middle'"):
+        MoEViTModel.from_dense(vit, tasks=["a"], attn_experts=4, attn_layers="middle")
 
 
 # ---------------------------------------------------------------------------------------------------- save / load

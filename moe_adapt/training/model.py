@@ -64,7 +64,7 @@ def build_model(config: PretrainConfig, label_names: Mapping[str, list[str]] | N
     load: its tasks and heads must match the recipe's)."""
     model_config = build_model_config(config, label_names, specs)
     if config.model.init_from:
-        return MoEViTForMultiTask.from_pretrained(config.model.init_from, config=model_config)
+        return MoEViTForMultiTask.from_pretrained(config.model.init_from, config=model_config, strict=True)
     return MoEViTForMultiTask(model_config)
 
 

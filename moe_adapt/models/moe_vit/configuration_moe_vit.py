@@ -37,8 +37,14 @@ PRESETS: dict[str, dict] = {
 
 
 def _per_layer(name: str, value, depth: int) -> list[int]:
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return [value] * depth
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(
+        isinstance(v, int) or (hasattr(v, "__index__") and not isinstance(v, bool)) for v in value
+    ):
+        raise ValueError(
+            f"MoEViTConfig.{name}={value!r}: expected an integer or one integer per layer (0 = a dense layer)."
+        )
     value = [int(v) for v in value]
     if len(value) != depth:
         raise ValueError(
@@ -148,8 +154,11 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
         out_indices = kwargs.pop("out_indices", None)
         out_features = kwargs.pop("out_features", None)
         depth = self.num_hidden_layers
+        if isinstance(self.tasks, (str, bytes)) or not hasattr(self.tasks, "__iter__"):
+            raise ValueError(f"MoEViTConfig.tasks={self.tasks!r}: expected a list of task names, e.g. tasks=['cls'].")
+        self.tasks = list(self.tasks)
         if not self.tasks:
-            raise ValueError("MoEViTConfig.tasks is empty: give at least one task name, e.g. tasks=['cls'].")
+            raise ValueError(f"MoEViTConfig.tasks={self.tasks!r} is empty: give at least one task name, e.g. tasks=['cls'].")
         self.tasks = [str(t) for t in self.tasks]
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"MoEViTConfig.tasks has duplicate names: {self.tasks}.")
@@ -254,7 +263,7 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
         else:
             raise ValueError(f"Unknown layout {layout!r}; expected 'mod-squad' or 'all'.")
         p.update(kwargs)
-        config = cls(tasks=list(tasks), **p)
+        config = cls(tasks=tasks if isinstance(tasks, (str, bytes)) else list(tasks), **p)
         # A key that is no config field lands as a stray attribute that nothing reads (transformers' configs accept
         # any keyword): a typo such as `mi_loss_wieght` in a recipe's overrides would change nothing, silently.
         fields = {f.name for f in dataclasses.fields(cls)}

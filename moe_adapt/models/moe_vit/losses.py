@@ -68,11 +68,12 @@ class MutualInformationLoss:
 
     ```python
     mi = MutualInformationLoss(num_tasks=len(config.tasks), weight=config.mi_loss_weight)
-    for task, batch in step_micro_batches:          # each micro-batch holds one task
-        out = model(batch, task=task, output_router_probs=True)
-        mi.accumulate(out.router_probs, task_index)  # keeps the autograd graph
-        loss = loss + task_loss(out)
-    loss = loss + mi.compute()                       # all-reduces M across ranks first
+    loss = 0
+    for task, pixel_values, labels in step_micro_batches:    # each micro-batch holds one task
+        out = model(pixel_values, task=task, labels=labels, output_router_probs=True)
+        mi.accumulate(out.router_probs, config.task_index(task))  # keeps the autograd graph
+        loss = loss + out.loss
+    loss = loss + mi.compute()                                # all-reduces M across ranks first
     loss.backward(); mi.reset()
     ```
 

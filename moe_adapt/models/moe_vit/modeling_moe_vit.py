@@ -30,7 +30,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_imp
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_moe_vit import MoEViTConfig
 from .losses import load_balancing_loss, router_z_loss
@@ -1342,6 +1342,8 @@ class MoEViTPreTrainedModel(PreTrainedModel):
         return super().get_correct_experts_implementation(requested_experts or "segmented_mm")
 
     def _init_weights(self, module):
+        if isinstance(self, MoEViTModel):
+            _refuse_backbone_reinit(self, module)
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, MoEViTEmbeddings):
@@ -1375,10 +1377,21 @@ class MoEViTPreTrainedModel(PreTrainedModel):
             (image_processor or default_image_processor(self.config)).save_pretrained(save_directory)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, strict: safetensors only (never pickle), and any missing, unexpected
-        or mis-shaped tensor is an error naming the tensor (and a damaged file an error naming the file) instead of
-        a silent re-initialisation."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = False, **kwargs):
+        """`PreTrainedModel.from_pretrained` with safetensors only (never pickle) and the MoE ViT backbone loaded
+        strictly.
+
+        - A backbone tensor (embeddings, attention, experts, routers, task embeddings, norms) that is missing,
+          unexpected or shaped unlike the config is an error naming it, and a damaged weights file an error naming
+          the file: never a silent re-initialisation. This also holds when the backbone sits inside another model
+          (`UperNetForSemanticSegmentation`, `DetrForObjectDetection`), whose own `from_pretrained` runs our
+          `_init_weights` on whatever the checkpoint did not provide.
+        - Task heads follow transformers' rules: a task model loaded from a base checkpoint gets freshly initialised
+          heads, the base loaded from a task model's checkpoint drops them (both listed in transformers' load
+          report), and a head whose shape disagrees is an error unless `ignore_mismatched_sizes=True` (a new label
+          set).
+        - `strict=True`: every tensor, heads included, must be in the checkpoint and nothing else may be.
+        """
         if kwargs.get("use_safetensors") is False:
             raise ValueError("moe_adapt loads weights from safetensors only (pickle is never used).")
         kwargs["use_safetensors"] = True
@@ -1389,24 +1402,60 @@ class MoEViTPreTrainedModel(PreTrainedModel):
             config = kwargs.get("config")
             if not isinstance(config, PreTrainedConfig):
                 config = cls.config_class.from_pretrained(path)
-            _check_checkpoint_shapes(cls, config, path)
+            _check_checkpoint_shapes(cls, config, path, heads=strict or not kwargs.get("ignore_mismatched_sizes"))
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
         problems = []
         for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-            items = sorted(str(x) for x in info.get(key, []))
+            names = (x[0] if isinstance(x, tuple) else x for x in info.get(key, []))
+            items = sorted(str(n) for n in names if strict or _is_backbone_key(model, str(n)))
             if items:
                 problems.append(f"{key.replace('_', ' ')}: {', '.join(items[:20])}")
         if problems:
+            what = "" if strict else " on the MoE ViT backbone"
             raise ValueError(
-                f"Checkpoint {path} does not match its config ({'; '.join(problems)}). "
-                "Refusing to re-initialise these tensors silently."
+                f"Checkpoint {path} does not match the model's config{what} ({'; '.join(problems)}). A missing or "
+                "mis-shaped tensor is never re-initialised silently: load a checkpoint that holds it, or fix its "
+                "config.json (e.g. the per-layer expert counts)."
             )
         return (model, info) if want_info else model
 
 
-def _check_checkpoint_shapes(cls, config, folder: str) -> None:
+def _is_backbone_key(model: nn.Module, key: str) -> bool:
+    """Whether state-dict `key` of `model` (a moe_vit model class) names a tensor of the MoE ViT backbone
+    (`MoEViTModel`), as opposed to a task head or a backbone adapter such as `MoEViTBackbone`'s pyramid."""
+    base = model if isinstance(model, MoEViTModel) else getattr(model, "moe_vit", None)
+    if not isinstance(base, MoEViTModel):
+        return False
+    prefix = model.base_model_prefix + "."
+    if base is not model and not key.startswith(prefix):
+        return False
+    top = key.removeprefix(prefix).split(".", 1)[0]
+    return top in base._modules or top in base._parameters
+
+
+def _refuse_backbone_reinit(backbone: MoEViTModel, module: nn.Module) -> None:
+    """Called from `_init_weights` on the backbone's modules. At the end of a `from_pretrained` (the model was built
+    on the meta device and transformers marked each loaded tensor `_is_hf_initialized`), a backbone parameter
+    without the mark was not in the checkpoint (or was mis-shaped under `ignore_mismatched_sizes`): raise naming it
+    instead of letting transformers initialise it. Covers models that hold the backbone inside their own classes
+    (UperNet, DETR), whose `from_pretrained` is transformers' own."""
+    if not backbone._built_on_meta:
+        return
+    fresh = [p for p in module.parameters(recurse=False) if not getattr(p, "_is_hf_initialized", False)]
+    if not fresh or not any(getattr(p, "_is_hf_initialized", False) for p in backbone.parameters()):
+        return  # nothing loaded at all: not the end of a load
+    names = {id(p): n for n, p in backbone.named_parameters()}
+    raise ValueError(
+        f"The checkpoint is missing the MoE ViT backbone's {', '.join(names[id(p)] for p in fresh)} (or holds it "
+        "mis-shaped, skipped under ignore_mismatched_sizes). moe_adapt never re-initialises backbone tensors "
+        "silently: load a checkpoint that holds them, or fix its config (e.g. the per-layer expert counts)."
+    )
+
+
+def _check_checkpoint_shapes(cls, config, folder: str, heads: bool = True) -> None:
     """Compare every tensor shape in the folder's safetensors files with the model `config` builds (on the meta
-    device, so nothing is allocated); raise naming the tensor or the unreadable file."""
+    device, so nothing is allocated); raise naming the tensor or the unreadable file. `heads=False`: backbone
+    tensors only (the heads' shapes may change under `ignore_mismatched_sizes`)."""
     import json
 
     from safetensors import safe_open
@@ -1420,9 +1469,10 @@ def _check_checkpoint_shapes(cls, config, folder: str) -> None:
     else:
         return  # transformers reports the missing weights file itself
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+        model = cls(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if heads or _is_backbone_key(model, k)}
     prefix = cls.base_model_prefix + "."
-    mismatched = []
+    mismatched, backbone = [], False
     for name in files:
         file = os.path.join(folder, name)
         try:
@@ -1435,11 +1485,16 @@ def _check_checkpoint_shapes(cls, config, folder: str) -> None:
                 if candidate in expected:
                     if expected[candidate] != shape:
                         mismatched.append(f"{key}: checkpoint {list(shape)} vs config {list(expected[candidate])}")
+                        backbone = backbone or _is_backbone_key(model, candidate)
                     break
     if mismatched:
+        fix = (
+            "Fix config.json (e.g. the per-layer expert counts): backbone tensors are never re-initialised."
+            if backbone else
+            "For a new label set, pass ignore_mismatched_sizes=True to get fresh heads."
+        )
         raise ValueError(
-            f"Checkpoint {folder} disagrees with its config.json on tensor shapes ({'; '.join(mismatched[:20])}). "
-            "Fix config.json (e.g. the per-layer expert counts) instead of loading with re-initialised experts."
+            f"Checkpoint {folder} disagrees with the config on tensor shapes ({'; '.join(mismatched[:20])}). {fix}"
         )
 
 
@@ -1468,6 +1523,9 @@ class MoEViTModel(MoEViTPreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.routing_overrides: dict[str, dict] = {}
         self.gradient_checkpointing = False
+        # built by a `from_pretrained` (transformers builds models on the meta device, then loads): see
+        # `_refuse_backbone_reinit`
+        self._built_on_meta = self.embeddings.cls_token.is_meta
         self.post_init()
 
     def get_input_embeddings(self):
@@ -1508,6 +1566,7 @@ class MoEViTModel(MoEViTPreTrainedModel):
             expert_mask = self.routing_overrides[task]["expert_mask"]
         return self.config.routing_plan(task, top_k, expert_mask)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1516,10 +1575,10 @@ class MoEViTModel(MoEViTPreTrainedModel):
         output_hidden_states: bool | None = None,
         top_k: int | dict | None = None,
         expert_mask: dict | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> MoEViTModelOutput:
-        """pixel_values `[batch, C, H, W]` (H, W multiples of patch_size) → `MoEViTModelOutput`."""
+        """pixel_values `[batch, C, H, W]` (H, W multiples of patch_size) → `MoEViTModelOutput` (a tuple of its
+        non-None fields under `return_dict=False`, as in transformers)."""
         task = self.resolve_task(task)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         routing = self.routing_plan(task, top_k, expert_mask)
@@ -1554,15 +1613,28 @@ class MoEViTModel(MoEViTPreTrainedModel):
 
     # -- sparse upcycling ----------------------------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, vit, tasks: list[str], num_experts: int = 8, top_k: int = 2, moe_layers: str = "odd", **config_kwargs):
+    def from_dense(
+        cls, vit, tasks: list[str], num_experts: int = 8, top_k: int = 2, moe_layers: str = "odd",
+        attn_experts: int = 0, attn_top_k: int | None = None, attn_layers: str = "even", **config_kwargs,
+    ):
         """Sparse upcycling: build a MoE ViT from a transformers `ViTModel` / `ViTForImageClassification` (or a
         local path to one). Embeddings, attention and norms are copied; the dense MLP is copied into every MLP
         expert (each expert as wide as the dense MLP, top-k gates renormalised), so before any training the result
         reproduces the dense `last_hidden_state` for every task. `moe_layers`: "odd" (Mod-Squad), "even" or "all"
-        blocks get MLP experts. Attention stays dense."""
+        blocks get MLP experts.
+
+        Attention stays dense unless `attn_experts` > 0: then the `attn_layers` blocks ("even", Mod-Squad's layout)
+        get a mixture of attention heads, expert e from dense head `e mod heads` (its query and output projection;
+        the shared key and value projections are the mean of the heads', as in multi-query uptraining), routing to
+        `attn_top_k` experts (default: as many as the dense model has heads). Multi-query attention cannot hold
+        per-head keys and values, so this start is close to, not equal to, the dense model; see
+        `upcycling._upcycle_attention`."""
         from .upcycling import upcycle_dense_vit
 
-        return upcycle_dense_vit(cls, vit, tasks, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers, **config_kwargs)
+        return upcycle_dense_vit(
+            cls, vit, tasks, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
+            attn_experts=attn_experts, attn_top_k=attn_top_k, attn_layers=attn_layers, **config_kwargs,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1590,6 +1662,7 @@ class MoEViTForImageClassification(MoEViTPreTrainedModel):
         )
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1599,12 +1672,11 @@ class MoEViTForImageClassification(MoEViTPreTrainedModel):
         output_hidden_states: bool | None = None,
         top_k=None,
         expert_mask=None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> MoEViTImageClassifierOutput:
         out = self.moe_vit(
             pixel_values, task=task, output_router_probs=output_router_probs,
-            output_hidden_states=output_hidden_states, top_k=top_k, expert_mask=expert_mask,
+            output_hidden_states=output_hidden_states, top_k=top_k, expert_mask=expert_mask, return_dict=True,
         )
         if out.task not in self.classifiers:
             raise ValueError(f"Task {out.task!r} has no classification head; classification tasks: {list(self.classifiers)}.")
@@ -1652,7 +1724,7 @@ class MoEViTBackbone(BackboneMixin, MoEViTPreTrainedModel):
             pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
         gh, gw = (h + pad_h) // p, (w + pad_w) // p
         task = task if task is not None else (self.config.backbone_task or self.config.tasks[0])
-        out = self.moe_vit(pixel_values, task=task, output_hidden_states=True)
+        out = self.moe_vit(pixel_values, task=task, output_hidden_states=True, return_dict=True)
         maps = []
         for name, hs in zip(self.stage_names, out.hidden_states):
             if name in self.out_features:

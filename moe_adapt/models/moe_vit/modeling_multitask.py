@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from transformers.models.auto.auto_factory import _BaseAutoModelClass, _LazyAutoMapping
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from ...heads import build_head
 from .configuration_moe_vit import MoEViTConfig
@@ -103,6 +103,7 @@ class MoEViTForMultiTask(MoEViTPreTrainedModel):
     def task_type(self, task: str) -> str:
         return self.config.task_types.get(task, "classification")
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -112,7 +113,6 @@ class MoEViTForMultiTask(MoEViTPreTrainedModel):
         output_hidden_states: bool | None = None,
         top_k: int | dict | None = None,
         expert_mask: dict | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> MoEViTMultiTaskOutput:
         task = self.moe_vit.resolve_task(task)
@@ -121,6 +121,7 @@ class MoEViTForMultiTask(MoEViTPreTrainedModel):
         out = self.moe_vit(
             pixel_values, task=task, output_router_probs=output_router_probs,
             output_hidden_states=want_hidden or head.needs_hidden_states, top_k=top_k, expert_mask=expert_mask,
+            return_dict=True,
         )
         p = self.config.patch_size
         grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
