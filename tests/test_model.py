@@ -27,7 +27,9 @@ def test_presets_follow_mod_squad_layout():
     assert s.attn_experts == [15, 0] * 6 and s.mlp_experts == [0, 16] * 6
     assert (s.attn_top_k, s.mlp_top_k, s.mlp_expert_size, s.attn_expert_head_size) == (6, 4, 384, 128)
     b = MoEViTConfig.from_preset("vit-b", tasks=["cls"])
-    assert b.attn_experts[0] == 24 and b.attn_top_k == 12 and b.mlp_experts[1] == 16 and b.mlp_expert_size == 768
+    assert (b.hidden_size, b.num_attention_heads, b.num_hidden_layers) == (768, 12, 12)
+    assert b.attn_experts == [24, 0] * 6 and b.mlp_experts == [0, 16] * 6
+    assert (b.attn_top_k, b.mlp_top_k, b.mlp_expert_size) == (12, 4, 768)  # MLP experts 4·d/k wide
     # the preset's expert counts are knobs too (once silently ignored), and layout "all" uses them in every block
     t = MoEViTConfig.from_preset("tiny", tasks=["a"], attn_num_experts=2, mlp_num_experts=3)
     assert t.attn_experts == [2, 0, 2, 0] and t.mlp_experts == [0, 3, 0, 3]
@@ -336,20 +338,32 @@ def test_all_experts_selected_runs_fused_dense_path_with_same_output(kind):
     assert all(p.is_contiguous() and p.view(-1).numel() == p.numel() for p in out.router_probs + out.router_logits)
 
 
-def test_lora_reaches_fused_expert_tensors():
+@pytest.mark.parametrize("impl", ["segmented_mm", "grouped_mm"])
+@pytest.mark.parametrize("kind, tensors", [("mlp", ("up_proj", "down_proj")), ("attention", ("q_proj", "o_proj"))])
+def test_lora_reaches_fused_expert_tensors(kind, tensors, impl):
     from peft import LoraConfig, get_peft_model
 
-    model = MoEViTModel(tiny(tasks=["a"]))
+    model = MoEViTModel(tiny(tasks=["a"], experts_implementation=impl))
     trained_like(model)
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x, task="a").last_hidden_state
     peft_model = get_peft_model(
-        model, LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.up_proj", "mlp.experts.down_proj"])
+        model, LoraConfig(r=2, target_modules=[], target_parameters=[f"{kind}.experts.{t}" for t in tensors])
     )
     lora = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
     assert lora and all(p.requires_grad for p in lora.values())
-    assert any("layers.1.mlp" in n for n in lora) and any("layers.3.mlp" in n for n in lora)
-    y = peft_model(torch.randn(2, 3, 32, 32), task="a").last_hidden_state
+    layers = (1, 3) if kind == "mlp" else (0, 2)  # the tiny preset's MoE blocks
+    wrapped = {
+        (name.split(".experts")[0].removeprefix("base_model.model."), m.parameter_name)
+        for name, m in peft_model.named_modules() if hasattr(m, "parameter_name")
+    }
+    assert wrapped == {(f"layers.{i}.{kind}", t) for i in layers for t in tensors}
+    y = peft_model(x, task="a").last_hidden_state
+    torch.testing.assert_close(y, before)  # lora_B starts at zero
     (y * torch.randn_like(y)).sum().backward()  # y.sum() sends ~nothing back through the final LayerNorm
-    assert any(p.grad is not None and p.grad.abs().sum() > 1e-3 for n, p in lora.items() if "lora_B" in n)
+    grads = {n: p.grad for n, p in lora.items() if "lora_B" in n}
+    assert all(g is not None and g.abs().sum() > 1e-4 for g in grads.values()), grads.keys()
+    assert all(p.grad is None for n, p in peft_model.named_parameters() if "lora_" not in n)  # base frozen
 
 
 # ---------------------------------------------------------------------------------------------------- losses
@@ -767,13 +781,15 @@ def test_grouped_path_skips_misaligned_operands_where_torch_needs_alignment(monk
 
 
 def test_segmented_mlp_experts_idle_expert_frozen_weights_and_activation():
-    """segmented_mm MLP experts against the eager loop: an expert nobody picks gets zero gradient,
+    """segmented_mm (and every other backend, transformers' grouped_mm and batched_mm included) MLP experts against
+    the eager loop, under a stride-0 incoming gradient (`y.sum().backward()`, on which torch 2.13's CPU grouped_mm
+    backward fails unless the gradient is made contiguous first): an expert nobody picks gets zero gradient,
     frozen expert tensors get none, and an activation other than GELU goes through the generic backward."""
     from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTExperts
 
     for act in ("gelu", "silu"):
         results = {}
-        for impl in ("eager", "segmented_mm"):
+        for impl in ("eager", *(b for b in BACKENDS if b != "eager")):
             cfg = MoEViTConfig.from_preset("tiny", tasks=["a"], experts_implementation=impl, hidden_act=act)
             cfg._experts_implementation = impl
             torch.manual_seed(0)
@@ -790,8 +806,9 @@ def test_segmented_mlp_experts_idle_expert_frozen_weights_and_activation():
             assert experts.down_proj.grad is None
             results[impl] = (y.detach(), x.grad, w.grad, experts.up_proj.grad, experts.up_proj_bias.grad,
                              experts.down_proj_bias.grad)
-        for got, want in zip(results["segmented_mm"], results["eager"]):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for impl in BACKENDS:
+            for got, want in zip(results[impl], results["eager"]):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=impl)
         assert results["segmented_mm"][3][1].abs().sum() == 0 and results["segmented_mm"][4][1].abs().sum() == 0
 
 
@@ -893,6 +910,62 @@ def test_mi_all_reduce_sums_values_and_gradients_over_ranks(tmp_path):
     for r in (r0, r1):
         torch.testing.assert_close(r["total"], torch.tensor([3.0, 6.0, 9.0]))
         torch.testing.assert_close(r["grad"], torch.tensor([3.0, 30.0, 300.0]))  # (1 + 2) · weights
+
+
+def _mi_step_blocks(rank: int):
+    """(task, leaf probs `[tokens, E]` per MoE layer) micro-batches of one rank's share of a step: three tasks over
+    two layers, and on rank 1 a task whose router reaches 6 experts in layer 1 where the others reach 4 (a grown
+    model)."""
+    g = torch.Generator().manual_seed(rank)
+    plan = [(0, (5, 4)), (1, (3, 4))] if rank == 0 else [(2, (5, 6)), (0, (4, 4))]
+    blocks = []
+    for task, widths in plan:
+        probs = [torch.softmax(torch.randn(7, w, generator=g), -1).requires_grad_(True) for w in widths]
+        blocks.append((task, probs))
+    return blocks
+
+
+def _mi_ranks_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from moe_adapt import MutualInformationLoss
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        mi = MutualInformationLoss(num_tasks=3, weight=1.0)
+        blocks = _mi_step_blocks(rank)
+        for task, probs in blocks:
+            mi.accumulate(probs, task)
+        loss = mi.compute()
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grads": [[p.grad for p in probs] for _, probs in blocks]},
+                   f"{out_dir}/mi{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mi_loss_across_ranks_equals_the_loss_of_the_pooled_step(tmp_path):
+    """Two gloo ranks, each with its own micro-batches of different tasks (one rank's task routing over more experts,
+    as in a grown model): every rank's loss is the MI of the whole step computed in one process, and each rank's
+    gradients, averaged over the ranks as DDP does, are that loss's gradients."""
+    import torch.multiprocessing as mp
+
+    from moe_adapt import MutualInformationLoss
+
+    mp.spawn(_mi_ranks_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    pooled = MutualInformationLoss(num_tasks=3, weight=1.0, sync=False)
+    blocks = _mi_step_blocks(0) + _mi_step_blocks(1)
+    for task, probs in blocks:
+        pooled.accumulate(probs, task)
+    loss = pooled.compute()
+    loss.backward()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"mi{rank}.pt")
+        torch.testing.assert_close(got["loss"], loss.detach())
+        mine = blocks[:2] if rank == 0 else blocks[2:]
+        for (_, probs), grads in zip(mine, got["grads"]):
+            for p, g in zip(probs, grads):
+                torch.testing.assert_close(g / 2, p.grad)
 
 
 @pytest.mark.parametrize("act", ["gelu", "silu"])

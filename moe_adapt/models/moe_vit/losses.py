@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 def mutual_information_loss(joint_counts: torch.Tensor, task_prior: str = "token_share") -> torch.Tensor:
@@ -109,7 +110,12 @@ class MutualInformationLoss:
         if self.joint is None:
             return []
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return [_AllReduceSum.apply(m) for m in self.joint]
+            # In a grown model a rank that saw only old tasks holds fewer expert columns in a layer than a rank that
+            # saw the new task: agree on the widest first (one small all-reduce), so the sums line up.
+            widths = torch.tensor([m.shape[1] for m in self.joint], device=self.joint[0].device)
+            dist.all_reduce(widths, op=dist.ReduceOp.MAX)
+            joint = [F.pad(m, (0, int(w) - m.shape[1])) for m, w in zip(self.joint, widths.tolist())]
+            return [_AllReduceSum.apply(m) for m in joint]
         return list(self.joint)
 
     def compute(self) -> torch.Tensor:

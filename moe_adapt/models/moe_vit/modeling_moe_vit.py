@@ -1579,6 +1579,7 @@ class MoEViTModel(MoEViTPreTrainedModel):
     ) -> MoEViTModelOutput:
         """pixel_values `[batch, C, H, W]` (H, W multiples of patch_size) → `MoEViTModelOutput` (a tuple of its
         non-None fields under `return_dict=False`, as in transformers)."""
+        _install_expert_lora_hooks(self)
         task = self.resolve_task(task)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         routing = self.routing_plan(task, top_k, expert_mask)
@@ -1635,6 +1636,21 @@ class MoEViTModel(MoEViTPreTrainedModel):
             cls, vit, tasks, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
             attn_experts=attn_experts, attn_top_k=attn_top_k, attn_layers=attn_layers, **config_kwargs,
         )
+
+
+def _install_expert_lora_hooks(model: MoEViTModel) -> None:
+    """peft's `ParamWrapper` applies its LoRA only inside its own forward, while the MoE layers also read expert
+    tensors outside it (the attention experts' query and output projections, a slice's fused dense path). When a
+    layer's experts are wrapped, as by a plain `get_peft_model(model, LoraConfig(target_parameters=[...]))`, this
+    installs `moe_adapt.adaptation.enable_expert_lora`'s hooks on it, which apply the LoRA for the layer's whole
+    forward (once per layer; `apply_lora` installs them up front)."""
+    for layer in model.moe_layers().values():
+        if "_moe_adapt_lora_hooks" in layer.__dict__:
+            continue
+        if any(hasattr(g, "parameter_name") and hasattr(g, "base_layer") for g in (layer._modules["experts"], *layer.extra_experts)):
+            from ...adaptation.lora import enable_expert_lora
+
+            enable_expert_lora(layer)
 
 
 # ----------------------------------------------------------------------------------------------------------------

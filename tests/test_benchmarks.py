@@ -1,0 +1,30 @@
+"""`benchmarks/moe_layer.py` (issue 2) prints its one JSON line with the keys the README and the issue name; a small
+shape keeps this a smoke test (the README's numbers come from the full-size run)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_moe_layer_benchmark_prints_its_json_line():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--rounds", "1", "--model-rounds", "1",
+           "--tokens", "197", "--batch", "1", "--image-size", "32", "--backends", "segmented_mm,grouped_mm,eager"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 1, run.stdout
+    result = json.loads(lines[0])
+    assert set(result["backends_ms"]) == {"segmented_mm", "grouped_mm", "eager"}
+    for key in ("dense_ms", "loop_ms", "moe_vit_s_train_img_s", "dense_vit_s_train_img_s"):
+        assert result[key] > 0, key
+    best = result["best_backend"]
+    assert result["backends_ms"][best] == min(result["backends_ms"].values())
+    assert abs(result["best_vs_dense"] - result["backends_ms"][best] / result["dense_ms"]) < 2e-3
+    ratio = result["moe_vit_s_train_img_s"] / result["dense_vit_s_train_img_s"]
+    assert abs(result["vit_s_train_vs_dense"] - ratio) < 0.01
+    assert result["dtype"] == "float32" and result["tokens"] == 197 and "1 threads" in result["device"]
