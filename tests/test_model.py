@@ -509,6 +509,35 @@ def test_backbone_upernet_and_detr_train_and_round_trip(tmp_path):
             cls.from_pretrained(tmp_path / name)
 
 
+def test_mi_loss_through_upernet_reaches_the_backbone_routers():
+    """UperNet's loss knows nothing of the MoE: the backbone's output carries its aux_loss and (with
+    `backbone_output_router_probs`) the router probabilities, which a forward hook hands to the MI loss; the
+    routers then get its gradient."""
+    from transformers import UperNetConfig, UperNetForSemanticSegmentation
+
+    from moe_adapt import MoEViTBackboneOutput, MutualInformationLoss
+
+    torch.manual_seed(0)
+    cfg = tiny(tasks=["seg"], out_indices=[1, 2, 3, 4], backbone_output_router_probs=True, balance_loss_weight=0.1)
+    upernet = UperNetForSemanticSegmentation(
+        UperNetConfig(backbone_config=cfg, num_labels=5, hidden_size=32, auxiliary_in_channels=32, auxiliary_channels=16)
+    )
+    seen = []
+    upernet.backbone.register_forward_hook(lambda module, args, out: seen.append(out))
+    mi = MutualInformationLoss(num_tasks=1, weight=1.0, task_prior="uniform")
+    out = upernet(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.randint(0, 5, (2, 32, 32)))
+    (backbone_out,) = seen
+    assert isinstance(backbone_out, MoEViTBackboneOutput) and backbone_out.task == "seg"
+    assert len(backbone_out.router_probs) == 4 and backbone_out.aux_loss.item() > 0
+    mi.accumulate(backbone_out.router_probs, 0)
+    router = upernet.backbone.moe_vit.layers[1].mlp.router.routers["seg"].weight
+    (mi.compute() + backbone_out.aux_loss).backward(retain_graph=True)
+    assert router.grad is not None and router.grad.abs().sum() > 0
+    router.grad = None
+    out.loss.backward()  # UperNet's own loss still trains the whole network
+    assert router.grad is not None
+
+
 def drop_tensor(folder, part: str) -> str:
     """Delete the first tensor whose name contains `part` from the folder's model.safetensors; return its name."""
     from safetensors.torch import load_file, save_file
@@ -572,6 +601,10 @@ def test_from_dense_reproduces_vit_for_every_task(tmp_path):
     vit.save_pretrained(tmp_path)
     from_path = MoEViTModel.from_dense(str(tmp_path), tasks=["a"], num_experts=2, top_k=1, moe_layers="all").eval()
     assert (from_path(x).last_hidden_state - ref).abs().max() < 1e-4
+    # a dense checkpoint that lacks a tensor is an error, not random weights copied into every expert
+    drop_tensor(tmp_path, "layer.1.intermediate.dense.weight")  # saved under ViT's original names
+    with pytest.raises(ValueError, match=r"lacks layers\.1\.mlp\.fc1\.weight; refusing"):
+        MoEViTModel.from_dense(str(tmp_path), tasks=["a"])
 
 
 def test_from_dense_can_upcycle_attention_into_a_mixture_of_heads():

@@ -3,6 +3,7 @@ from .losses import MutualInformationLoss, load_balancing_loss, mutual_informati
 from .modeling_moe_vit import (
     ExpertDispatch,
     MoEViTBackbone,
+    MoEViTBackboneOutput,
     MoEViTForImageClassification,
     MoEViTImageClassifierOutput,
     MoEViTModel,

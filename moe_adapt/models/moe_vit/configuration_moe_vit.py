@@ -93,6 +93,11 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
     - `attn_expert_groups`, `mlp_expert_groups` (optional, per layer lists of group sizes): experts stored as
       several fused tensors (groups) so that one group can be frozen while another trains.
     - `parent_expert_ids` (optional): for a sliced model, the parent's expert id of every kept expert.
+    - As a backbone of transformers' dense heads ([`MoEViTBackbone`] in UperNet, DETR, ...): `out_indices` /
+      `out_features`, `backbone_task` (the task whose routers route; default the first), `backbone_fpn` (default
+      True: a simple feature pyramid over four chosen layers) and `backbone_output_router_probs` (default False:
+      put the router probabilities in the backbone's output too, for an MI loss the surrounding model does not
+      compute; its `aux_loss` is always there).
 
     Dense layers use standard ViT multi-head attention (`num_attention_heads` heads of `hidden_size /
     num_attention_heads`) so that public ViT checkpoints upcycle exactly ([`MoEViTModel.from_dense`]).
@@ -147,6 +152,7 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
     default_task: str | None = None
     backbone_task: str | None = None
     backbone_fpn: bool = True
+    backbone_output_router_probs: bool = False
     _out_features: list | None = None
     _out_indices: list | None = None
 

@@ -1304,6 +1304,19 @@ class MoEViTImageClassifierOutput(ImageClassifierOutput):
     task: str | None = None
 
 
+@dataclass
+class MoEViTBackboneOutput(BackboneOutput):
+    """`BackboneOutput` plus the MoE extras, for losses the model around the backbone does not compute: `aux_loss`
+    (the configured balance / z-losses) and, when `config.backbone_output_router_probs`, `router_probs` and
+    `router_indices` per MoE layer, and the task that routed. UperNet and DETR read only `feature_maps`; a forward
+    hook on the backbone (`model.backbone.register_forward_hook(...)`) hands the rest to a training loop."""
+
+    aux_loss: torch.FloatTensor | None = None
+    router_probs: tuple[torch.FloatTensor, ...] | None = None
+    router_indices: tuple[torch.LongTensor, ...] | None = None
+    task: str | None = None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Pretrained base
 # ----------------------------------------------------------------------------------------------------------------
@@ -1740,14 +1753,20 @@ class MoEViTBackbone(BackboneMixin, MoEViTPreTrainedModel):
             pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
         gh, gw = (h + pad_h) // p, (w + pad_w) // p
         task = task if task is not None else (self.config.backbone_task or self.config.tasks[0])
-        out = self.moe_vit(pixel_values, task=task, output_hidden_states=True, return_dict=True)
+        out = self.moe_vit(
+            pixel_values, task=task, output_hidden_states=True, return_dict=True,
+            output_router_probs=self.config.backbone_output_router_probs,
+        )
         maps = []
         for name, hs in zip(self.stage_names, out.hidden_states):
             if name in self.out_features:
                 maps.append(hs[:, 1:].transpose(1, 2).reshape(hs.shape[0], -1, gh, gw))
         if self.use_fpn:
             maps = [op(m) for op, m in zip(self.fpn, maps)]
-        return BackboneOutput(feature_maps=tuple(maps), hidden_states=out.hidden_states if output_hidden_states else None)
+        return MoEViTBackboneOutput(
+            feature_maps=tuple(maps), hidden_states=out.hidden_states if output_hidden_states else None,
+            aux_loss=out.aux_loss, router_probs=out.router_probs, router_indices=out.router_indices, task=out.task,
+        )
 
 
 __all__ = [
@@ -1755,6 +1774,7 @@ __all__ = [
     "MoEViTAttention",
     "MoEViTAttentionExperts",
     "MoEViTBackbone",
+    "MoEViTBackboneOutput",
     "MoEViTEmbeddings",
     "MoEViTExperts",
     "MoEViTForImageClassification",

@@ -14,7 +14,14 @@ def _load_vit(vit):
         path = os.fspath(vit)
         if not os.path.isdir(path):
             raise ValueError(f"from_dense: {path!r} is not a local directory holding a saved ViT (no downloads here).")
-        vit = ViTModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True)
+        vit, info = ViTModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True, output_loading_info=True)
+        # a dense tensor missing from the checkpoint would be initialised at random and copied into every expert
+        missing = sorted(info.get("missing_keys", [])) + sorted(str(k[0]) for k in info.get("mismatched_keys", []))
+        if missing:
+            raise ValueError(
+                f"from_dense: the ViT checkpoint at {path} lacks {', '.join(missing[:10])}"
+                f"{' ...' if len(missing) > 10 else ''}; refusing to upcycle randomly initialised weights."
+            )
     if isinstance(vit, ViTForImageClassification):
         vit = vit.vit
     if not isinstance(vit, ViTModel):
