@@ -27,8 +27,9 @@ silently bypassed) and a `[E, d]` matrix is small enough to train whole, so `tra
 peft applies a `ParamWrapper`'s LoRA only while the wrapper's own `forward` runs. Our MoE layers also read
 expert tensors outside it (the attention experts' `q_proj`/`o_proj`, and `forward_all`, the dense path of a
 slice that kept exactly k experts), so `enable_expert_lora` adds a forward pre-hook on every MoE layer that
-applies the LoRA deltas for the whole layer's forward. `lora_config` and `apply_lora` install it; call it
-yourself before `PeftModel.from_pretrained` on a model you built by hand (`load_lora` does).
+applies the LoRA deltas for the whole layer's forward. `lora_config`, `apply_lora` and `load_lora` install it, and
+`MoEViTModel`'s forward installs it on any layer whose experts peft wrapped (a plain `get_peft_model` or
+`PeftModel.from_pretrained`).
 
 With the default `segmented_mm` experts backend the hook hands the layer peft's low-rank factors instead of
 materialising `W + ΔW`: every expert matmul adds `scaling · (x Rᵀ) Lᵀ` (block-diagonal factors on the fused
