@@ -93,6 +93,16 @@ def test_return_dict_false_gives_tuples_as_in_transformers():
             assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
     model.config.return_dict = False  # the config's setting, as transformers reads it
     assert isinstance(model(x, task="b"), tuple)
+    # ...which the toolkit's own callers must not trip over: they ask for the dataclass explicitly
+    from moe_adapt.analysis import collect_expert_usage
+    from moe_adapt.surgery.add_task import task_outputs
+
+    before = task_outputs(model, x, ["a"])
+    assert before["a"] and "logits" in before["a"]
+    with torch.no_grad():
+        model.heads["a"].classifier.weight.add_(1.0)
+    assert not torch.equal(task_outputs(model, x, ["a"])["a"]["logits"], before["a"]["logits"])
+    assert collect_expert_usage(model, [x], task="a").num_images == 2
 
 
 def test_routers_start_uniform():
@@ -507,6 +517,14 @@ def test_backbone_upernet_and_detr_train_and_round_trip(tmp_path):
         dropped = drop_tensor(tmp_path / name, ".mlp.experts.up_proj")
         with pytest.raises(ValueError, match=r"missing the MoE ViT backbone's " + dropped.split("moe_vit.")[1]):
             cls.from_pretrained(tmp_path / name)
+    # a checkpoint without any backbone tensor is no exception
+    while True:
+        try:
+            drop_tensor(tmp_path / "upernet", ".moe_vit.")
+        except StopIteration:
+            break
+    with pytest.raises(ValueError, match=r"missing the MoE ViT backbone's "):
+        UperNetForSemanticSegmentation.from_pretrained(tmp_path / "upernet")
 
 
 def test_mi_loss_through_upernet_reaches_the_backbone_routers():
@@ -575,6 +593,22 @@ def test_heads_load_by_transformers_rules_while_the_backbone_stays_strict(tmp_pa
         MoEViTForImageClassification.from_pretrained(tmp_path / "clf", config=relabelled)
     four = MoEViTForImageClassification.from_pretrained(tmp_path / "clf", config=relabelled, ignore_mismatched_sizes=True)
     assert four.classifiers["a"].weight.shape[0] == 4 and torch.equal(four.classifiers["b"].weight, clf.classifiers["b"].weight)
+    # a base checkpoint with more layers than the config: the extra backbone tensors are an error for task models
+    # too (transformers reports them without the moe_vit. prefix)
+    two_layers = tiny(task_labels={"a": ["x", "y"], "b": ["p", "q", "r"]}, num_hidden_layers=2,
+                      attn_experts=[6, 0], mlp_experts=[0, 8])
+    for cls in (MoEViTModel, MoEViTForImageClassification):
+        with pytest.raises(ValueError, match=r"unexpected keys: .*layers\.2\."):
+            cls.from_pretrained(tmp_path / "base", config=two_layers)
+    # offloading leaves tensors on the meta device, loaded by accelerate's hooks at their module's forward, which the
+    # MoE layers bypass (they read router and expert tensors directly): a clear error, not wrong outputs
+    with pytest.raises(ValueError, match=r"device_map offloads MoE ViT backbone tensors .*moe_vit\.layers\.1\."):
+        MoEViTForImageClassification.from_pretrained(
+            tmp_path / "clf", offload_folder=str(tmp_path / "offload"),
+            device_map={"moe_vit.embeddings": "cpu", "moe_vit.task_embeddings": "cpu", "moe_vit.layers.0": "cpu",
+                        "moe_vit.layers.1": "disk", "moe_vit.layers.2": "cpu", "moe_vit.layers.3": "cpu",
+                        "moe_vit.layernorm": "cpu", "classifiers": "cpu"},
+        )
     # ...but never for the backbone: a missing expert tensor stays an error for every class
     drop_tensor(tmp_path / "clf", "layers.1.mlp.experts.down_proj")
     for cls in (MoEViTForImageClassification, MoEViTModel):
@@ -636,6 +670,8 @@ def test_from_dense_can_upcycle_attention_into_a_mixture_of_heads():
     # more experts than heads cycle through the heads; validation names the field
     wide = MoEViTModel.from_dense(vit, tasks=["a"], attn_experts=8, attn_top_k=2, attn_layers="all")
     assert torch.equal(wide.layers[1].attention.experts.q_proj[5], wide.layers[1].attention.experts.q_proj[1])
+    with pytest.raises(ValueError, match="attn_experts=6 must be a multiple of the dense model's 4 attention heads"):
+        MoEViTModel.from_dense(vit, tasks=["a"], attn_experts=6)
     with pytest.raises(ValueError, match="attn_top_k=9 must lie between 1 and attn_experts=8"):
         MoEViTModel.from_dense(vit, tasks=["a"], attn_experts=8, attn_top_k=9)
     with pytest.raises(ValueError, match="attn_layers='middle'"):

@@ -87,6 +87,45 @@ def test_save_and_load_rebuilds_every_head(model, tmp_path):
     model.train()
 
 
+def test_heads_missing_from_a_checkpoint_get_their_own_initialisation(model, tmp_path):
+    """A multi-task model loaded from a base checkpoint (or with a new label set under ignore_mismatched_sizes):
+    transformers leaves the tensors it did not load as allocated; the heads get the values a fresh head has."""
+    import math
+
+    from moe_adapt import MoEViTModel
+    from moe_adapt.heads import build_head
+
+    base = MoEViTModel(model.config)
+    base.load_state_dict(model.moe_vit.state_dict())
+    base.save_pretrained(tmp_path / "base")
+    loaded = MoEViTForMultiTask.from_pretrained(tmp_path / "base").eval()
+    for name, t in loaded.heads.state_dict().items():
+        assert torch.isfinite(t.float()).all(), name
+    fresh = {task: build_head(model.config, task).state_dict() for task in TASK_TYPES}
+    constant = 0
+    for task, head in loaded.heads.items():
+        for name, t in head.state_dict().items():
+            want = fresh[task][name]
+            if want.numel() and (want == want.reshape(-1)[0]).all():  # a deterministic init (norms, stats, priors)
+                assert torch.equal(t, want), (task, name)
+                constant += 1
+    assert constant >= 6
+    prior = -math.log((1 - 0.01) / 0.01)
+    assert torch.allclose(loaded.heads["det"].cls_logits.bias, torch.full_like(loaded.heads["det"].cls_logits.bias, prior))
+    data = batches()
+    for task in TASK_TYPES:
+        out = loaded(**data[task], task=task)
+        assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss), task
+    # a new label set for one task: that head is fresh, the others as saved
+    model.save_pretrained(tmp_path / "full")
+    relabelled = make_config()
+    relabelled.task_labels["cls"] = ["a", "b", "c", "d", "e"]
+    five = MoEViTForMultiTask.from_pretrained(tmp_path / "full", config=relabelled, ignore_mismatched_sizes=True).eval()
+    assert five.heads["cls"].classifier.weight.shape[0] == 5 and torch.isfinite(five.heads["cls"].classifier.weight).all()
+    assert torch.equal(five.heads["seg"].state_dict()["classifier.weight"], model.heads["seg"].state_dict()["classifier.weight"])
+    assert torch.isfinite(five(**data["cls"], task="cls").logits).all()
+
+
 def test_errors_name_the_problem(model):
     x = batches()["cls"]["pixel_values"]
     with pytest.raises(ValueError, match="Unknown task 'nope'"):

@@ -548,7 +548,7 @@ def evaluate_classification(model: nn.Module, loader, task: str, accelerator=Non
     was_training = model.training
     model.eval()
     for batch in loader:
-        logits = model(pixel_values=batch["pixel_values"], task=task).logits
+        logits = model(pixel_values=batch["pixel_values"], task=task, return_dict=True).logits
         preds, refs = logits.argmax(-1), batch["labels"]
         if accelerator is not None:
             preds, refs = accelerator.gather_for_metrics((preds, refs))
@@ -648,7 +648,7 @@ def train(
                 batch = next(batches)
                 with accelerator.accumulate(model):
                     with saved if step == 1 else contextlib.nullcontext():
-                        out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], task=task)
+                        out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], task=task, return_dict=True)
                     accelerator.backward(out.loss)
                     optimizer.step()
                     scheduler.step()

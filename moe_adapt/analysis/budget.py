@@ -132,7 +132,7 @@ def loader_metric(model: nn.Module, data: Iterable, task: str) -> tuple[str, flo
     try:
         for batch in data:
             pixels, labels = (batch["pixel_values"], batch["labels"]) if isinstance(batch, Mapping) else batch[:2]
-            pred = model(pixels.to(device), task=task).logits.argmax(-1).cpu()
+            pred = model(pixels.to(device), task=task, return_dict=True).logits.argmax(-1).cpu()
             correct += int((pred == labels).sum())
             total += int(labels.numel())
     finally:

@@ -378,7 +378,7 @@ def collect_expert_usage(
             for pixels in iterator:
                 if max_batches is not None and batches >= max_batches:
                     break
-                out = backbone(pixels.to(device), task=task)
+                out = backbone(pixels.to(device), task=task, return_dict=True)
                 num_images += out.last_hidden_state.shape[0]
                 num_tokens += out.last_hidden_state.shape[0] * out.last_hidden_state.shape[1]
                 batches += 1

@@ -411,7 +411,7 @@ def task_outputs(model: nn.Module, pixel_values: torch.Tensor, tasks: Sequence[s
     model.eval()
     out = {}
     for task in tasks:
-        result = model(pixel_values, task=task)
+        result = model(pixel_values, task=task, return_dict=True)
         fields = result.items() if hasattr(result, "items") else [("output", result)]
         out[task] = {k: v.detach().clone() for k, v in fields if isinstance(v, torch.Tensor) and k != "aux_loss"}
     model.train(was_training)

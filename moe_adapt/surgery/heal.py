@@ -173,7 +173,7 @@ def heal_submodel(
 
     @torch.no_grad()
     def targets_of(model, t):
-        return torch.cat([model(x, task=t).last_hidden_state for x in pixels[t].split(batch_size)])
+        return torch.cat([model(x, task=t, return_dict=True).last_hidden_state for x in pixels[t].split(batch_size)])
 
     def loss_on_all(t, target):
         return F.mse_loss(targets_of(sub_backbone, t), target).item()
@@ -193,7 +193,7 @@ def heal_submodel(
         for step in range(steps):  # in eval mode: no dropout, the same function the slice computes at inference
             t = tasks[step % len(tasks)]
             idx = torch.randint(0, len(pixels[t]), (min(batch_size, len(pixels[t])),), generator=generator).to(device)
-            out = sub_backbone(pixels[t].index_select(0, idx), task=t).last_hidden_state
+            out = sub_backbone(pixels[t].index_select(0, idx), task=t, return_dict=True).last_hidden_state
             loss = F.mse_loss(out, targets[t].index_select(0, idx))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

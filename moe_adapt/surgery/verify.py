@@ -116,7 +116,7 @@ def _split_batch(batch, index: int):
 
 
 def _task_output(model: nn.Module, pixels: torch.Tensor, task: str):
-    out = model(pixel_values=pixels, task=task)
+    out = model(pixel_values=pixels, task=task, return_dict=True)
     logits = getattr(out, "logits", None)
     if logits is None:
         return out.last_hidden_state, None, False

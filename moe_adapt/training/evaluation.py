@@ -39,7 +39,7 @@ def evaluate_task(model, task_data, task: str | None = None, max_samples: int | 
     try:
         for batch in task_data.eval_loader(max_samples):
             labels = batch["labels"]
-            out = model(batch["pixel_values"].to(device), task=task)
+            out = model(batch["pixel_values"].to(device), task=task, return_dict=True)
             if kind == "classification":
                 metric.add_batch(predictions=model.postprocess(out).cpu().tolist(), references=labels.tolist())
             elif kind == "detection":

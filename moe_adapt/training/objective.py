@@ -58,7 +58,9 @@ class MultiTaskObjective(nn.Module):
             mi.reset()
         task_losses, aux = [], None
         for task, batch in micro_batches:
-            out = self.model(batch["pixel_values"], task=task, labels=batch["labels"], output_router_probs=mi is not None)
+            out = self.model(
+                batch["pixel_values"], task=task, labels=batch["labels"], output_router_probs=mi is not None, return_dict=True
+            )
             if mi is not None and out.router_probs:
                 mi.accumulate(out.router_probs, config.task_index(task))
             task_losses.append((task, out.task_loss))

@@ -106,7 +106,8 @@ class MutualInformationLoss:
             self.joint[layer] = self.joint[layer] + row
 
     def joint_counts(self) -> list[torch.Tensor]:
-        """The accumulated M per layer, summed across ranks when distributed (differentiable)."""
+        """The accumulated M per layer, summed across ranks when distributed (differentiable). Distributed, every
+        rank must have accumulated at least one micro-batch in the step: the sum is a collective call."""
         if self.joint is None:
             return []
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

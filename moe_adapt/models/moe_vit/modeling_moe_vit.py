@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -1417,6 +1418,18 @@ class MoEViTPreTrainedModel(PreTrainedModel):
                 config = cls.config_class.from_pretrained(path)
             _check_checkpoint_shapes(cls, config, path, heads=strict or not kwargs.get("ignore_mismatched_sizes"))
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        if hasattr(model, "_init_missing_heads"):  # heads that initialise themselves, skipped by transformers' init
+            model._init_missing_heads({
+                str(x[0] if isinstance(x, tuple) else x) for key in ("missing_keys", "mismatched_keys") for x in info.get(key, [])
+            })
+        offloaded = [n for n, p in model.named_parameters() if p.is_meta and _is_backbone_key(model, n)]
+        if offloaded:
+            raise ValueError(
+                f"device_map offloads MoE ViT backbone tensors to the CPU or disk ({', '.join(offloaded[:5])}, ...), "
+                "which moe_adapt does not support: the MoE layers read router and expert tensors outside the "
+                "submodule forwards that accelerate's offload hooks load them in, so their outputs would be wrong. "
+                "Map the backbone to devices that hold it (e.g. device_map='auto' with enough memory)."
+            )
         problems = []
         for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
             names = (x[0] if isinstance(x, tuple) else x for x in info.get(key, []))
@@ -1440,9 +1453,10 @@ def _is_backbone_key(model: nn.Module, key: str) -> bool:
     if not isinstance(base, MoEViTModel):
         return False
     prefix = model.base_model_prefix + "."
-    if base is not model and not key.startswith(prefix):
-        return False
     top = key.removeprefix(prefix).split(".", 1)[0]
+    if base is not model and not key.startswith(prefix) and (top in model._modules or top in model._parameters):
+        return False  # a task model's own tensor (a head, a pyramid)
+    # a task model loading a base checkpoint reports the base's extra tensors without the prefix
     return top in base._modules or top in base._parameters
 
 
@@ -1454,15 +1468,30 @@ def _refuse_backbone_reinit(backbone: MoEViTModel, module: nn.Module) -> None:
     (UperNet, DETR), whose `from_pretrained` is transformers' own."""
     if not backbone._built_on_meta:
         return
-    fresh = [p for p in module.parameters(recurse=False) if not getattr(p, "_is_hf_initialized", False)]
-    if not fresh or not any(getattr(p, "_is_hf_initialized", False) for p in backbone.parameters()):
-        return  # nothing loaded at all: not the end of a load
+    # parameters offloaded to disk (`device_map=... "disk"`) stay on the meta device, unmarked, until used
+    fresh = [p for p in module.parameters(recurse=False) if not getattr(p, "_is_hf_initialized", False) and not p.is_meta]
+    if not fresh:
+        return
+    if not any(getattr(p, "_is_hf_initialized", False) for p in backbone.parameters()) and not _inside_transformers_load():
+        return  # nothing was loaded and no load is running: a model built on meta by its user, now initialised
     names = {id(p): n for n, p in backbone.named_parameters()}
     raise ValueError(
         f"The checkpoint is missing the MoE ViT backbone's {', '.join(names[id(p)] for p in fresh)} (or holds it "
         "mis-shaped, skipped under ignore_mismatched_sizes). moe_adapt never re-initialises backbone tensors "
         "silently: load a checkpoint that holds them, or fix its config (e.g. the per-layer expert counts)."
     )
+
+
+def _inside_transformers_load() -> bool:
+    """Whether transformers' `from_pretrained` is finishing a load further up the stack (it initialises what the
+    checkpoint did not provide there). Only asked when no backbone tensor was loaded, to tell a checkpoint without
+    any backbone tensor (an error) from a model its user built on the meta device and now initialises."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_finalize_model_loading" and "transformers" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _check_checkpoint_shapes(cls, config, folder: str, heads: bool = True) -> None:
@@ -1637,12 +1666,12 @@ class MoEViTModel(MoEViTPreTrainedModel):
         reproduces the dense `last_hidden_state` for every task. `moe_layers`: "odd" (Mod-Squad), "even" or "all"
         blocks get MLP experts.
 
-        Attention stays dense unless `attn_experts` > 0: then the `attn_layers` blocks ("even", Mod-Squad's layout)
-        get a mixture of attention heads, expert e from dense head `e mod heads` (its query and output projection;
-        the shared key and value projections are the mean of the heads', as in multi-query uptraining), routing to
-        `attn_top_k` experts (default: as many as the dense model has heads). Multi-query attention cannot hold
-        per-head keys and values, so this start is close to, not equal to, the dense model; see
-        `upcycling._upcycle_attention`."""
+        Attention stays dense unless `attn_experts` > 0 (a multiple of the number of heads): then the `attn_layers`
+        blocks ("even", Mod-Squad's layout) get a mixture of attention heads, expert e from dense head `e mod heads`
+        (its query and output projection; the shared key and value projections are the mean of the heads', as in
+        multi-query uptraining), routing to `attn_top_k` experts (default: as many as the dense model has heads).
+        Multi-query attention cannot hold per-head keys and values, so this start is close to, not equal to, the
+        dense model; see `upcycling._upcycle_attention`."""
         from .upcycling import upcycle_dense_vit
 
         return upcycle_dense_vit(

@@ -95,10 +95,22 @@ class MoEViTForMultiTask(MoEViTPreTrainedModel):
 
     def _init_weights(self, module):
         # The heads initialise themselves (PyTorch defaults; FCOS's prior-probability bias); only the backbone
-        # follows the transformers initialisation.
+        # follows the transformers initialisation. A load skips the heads' own initialisation: what the checkpoint
+        # lacked gets it from `_init_missing_heads` (called by `from_pretrained`).
         if getattr(module, "_moe_adapt_head", False):
             return
         super()._init_weights(module)
+
+    def _init_missing_heads(self, names: set[str]) -> None:
+        """After a load: every head tensor the checkpoint did not provide (`names`: state-dict keys, missing or
+        re-shaped under `ignore_mismatched_sizes`) takes the value of a freshly built head of the same config
+        (transformers would leave them as allocated: garbage)."""
+        for task in sorted({n.split(".")[1] for n in names if n.startswith("heads.")}):
+            fresh = build_head(self.config, task).state_dict()
+            head = self.heads[task]
+            head.load_state_dict(
+                {k: fresh[k] if f"heads.{task}.{k}" in names else v for k, v in head.state_dict().items()}
+            )
 
     def task_type(self, task: str) -> str:
         return self.config.task_types.get(task, "classification")

@@ -48,6 +48,11 @@ def upcycle_dense_vit(
         raise ValueError(f"top_k={top_k} is larger than num_experts={num_experts}.")
     if attn_experts < 0:
         raise ValueError(f"attn_experts={attn_experts}: expected 0 (attention stays dense) or a number of experts.")
+    if attn_experts % heads:
+        raise ValueError(
+            f"attn_experts={attn_experts} must be a multiple of the dense model's {heads} attention heads: each head "
+            "seeds the same number of experts (0 keeps attention dense)."
+        )
     attn_top_k = min(heads, attn_experts) if attn_top_k is None else attn_top_k
     if attn_experts and not 1 <= attn_top_k <= attn_experts:
         raise ValueError(f"attn_top_k={attn_top_k} must lie between 1 and attn_experts={attn_experts}.")
@@ -105,7 +110,9 @@ def _upcycle_attention(dense, moa, heads: int, top_k: int) -> None:
     routers, renormalised gates). The experts share one key and one value projection: the mean of the heads'
     (as when uptraining multi-head into multi-query attention, Ainslie et al. 2023, GQA). With as many experts as
     heads and top-k = heads the result is the dense attention with every head's keys and values replaced by that
-    mean; heads whose keys and values agree are reproduced exactly."""
+    mean; heads whose keys and values agree are reproduced exactly. With more experts than heads (copies of each
+    head) the zero-initialised routers tie, and which copies a token's top-k takes is left to `topk`'s
+    tie-breaking, so that start is only near this one."""
     d = dense.q_proj.weight.shape[1]
     h = d // heads
 
