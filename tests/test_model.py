@@ -511,6 +511,15 @@ def test_backbone_upernet_and_detr_train_and_round_trip(tmp_path):
     detr.eval(), again.eval()
     assert torch.equal(detr(pixel_values=x).logits, again(pixel_values=x).logits)
 
+    # offloading a MoE layer is refused at the forward, whichever from_pretrained dispatched the model
+    placement = {f"backbone.moe_vit.{m}": "cpu" for m in ("embeddings", "task_embeddings", "layernorm")}
+    placement |= {f"backbone.moe_vit.layers.{i}": "disk" if i == 1 else "cpu" for i in range(4)}
+    placement |= {"backbone.fpn": "cpu", "decode_head": "cpu", "auxiliary_head": "cpu"}
+    offloaded = UperNetForSemanticSegmentation.from_pretrained(
+        tmp_path / "upernet", device_map=placement, offload_folder=str(tmp_path / "off"))
+    with pytest.raises(ValueError, match=r"MoE layer layers\.1\.mlp.* is offloaded by accelerate"):
+        offloaded(pixel_values=x)
+
     # Their from_pretrained is transformers' own; a backbone tensor missing from the checkpoint is still an error
     # naming it, not a fresh initialisation (the MoE ViT's _init_weights refuses it).
     for name, cls in (("upernet", UperNetForSemanticSegmentation), ("detr", DetrForObjectDetection)):
@@ -601,14 +610,23 @@ def test_heads_load_by_transformers_rules_while_the_backbone_stays_strict(tmp_pa
         with pytest.raises(ValueError, match=r"unexpected keys: .*layers\.2\."):
             cls.from_pretrained(tmp_path / "base", config=two_layers)
     # offloading leaves tensors on the meta device, loaded by accelerate's hooks at their module's forward, which the
-    # MoE layers bypass (they read router and expert tensors directly): a clear error, not wrong outputs
-    with pytest.raises(ValueError, match=r"device_map offloads MoE ViT backbone tensors .*moe_vit\.layers\.1\."):
-        MoEViTForImageClassification.from_pretrained(
-            tmp_path / "clf", offload_folder=str(tmp_path / "offload"),
-            device_map={"moe_vit.embeddings": "cpu", "moe_vit.task_embeddings": "cpu", "moe_vit.layers.0": "cpu",
-                        "moe_vit.layers.1": "disk", "moe_vit.layers.2": "cpu", "moe_vit.layers.3": "cpu",
-                        "moe_vit.layernorm": "cpu", "classifiers": "cpu"},
-        )
+    # MoE layers bypass (they read router and expert tensors directly): a clear error, not wrong outputs. A dense
+    # layer offloads as usual, and device_map="meta" (an empty model) still loads.
+    placement = {"moe_vit.embeddings": "cpu", "moe_vit.task_embeddings": "cpu", "moe_vit.layers.0": "cpu",
+                 "moe_vit.layers.1": "cpu", "moe_vit.layers.2": "cpu", "moe_vit.layers.3": "cpu",
+                 "moe_vit.layernorm": "cpu", "classifiers": "cpu"}
+    split = {k: v for k, v in placement.items() if k != "moe_vit.layers.1"} | {
+        "moe_vit.layers.1.attention": "disk", "moe_vit.layers.1.layernorm_before": "cpu",
+        "moe_vit.layers.1.layernorm_after": "cpu", "moe_vit.layers.1.mlp": "cpu"}
+    dense_off = MoEViTForImageClassification.from_pretrained(
+        tmp_path / "clf", offload_folder=str(tmp_path / "off0"), device_map=split).eval()
+    torch.testing.assert_close(dense_off(x, task="a").logits, clf(x, task="a").logits)
+    moe_off = MoEViTForImageClassification.from_pretrained(
+        tmp_path / "clf", offload_folder=str(tmp_path / "off1"), device_map=placement | {"moe_vit.layers.1": "disk"},
+    )
+    with pytest.raises(ValueError, match=r"MoE layer layers\.1\.mlp.* is offloaded by accelerate"):
+        moe_off(x, task="a")
+    assert MoEViTForImageClassification.from_pretrained(tmp_path / "clf", device_map="meta").moe_vit.layers[1].mlp.experts.up_proj.is_meta
     # ...but never for the backbone: a missing expert tensor stays an error for every class
     drop_tensor(tmp_path / "clf", "layers.1.mlp.experts.down_proj")
     for cls in (MoEViTForImageClassification, MoEViTModel):

@@ -1422,14 +1422,6 @@ class MoEViTPreTrainedModel(PreTrainedModel):
             model._init_missing_heads({
                 str(x[0] if isinstance(x, tuple) else x) for key in ("missing_keys", "mismatched_keys") for x in info.get(key, [])
             })
-        offloaded = [n for n, p in model.named_parameters() if p.is_meta and _is_backbone_key(model, n)]
-        if offloaded:
-            raise ValueError(
-                f"device_map offloads MoE ViT backbone tensors to the CPU or disk ({', '.join(offloaded[:5])}, ...), "
-                "which moe_adapt does not support: the MoE layers read router and expert tensors outside the "
-                "submodule forwards that accelerate's offload hooks load them in, so their outputs would be wrong. "
-                "Map the backbone to devices that hold it (e.g. device_map='auto' with enough memory)."
-            )
         problems = []
         for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
             names = (x[0] if isinstance(x, tuple) else x for x in info.get(key, []))
@@ -1622,6 +1614,7 @@ class MoEViTModel(MoEViTPreTrainedModel):
         """pixel_values `[batch, C, H, W]` (H, W multiples of patch_size) → `MoEViTModelOutput` (a tuple of its
         non-None fields under `return_dict=False`, as in transformers)."""
         _install_expert_lora_hooks(self)
+        _refuse_offloaded_moe_layers(self)
         task = self.resolve_task(task)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         routing = self.routing_plan(task, top_k, expert_mask)
@@ -1678,6 +1671,24 @@ class MoEViTModel(MoEViTPreTrainedModel):
             cls, vit, tasks, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
             attn_experts=attn_experts, attn_top_k=attn_top_k, attn_layers=attn_layers, **config_kwargs,
         )
+
+
+def _refuse_offloaded_moe_layers(model: MoEViTModel) -> None:
+    """accelerate's offloading (a `device_map` with "cpu" or "disk" entries beside an accelerator, or "disk") keeps
+    a module's tensors on the meta device and loads them in a hook around that module's own forward. The MoE layers
+    read router and expert tensors outside those forwards (`routers[task].weight`, the attention experts), so an
+    offloaded MoE layer would compute with the wrong tensors: refuse it, whichever `from_pretrained` (ours,
+    UperNet's, DETR's) dispatched the model. Dense layers offload as usual."""
+    for name, layer in model.moe_layers().items():
+        for sub_name, module in layer.named_modules():
+            hook = module.__dict__.get("_hf_hook")
+            if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,))):
+                raise ValueError(
+                    f"MoE layer {name}{'.' + sub_name if sub_name else ''} is offloaded by accelerate (a device_map "
+                    "entry 'cpu' or 'disk'), which moe_adapt does not support: the MoE layers read router and expert "
+                    "tensors outside the submodule forwards in which the offload hooks load them. Keep the MoE "
+                    "layers on devices that hold them (dense layers may be offloaded)."
+                )
 
 
 def _install_expert_lora_hooks(model: MoEViTModel) -> None:

@@ -108,6 +108,12 @@ class MoEViTForMultiTask(MoEViTPreTrainedModel):
         for task in sorted({n.split(".")[1] for n in names if n.startswith("heads.")}):
             fresh = build_head(self.config, task).state_dict()
             head = self.heads[task]
+            offloaded = [k for k, v in head.state_dict().items() if v.is_meta and f"heads.{task}.{k}" in names]
+            if offloaded:
+                raise ValueError(
+                    f"heads.{task}: {', '.join(offloaded[:5])} are missing from the checkpoint and offloaded by the "
+                    "device_map, so they cannot be initialised; keep new heads on a device."
+                )
             head.load_state_dict(
                 {k: fresh[k] if f"heads.{task}.{k}" in names else v for k, v in head.state_dict().items()}
             )
