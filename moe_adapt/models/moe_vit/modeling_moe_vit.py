@@ -1680,11 +1680,11 @@ def _refuse_offloaded_moe_layers(model: MoEViTModel) -> None:
     offloaded MoE layer would compute with the wrong tensors: refuse it, whichever `from_pretrained` (ours,
     UperNet's, DETR's) dispatched the model. Dense layers offload as usual."""
     for name, layer in model.moe_layers().items():
-        for sub_name, module in layer.named_modules():
+        for module in layer.modules():
             hook = module.__dict__.get("_hf_hook")
             if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,))):
                 raise ValueError(
-                    f"MoE layer {name}{'.' + sub_name if sub_name else ''} is offloaded by accelerate (a device_map "
+                    f"MoE layer {name} is offloaded by accelerate (a device_map "
                     "entry 'cpu' or 'disk'), which moe_adapt does not support: the MoE layers read router and expert "
                     "tensors outside the submodule forwards in which the offload hooks load them. Keep the MoE "
                     "layers on devices that hold them (dense layers may be offloaded)."
