@@ -1013,11 +1013,14 @@ def _mi_step_blocks(rank: int):
 
 
 def _mi_ranks_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import datetime
+
     import torch.distributed as dist
 
     from moe_adapt import MutualInformationLoss
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         mi = MutualInformationLoss(num_tasks=3, weight=1.0)
         blocks = _mi_step_blocks(rank)
@@ -1025,7 +1028,15 @@ def _mi_ranks_worker(rank: int, init_file: str, out_dir: str) -> None:
             mi.accumulate(probs, task)
         loss = mi.compute()
         loss.backward()
-        torch.save({"loss": loss.detach(), "grads": [[p.grad for p in probs] for _, probs in blocks]},
+        # a second step in which rank 1 runs no micro-batch: with the expert counts known it joins with zeros
+        sized = MutualInformationLoss(num_tasks=3, weight=1.0, num_experts=[5, 6])
+        idle = [] if rank == 1 else _mi_step_blocks(0)
+        for task, probs in idle:
+            sized.accumulate(probs, task)
+        idle_loss = sized.compute()
+        idle_loss.backward()
+        torch.save({"loss": loss.detach(), "grads": [[p.grad for p in probs] for _, probs in blocks],
+                    "idle_loss": idle_loss.detach(), "idle_grads": [[p.grad for p in probs] for _, probs in idle]},
                    f"{out_dir}/mi{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -1053,6 +1064,23 @@ def test_mi_loss_across_ranks_equals_the_loss_of_the_pooled_step(tmp_path):
         for (_, probs), grads in zip(mine, got["grads"]):
             for p, g in zip(probs, grads):
                 torch.testing.assert_close(g / 2, p.grad)
+    # the step with an idle rank 1: both ranks see rank 0's statistics alone
+    alone = MutualInformationLoss.from_config(tiny(tasks=["a", "b", "c"]), weight=1.0, num_experts=[5, 6], sync=False)
+    assert alone.num_tasks == 3 and alone.task_prior == "token_share"
+    zero_blocks = _mi_step_blocks(0)
+    for task, probs in zero_blocks:
+        alone.accumulate(probs, task)
+    expected = alone.compute()
+    expected.backward()
+    r0, r1 = (torch.load(tmp_path / f"mi{r}.pt") for r in (0, 1))
+    for got in (r0, r1):
+        torch.testing.assert_close(got["idle_loss"], expected.detach())
+    assert r1["idle_grads"] == []
+    for (_, probs), grads in zip(zero_blocks, r0["idle_grads"]):
+        for p, g in zip(probs, grads):
+            torch.testing.assert_close(g / 2, p.grad)
+    # sized from a config: one count per MoE layer, in forward order
+    assert MutualInformationLoss.from_config(tiny(attn_experts=[6, 0, 3, 0])).num_experts == [6, 8, 3, 8]
 
 
 @pytest.mark.parametrize("act", ["gelu", "silu"])

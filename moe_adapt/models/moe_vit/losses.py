@@ -68,7 +68,7 @@ class MutualInformationLoss:
     The step boundary is explicit:
 
     ```python
-    mi = MutualInformationLoss(num_tasks=len(config.tasks), weight=config.mi_loss_weight)
+    mi = MutualInformationLoss.from_config(config)  # tasks, mi_loss_weight, mi_task_prior, experts per layer
     loss = 0
     for task, pixel_values, labels in step_micro_batches:    # each micro-batch holds one task
         out = model(pixel_values, task=task, labels=labels, output_router_probs=True)
@@ -81,18 +81,42 @@ class MutualInformationLoss:
     `compute()` returns `weight · Σ_layers mutual_information_loss(M_layer)`. Under `torch.distributed`, M is
     summed across ranks with a differentiable all-reduce, so every rank sees the statistics of the global step
     and (with DDP's gradient averaging) receives the exact gradient of the global loss.
+
+    `num_experts` (one count per MoE layer; `from_config` fills it in) lets a rank that ran no micro-batch in a
+    step still join the all-reduce, with zero statistics; without it such a rank cannot know the shapes and raises
+    instead of leaving the others waiting.
     """
 
-    def __init__(self, num_tasks: int, weight: float = 0.005, task_prior: str = "token_share", sync: bool = True):
+    def __init__(
+        self, num_tasks: int, weight: float = 0.005, task_prior: str = "token_share", sync: bool = True,
+        num_experts: Sequence[int] | None = None,
+    ):
         self.num_tasks, self.weight, self.task_prior, self.sync = num_tasks, weight, task_prior, sync
+        self.num_experts = None if num_experts is None else [int(e) for e in num_experts]
         self.joint: list[torch.Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, config, **kwargs) -> MutualInformationLoss:
+        """Sized and weighted by a `MoEViTConfig`: its tasks, `mi_loss_weight`, `mi_task_prior` and the expert
+        count of every MoE layer (`kwargs` override, e.g. `sync=False`)."""
+        widths = []
+        for name in config.moe_layer_names():
+            _, index, kind = name.split(".")
+            widths.append(getattr(config, f"{kind}_experts")[int(index)])
+        options = {"weight": config.mi_loss_weight, "task_prior": config.mi_task_prior, "num_experts": widths}
+        return cls(len(config.tasks), **(options | kwargs))
 
     def accumulate(self, router_probs: Sequence[torch.Tensor], task: int) -> None:
         """Add one micro-batch of task index `task`: `router_probs[l]` is `[tokens, E_t]` for MoE layer l."""
         if not 0 <= task < self.num_tasks:
             raise ValueError(f"task index {task} out of range for {self.num_tasks} tasks.")
+        if self.num_experts is not None and len(router_probs) != len(self.num_experts):
+            raise ValueError(
+                f"Expected router probabilities for {len(self.num_experts)} MoE layers (num_experts), got {len(router_probs)}."
+            )
         if self.joint is None:
-            self.joint = [p.new_zeros(self.num_tasks, p.shape[-1], dtype=torch.float32) for p in router_probs]
+            widths = self.num_experts or [0] * len(router_probs)
+            self.joint = [p.new_zeros(self.num_tasks, max(p.shape[-1], w), dtype=torch.float32) for p, w in zip(router_probs, widths)]
         if len(router_probs) != len(self.joint):
             raise ValueError(f"Expected router probabilities for {len(self.joint)} MoE layers, got {len(router_probs)}.")
         for layer, probs in enumerate(router_probs):
@@ -108,9 +132,19 @@ class MutualInformationLoss:
     def joint_counts(self) -> list[torch.Tensor]:
         """The accumulated M per layer, summed across ranks when distributed (differentiable). Distributed, every
         rank must have accumulated at least one micro-batch in the step: the sum is a collective call."""
+        distributed = self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.joint is None and distributed:
+            if self.num_experts is None:
+                raise RuntimeError(
+                    "MutualInformationLoss: this rank accumulated no micro-batch in the step, so it cannot join the "
+                    "other ranks' all-reduce; build the loss with num_experts (MutualInformationLoss.from_config)."
+                )
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+            # leaves that require grad, so this rank also runs the all-reduce of the backward
+            self.joint = [torch.zeros(self.num_tasks, e, device=device, requires_grad=True) for e in self.num_experts]
         if self.joint is None:
             return []
-        if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed:
             # In a grown model a rank that saw only old tasks holds fewer expert columns in a layer than a rank that
             # saw the new task: agree on the widest first (one small all-reduce), so the sums line up.
             widths = torch.tensor([m.shape[1] for m in self.joint], device=self.joint[0].device)
