@@ -1684,10 +1684,10 @@ def _refuse_offloaded_moe_layers(model: MoEViTModel) -> None:
             hook = module.__dict__.get("_hf_hook")
             if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,))):
                 raise ValueError(
-                    f"MoE layer {name} is offloaded by accelerate (a device_map "
-                    "entry 'cpu' or 'disk'), which moe_adapt does not support: the MoE layers read router and expert "
-                    "tensors outside the submodule forwards in which the offload hooks load them. Keep the MoE "
-                    "layers on devices that hold them (dense layers may be offloaded)."
+                    f"MoE layer {name} is offloaded by accelerate (a device_map entry 'cpu' or 'disk'), which "
+                    "moe_adapt does not support: the MoE layers read router and expert tensors outside the submodule "
+                    "forwards in which the offload hooks load them. Keep the MoE layers on devices that hold them "
+                    "(dense layers may be offloaded)."
                 )
 
 
