@@ -517,7 +517,7 @@ def test_backbone_upernet_and_detr_train_and_round_trip(tmp_path):
     placement |= {"backbone.fpn": "cpu", "decode_head": "cpu", "auxiliary_head": "cpu"}
     offloaded = UperNetForSemanticSegmentation.from_pretrained(
         tmp_path / "upernet", device_map=placement, offload_folder=str(tmp_path / "off"))
-    with pytest.raises(ValueError, match=r"MoE layer layers\.1\.mlp.* is offloaded by accelerate"):
+    with pytest.raises(ValueError, match=r"The mlp router of task 'seg' in layer 1 is on the meta device"):
         offloaded(pixel_values=x)
 
     # Their from_pretrained is transformers' own; a backbone tensor missing from the checkpoint is still an error
@@ -624,8 +624,12 @@ def test_heads_load_by_transformers_rules_while_the_backbone_stays_strict(tmp_pa
     moe_off = MoEViTForImageClassification.from_pretrained(
         tmp_path / "clf", offload_folder=str(tmp_path / "off1"), device_map=placement | {"moe_vit.layers.1": "disk"},
     )
-    with pytest.raises(ValueError, match=r"MoE layer layers\.1\.mlp.* is offloaded by accelerate"):
+    with pytest.raises(ValueError, match=r"The mlp router of task 'a' in layer 1 is on the meta device: accelerate"):
         moe_off(x, task="a")
+    embeddings_off = MoEViTForImageClassification.from_pretrained(
+        tmp_path / "clf", offload_folder=str(tmp_path / "off2"), device_map=placement | {"moe_vit.task_embeddings": "disk"})
+    with pytest.raises(ValueError, match=r"The task embedding of 'a' is on the meta device"):
+        embeddings_off(x, task="a")
     assert MoEViTForImageClassification.from_pretrained(tmp_path / "clf", device_map="meta").moe_vit.layers[1].mlp.experts.up_proj.is_meta
     # ...but never for the backbone: a missing expert tensor stays an error for every class
     drop_tensor(tmp_path / "clf", "layers.1.mlp.experts.down_proj")
@@ -1035,8 +1039,16 @@ def _mi_ranks_worker(rank: int, init_file: str, out_dir: str) -> None:
             sized.accumulate(probs, task)
         idle_loss = sized.compute()
         idle_loss.backward()
+        # a third step in which only rank 1's statistics carry a gradient (rank 0's task router frozen): both ranks
+        # must run the backward's all-reduce, or one of them waits for ever
+        frozen = MutualInformationLoss(num_tasks=3, weight=1.0)
+        for task, probs in _mi_step_blocks(rank):
+            frozen.accumulate([p.detach() if rank == 0 else p for p in probs], task)
+        frozen_loss = frozen.compute()
+        frozen_loss.backward()
         torch.save({"loss": loss.detach(), "grads": [[p.grad for p in probs] for _, probs in blocks],
-                    "idle_loss": idle_loss.detach(), "idle_grads": [[p.grad for p in probs] for _, probs in idle]},
+                    "idle_loss": idle_loss.detach(), "idle_grads": [[p.grad for p in probs] for _, probs in idle],
+                    "frozen_loss": frozen_loss.detach()},
                    f"{out_dir}/mi{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -1075,6 +1087,7 @@ def test_mi_loss_across_ranks_equals_the_loss_of_the_pooled_step(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"mi{r}.pt") for r in (0, 1))
     for got in (r0, r1):
         torch.testing.assert_close(got["idle_loss"], expected.detach())
+        torch.testing.assert_close(got["frozen_loss"], loss.detach())  # the same statistics as the first step
     assert r1["idle_grads"] == []
     for (_, probs), grads in zip(zero_blocks, r0["idle_grads"]):
         for p, g in zip(probs, grads):

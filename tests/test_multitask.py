@@ -116,6 +116,9 @@ def test_heads_missing_from_a_checkpoint_get_their_own_initialisation(model, tmp
     for task in TASK_TYPES:
         out = loaded(**data[task], task=task)
         assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss), task
+    # an empty model (device_map="meta") has nothing to initialise and loads as transformers' models do
+    empty = MoEViTForMultiTask.from_pretrained(tmp_path / "base", device_map="meta")
+    assert empty.heads["det"].cls_logits.bias.is_meta
     # a new label set for one task: that head is fresh, the others as saved
     model.save_pretrained(tmp_path / "full")
     relabelled = make_config()

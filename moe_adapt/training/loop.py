@@ -285,7 +285,7 @@ def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerat
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, label_names={t: d.label_names for t, d in data.items()})
     mc = model.config
-    mi_loss = MutualInformationLoss.from_config(mc)
+    mi_loss = MutualInformationLoss.from_config(mc, device=accelerator.device)
     weighting = LossWeighting(tasks, config.loss_weighting, {t: s.loss_weight for t, s in config.tasks.items()})
     objective = MultiTaskObjective(model, weighting, mi_loss)
     optimizer = build_optimizer(objective, config.optimizer)

@@ -83,16 +83,18 @@ class MutualInformationLoss:
     and (with DDP's gradient averaging) receives the exact gradient of the global loss.
 
     `num_experts` (one count per MoE layer; `from_config` fills it in) lets a rank that ran no micro-batch in a
-    step still join the all-reduce, with zero statistics; without it such a rank cannot know the shapes and raises
-    instead of leaving the others waiting.
+    step still join the all-reduce, with zero statistics on `device` (default: the current accelerator unless the
+    process group is gloo); without it such a rank cannot know the shapes and raises instead of leaving the others
+    waiting.
     """
 
     def __init__(
         self, num_tasks: int, weight: float = 0.005, task_prior: str = "token_share", sync: bool = True,
-        num_experts: Sequence[int] | None = None,
+        num_experts: Sequence[int] | None = None, device: torch.device | str | None = None,
     ):
         self.num_tasks, self.weight, self.task_prior, self.sync = num_tasks, weight, task_prior, sync
         self.num_experts = None if num_experts is None else [int(e) for e in num_experts]
+        self.device = device  # for a rank without statistics; see `_collective_device`
         self.joint: list[torch.Tensor] | None = None
 
     @classmethod
@@ -131,27 +133,44 @@ class MutualInformationLoss:
 
     def joint_counts(self) -> list[torch.Tensor]:
         """The accumulated M per layer, summed across ranks when distributed (differentiable). Distributed, every
-        rank must have accumulated at least one micro-batch in the step: the sum is a collective call."""
+        rank joins the collective calls: a rank that ran no micro-batch in the step joins with zero statistics
+        (this needs `num_experts`), and the ranks agree first on each layer's width and on whether its sum needs
+        a backward, so that every rank runs the backward's all-reduce or none does."""
         distributed = self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if self.joint is None and distributed:
+        if not distributed:
+            return [] if self.joint is None else list(self.joint)
+        if self.joint is None:
             if self.num_experts is None:
                 raise RuntimeError(
                     "MutualInformationLoss: this rank accumulated no micro-batch in the step, so it cannot join the "
                     "other ranks' all-reduce; build the loss with num_experts (MutualInformationLoss.from_config)."
                 )
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-            # leaves that require grad, so this rank also runs the all-reduce of the backward
-            self.joint = [torch.zeros(self.num_tasks, e, device=device, requires_grad=True) for e in self.num_experts]
-        if self.joint is None:
-            return []
-        if distributed:
-            # In a grown model a rank that saw only old tasks holds fewer expert columns in a layer than a rank that
-            # saw the new task: agree on the widest first (one small all-reduce), so the sums line up.
-            widths = torch.tensor([m.shape[1] for m in self.joint], device=self.joint[0].device)
-            dist.all_reduce(widths, op=dist.ReduceOp.MAX)
-            joint = [F.pad(m, (0, int(w) - m.shape[1])) for m, w in zip(self.joint, widths.tolist())]
-            return [_AllReduceSum.apply(m) for m in joint]
-        return list(self.joint)
+            joint = [torch.zeros(self.num_tasks, e, device=self._collective_device()) for e in self.num_experts]
+        else:
+            joint = list(self.joint)
+        # One small MAX all-reduce: per layer, the widest expert axis (in a grown model a rank that saw only old
+        # tasks holds fewer columns) and whether any rank's statistics carry a gradient (the router may be frozen
+        # on one rank's task and not on another's).
+        info = torch.tensor([m.shape[1] for m in joint] + [int(m.requires_grad) for m in joint], device=joint[0].device)
+        dist.all_reduce(info, op=dist.ReduceOp.MAX)
+        widths, grads = info.tolist()[: len(joint)], info.tolist()[len(joint):]
+        out = []
+        for m, width, grad in zip(joint, widths, grads):
+            m = F.pad(m, (0, int(width) - m.shape[1]))
+            if grad and not m.requires_grad:  # a leaf, so this rank's backward runs the all-reduce too
+                m = m.detach().requires_grad_(True)
+            out.append(_AllReduceSum.apply(m))
+        return out
+
+    def _collective_device(self) -> torch.device:
+        """Where a rank without statistics puts its zeros: `self.device` when given, else the current accelerator
+        when the process group is not CPU-only (NCCL and the like take device tensors), else the CPU."""
+        if self.device is not None:
+            return torch.device(self.device)
+        if dist.get_backend() != "gloo" and torch.accelerator.is_available():
+            accelerator = torch.accelerator.current_accelerator()
+            return torch.device(accelerator.type, torch.accelerator.current_device_index())
+        return torch.device("cpu")
 
     def compute(self) -> torch.Tensor:
         """weight · Σ over MoE layers of −I(T;E) for everything accumulated since the last `reset()`."""

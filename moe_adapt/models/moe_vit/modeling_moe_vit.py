@@ -118,6 +118,23 @@ def router_softmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.t().softmax(dim=0).t().contiguous()
 
 
+def check_not_offloaded(tensor: torch.Tensor, reference: torch.Tensor, what: str) -> None:
+    """Raise when `tensor` is on the meta device while `reference` (the data it is about to meet) is not.
+
+    accelerate's offloading (a `device_map` entry "cpu" beside an accelerator, or "disk") keeps a module's tensors
+    on the meta device and loads them in a hook around that module's own forward. The MoE layers read some tensors
+    outside such a forward (a task's router weight, the attention experts, a slice's fused experts, the task
+    embeddings): offloaded, those would reach the computation as meta tensors. Checked where they are read, so whatever
+    dispatched the model (our `from_pretrained`, UperNet's, DETR's, `dispatch_model`) is covered, a hook that loads
+    a whole MoE layer first (`preload_module_classes`) passes, and forwards on the meta device stay possible."""
+    if tensor.is_meta and not reference.is_meta:
+        raise ValueError(
+            f"{what} is on the meta device: accelerate offloaded it (a device_map entry 'cpu' or 'disk'), and the MoE "
+            "layers read it outside the submodule forward in which the offload hook would load it. Keep the MoE "
+            "layers and the task embeddings on devices that hold them (dense layers may be offloaded)."
+        )
+
+
 class MoEViTTaskRouter(nn.Linear):
     """One task's router in one layer: Linear(d → E_task, no bias), zero-initialised (uniform routing at start)."""
 
@@ -152,6 +169,7 @@ class MoEViTTopKRouter(nn.Module):
         """hidden_states `[tokens, d]` → `RouterOutput`. `expert_mask` `[E_t]` (bool) removes experts before the
         softmax, so the gates equal those of a model sliced to the unmasked experts."""
         weight = self.routers[task].weight
+        check_not_offloaded(weight, hidden_states, f"The {self.kind} router of task {task!r} in layer {self.layer_idx}")
         k = self.top_k if top_k is None else top_k
         every_expert = k == weight.shape[0]
         # a router choosing every expert on CPU: `[tokens, E]` logits as the transposed view of `W xᵀ` `[E, tokens]`
@@ -1069,6 +1087,7 @@ class MoEViTExperts(nn.Module):
         projection over the concatenated experts, each expert's block scaled by its gate.
         """
         t, e = hidden_states.shape[0], gates.shape[-1]
+        check_not_offloaded(self.up_proj, hidden_states, "A MoE layer's MLP experts")
         h = fused_expert_linear(hidden_states, self, "up_proj", e, stack="out").view(t, e, -1)
         bias = self.down_proj_bias[:e]
         if not _tracks_grad(h, gates):
@@ -1180,6 +1199,8 @@ class MoEViTMoAttention(nn.Module):
         k, h = route.indices.shape[-1], self.head_dim
         impl = self.config._experts_implementation or "segmented_mm"
         groups = [self.experts, *self.extra_experts]
+        for ex in groups:
+            check_not_offloaded(ex.q_proj, flat, "A MoE layer's attention experts")
         if impl == "segmented_mm" and runs_grouped_mm(flat, groups, ("q_proj", "o_proj")):
             impl = "grouped_mm"  # the dispatch's grouped matmuls, sync-free in bf16 on CUDA (see `on_accelerator`)
         dense = k == route.logits.shape[-1] <= self.group_sizes[0]
@@ -1614,11 +1635,11 @@ class MoEViTModel(MoEViTPreTrainedModel):
         """pixel_values `[batch, C, H, W]` (H, W multiples of patch_size) → `MoEViTModelOutput` (a tuple of its
         non-None fields under `return_dict=False`, as in transformers)."""
         _install_expert_lora_hooks(self)
-        _refuse_offloaded_moe_layers(self)
         task = self.resolve_task(task)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         routing = self.routing_plan(task, top_k, expert_mask)
         hidden = self.embeddings(pixel_values)
+        check_not_offloaded(self.task_embeddings[task], hidden, f"The task embedding of {task!r}")
         task_embedding = self.task_embeddings[task].to(hidden.dtype)
         all_hidden, routes = [], []
         for layer in self.layers:
@@ -1671,24 +1692,6 @@ class MoEViTModel(MoEViTPreTrainedModel):
             cls, vit, tasks, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
             attn_experts=attn_experts, attn_top_k=attn_top_k, attn_layers=attn_layers, **config_kwargs,
         )
-
-
-def _refuse_offloaded_moe_layers(model: MoEViTModel) -> None:
-    """accelerate's offloading (a `device_map` with "cpu" or "disk" entries beside an accelerator, or "disk") keeps
-    a module's tensors on the meta device and loads them in a hook around that module's own forward. The MoE layers
-    read router and expert tensors outside those forwards (`routers[task].weight`, the attention experts), so an
-    offloaded MoE layer would compute with the wrong tensors: refuse it, whichever `from_pretrained` (ours,
-    UperNet's, DETR's) dispatched the model. Dense layers offload as usual."""
-    for name, layer in model.moe_layers().items():
-        for module in layer.modules():
-            hook = module.__dict__.get("_hf_hook")
-            if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,))):
-                raise ValueError(
-                    f"MoE layer {name} is offloaded by accelerate (a device_map entry 'cpu' or 'disk'), which "
-                    "moe_adapt does not support: the MoE layers read router and expert tensors outside the submodule "
-                    "forwards in which the offload hooks load them. Keep the MoE layers on devices that hold them "
-                    "(dense layers may be offloaded)."
-                )
 
 
 def _install_expert_lora_hooks(model: MoEViTModel) -> None:

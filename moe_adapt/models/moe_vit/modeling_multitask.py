@@ -108,12 +108,13 @@ class MoEViTForMultiTask(MoEViTPreTrainedModel):
         for task in sorted({n.split(".")[1] for n in names if n.startswith("heads.")}):
             fresh = build_head(self.config, task).state_dict()
             head = self.heads[task]
-            offloaded = [k for k, v in head.state_dict().items() if v.is_meta and f"heads.{task}.{k}" in names]
-            if offloaded:
-                raise ValueError(
-                    f"heads.{task}: {', '.join(offloaded[:5])} are missing from the checkpoint and offloaded by the "
-                    "device_map, so they cannot be initialised; keep new heads on a device."
-                )
+            if any(v.is_meta for k, v in head.state_dict().items() if f"heads.{task}.{k}" in names):
+                if any(getattr(m, "_hf_hook", None) is not None for m in head.modules()):
+                    raise ValueError(
+                        f"heads.{task} is missing from the checkpoint and offloaded by the device_map, so it cannot "
+                        "be initialised; keep new heads on a device."
+                    )
+                continue  # a model on the meta device (device_map="meta"): nothing to initialise
             head.load_state_dict(
                 {k: fresh[k] if f"heads.{task}.{k}" in names else v for k, v in head.state_dict().items()}
             )
