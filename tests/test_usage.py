@@ -164,3 +164,22 @@ def test_bad_input_gives_clear_errors():
         usage.scores("bogus", usage.layers[0])
     with pytest.raises(ValueError, match="not an expert-usage file"):
         ExpertUsage.from_dict({"format": "something"})
+
+
+def test_offloaded_moe_layers_are_refused_where_their_tensors_are_read(tmp_path):
+    """accelerate loads an offloaded module's tensors only inside that module's forward. A hook that preloads the
+    whole MoE layer makes its forward exact; collecting usage reads the expert tensors after that forward, so it
+    must refuse, as a forward that reads an offloaded router does."""
+    from accelerate import dispatch_model
+
+    torch.manual_seed(0)
+    model = MoEViTForImageClassification(MoEViTConfig.from_preset("tiny", tasks=["a"], task_labels={"a": ["x", "y"]})).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x, task="a").logits
+    placement = {"moe_vit.embeddings": "cpu", "moe_vit.task_embeddings": "cpu", "moe_vit.layers.0": "cpu",
+                 "moe_vit.layers.1": "disk", "moe_vit.layers.2": "cpu", "moe_vit.layers.3": "cpu",
+                 "moe_vit.layernorm": "cpu", "classifiers": "cpu"}
+    preloaded = dispatch_model(model, placement, offload_dir=str(tmp_path / "a"), preload_module_classes=["MoEViTSparseMLP"])
+    assert torch.equal(preloaded(x, task="a").logits, ref)
+    with pytest.raises(ValueError, match=r"A MoE layer's experts \(read for their output norms\) is on the meta device"):
+        collect_expert_usage(preloaded, [x], task="a")

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io import atomic_write, atomic_write_json, read_json
-from ..models.moe_vit.modeling_moe_vit import ExpertDispatch, MoEViTModel
+from ..models.moe_vit.modeling_moe_vit import ExpertDispatch, MoEViTModel, check_not_offloaded
 
 CRITERIA = ("frequency", "gate_mass", "reap")
 FORMAT_VERSION = 1
@@ -270,9 +270,12 @@ class ExpertUsage:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _expert_tensors(module: nn.Module, names: tuple[str, ...], num: int) -> list[torch.Tensor]:
-    """The layer's expert tensors over all groups, concatenated along the expert axis and cut to the first `num`."""
+def _expert_tensors(module: nn.Module, names: tuple[str, ...], num: int, reference: torch.Tensor) -> list[torch.Tensor]:
+    """The layer's expert tensors over all groups, concatenated along the expert axis and cut to the first `num`
+    (read outside the layer's forward, so an offloaded layer is an error, as in the forward itself)."""
     groups = [module.experts, *module.extra_experts]
+    for g in groups:
+        check_not_offloaded(getattr(g, names[0]), reference, "A MoE layer's experts (read for their output norms)")
     return [torch.cat([getattr(g, n) for g in groups], 0)[:num] for n in names]
 
 
@@ -286,7 +289,7 @@ def expert_output_norms(module: nn.Module, hidden: torch.Tensor, indices: torch.
     plan = ExpertDispatch(indices, num)
     impl = getattr(module.config, "_experts_implementation", None) or "segmented_mm"
     if hasattr(module, "k_proj"):  # mixture of attention heads
-        q_w, q_b, o_w, o_b = _expert_tensors(module, ("q_proj", "q_proj_bias", "o_proj", "o_proj_bias"), num)
+        q_w, q_b, o_w, o_b = _expert_tensors(module, ("q_proj", "q_proj_bias", "o_proj", "o_proj_bias"), num, flat)
         k = indices.shape[-1]
         h = q_w.shape[1]
         q = plan.project(flat, q_w, q_b, impl).view(b, n, k, h).transpose(1, 2)
@@ -295,7 +298,7 @@ def expert_output_norms(module: nn.Module, hidden: torch.Tensor, indices: torch.
         attn = F.scaled_dot_product_attention(q, key, value).transpose(1, 2).reshape(b * n, k, h)
         out = plan.project(attn, o_w, o_b, impl, per_slot=True)
     else:
-        up, up_b, down, down_b = _expert_tensors(module, ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias"), num)
+        up, up_b, down, down_b = _expert_tensors(module, ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias"), num, flat)
         act = module.experts.act_fn
         mid = act(plan.project(flat, up, up_b, impl))
         out = plan.project(mid, down, down_b, impl, per_slot=True)

@@ -83,9 +83,8 @@ class MutualInformationLoss:
     and (with DDP's gradient averaging) receives the exact gradient of the global loss.
 
     `num_experts` (one count per MoE layer; `from_config` fills it in) lets a rank that ran no micro-batch in a
-    step still join the all-reduce, with zero statistics on `device` (default: the current accelerator unless the
-    process group is gloo); without it such a rank cannot know the shapes and raises instead of leaving the others
-    waiting.
+    step still join the all-reduce, with zero statistics on `device` (default: the current GPU under NCCL, else the
+    CPU); without it such a rank cannot know the shapes and raises instead of leaving the others waiting.
     """
 
     def __init__(
@@ -148,6 +147,8 @@ class MutualInformationLoss:
             joint = [torch.zeros(self.num_tasks, e, device=self._collective_device()) for e in self.num_experts]
         else:
             joint = list(self.joint)
+        if not joint:  # a model without MoE layers
+            return []
         # One small MAX all-reduce: per layer, the widest expert axis (in a grown model a rank that saw only old
         # tasks holds fewer columns) and whether any rank's statistics carry a gradient (the router may be frozen
         # on one rank's task and not on another's).
@@ -163,13 +164,15 @@ class MutualInformationLoss:
         return out
 
     def _collective_device(self) -> torch.device:
-        """Where a rank without statistics puts its zeros: `self.device` when given, else the current accelerator
-        when the process group is not CPU-only (NCCL and the like take device tensors), else the CPU."""
+        """Where a rank without statistics puts its zeros: `self.device` when given, else the current GPU when the
+        process group runs NCCL (XPU/HPU: their current accelerator), else the CPU (gloo)."""
         if self.device is not None:
             return torch.device(self.device)
-        if dist.get_backend() != "gloo" and torch.accelerator.is_available():
-            accelerator = torch.accelerator.current_accelerator()
-            return torch.device(accelerator.type, torch.accelerator.current_device_index())
+        backend = str(dist.get_backend())  # e.g. "nccl", "gloo", "cuda:nccl,cpu:gloo", "undefined"
+        if "nccl" in backend and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if any(b in backend for b in ("xccl", "hccl")) and hasattr(torch, "accelerator") and torch.accelerator.is_available():
+            return torch.accelerator.current_accelerator()
         return torch.device("cpu")
 
     def compute(self) -> torch.Tensor:
