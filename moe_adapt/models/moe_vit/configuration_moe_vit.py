@@ -39,9 +39,7 @@ PRESETS: dict[str, dict] = {
 def _per_layer(name: str, value, depth: int) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         return [value] * depth
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(
-        isinstance(v, int) or (hasattr(v, "__index__") and not isinstance(v, bool)) for v in value
-    ):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(hasattr(v, "__index__") for v in value):
         raise ValueError(
             f"MoEViTConfig.{name}={value!r}: expected an integer or one integer per layer (0 = a dense layer)."
         )
@@ -162,10 +160,9 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
         depth = self.num_hidden_layers
         if isinstance(self.tasks, (str, bytes)) or not hasattr(self.tasks, "__iter__"):
             raise ValueError(f"MoEViTConfig.tasks={self.tasks!r}: expected a list of task names, e.g. tasks=['cls'].")
-        self.tasks = list(self.tasks)
+        self.tasks = [str(t) for t in self.tasks]
         if not self.tasks:
             raise ValueError(f"MoEViTConfig.tasks={self.tasks!r} is empty: give at least one task name, e.g. tasks=['cls'].")
-        self.tasks = [str(t) for t in self.tasks]
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"MoEViTConfig.tasks has duplicate names: {self.tasks}.")
         self.task_types = dict(self.task_types or {})

@@ -1439,14 +1439,16 @@ class MoEViTPreTrainedModel(PreTrainedModel):
                 config = cls.config_class.from_pretrained(path)
             _check_checkpoint_shapes(cls, config, path, heads=strict or not kwargs.get("ignore_mismatched_sizes"))
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        # state-dict names per kind (transformers lists mismatched keys as (name, shape, shape))
+        keys = {
+            key: [str(x[0] if isinstance(x, tuple) else x) for x in info.get(key, [])]
+            for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        }
         if hasattr(model, "_init_missing_heads"):  # heads that initialise themselves, skipped by transformers' init
-            model._init_missing_heads({
-                str(x[0] if isinstance(x, tuple) else x) for key in ("missing_keys", "mismatched_keys") for x in info.get(key, [])
-            })
+            model._init_missing_heads({*keys["missing_keys"], *keys["mismatched_keys"]})
         problems = []
-        for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-            names = (x[0] if isinstance(x, tuple) else x for x in info.get(key, []))
-            items = sorted(str(n) for n in names if strict or _is_backbone_key(model, str(n)))
+        for key, names in keys.items():
+            items = sorted(n for n in names if strict or _is_backbone_key(model, n))
             if items:
                 problems.append(f"{key.replace('_', ' ')}: {', '.join(items[:20])}")
         if problems:

@@ -106,18 +106,18 @@ class MoEViTForMultiTask(MoEViTPreTrainedModel):
         re-shaped under `ignore_mismatched_sizes`) takes the value of a freshly built head of the same config
         (transformers would leave them as allocated: garbage)."""
         for task in sorted({n.split(".")[1] for n in names if n.startswith("heads.")}):
-            fresh = build_head(self.config, task).state_dict()
             head = self.heads[task]
-            if any(v.is_meta for k, v in head.state_dict().items() if f"heads.{task}.{k}" in names):
+            current = head.state_dict()
+            missing = {k for k in current if f"heads.{task}.{k}" in names}
+            if any(current[k].is_meta for k in missing):
                 if any(getattr(m, "_hf_hook", None) is not None for m in head.modules()):
                     raise ValueError(
                         f"heads.{task} is missing from the checkpoint and offloaded by the device_map, so it cannot "
                         "be initialised; keep new heads on a device."
                     )
                 continue  # a model on the meta device (device_map="meta"): nothing to initialise
-            head.load_state_dict(
-                {k: fresh[k] if f"heads.{task}.{k}" in names else v for k, v in head.state_dict().items()}
-            )
+            fresh = build_head(self.config, task).state_dict()
+            head.load_state_dict({k: fresh[k] if k in missing else v for k, v in current.items()})
 
     def task_type(self, task: str) -> str:
         return self.config.task_types.get(task, "classification")
