@@ -22,6 +22,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .models.moe_vit.configuration_moe_vit import parse_moe_layer_name
+
 __all__ = ["count_parameters", "flops_per_image"]
 
 
@@ -231,7 +233,7 @@ def count_parameters(model: nn.Module, task: str | None = None) -> dict:
     reach: dict[int, float] = {}
     if task is not None:
         for lname, module in moe.moe_layers().items():
-            i, kind = int(lname.split(".")[1]), lname.rsplit(".", 1)[-1]
+            i, kind = parse_moe_layer_name(lname)
             e_t = config.router_size(task, kind, i)
             offset = 0
             for group in [module.experts, *module.extra_experts]:

@@ -10,7 +10,7 @@ from helpers import trained_like
 
 import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
-from moe_adapt.models.moe_vit.configuration_moe_vit import UnknownConfigFieldError
+from moe_adapt.models.moe_vit.configuration_moe_vit import UnknownConfigFieldError, parse_moe_layer_name
 from moe_adapt.models.moe_vit.modeling_moe_vit import ExpertDispatch, _cpu_bag_ok, block_ends, grouped_mm
 
 BACKENDS = ("eager", "batched_mm", "grouped_mm", "padded_bmm", "segmented_mm")
@@ -60,6 +60,21 @@ def test_config_validation_names_field_and_value(kwargs, message):
     tasks = kwargs.pop("tasks", ["a", "b"])
     with pytest.raises(ValueError, match=message):
         MoEViTConfig.from_preset("tiny", tasks=tasks, **kwargs)
+
+
+def test_moe_layers_name_index_and_kind_and_parse_back():
+    # a layout with an attention-only, a dense, a both-MoE and an MLP-only block, in forward order
+    config = tiny(attn_experts=[6, 0, 4, 0], mlp_experts=[0, 0, 8, 5])
+    assert config.moe_layers() == [
+        ("layers.0.attn", 0, "attn"), ("layers.2.attn", 2, "attn"), ("layers.2.mlp", 2, "mlp"), ("layers.3.mlp", 3, "mlp"),
+    ]
+    assert config.moe_layer_names() == [name for name, _, _ in config.moe_layers()]
+    assert list(MoEViTModel(config).moe_layers()) == config.moe_layer_names()
+    assert [parse_moe_layer_name(n) for n in config.moe_layer_names()] == [(0, "attn"), (2, "attn"), (2, "mlp"), (3, "mlp")]
+    assert parse_moe_layer_name("layers.11.mlp") == (11, "mlp")
+    for bad in ("layers.x.mlp", "layers.1.ffn", "blocks.1.mlp", "layers.1", "layers.-1.attn", "layers.1.mlp.experts", 3):
+        with pytest.raises(ValueError, match=f"{bad!r} is not a MoE layer name"):
+            parse_moe_layer_name(bad)
 
 
 # ---------------------------------------------------------------------------------------------------- forward
@@ -1120,3 +1135,25 @@ def test_fused_dense_experts_match_the_plain_computation(act):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(experts.forward_all(x, gates), y.detach())
+
+
+def test_initialising_a_replaced_backbone_submodule_after_loading(tmp_path):
+    """The backbone's strictness is a rule of loading: a loaded model whose submodule its user replaced initialises
+    the new one (`initialize_weights()`), where it used to be refused as a checkpoint missing tensors."""
+    from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTSparseMLP
+
+    model = MoEViTForImageClassification(tiny())
+    trained_like(model)
+    model.save_pretrained(tmp_path)
+    loaded = MoEViTForImageClassification.from_pretrained(tmp_path)
+    kept = loaded.moe_vit.layers[3].mlp.experts.up_proj.detach().clone()
+    fresh = MoEViTSparseMLP(loaded.config, 1)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.fill_(float("nan"))
+    loaded.moe_vit.layers[1].mlp = fresh
+    loaded.initialize_weights()
+    up = fresh.experts.up_proj
+    assert torch.isfinite(up).all() and 0.5 < up.std().item() / loaded.config.initializer_range < 1.5
+    assert all(torch.count_nonzero(r.weight) == 0 for r in fresh.router.routers.values())  # routers start at zero
+    assert torch.equal(loaded.moe_vit.layers[3].mlp.experts.up_proj, kept)  # loaded tensors untouched

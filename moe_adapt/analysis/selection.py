@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write_text, read_json
+from ..models.moe_vit.configuration_moe_vit import parse_moe_layer_name
 from .usage import CRITERIA, ExpertUsage, model_signature
 
 POLICIES = ("top_n", "threshold", "coverage")
@@ -74,12 +75,12 @@ class ExpertSelection:
         return list(self.experts)
 
     def top_k(self, layer: str) -> int:
-        return int(self.model[f"{layer.rsplit('.', 1)[-1]}_top_k"])
+        return int(self.model[f"{parse_moe_layer_name(layer)[1]}_top_k"])
 
     def layer_size(self, layer: str) -> int:
         """The parent layer's expert count."""
-        _, i, kind = layer.split(".")
-        return int(self.model[f"{kind}_experts"][int(i)])
+        i, kind = parse_moe_layer_name(layer)
+        return int(self.model[f"{kind}_experts"][i])
 
     def num_kept(self) -> int:
         return sum(len(v) for v in self.experts.values())
@@ -118,8 +119,8 @@ class ExpertSelection:
         for task in tasks or []:
             config.task_index(task)
             for name, ids in self.experts.items():
-                _, i, kind = name.split(".")
-                e_t = config.router_size(task, kind, int(i))
+                i, kind = parse_moe_layer_name(name)
+                e_t = config.router_size(task, kind, i)
                 reach = [e for e in ids if e < e_t]
                 if len(reach) < self.top_k(name):
                     raise ValueError(
@@ -132,8 +133,8 @@ class ExpertSelection:
         computes exactly what the slice computes (`model(pixels, task=task, expert_mask=sel.expert_mask(...))`)."""
         masks = {}
         for name, ids in self.experts.items():
-            _, i, kind = name.split(".")
-            e_t = config.router_size(task, kind, int(i))
+            i, kind = parse_moe_layer_name(name)
+            e_t = config.router_size(task, kind, i)
             mask = torch.zeros(e_t, dtype=torch.bool)
             mask[[e for e in ids if e < e_t]] = True
             masks[name] = mask

@@ -30,6 +30,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from ..analysis.selection import ExpertSelection
+from ..models.moe_vit.configuration_moe_vit import parse_moe_layer_name
 from ..surgery.extract import extract_submodel
 from .loading import weights_fingerprint
 
@@ -86,8 +87,8 @@ def _experts_table(selection: ExpertSelection, config) -> list[str]:
     rows = ["| MoE layer | top-k | kept / parent experts | parent expert ids | runs as |", "|---|---:|---:|---|---|"]
     root = config.parent_expert_ids or {}
     for name, ids in selection.experts.items():
-        _, i, kind = name.split(".")
-        original = (root.get(kind) or [None] * config.num_hidden_layers)[int(i)] or ids
+        i, kind = parse_moe_layer_name(name)
+        original = (root.get(kind) or [None] * config.num_hidden_layers)[i] or ids
         k = selection.top_k(name)
         mode = "fused dense (k kept)" if len(ids) == k else f"top-{k} of {len(ids)}"
         rows.append(f"| {name} | {k} | {len(ids)} / {selection.layer_size(name)} | {list(original)} | {mode} |")

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..analysis.usage import collect_expert_usage, find_backbone
 from ..models.moe_vit import TASK_TYPES, MoEViTConfig
+from ..models.moe_vit.configuration_moe_vit import parse_moe_layer_name
 
 KINDS = ("attn", "mlp")
 
@@ -287,7 +288,7 @@ def _new_task_parameters(model: nn.Module, new_tasks: Sequence[str]) -> list[tup
                     params = [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
                     owned.update({id(p): names[id(p)] for p in params})
     for layer_name, module in backbone.moe_layers().items():
-        i, kind = int(layer_name.split(".")[1]), layer_name.rsplit(".", 1)[-1]
+        i, kind = parse_moe_layer_name(layer_name)
         reach = max((config.router_size(t, kind, i) for t in old_tasks), default=0)
         offset = 0
         for g, size in enumerate(module.group_sizes):

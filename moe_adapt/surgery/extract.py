@@ -42,6 +42,7 @@ from transformers.initialization import no_init_weights
 
 from ..analysis.selection import ExpertSelection
 from ..analysis.usage import find_backbone
+from ..models.moe_vit.configuration_moe_vit import parse_moe_layer_name
 
 __all__ = ["extract_submodel", "sliced_config"]
 
@@ -70,8 +71,7 @@ def sliced_config(config, selection: ExpertSelection, tasks: list[str]):
     router_sizes = {t: {"attn": [0] * depth, "mlp": [0] * depth} for t in tasks}
     old_parent_ids = config.parent_expert_ids or {}
     for name, ids in selection.experts.items():
-        _, i, kind = name.split(".")
-        i = int(i)
+        i, kind = parse_moe_layer_name(name)
         counts[kind][i] = len(ids)
         previous = (old_parent_ids.get(kind) or [None] * depth)[i]
         parent_ids[kind][i] = [int(previous[e]) for e in ids] if previous else list(ids)

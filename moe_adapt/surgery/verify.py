@@ -28,6 +28,7 @@ from torch import nn
 from ..analysis.usage import find_backbone
 from ..flops import count_parameters, flops_per_image
 from ..io import atomic_write_json
+from ..models.moe_vit.configuration_moe_vit import parse_moe_layer_name
 
 __all__ = ["VerificationReport", "verify_submodel"]
 
@@ -182,9 +183,9 @@ def verify_submodel(
     if sub_config.num_hidden_layers != parent.config.num_hidden_layers:
         raise ValueError("The slice and the parent have different depths; verify a slice against its own parent.")
     for name, m in layers.items():
-        _, i, kind = name.split(".")
-        ids = parent_ids[kind][int(i)]
-        root = (parent_root.get(kind) or [None] * parent.config.num_hidden_layers)[int(i)]
+        i, kind = parse_moe_layer_name(name)
+        ids = parent_ids[kind][i]
+        root = (parent_root.get(kind) or [None] * parent.config.num_hidden_layers)[i]
         missing = [e for e in ids if root and e not in root]
         if missing or any(e >= m.router.num_experts for e in ids if not root) or len(ids) != len(set(ids)):
             raise ValueError(
@@ -220,8 +221,8 @@ def verify_submodel(
             task_type = sub_config.task_types.get(task, "classification")
             masks = {}
             for name in layers:
-                _, i, kind = name.split(".")
-                e_t = parent.config.router_size(task, kind, int(i))
+                i, kind = parse_moe_layer_name(name)
+                e_t = parent.config.router_size(task, kind, i)
                 mask = torch.zeros(e_t, dtype=torch.bool, device=device)
                 mask[[e for e in kept[name] if e < e_t]] = True
                 masks[name] = mask

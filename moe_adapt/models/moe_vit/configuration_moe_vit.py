@@ -54,6 +54,15 @@ def _per_layer(name: str, value, depth: int) -> list[int]:
     return value
 
 
+def parse_moe_layer_name(name: str) -> tuple[int, str]:
+    """A MoE layer name as `MoEViTConfig.moe_layer_names()` gives it (`"layers.{i}.{kind}"`) → `(i, kind)`; any other
+    string is a `ValueError` that shows it."""
+    parts = name.split(".") if isinstance(name, str) else []
+    if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in ("attn", "mlp"):
+        raise ValueError(f"{name!r} is not a MoE layer name: expected 'layers.<index>.attn' or 'layers.<index>.mlp'.")
+    return int(parts[1]), parts[2]
+
+
 class UnknownConfigFieldError(ValueError):
     """`MoEViTConfig.from_preset` got keywords that are no config field (`fields`: their names): transformers'
     configs would keep them as attributes nothing reads, so a misspelt override would change nothing silently."""
@@ -333,9 +342,8 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
             if unknown:
                 raise ValueError(f"expert_mask names unknown MoE layers {sorted(unknown)}; known: {names}.")
         plan = {}
-        for name in names:
-            _, layer, kind = name.split(".")
-            n = self.router_size(task, kind, int(layer))
+        for name, layer, kind in self.moe_layers():
+            n = self.router_size(task, kind, layer)
             k = top_k.get(kind) if isinstance(top_k, dict) else top_k
             mask = None if not expert_mask else expert_mask.get(name)
             if mask is not None:
@@ -360,15 +368,19 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
             plan[name] = (None if k is None else int(k), mask)
         return plan
 
+    def moe_layers(self) -> list[tuple[str, int, str]]:
+        """The MoE layers in forward order as `(name, layer index, kind)`, e.g. `("layers.0.attn", 0, "attn")`;
+        kind is "attn" or "mlp"."""
+        return [
+            (f"layers.{i}.{kind}", i, kind)
+            for i in range(self.num_hidden_layers)
+            for kind in ("attn", "mlp")
+            if getattr(self, f"{kind}_experts")[i]
+        ]
+
     def moe_layer_names(self) -> list[str]:
         """Names of the MoE layers in forward order, e.g. `["layers.0.attn", "layers.1.mlp", ...]`."""
-        names = []
-        for i in range(self.num_hidden_layers):
-            if self.attn_experts[i]:
-                names.append(f"layers.{i}.attn")
-            if self.mlp_experts[i]:
-                names.append(f"layers.{i}.mlp")
-        return names
+        return [name for name, _, _ in self.moe_layers()]
 
 
-__all__ = ["MoEViTConfig", "PRESETS", "TASK_TYPES"]
+__all__ = ["MoEViTConfig", "PRESETS", "TASK_TYPES", "parse_moe_layer_name"]

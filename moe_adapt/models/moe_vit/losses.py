@@ -100,10 +100,7 @@ class MutualInformationLoss:
     def from_config(cls, config, **kwargs) -> MutualInformationLoss:
         """Sized and weighted by a `MoEViTConfig`: its tasks, `mi_loss_weight`, `mi_task_prior` and the expert
         count of every MoE layer (`kwargs` override, e.g. `sync=False`)."""
-        widths = []
-        for name in config.moe_layer_names():
-            _, index, kind = name.split(".")
-            widths.append(getattr(config, f"{kind}_experts")[int(index)])
+        widths = [getattr(config, f"{kind}_experts")[index] for _, index, kind in config.moe_layers()]
         options = {"weight": config.mi_loss_weight, "task_prior": config.mi_task_prior, "num_experts": widths}
         return cls(len(config.tasks), **(options | kwargs))
 

@@ -1480,15 +1480,15 @@ def _refuse_backbone_reinit(backbone: MoEViTModel, module: nn.Module) -> None:
     on the meta device and transformers marked each loaded tensor `_is_hf_initialized`), a backbone parameter
     without the mark was not in the checkpoint (or was mis-shaped under `ignore_mismatched_sizes`): raise naming it
     instead of letting transformers initialise it. Covers models that hold the backbone inside their own classes
-    (UperNet, DETR), whose `from_pretrained` is transformers' own."""
+    (UperNet, DETR), whose `from_pretrained` is transformers' own. Outside a load (a model its user built on the meta
+    device, or a loaded model whose submodule its user replaced, then `initialize_weights()`) it lets the
+    initialisation run."""
     if not backbone._built_on_meta:
         return
     # parameters offloaded to disk (`device_map=... "disk"`) stay on the meta device, unmarked, until used
     fresh = [p for p in module.parameters(recurse=False) if not getattr(p, "_is_hf_initialized", False) and not p.is_meta]
-    if not fresh:
+    if not fresh or not _inside_transformers_load():
         return
-    if not any(getattr(p, "_is_hf_initialized", False) for p in backbone.parameters()) and not _inside_transformers_load():
-        return  # nothing was loaded and no load is running: a model built on meta by its user, now initialised
     names = {id(p): n for n, p in backbone.named_parameters()}
     raise ValueError(
         f"The checkpoint is missing the MoE ViT backbone's {', '.join(names[id(p)] for p in fresh)} (or holds it "
@@ -1499,8 +1499,8 @@ def _refuse_backbone_reinit(backbone: MoEViTModel, module: nn.Module) -> None:
 
 def _inside_transformers_load() -> bool:
     """Whether transformers' `from_pretrained` is finishing a load further up the stack (it initialises what the
-    checkpoint did not provide there). Only asked when no backbone tensor was loaded, to tell a checkpoint without
-    any backbone tensor (an error) from a model its user built on the meta device and now initialises."""
+    checkpoint did not provide there). Only asked when a backbone parameter is about to be initialised, to tell a
+    checkpoint that lacks it (an error) from an initialisation its user asked for."""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "_finalize_model_loading" and "transformers" in frame.f_code.co_filename:
@@ -1591,13 +1591,10 @@ class MoEViTModel(MoEViTPreTrainedModel):
     # -- routing control ---------------------------------------------------------------------------------------
     def moe_layers(self) -> dict[str, nn.Module]:
         """`{name: MoE module}` in forward order; names as in `config.moe_layer_names()`."""
-        out = {}
-        for i, layer in enumerate(self.layers):
-            if layer.attn_is_moe:
-                out[f"layers.{i}.attn"] = layer.attention
-            if layer.mlp_is_moe:
-                out[f"layers.{i}.mlp"] = layer.mlp
-        return out
+        return {
+            name: self.layers[i].attention if kind == "attn" else self.layers[i].mlp
+            for name, i, kind in self.config.moe_layers()
+        }
 
     def resolve_task(self, task: str | int | None) -> str:
         """A task name from `task` (a name, an index, or None = `config.default_task`, else the first task)."""
