@@ -22,8 +22,6 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .models.moe_vit.configuration_moe_vit import parse_moe_layer_name
-
 __all__ = ["count_parameters", "flops_per_image"]
 
 
@@ -232,8 +230,8 @@ def count_parameters(model: nn.Module, task: str | None = None) -> dict:
     # reachable experts per (layer, group): experts [offset, offset + size) of a layer, task reaches the first E_t
     reach: dict[int, float] = {}
     if task is not None:
-        for lname, module in moe.moe_layers().items():
-            i, kind = parse_moe_layer_name(lname)
+        for module in moe.moe_layers().values():
+            i, kind = module.router.layer_idx, module.router.kind
             e_t = config.router_size(task, kind, i)
             offset = 0
             for group in [module.experts, *module.extra_experts]:

@@ -439,6 +439,13 @@ def test_mutual_information_loss_matches_direct_computation_over_micro_batches(p
     assert all(lg.grad is not None and lg.grad.abs().sum() > 0 for lg in logits)
     mi.reset()
     assert mi.compute().item() == 0.0
+    # the layer count is fixed by num_experts before the first micro-batch, and by the first micro-batch after it
+    one = [torch.rand(3, 4)]
+    with pytest.raises(ValueError, match="Expected router probabilities for 2 MoE layers, got 1"):
+        MutualInformationLoss(num_tasks=3, num_experts=[4, 6]).accumulate(one, 0)
+    mi.accumulate(probs, 0)
+    with pytest.raises(ValueError, match="Expected router probabilities for 2 MoE layers, got 1"):
+        mi.accumulate(one, 1)
 
 
 def test_mi_is_zero_when_tasks_route_identically_and_maximal_when_disjoint():

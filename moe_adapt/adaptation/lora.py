@@ -49,7 +49,6 @@ from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..models.moe_vit.configuration_moe_vit import parse_moe_layer_name
 from ..models.moe_vit.modeling_moe_vit import MoEViTMoAttention, MoEViTSparseMLP, lora_linear
 
 # Fused expert tensors LoRA may target, per kind of MoE layer.
@@ -127,10 +126,9 @@ def router_names(model: nn.Module, task: str) -> list[str]:
     """Names of `task`'s router in every MoE layer (`...router.routers.<task>`)."""
     backbone, prefix = _backbone(model), _prefix(model)
     return [
-        f"{prefix}layers.{i}.{'attention' if kind == 'attn' else 'mlp'}.router.routers.{task}"
-        for name, module in backbone.moe_layers().items()
-        for i, kind in [parse_moe_layer_name(name)]
-        if task in module.router.routers
+        f"{prefix}layers.{r.layer_idx}.{'attention' if r.kind == 'attn' else 'mlp'}.router.routers.{task}"
+        for r in (module.router for module in backbone.moe_layers().values())
+        if task in r.routers
     ]
 
 

@@ -28,7 +28,6 @@ from torch import nn
 
 from ..analysis.usage import collect_expert_usage, find_backbone
 from ..models.moe_vit import TASK_TYPES, MoEViTConfig
-from ..models.moe_vit.configuration_moe_vit import parse_moe_layer_name
 
 KINDS = ("attn", "mlp")
 
@@ -287,8 +286,8 @@ def _new_task_parameters(model: nn.Module, new_tasks: Sequence[str]) -> list[tup
                     entry = module[task]
                     params = [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
                     owned.update({id(p): names[id(p)] for p in params})
-    for layer_name, module in backbone.moe_layers().items():
-        i, kind = parse_moe_layer_name(layer_name)
+    for module in backbone.moe_layers().values():
+        i, kind = module.router.layer_idx, module.router.kind
         reach = max((config.router_size(t, kind, i) for t in old_tasks), default=0)
         offset = 0
         for g, size in enumerate(module.group_sizes):

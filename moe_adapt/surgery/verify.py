@@ -28,7 +28,6 @@ from torch import nn
 from ..analysis.usage import find_backbone
 from ..flops import count_parameters, flops_per_image
 from ..io import atomic_write_json
-from ..models.moe_vit.configuration_moe_vit import parse_moe_layer_name
 
 __all__ = ["VerificationReport", "verify_submodel"]
 
@@ -183,7 +182,7 @@ def verify_submodel(
     if sub_config.num_hidden_layers != parent.config.num_hidden_layers:
         raise ValueError("The slice and the parent have different depths; verify a slice against its own parent.")
     for name, m in layers.items():
-        i, kind = parse_moe_layer_name(name)
+        i, kind = m.router.layer_idx, m.router.kind
         ids = parent_ids[kind][i]
         root = (parent_root.get(kind) or [None] * parent.config.num_hidden_layers)[i]
         missing = [e for e in ids if root and e not in root]
@@ -220,9 +219,8 @@ def verify_submodel(
                 raise ValueError(f"No calibration data for task {task!r}.")
             task_type = sub_config.task_types.get(task, "classification")
             masks = {}
-            for name in layers:
-                i, kind = parse_moe_layer_name(name)
-                e_t = parent.config.router_size(task, kind, i)
+            for name, m in layers.items():
+                e_t = parent.config.router_size(task, m.router.kind, m.router.layer_idx)
                 mask = torch.zeros(e_t, dtype=torch.bool, device=device)
                 mask[[e for e in kept[name] if e < e_t]] = True
                 masks[name] = mask

@@ -108,15 +108,12 @@ class MutualInformationLoss:
         """Add one micro-batch of task index `task`: `router_probs[l]` is `[tokens, E_t]` for MoE layer l."""
         if not 0 <= task < self.num_tasks:
             raise ValueError(f"task index {task} out of range for {self.num_tasks} tasks.")
-        if self.num_experts is not None and len(router_probs) != len(self.num_experts):
-            raise ValueError(
-                f"Expected router probabilities for {len(self.num_experts)} MoE layers (num_experts), got {len(router_probs)}."
-            )
+        layers = self.joint if self.joint is not None else self.num_experts
+        if layers is not None and len(router_probs) != len(layers):
+            raise ValueError(f"Expected router probabilities for {len(layers)} MoE layers, got {len(router_probs)}.")
         if self.joint is None:
             widths = self.num_experts or [0] * len(router_probs)
             self.joint = [p.new_zeros(self.num_tasks, max(p.shape[-1], w), dtype=torch.float32) for p, w in zip(router_probs, widths)]
-        if len(router_probs) != len(self.joint):
-            raise ValueError(f"Expected router probabilities for {len(self.joint)} MoE layers, got {len(router_probs)}.")
         for layer, probs in enumerate(router_probs):
             mass = probs.float().sum(0)
             n = self.joint[layer].shape[1]
@@ -151,7 +148,8 @@ class MutualInformationLoss:
         # on one rank's task and not on another's).
         info = torch.tensor([m.shape[1] for m in joint] + [int(m.requires_grad) for m in joint], device=joint[0].device)
         dist.all_reduce(info, op=dist.ReduceOp.MAX)
-        widths, grads = info.tolist()[: len(joint)], info.tolist()[len(joint):]
+        values = info.tolist()
+        widths, grads = values[: len(joint)], values[len(joint):]
         out = []
         for m, width, grad in zip(joint, widths, grads):
             m = F.pad(m, (0, int(width) - m.shape[1]))
