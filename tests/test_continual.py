@@ -305,3 +305,51 @@ def test_continual_recipe_end_to_end(tmp_path, monkeypatch):
     assert grown.config.tasks == ["a", "b", "digits"] and grown.config.attn_experts == [8, 0, 8, 0]
     with pytest.raises(ValueError, match="unknown key"):
         recipe.load_config(None, ["model=x", "stepz=3"])
+
+
+# ------------------------------------------------------------------------------- the default path is the safe one
+def _plain_adamw_steps(model, task, images, steps=3):
+    """What a user writes after add_task: AdamW over every parameter, with weight decay, no freezing call."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    labels = torch.arange(images.shape[0]) % model.config.num_labels_for(task)
+    for _ in range(steps):
+        model(images, labels=labels, task=task).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_add_task_alone_protects_old_tasks_from_plain_adamw(images):
+    grown = add_task(tiny_classifier(), "c", labels=4, data=images)
+    before = task_outputs(grown, images, ["a", "b"])
+    new_before = task_outputs(grown, images, ["c"])
+    _plain_adamw_steps(grown, "c", images)
+    after = task_outputs(grown, images, ["a", "b"])
+    assert outputs_identical(before, after), max_output_change(before, after)
+    assert max_output_change(new_before, task_outputs(grown, images, ["c"]))["c"] > 0  # the new task did train
+    assert not grown.moe_vit.embeddings.projection.weight.requires_grad
+
+
+def test_add_task_freeze_false_leaves_everything_trainable(images):
+    grown = add_task(tiny_classifier(), "c", labels=4, data=images, freeze=False)
+    assert all(p.requires_grad for p in grown.parameters())
+
+
+def test_add_task_alone_protects_old_tasks_under_transformers_trainer(images, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    grown = add_task(tiny_classifier(), "c", labels=4, data=images)
+    before = task_outputs(grown, images, ["a", "b"])
+    rows = [{"pixel_values": x, "labels": torch.tensor(i % 4)} for i, x in enumerate(images)]
+
+    def collate(items):
+        return {"pixel_values": torch.stack([r["pixel_values"] for r in items]),
+                "labels": torch.stack([r["labels"] for r in items]), "task": "c"}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=3, learning_rate=1e-2,
+                             weight_decay=0.1, report_to=[], save_strategy="no", logging_strategy="no",
+                             use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+    Trainer(model=grown, args=args, train_dataset=rows, data_collator=collate).train()
+    after = task_outputs(grown.eval(), images, ["a", "b"])
+    assert outputs_identical(before, after), max_output_change(before, after)

@@ -3,17 +3,18 @@
 `add_task` returns a new model (same class, new config) with, in every MoE layer, a new expert group, a router for
 the new task over the old and the new experts, and a new task embedding and head. Old tasks' routers keep their
 `[E_old, d]` shape, and `config.task_router_sizes` pins them to the first E_old experts, so an old task runs the
-same code on the same tensors as before growth. `freeze_old_tasks` then sets `requires_grad=False` on everything
-an old task can reach (shared patch embedding, norms, dense layers, shared keys/values, old expert groups, old
-routers, embeddings and heads) and `trainable_optimizer` builds AdamW over the parameters left trainable only, so
-weight decay cannot move a frozen tensor. After training the new task, every old task's outputs are bit-identical.
+same code on the same tensors as before growth. The grown model comes back frozen (`freeze_old_tasks`):
+`requires_grad=False` on everything an old task can reach (shared patch embedding, norms, dense layers, shared
+keys/values, old expert groups, old routers, embeddings and heads). Frozen tensors get no gradient, so any optimiser
+built afterwards, plain `torch.optim.AdamW(model.parameters(), weight_decay=...)` or transformers' `Trainer`
+included, leaves them untouched (AdamW skips parameters without a gradient, weight decay too). After training the
+new task, every old task's outputs are bit-identical.
 
 Example:
 
 ```python
 >>> model = add_task(model, "digits", "classification", labels=10, data=digit_batches)
->>> freeze_old_tasks(model, new_tasks=["digits"])
->>> optimizer = trainable_optimizer(model, lr=1e-3, weight_decay=0.05)
+>>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)   # moves only digits' tensors
 ```
 """
 
@@ -208,6 +209,7 @@ def add_task(
     data=None,
     max_batches: int = 8,
     head_config: dict | None = None,
+    freeze: bool = True,
 ) -> nn.Module:
     """Grow `model` (a `MoEViTModel`, `MoEViTForImageClassification`, `MoEViTForMultiTask`, ...) by task `name`.
 
@@ -223,9 +225,12 @@ def add_task(
       an iterable of batches, `max_batches` used), and the new task starts from the source task's embedding
       and router. `init="random"`: fresh experts, zero router (uniform routing), zero embedding.
     - `head_config`: options of the new task's head (`config.head_configs[name]` of `MoEViTForMultiTask`).
+    - `freeze` (default True): `freeze_old_tasks(grown, name)`, so only the new task's own tensors are trainable
+      and no optimiser can move an old task's. `freeze=False` leaves every tensor trainable (joint fine-tuning of
+      all tasks, which gives up the old tasks' bit-identity).
 
     Old tasks' routers keep their shapes and `config.task_router_sizes` pins them to their current experts, so
-    their outputs stay bit-identical. Call `freeze_old_tasks` before training the new task.
+    their outputs stay bit-identical.
     """
     if init not in ("copy_top", "random"):
         raise ValueError(f"init={init!r}: expected 'copy_top' (copy the source task's most used experts) or 'random'.")
@@ -262,6 +267,8 @@ def add_task(
     # Model-level routing settings of the old tasks carry over (their router sizes are unchanged).
     _backbone(grown).routing_overrides = copy.deepcopy(backbone.routing_overrides)
     grown.train(model.training)
+    if freeze:
+        freeze_old_tasks(grown, [name])
     return grown
 
 
