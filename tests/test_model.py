@@ -738,6 +738,16 @@ def test_save_load_bit_exact_with_per_layer_expert_counts(tmp_path):
     assert torch.equal(model(x, task="b").last_hidden_state, again(x, task="b").last_hidden_state)
 
 
+def test_loaded_tensors_sit_where_torch_allocates(tmp_path):
+    """safetensors packs tensors at 8-byte offsets; a BLAS may round differently on such operands (AMD EPYC does),
+    so every loaded CPU tensor starts on torch's own 64-byte boundary, whatever the CPU."""
+    model = MoEViTForImageClassification(tiny(attn_experts=[6, 0, 3, 0], mlp_experts=[0, 8, 0, 2]))
+    model.save_pretrained(tmp_path)
+    again = MoEViTForImageClassification.from_pretrained(tmp_path)
+    offsets = {n: t.data_ptr() % 64 for n, t in again.state_dict().items() if t.numel()}
+    assert not any(offsets.values()), {n: o for n, o in offsets.items() if o}
+
+
 def test_checkpoint_disagreeing_with_config_is_an_error_naming_the_tensor(tmp_path):
     MoEViTModel(tiny(mlp_experts=[0, 8, 0, 8])).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

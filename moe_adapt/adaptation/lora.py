@@ -49,7 +49,7 @@ from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..models.moe_vit.modeling_moe_vit import MoEViTMoAttention, MoEViTSparseMLP, lora_linear
+from ..models.moe_vit.modeling_moe_vit import MoEViTMoAttention, MoEViTSparseMLP, lora_linear, realign_cpu_tensors
 
 # Fused expert tensors LoRA may target, per kind of MoE layer.
 EXPERT_PARAMETERS = {"mlp": ("up_proj", "down_proj"), "attn": ("q_proj", "o_proj")}
@@ -376,7 +376,9 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, is_trainable: bo
         raise FileNotFoundError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json is missing).")
     enable_expert_lora(model)
     config = _use_fused_linear(LoraConfig.from_pretrained(str(adapter_dir)))
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable, config=config)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable, config=config)
+    realign_cpu_tensors(peft_model)  # the adapter's tensors too compute as they did before saving
+    return peft_model
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1458,7 +1458,35 @@ class MoEViTPreTrainedModel(PreTrainedModel):
                 "mis-shaped tensor is never re-initialised silently: load a checkpoint that holds it, or fix its "
                 "config.json (e.g. the per-layer expert counts)."
             )
+        realign_cpu_tensors(model)
         return (model, info) if want_info else model
+
+
+#: byte alignment of torch's own CPU allocations (c10's `gAlignment`)
+CPU_ALIGNMENT = 64
+
+
+def realign_cpu_tensors(model: nn.Module) -> int:
+    """Copy every CPU parameter and buffer whose data does not start on a 64-byte boundary into a fresh torch
+    allocation (which does); return how many were copied.
+
+    safetensors stores tensors back to back (8-byte aligned), and a memory-mapped load hands out tensors at those
+    offsets. BLAS libraries pick their kernels by operand alignment on some CPUs (seen on AMD EPYC), so the same
+    weights at another address can round differently. After this, a loaded model computes bit for bit what the
+    saved one did, on any x86 CPU."""
+    copied = 0
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is None or tensor.device.type != "cpu" or tensor.is_meta or not tensor.numel():
+                    continue
+                if tensor.data_ptr() % CPU_ALIGNMENT:
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = tensor.data.clone()  # same Parameter object: ties and optimisers keep it
+                    else:
+                        store[name] = tensor.clone()
+                    copied += 1
+    return copied
 
 
 def _is_backbone_key(model: nn.Module, key: str) -> bool:
