@@ -35,13 +35,14 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     config = load_pretrain_config(args.config, overrides)
+    from accelerate import PartialState
+
     try:
         results = pretrain(config, resume=args.resume)
     finally:  # leave no live process group behind: gloo's threads at interpreter exit can abort the process
-        from accelerate import PartialState
-
+        is_main = PartialState().is_main_process
         PartialState().destroy_process_group()
-    if results:  # the main process
+    if is_main:  # every rank trains; the main process evaluates, saves and reports
         for task, value in results["primary"].items():
             print(f"{task}: {results['primary_metric'][task]} = {value:.4f}")
         if results.get("normalized_mi"):

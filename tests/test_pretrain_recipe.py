@@ -170,3 +170,36 @@ def test_two_process_gloo_run_keeps_ranks_identical_and_all_reduces_mi(mini_data
     assert r0["mi_loss"] == r1["mi_loss"] and len(r0["mi_loss"]) == 3
     assert r0["fashion_loss"] != r1["fashion_loss"]
     assert yaml.safe_load((tmp_path / "run" / "metrics.json").read_text())["processes"] == 2
+
+
+def readme_command(prefix: str) -> list[str]:
+    """The README's command line that starts with `prefix`, split into words (its trailing comment dropped)."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith(prefix):
+            return line.split("#", 1)[0].split()
+    raise AssertionError(f"README.md shows no command starting with {prefix!r}")
+
+
+@pytest.mark.slow
+def test_readme_torchrun_command_exits_zero_on_every_rank(mini_data_dir, tmp_path):
+    """The README's two-process command exactly as written, plus dotted overrides that make it a few steps long
+    on the small mini benchmark. torchrun exits 0 only when every rank did."""
+    cmd = readme_command("torchrun --nproc_per_node 2 recipes/pretrain.py")
+    assert cmd[:2] == ["torchrun", "--nproc_per_node"]
+    cmd[0] = str(Path(sys.executable).with_name("torchrun"))
+    cmd += [f"output_dir={tmp_path / 'run'}", f"data.mini.out={mini_data_dir}", "data.mini.small=true",
+            "train.max_steps=2", "train.max_minutes=null", "train.progress_bar=false", "train.num_threads=1"]
+    cmd += [f"tasks.{t}.eval_max_samples=8" for t in ("fashion", "digits-det", "fashion-seg")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+    assert proc.returncode == 0, output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
+    assert output.count("fashion: accuracy = ") == 1  # the main process reports, once
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["processes"] == 2
