@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from moe_adapt.adaptation.finetune import FinetuneConfig, finetune  # noqa: E402
+from moe_adapt.cli import add_debug_flag, run_reporting_errors  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="recipe YAML (see recipes/configs/finetune_digits.yaml)")
     parser.add_argument("--model", help="pretrained multi-task model or extracted sub-model (folder or Hub id)")
@@ -36,7 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--validation-fraction", type=float,
                         help="evaluate on this fraction of the training images (held out; the same draw every run) "
                              "instead of the eval split, e.g. to choose settings without the test images")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return run_reporting_errors("finetune.py", run, args, debug=args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     dataset = args.dataset
     if dataset is not None and dataset.lstrip().startswith("{"):
         dataset = json.loads(dataset)
@@ -48,10 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         finetune(cfg)
     finally:  # leave no live process group behind: gloo's threads at interpreter exit can abort the process
-        from accelerate import PartialState
-
         PartialState().destroy_process_group()
-
+    return 0
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

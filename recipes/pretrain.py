@@ -21,6 +21,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning threads slow every process down.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from moe_adapt.cli import add_debug_flag, run_reporting_errors  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,14 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="resume from the newest checkpoint of output_dir, or from the given checkpoint folder")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50 sampling.strategy=temperature")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return run_reporting_errors("pretrain.py", run, args, debug=args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
 
     from moe_adapt.training import load_pretrain_config, pretrain
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     config = load_pretrain_config(args.config, overrides)
-    from accelerate import PartialState
-
     try:
         results = pretrain(config, resume=args.resume)
     finally:  # leave no live process group behind: gloo's threads at interpreter exit can abort the process

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = ("data", "inspect", "extract")
@@ -18,13 +19,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+#: what counts as a user's mistake (bad path, bad value, bad YAML): one `error:` line, exit 2, no traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def debug_requested(flag: bool = False) -> bool:
+    """Whether to show the full traceback of a user error: `--debug`, or `MOE_ADAPT_DEBUG=1` in the environment."""
+    return flag or os.environ.get("MOE_ADAPT_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def run_reporting_errors(prog: str, func, *args, debug: bool = False) -> int:
+    """`func(*args)` as a command's body: its return value as the exit code, or, for a user error (a wrong path,
+    value, config key or YAML file), one line `PROG: error: MESSAGE` on stderr and exit code 2. With `debug` (or
+    `MOE_ADAPT_DEBUG=1`) the error propagates with its traceback."""
+    import yaml
+
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"moe-adapt {args.command}: error: {err}", file=sys.stderr)
+        return int(func(*args) or 0)
+    except (*USER_ERRORS, yaml.YAMLError) as err:
+        if debug_requested(debug):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    return run_reporting_errors(f"moe-adapt {args.command}", args.func, args, debug=args.debug)
 
 
 if __name__ == "__main__":
