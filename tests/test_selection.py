@@ -127,3 +127,9 @@ def test_bad_selections_are_refused():
         select_experts(make_usage(), "coverage", coverage=1.5)
     with pytest.raises(ValueError, match="not an expert selection"):
         ExpertSelection.from_dict({"experts": good})
+
+
+def test_top_n_larger_than_the_layer_is_an_error_naming_the_layer():
+    usage = make_usage()
+    with pytest.raises(ValueError, match=r"n=99 for top_n in layers\.\d\.\w+ must be between 1 and its \d+ experts"):
+        select_experts(usage, "top_n", n=99)

@@ -250,8 +250,8 @@ def select_experts(
         if policy == "top_n":
             want = n.get(name.rsplit(".", 1)[-1]) if isinstance(n, Mapping) else n
             want = k if want is None else int(want)
-            if want < 1:
-                raise ValueError(f"n={want} for top_n must be at least 1.")
+            if not 1 <= want <= len(ranked):
+                raise ValueError(f"n={want} for top_n in {name} must be between 1 and its {len(ranked)} experts.")
             keep = ranked[:want]
         elif policy == "threshold":
             share = s if criterion == "frequency" else usage.shares(criterion, name)
