@@ -6,6 +6,7 @@ from helpers import trained_like
 
 import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
+from moe_adapt.models.moe_vit.modeling_moe_vit import EXPERTS_IMPLEMENTATIONS, MoEViTSparseMLP
 from moe_adapt.surgery.add_task import (
     add_task,
     freeze_old_tasks,
@@ -142,7 +143,7 @@ def test_bit_identity_holds_for_other_expert_backends(images, impl):
 
 def test_grown_model_on_the_accelerator_code_path(images, monkeypatch):
     """The code segmented_mm runs on a GPU, taken here on CPU, on a grown model: the new task routes over two expert
-    groups (its slots outside a group are clamped to a duplicate expert with gate 0). Its loss and every gradient
+    groups (each group runs the slots that chose one of its experts). Its loss and every gradient
     equal the CPU path's, and training it there leaves the old tasks bit-identical."""
     import moe_adapt.models.moe_vit.modeling_moe_vit as M
 
@@ -195,6 +196,106 @@ def test_growing_a_slice_that_kept_exactly_k_experts_is_bit_identical(images):
     before = task_outputs(model, images, ["a", "b"])
     grown = add_task(model, "c", labels=2, init="random")
     assert outputs_identical(before, task_outputs(grown, images, ["a", "b"]))
+
+
+def grown_with_random_routers(impl="segmented_mm"):
+    """A tiny model grown by task c (2 attention and 3 MLP experts per layer) whose routers are all random, so the
+    new task routes over both expert groups; every tensor trainable."""
+    model = tiny_classifier(experts_implementation=impl)
+    grown = add_task(model, "c", labels=4, new_attn_experts=2, new_mlp_experts=3, init="random")
+    trained_like(grown, seed=7)
+    for p in grown.parameters():
+        p.requires_grad_(True)
+    return grown
+
+
+def reference_layer(module, x, task, top_k=None):
+    """A MoE layer's output written out from its definition, all expert groups concatenated: for each token,
+    `Σ_j g_j · expert_{e_j}(x)` over its k chosen experts (attention experts: per slot a query and an output
+    projection around multi-query attention against the shared keys and values)."""
+    b, n, d = x.shape
+    flat = x.reshape(b * n, d)
+    route = module.router(flat, task, top_k)
+    idx, k = route.indices, route.indices.shape[-1]
+    groups = [module.experts, *module.extra_experts]
+
+    def chosen(name):  # each (token, slot)'s expert tensor
+        return torch.cat([getattr(g, name) for g in groups])[idx]
+
+    if isinstance(module, MoEViTSparseMLP):
+        h = module.experts.act_fn(torch.einsum("tkid,td->tki", chosen("up_proj"), flat) + chosen("up_proj_bias"))
+        y = torch.einsum("tkdi,tki->tkd", chosen("down_proj"), h) + chosen("down_proj_bias")
+    else:
+        q = torch.einsum("tkhd,td->tkh", chosen("q_proj"), flat) + chosen("q_proj_bias")
+        q = q.reshape(b, n * k, -1)
+        att = torch.softmax(q @ module.k_proj(x).transpose(1, 2) / q.shape[-1] ** 0.5, -1) @ module.v_proj(x)
+        y = torch.einsum("tkdh,tkh->tkd", chosen("o_proj"), att.reshape(b * n, k, -1)) + chosen("o_proj_bias")
+    return (route.weights.unsqueeze(-1) * y).sum(1).view(b, n, d), route
+
+
+@pytest.mark.parametrize("impl", [*EXPERTS_IMPLEMENTATIONS, "accelerator"])
+@pytest.mark.parametrize("top_k", [None, 1, 3])
+def test_new_task_over_two_expert_groups_equals_the_reference(impl, top_k, monkeypatch):
+    """The new task's MoE layers (each expert group run on only the slots that chose one of its experts) equal the
+    layer written out from its definition: outputs, and gradients of the input, the router and every expert group.
+    'accelerator': the code segmented_mm runs on a GPU, taken here on CPU."""
+    import moe_adapt.models.moe_vit.modeling_moe_vit as M
+
+    if impl == "accelerator":
+        monkeypatch.setattr(M, "on_accelerator", lambda x: True)
+    grown = grown_with_random_routers("segmented_mm" if impl == "accelerator" else impl)
+    x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(2))
+    for name, module in grown.moe_vit.moe_layers().items():
+        results = []
+        for reference in (False, True):
+            module.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            y, route = reference_layer(module, xi, "c", top_k) if reference else module(xi, "c", top_k)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+            results.append((y.detach(), route.indices, xi.grad, grads))
+        (y, idx, dx, grads), (y_ref, idx_ref, dx_ref, grads_ref) = results
+        assert torch.equal(idx, idx_ref), name
+        first = module.group_sizes[0]
+        assert (idx < first).any() and (idx >= first).any(), name  # both groups are reached
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5, msg=name)
+        assert any(n.startswith("extra_experts.0.") for n in grads), name  # the new group is trained
+        for n, g_ref in grads_ref.items():
+            if n != "k_proj.bias":  # zero but for rounding: the softmax over keys ignores a shift shared by all keys
+                # the eager loop leaves the experts no token chose without a gradient (None, not zeros)
+                g = grads.get(n, torch.zeros_like(g_ref))
+                torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=f"{name} {n}")
+
+
+def test_each_mlp_expert_group_runs_only_its_own_slots(images):
+    """Every (token, slot) pair of the new task reaches exactly one MLP expert group: the groups' calls together
+    see tokens × k pairs, each with an expert of that group (not every group all tokens × k)."""
+    grown = grown_with_random_routers().eval()
+    seen = {}
+
+    def hook(module, args, out):
+        seen.setdefault(id(module), []).append(args[1].clone())
+
+    mlp_layers = [m for m in grown.moe_vit.moe_layers().values() if m.router.kind == "mlp"]
+    handles = [g.register_forward_hook(hook) for m in mlp_layers for g in [m.experts, *m.extra_experts]]
+    with torch.no_grad():
+        out = grown.moe_vit(images, task="c", output_router_probs=True)
+    for h in handles:
+        h.remove()
+    tokens = images.shape[0] * 17
+    for layer, module in grown.moe_vit.moe_layers().items():
+        if module.router.kind != "mlp":
+            continue
+        calls = [seen.get(id(g), []) for g in [module.experts, *module.extra_experts]]
+        assert all(len(c) == 1 for c in calls), layer
+        pairs = [c[0] for c in calls]
+        assert sum(p.numel() for p in pairs) == tokens * 2 and all(p.shape[1] == 1 for p in pairs)
+        for p, size in zip(pairs, module.group_sizes):
+            assert 0 <= p.min() and p.max() < size
+        routed = out.router_indices[grown.config.moe_layer_names().index(layer)]
+        first = module.group_sizes[0]
+        assert [int((routed < first).sum()), int((routed >= first).sum())] == [p.numel() for p in pairs]
 
 
 # ------------------------------------------------------------------------------------------------ save / load

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import trained_like
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import ViTConfig, ViTModel
 
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
 from moe_adapt.analysis import ExpertSelection
 from moe_adapt.analysis.usage import model_signature
 from moe_adapt.flops import count_parameters, flops_per_image
-from moe_adapt.surgery import extract_submodel
+from moe_adapt.surgery import add_task, extract_submodel
 
 # tiny preset: d 32, 4 blocks, 4 heads, MLP 64, 32x32 images, patch 8; even blocks 6 attention experts (head 16),
 # odd blocks 8 MLP experts (width 64); top-2 everywhere
@@ -121,3 +123,71 @@ def test_bad_arguments():
         flops_per_image(config, expert_mask={"layers.1.mlp": torch.ones(8)})
     with pytest.raises(ValueError, match="top_k=2 .* 1 experts"):
         flops_per_image(config, expert_mask={"layers.1.mlp": torch.tensor([1, 0, 0, 0, 0, 0, 0, 0]).bool()})
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)
+
+
+def torch_flops(model, task, top_k=None) -> int:
+    """torch's own count of one 32x32 image's forward (`FlopCounterMode`, given the formula of its other attention
+    kernels for the CPU one, which it does not count)."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model(pixel_values=pixels, task=task, top_k=top_k)
+    return counter.get_total_flops()
+
+
+def assert_counts_agree(model, task, top_k=None):
+    counted, measured = flops_per_image(model, task, top_k=top_k)["total"], torch_flops(model, task, top_k)
+    assert abs(counted / measured - 1) < 0.02, (task, top_k, counted, measured)
+    return counted, measured
+
+
+@pytest.fixture(scope="module")
+def grown_eager():
+    """A tiny eager-backend model grown by task c (2 attention and 3 MLP experts per layer), then grown again by task
+    d (1 attention expert per attention layer), with random routers: c and d route over two and three expert groups."""
+    torch.manual_seed(0)
+    config = MoEViTConfig.from_preset(
+        "tiny", tasks=["a", "b"], task_labels={"a": list("xyz"), "b": list("uv")}, experts_implementation="eager"
+    )
+    model = trained_like(MoEViTForImageClassification(config))
+    grown = add_task(model, "c", labels=4, new_attn_experts=2, new_mlp_experts=3, init="random")
+    twice = add_task(grown, "d", labels=5, new_attn_experts=1, new_mlp_experts=0, init="random")
+    return trained_like(twice, seed=3)
+
+
+def test_flop_count_agrees_with_torch_for_every_task_of_a_grown_model(grown_eager):
+    """flops_per_image agrees with torch's FlopCounterMode (eager experts backend) for the old tasks and for the tasks
+    that route over several expert groups, whose every slot runs in the one group that holds its expert: a new task
+    costs what its larger routers and head add, not a second pass of its experts per group."""
+    assert grown_eager.config._experts_implementation == "eager"
+    assert grown_eager.config.attn_expert_groups[0] == [6, 2, 1] and grown_eager.config.mlp_expert_groups[1] == [8, 3]
+    counts = {task: assert_counts_agree(grown_eager, task) for task in ("a", "b", "c", "d")}
+    (old_counted, old_measured), (new_counted, new_measured) = counts["a"], counts["c"]
+    assert new_counted / old_counted < 1.01
+    assert abs(new_measured / old_measured - new_counted / old_counted) < 0.01  # 1.42 when every group ran all k slots
+
+
+@pytest.mark.parametrize("top_k", [1, 3, {"mlp": 3}, {"attn": 1, "mlp": 4}])
+def test_flop_count_agrees_with_torch_under_top_k_overrides(grown_eager, top_k):
+    for task in ("a", "c", "d"):
+        assert_counts_agree(grown_eager, task, top_k)
+
+
+@pytest.mark.parametrize("keep", [[0, 1], [0, 6, 7], [0, 1, 2, 6, 7]])
+def test_flop_count_agrees_with_torch_for_slices_of_a_grown_model(grown_eager, keep):
+    """Slices of the grown model (their expert groups fused into one) for the new tasks, kept exactly k experts (run as
+    one dense layer) or more, at their own and at an overridden top-k."""
+    names = grown_eager.config.moe_layer_names()
+    selection = ExpertSelection(
+        experts=dict.fromkeys(names, keep), tasks=["c", "d"], model=model_signature(grown_eager.config)
+    )
+    sub = extract_submodel(grown_eager, selection)
+    assert sub.config._experts_implementation == "eager"
+    for task in ("c", "d"):
+        assert_counts_agree(sub, task)
+        if len(keep) > 2:
+            assert_counts_agree(sub, task, top_k=1)

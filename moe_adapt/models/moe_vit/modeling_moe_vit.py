@@ -987,29 +987,63 @@ ALL_EXPERTS_FUNCTIONS.register("segmented_mm", segmented_mm_experts_forward)
 EXPERTS_IMPLEMENTATIONS = ("segmented_mm", "padded_bmm", "grouped_mm", "batched_mm", "eager")
 
 
-def reachable_groups(route: RouterOutput, group_sizes: list[int], groups: list[nn.Module]):
-    """Yield (experts, local indices, inside-mask or None) for each expert group the task's router can reach.
+class ExpertGroupSplit:
+    """The (token, slot) pairs of a task that routes over several expert groups (`experts` and `extra_experts`),
+    split by the group that holds each pair's chosen expert, so that every group runs only its own pairs.
 
-    A task routing only within the first group gets that group with its indices unchanged (and no mask), so it runs
-    exactly the code it ran before later groups were added: old tasks stay bit-identical after growth."""
-    num_routed = route.logits.shape[-1]
-    if num_routed <= group_sizes[0]:
-        yield groups[0], route.indices, None
-        return
-    offset = 0
-    for size, experts in zip(group_sizes, groups):
-        if offset >= num_routed:
-            break
-        local = route.indices - offset
-        yield experts, local.clamp(0, size - 1), (local >= 0) & (local < size)
-        offset += size
+    indices `[tokens, k]` (layer-wide expert ids) and the layer's `group_sizes` → `perm` `[S]` (S = tokens·k; the
+    pairs sorted by group, stable, as flat pair positions), `inverse` `[S]`, and `parts`: for each group holding
+    at least one pair, (group number, the pairs' expert ids inside the group `[P_g, 1]`). A group then sees its
+    pairs as P_g tokens with top-1 routing: `rows` gathers each pair's input row, `gates` its gate, and `combine`
+    puts the groups' gate-weighted outputs back in pair order and sums each token's k of them.
+
+    A task routing only within the first group never comes here: it runs the first group on `route.indices`
+    directly, the code it ran before later groups were added, so old tasks stay bit-identical after growth.
+    The per-group pair counts are read to the host once (`tolist`), and the groups' batch sizes change with the
+    routing; a group with no pairs is not called (its tensors get no gradient from that batch)."""
+
+    def __init__(self, indices: torch.Tensor, group_sizes: list[int]):
+        self.tokens, self.k = indices.shape
+        flat = indices.reshape(-1)
+        offsets = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
+        starts = torch.tensor(offsets[1:], dtype=flat.dtype, device=flat.device)
+        group = torch.bucketize(flat, starts, right=True)  # the group of each pair's expert
+        self.perm = group.argsort(stable=True)
+        self.inverse = torch.empty_like(self.perm).scatter_(
+            0, self.perm, torch.arange(self.perm.numel(), device=self.perm.device)
+        )
+        self.counts = torch.bincount(group, minlength=len(group_sizes)).tolist()
+        local = flat.index_select(0, self.perm).split(self.counts)
+        self.parts = [(g, (ids - offsets[g]).unsqueeze(1)) for g, ids in enumerate(local) if ids.numel()]
+
+    def _split(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        chunks = rows.split(self.counts)
+        return [chunks[g] for g, _ in self.parts]
+
+    def rows(self, x: torch.Tensor, per_slot: bool = False) -> list[torch.Tensor]:
+        """Each part's input rows: token rows `[tokens, d]` (or pair rows `[S, d]` if `per_slot`) → `[P_g, d]` per
+        part. A gather whose backward is a gather (summed over each token's k pairs), not a scatter-add."""
+        if per_slot:
+            return self._split(_GatherRows.apply(x, self.perm, self.inverse, 1, None))
+        return self._split(_GatherRows.apply(x, self.perm // self.k, self.inverse, self.k, None))
+
+    def gates(self, weights: torch.Tensor) -> list[torch.Tensor]:
+        """Each part's gates `[P_g, 1]` from the router's `[tokens, k]`."""
+        return self._split(_GatherRows.apply(weights.reshape(-1, 1), self.perm, self.inverse, 1, None))
+
+    def to_pairs(self, ys: list[torch.Tensor]) -> torch.Tensor:
+        """The parts' rows `[P_g, ·]` (in `parts` order) → `[S, ·]` in pair order (token t's k rows at t·k ..)."""
+        return _GatherRows.apply(torch.cat(ys), self.inverse, self.perm, 1, None)
+
+    def combine(self, ys: list[torch.Tensor]) -> torch.Tensor:
+        """The parts' gate-weighted outputs `[P_g, d]` → `[tokens, d]`: each token's k outputs summed."""
+        return self.to_pairs(ys).view(self.tokens, self.k, -1).sum(1)
 
 
 def _add_token_bias(out: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, bias: torch.Tensor):
     """`out[t] += Σ_j w[t, j] · bias[index[t, j]]`: each token's experts' output biases at token level, as one
     `[tokens, E] × [E, d]` product (a pass over the k-times-replicated rows less in the forward, and no per-expert
-    bias sums in the backward). The gates are scatter-added into `[tokens, E]`: slots that fall outside an expert
-    group arrive clamped onto a real expert with gate 0."""
+    bias sums in the backward). The gates are scatter-added into `[tokens, E]`."""
     gates = top_k_weights.to(out.dtype)
     full = torch.zeros(out.shape[0], bias.shape[0], dtype=out.dtype, device=out.device).scatter_add(1, top_k_index, gates)
     return _add_gated_bias(out, full, bias)
@@ -1103,7 +1137,8 @@ class MoEViTExperts(nn.Module):
 
 class MoEViTSparseMLP(nn.Module):
     """A mixture of MLP experts with one router per task. Experts may be stored in several groups (continual
-    learning freezes old groups); `experts` is the first group and `extra_experts` the others."""
+    learning freezes old groups); `experts` is the first group and `extra_experts` the others. A task routing over
+    several groups runs each group on only the (token, slot) pairs whose expert it holds (`ExpertGroupSplit`)."""
 
     def __init__(self, config: MoEViTConfig, layer_idx: int):
         super().__init__()
@@ -1121,11 +1156,12 @@ class MoEViTSparseMLP(nn.Module):
         num_routed = route.logits.shape[-1]
         if route.indices.shape[-1] == num_routed <= self.group_sizes[0]:  # every expert chosen: dense speed
             out = self.experts.forward_all(flat, _gates_full(route, num_routed))
-        else:
-            out = None
-            for experts, idx, inside in reachable_groups(route, self.group_sizes, [self.experts, *self.extra_experts]):
-                y = experts(flat, idx, route.weights if inside is None else route.weights * inside)
-                out = y if out is None else out + y
+        elif num_routed <= self.group_sizes[0]:  # within the first group: the code it ran before later groups
+            out = self.experts(flat, route.indices, route.weights)
+        else:  # over several groups: each group runs only the pairs whose expert it holds
+            split, groups = ExpertGroupSplit(route.indices, self.group_sizes), [self.experts, *self.extra_experts]
+            parts = zip(split.parts, split.rows(flat), split.gates(route.weights))
+            out = split.combine([groups[g](x, idx, w) for (g, idx), x, w in parts])
         return self.dropout(out.view(b, n, d)), route
 
 
@@ -1204,18 +1240,22 @@ class MoEViTMoAttention(nn.Module):
         if impl == "segmented_mm" and runs_grouped_mm(flat, groups, ("q_proj", "o_proj")):
             impl = "grouped_mm"  # the dispatch's grouped matmuls, sync-free in bf16 on CUDA (see `on_accelerator`)
         dense = k == route.logits.shape[-1] <= self.group_sizes[0]
+        several = route.logits.shape[-1] > self.group_sizes[0]
+        split = ExpertGroupSplit(route.indices, self.group_sizes) if several else None
         if dense:  # every expert is selected: one dense projection over the concatenated heads
             ex = self.experts
             gates = _gates_full(route, k)
             q = fused_expert_linear(flat, ex, "q_proj", k, stack="out").view(b * n, k, h)
-        else:
-            q, plans = None, []
-            for ex, idx, inside in reachable_groups(route, self.group_sizes, groups):
-                plan = ExpertDispatch(idx, ex.num_experts)
-                plans.append((ex, plan, inside))
-                qg = plan.project(flat, ex.q_proj, ex.q_proj_bias, impl, lora=expert_lora(ex, "q_proj"))
-                qg = qg if inside is None else qg * inside.unsqueeze(-1)
-                q = qg if q is None else q + qg
+        elif split is None:  # within the first group: the code it ran before later groups were added
+            ex, plan = self.experts, ExpertDispatch(route.indices, self.experts.num_experts)
+            q = plan.project(flat, ex.q_proj, ex.q_proj_bias, impl, lora=expert_lora(ex, "q_proj"))
+        else:  # over several groups: each group projects only the pairs whose expert it holds
+            plans = [(groups[g], ExpertDispatch(idx, groups[g].num_experts)) for g, idx in split.parts]
+            qs = [
+                plan.project(x, ex.q_proj, ex.q_proj_bias, impl, lora=expert_lora(ex, "q_proj")).view(-1, h)
+                for (ex, plan), x in zip(plans, split.rows(flat))
+            ]
+            q = split.to_pairs(qs)
         # One key/value head serves all k queries of a token (multi-query attention), so the k heads need no head
         # axis: each token's k queries are k more query rows against the same keys. `[tokens, k, h]` is already
         # `[b, n·k, h]` in memory; no transpose or copy on the way in or out.
@@ -1229,12 +1269,15 @@ class MoEViTMoAttention(nn.Module):
             o = attn * gates.unsqueeze(-1) if _tracks_grad(attn, gates) else attn.mul_(gates.unsqueeze(-1))
             o = o.reshape(b * n, k * h)
             out = _add_gated_bias(fused_expert_linear(o, ex, "o_proj", k, stack="in"), gates, ex.o_proj_bias[:k])
+        elif split is None:
+            out = plan.project_sum(attn, ex.o_proj, ex.o_proj_bias, route.weights, impl, lora=expert_lora(ex, "o_proj"))
         else:
-            out = None
-            for ex, plan, inside in plans:
-                w = route.weights if inside is None else route.weights * inside
-                y = plan.project_sum(attn, ex.o_proj, ex.o_proj_bias, w, impl, lora=expert_lora(ex, "o_proj"))
-                out = y if out is None else out + y
+            parts = zip(plans, split.rows(attn.reshape(b * n * k, h), per_slot=True), split.gates(route.weights))
+            ys = [
+                plan.project_sum(x.unsqueeze(1), ex.o_proj, ex.o_proj_bias, w, impl, lora=expert_lora(ex, "o_proj"))
+                for (ex, plan), x, w in parts
+            ]
+            out = split.combine(ys)
         return out.view(b, n, d), route
 
 
