@@ -6,8 +6,9 @@
 Wiring only (the logic is `moe_adapt.surgery.add_task`): load the model and the new task's data, pick the source
 task whose routing of the new images is most concentrated, `add_task` (new experts in every MoE layer, a router
 over old and new experts, a task embedding and a head), `learn_new_task` (old tasks frozen for real, trained with
-accelerate, then every old task's outputs compared bit for bit), evaluate, optionally the new task's budget curve,
-and save the grown model (it loads with `from_pretrained`). Prints one JSON summary line last.
+accelerate, then every old task's outputs compared bit for bit), save the grown model (it loads with
+`from_pretrained`; saved before any evaluation), evaluate, and optionally the new task's budget curve.
+Prints one JSON summary line last.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def run(cfg: dict) -> dict:
     from moe_adapt.analysis.usage import find_backbone
     from moe_adapt.data import collate_fn_for
     from moe_adapt.flops import count_parameters
+    from moe_adapt.io import atomic_dir, atomic_write_text
     from moe_adapt.surgery.add_task import add_task, learn_new_task
 
     accelerator = Accelerator()
@@ -98,6 +100,10 @@ def run(cfg: dict) -> dict:
                             lr=cfg["lr"], weight_decay=cfg["weight_decay"], warmup_ratio=cfg["warmup_ratio"],
                             seed=cfg["seed"], log_every=cfg["log_every"], accelerator=accelerator)
     grown = result.model
+    out = Path(cfg["output_dir"]) if cfg["output_dir"] else None
+    if out is not None and accelerator.is_main_process:  # saved before any evaluation, which then cannot lose it
+        with atomic_dir(out / "model") as stage:
+            grown.save_pretrained(stage)
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=128, collate_fn=collate_fn_for("classification"))
     accuracy = evaluate_classification(grown, eval_loader, task)
     say(f"{task}: accuracy {accuracy:.4f}; old tasks bit-identical: {result.old_tasks_identical} "
@@ -108,15 +114,13 @@ def run(cfg: dict) -> dict:
                "params_added_ratio": (params_after - params_before) / params_before,
                "trained_tensors": len(result.trainable), "old_tasks_identical": result.old_tasks_identical,
                "old_task_max_abs_change": result.old_task_change}
-    out = Path(cfg["output_dir"]) if cfg["output_dir"] else None
     if cfg["budget"]:
         curve = budget_curve(grown, task, eval_loader, image_size=image_size)
         summary["budget"] = [{"top_k": p.top_k, "gflops": p.gflops, "accuracy": p.metric} for p in curve.points]
         if out is not None and accelerator.is_main_process:
             summary["budget_png"] = str(plot_budget_curve(curve, out / f"budget_{task}.png"))
     if out is not None and accelerator.is_main_process:
-        grown.save_pretrained(out / "model")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         say(f"wrote {out / 'model'} and {out / 'summary.json'}")
     if not result.old_tasks_identical:
         raise RuntimeError(f"An old task changed while training {task!r}: {result.old_task_change}.")
@@ -129,7 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="pretrained MoE ViT folder (overrides model:)")
     parser.add_argument("--output-dir", help="overrides output_dir:")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=50 init=random")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
+    from moe_adapt.cli import run_reporting_errors
+
+    return run_reporting_errors("continual.py", run_recipe, args, debug=args.debug)
+
+
+def run_recipe(args: argparse.Namespace) -> int:
     extra = [f"model={args.model}"] * bool(args.model) + [f"output_dir={args.output_dir}"] * bool(args.output_dir)
     summary = run(load_config(args.config, list(args.overrides) + extra))
     print(json.dumps(summary))

@@ -160,3 +160,38 @@ def test_head_options_come_from_the_config_and_unknown_ones_fail():
     assert head_options(config, "cls") == {"dropout": 0.0, "label_smoothing": 0.0}
     with pytest.raises(ValueError, match="unknown option.*'chanels'"):
         build_head(tiny_config(seg={"chanels": 8}), "seg")
+
+
+# -- one image -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("channels", [8, 16, 32, 48, 64])
+def test_dense_heads_run_on_a_single_image_in_train_and_eval_mode(channels):
+    """The pyramid pooling module's 1-bin stage normalises a 1×1 map: with one channel per GroupNorm group that is a
+    single value, which PyTorch refuses for one image (and would turn into the bias for any batch)."""
+    torch.manual_seed(0)
+    model = MoEViTForMultiTask(tiny_config(seg={"channels": channels, "pool_scales": [1, 2]},
+                                           det={"channels": channels, "num_convs": 1, "scales": [1, 0.25]}))
+    x = torch.randn(1, 3, 32, 32)
+    for training in (True, False):
+        model.train(training)
+        seg = model(x, task="seg", labels=torch.zeros(1, 32, 32, dtype=torch.long))
+        assert seg.logits.shape[0] == 1 and torch.isfinite(seg.logits).all() and torch.isfinite(seg.loss)
+        det = model(x, task="det")
+        assert det.logits.shape[0] == 1 and torch.isfinite(det.logits).all()
+    # the pooled stage still depends on its input (a one-channel group would output its bias whatever the image)
+    pooled = model.heads["seg"].ppm.stages[0]
+    a, b = pooled(torch.randn(1, channels, 1, 1)), pooled(torch.randn(1, channels, 1, 1))
+    assert not torch.equal(a, b)
+
+
+def test_group_norm_groups_hold_at_least_two_channels():
+    from moe_adapt.heads.pyramid import group_norm
+
+    for channels in range(2, 300):
+        norm = group_norm(channels)
+        assert norm.num_groups <= 32 and channels // norm.num_groups >= 2, channels
+        most = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+        if most < channels:  # the groups every head had before: trained heads load unchanged
+            assert norm.num_groups == most, channels
+    assert [group_norm(c).num_groups for c in (2, 4, 8, 16, 32, 48, 64, 256)] == [1, 1, 2, 4, 8, 16, 32, 32]
+    with pytest.raises(ValueError, match="at least 2 channels"):
+        group_norm(1)

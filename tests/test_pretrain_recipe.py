@@ -107,6 +107,38 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(mini_data_dir, t
     assert full["loss_weights"] == resumed["loss_weights"]  # the uncertainty weights came back too
 
 
+@pytest.mark.slow
+def test_a_last_eval_batch_of_one_image_is_evaluated(mini_data_dir, tmp_path):
+    """3 segmentation eval images in batches of 2: the final evaluation's last batch holds one image."""
+    recipe = tiny_recipe(mini_data_dir, tmp_path / "run", max_steps=1)
+    recipe["tasks"]["fashion-seg"].update(eval_max_samples=3, eval_batch_size=2)
+    result = pretrain(PretrainConfig.from_dict(recipe))
+    assert 0 <= result["primary"]["fashion-seg"] <= 1
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_failing_final_evaluation_leaves_the_trained_model_saved(mini_data_dir, tmp_path, monkeypatch):
+    """The model is saved before the final evaluation: an evaluation that raises cannot lose the training."""
+    from moe_adapt import MoEViTForMultiTask
+    from moe_adapt.training import loop
+
+    trained = {}
+
+    def failing_evaluation(model, *args, **kwargs):  # only the evaluator fails; training and saving are real
+        trained.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        raise RuntimeError("the evaluation failed")
+
+    monkeypatch.setattr(loop, "evaluate_task", failing_evaluation)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        pretrain(PretrainConfig.from_dict(tiny_recipe(mini_data_dir, out, max_steps=2)))
+    state = MoEViTForMultiTask.from_pretrained(out / "model").state_dict()
+    assert trained and state.keys() == trained.keys()
+    assert all(torch.equal(state[k], trained[k]) for k in state), [k for k in state if not torch.equal(state[k], trained[k])][:5]
+    assert not (out / "metrics.json").exists()
+
+
 # -- 2 processes ------------------------------------------------------------------------------------------------------
 WORKER = textwrap.dedent(
     """

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.specs import DatasetSpec
+from ..io import atomic_dir
 
 DIGITS_CLASSES = [str(d) for d in range(10)]
 TEXTURE_PHOTOS = ["brick", "grass", "gravel", "moon", "cell", "coins"]
@@ -96,9 +95,7 @@ _BUILDERS = {"digits": (_digits, DIGITS_CLASSES), "textures": (_textures, TEXTUR
 
 
 def _write_imagefolder(target: Path, splits: dict, classes: list[str], name: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_dir(target) as tmp:
         for split, items in splits.items():
             for c in classes:
                 (tmp / split / c).mkdir(parents=True)
@@ -106,12 +103,6 @@ def _write_imagefolder(target: Path, splits: dict, classes: list[str], name: str
                 Image.fromarray(image, mode="L").save(tmp / split / classes[label] / f"{i:05d}.png")
         counts = {split: len(items) for split, items in splits.items()}
         (tmp / "manifest.json").write_text(json.dumps({"name": name, "version": _VERSION, "counts": counts}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def builtin_downstream_spec(name: str, root: str | os.PathLike | None = None, image_size: int | None = None) -> DatasetSpec:

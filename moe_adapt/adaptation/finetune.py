@@ -52,6 +52,7 @@ from ..data import (
     collate_fn_for,
     load_task_dataset,
 )
+from ..io import atomic_dir, atomic_write_text
 from ..models.moe_vit import MoEViTConfig, MoEViTForImageClassification
 from ..models.moe_vit.modeling_moe_vit import EXPERTS_IMPLEMENTATIONS
 from ..runtime import malloc_library
@@ -673,7 +674,9 @@ def train(
 
 
 def _save_dir(model: nn.Module, path: Path) -> str:
-    model.save_pretrained(path)
+    """`model.save_pretrained` into `path` in one step (`atomic_dir`): the previous complete folder or the new one."""
+    with atomic_dir(path) as stage:
+        model.save_pretrained(stage)
     return str(path)
 
 
@@ -738,10 +741,16 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
         cfg.seed, cfg.log_every if verbose else 0, accelerator=accelerator, memory=memory,
         head_lr=cfg.whole_module_learning_rate,
     )
+    model = accelerator.unwrap_model(trained)
+    if out_dir is not None and accelerator.is_main_process:  # the trained weights first: a failing evaluation keeps them
+        if cfg.mode == "lora":
+            files["adapter"] = _save_dir(model, out_dir / "adapter")
+        else:
+            files["model"] = _save_dir(model, out_dir / "model")
+    accelerator.wait_for_everyone()
     eval_loader = accelerator.prepare(torch.utils.data.DataLoader(
         eval_set, batch_size=cfg.eval_batch_size, collate_fn=collate_fn_for("classification")))
     accuracy = evaluate_classification(trained, eval_loader, task, accelerator)
-    model = accelerator.unwrap_model(trained)
     report = efficiency_report(
         model, task, name=f"{task} <- {source}" + (" (sliced)" if cfg.slice else ""), mode=cfg.mode,
         images_per_s=speed.images_per_s, memory=memory, metric_name="accuracy", metric=accuracy, flops=flops,
@@ -758,17 +767,12 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
         say(report.to_console())
         say("report: " + report.to_json())
         if out_dir is not None:
-            if cfg.mode == "lora":
-                model.save_pretrained(out_dir / "adapter")
-                files["adapter"] = str(out_dir / "adapter")
-                if cfg.merge:
-                    merged = merge_lora(model)
-                    files["merged"] = _save_dir(merged, out_dir / "merged")
-                    model = merged
-            else:
-                files["model"] = _save_dir(model, out_dir / "model")
+            if cfg.mode == "lora" and cfg.merge:
+                merged = merge_lora(model)
+                files["merged"] = _save_dir(merged, out_dir / "merged")
+                model = merged
             files["report"] = str(report.save(out_dir / "report.json"))
-            (out_dir / "finetune_config.json").write_text(json.dumps(_jsonable(cfg), indent=2))
+            atomic_write_text(out_dir / "finetune_config.json", json.dumps(_jsonable(cfg), indent=2))
     accelerator.wait_for_everyone()
     return FinetuneResult(model=model, report=report, task=task, source_task=source, selection=selection,
                           entropies=entropies, files=files)

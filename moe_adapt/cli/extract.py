@@ -21,14 +21,13 @@ weight fingerprints unless `--no-check`); of a healed slice it rebuilds the slic
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import shutil
-import tempfile
 from pathlib import Path
 
 from moe_adapt.analysis.selection import POLICIES
 from moe_adapt.analysis.usage import CRITERIA
+from moe_adapt.io import atomic_dir
 from moe_adapt.surgery.heal import DEFAULT_HEAL_GROUPS, HEAL_GROUPS
 
 from .inspect import add_calibration_arguments, collect_usages, dataset_names
@@ -78,29 +77,6 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-class _StagedFolder:
-    """Write into a temporary sibling folder, then move it to `target` in one rename."""
-
-    def __init__(self, target: Path, overwrite: bool):
-        self.target = target
-        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-            raise FileExistsError(f"{target} exists and is not empty; choose another --out or pass --overwrite.")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-
-    def commit(self) -> None:
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.replace(self.path, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
 def _from_card(args: argparse.Namespace) -> int:
     from moe_adapt.hub import load_model, read_card_selection, rebuild_from_card, weights_fingerprint
 
@@ -112,15 +88,10 @@ def _from_card(args: argparse.Namespace) -> int:
     parent = load_model(args.model)
     print(f"rebuilding the slice of tasks {info.tasks} from {args.model} ...")
     sub = rebuild_from_card(args.from_card, parent, check=not args.no_check)
-    stage = _StagedFolder(Path(args.out), args.overwrite)
-    try:
-        sub.save_pretrained(stage.path)
+    with atomic_dir(args.out, overwrite=args.overwrite, hint="pass --overwrite") as stage:
+        sub.save_pretrained(stage)
         card = Path(args.from_card)
-        shutil.copyfile(card / "README.md" if card.is_dir() else card, stage.path / "README.md")
-        stage.commit()
-    except BaseException:
-        stage.discard()
-        raise
+        shutil.copyfile(card / "README.md" if card.is_dir() else card, stage / "README.md")
     same = info.submodel_fingerprint == weights_fingerprint(sub)
     print(f"wrote {args.out}: {sum(p.numel() for p in sub.parameters()):,} parameters; "
           f"weights identical to the card's slice: {'yes' if same else 'not checked' if args.no_check else 'NO'}")
@@ -153,8 +124,7 @@ def run(args: argparse.Namespace) -> int:
                          "(N > 0) to heal it.")
     if args.heal_batch_size is not None and args.heal_batch_size < 1:
         raise ValueError(f"--heal-batch-size must be at least 1, got {args.heal_batch_size}.")
-    stage = _StagedFolder(Path(args.out), args.overwrite)
-    try:
+    with atomic_dir(args.out, overwrite=args.overwrite, hint="pass --overwrite") as stage:
         parent = load_model(args.model)
         print(f"1/4 collecting expert usage of {args.task} on {args.data} ({args.split}, up to {args.max_images} images)")
         calib = {} if args.heal_steps else None  # healing reuses the calibration batches the usage was measured on
@@ -176,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             heal = heal_submodel(parent, sub, calib, steps=args.heal_steps, lr=args.heal_lr, train=heal_groups, **heal_kw)
             print(f"    mean squared difference to the parent {heal.loss_before:.4g} -> {heal.loss_after:.4g}"
                   + (" (no improvement: kept as sliced)" if heal.restored else ""))
-        sub.save_pretrained(stage.path)
+        sub.save_pretrained(stage)
         print(f"4/4 verifying on {args.verify_split} (up to {args.verify_images} images per task)")
         verify_data = {
             t: calibration_loader(args.data, t, split=args.verify_split, dataset=names.get(t),
@@ -184,21 +154,17 @@ def run(args: argparse.Namespace) -> int:
             for t in args.task
         }
         report = verify_submodel(parent, sub, verify_data, progress=True)
-        report.save(stage.path / "verification.json")
-        selection.save(stage.path / "selection.json")
+        report.save(stage / "verification.json")
+        selection.save(stage / "selection.json")
         for task, usage in usages.items():
-            usage.save(stage.path / f"usage_{task}.json")
-        plot_usage_heatmap(usages, stage.path / "usage_heatmap.png", criterion=selection.policy.get("criterion")
+            usage.save(stage / f"usage_{task}.json")
+        plot_usage_heatmap(usages, stage / "usage_heatmap.png", criterion=selection.policy.get("criterion")
                            or (args.criterion or "frequency"))
         datasets = {t: names.get(t, t) for t in args.task}
         card = build_model_card(sub, selection, report, base_model=args.model, command=command_line(args),
                                 datasets=datasets, parent_fingerprint=weights_fingerprint(parent),
                                 heal=heal.to_dict() if heal else None, slice_fingerprint=slice_fingerprint)
-        card.save(stage.path / "README.md")
-        stage.commit()
-    except BaseException:
-        stage.discard()
-        raise
+        card.save(stage / "README.md")
     print()
     print(report.summary())
     print(f"wrote the sub-model, README.md (model card), verification.json, selection.json to {args.out}")

@@ -36,14 +36,13 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from ..io import atomic_dir
 from .specs import DatasetSpec, load_specs, save_specs
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -303,8 +302,7 @@ def build_mini_benchmark(
     digits = load_mnist_digits()
     sizes = SIZES[bool(small)]
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         builders = {"fashion": (_build_fashion, fashion), "digits-det": (_build_digits, digits),
                     "fashion-seg": (_build_fashion_seg, fashion)}
         sources = {}
@@ -320,15 +318,4 @@ def build_mini_benchmark(
                     "sizes": {name: dict(zip(("train", "eval"), n)) for name, n in sizes.items()},
                     "sources": sources, "sha256": _sha256_tree(tmp)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_specs(out / "specs.yaml")

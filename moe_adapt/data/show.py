@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import atomic_write
 from .loaders import TaskDataset, load_task_dataset
 from .specs import IGNORE_INDEX, DatasetSpec
 from .transforms import build_transforms
@@ -83,8 +84,7 @@ def draw_samples(dataset: TaskDataset, out: str | Path, n: int = 16, seed: int =
     fig.suptitle(title or f"{dataset.spec.name} ({dataset.split}, {len(dataset)} samples)", fontsize=10)
     fig.tight_layout(rect=(0, 0.05 if dataset.task_type == "semantic_segmentation" else 0, 1, 0.97))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return out
 

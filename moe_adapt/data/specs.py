@@ -53,6 +53,8 @@ from typing import Any
 
 import yaml
 
+from ..io import atomic_write_text
+
 TASK_TYPES = ("classification", "detection", "semantic_segmentation")
 FORMATS = {
     "classification": ("hf", "imagefolder"),
@@ -250,5 +252,4 @@ def save_specs(specs: Iterable[DatasetSpec], path: str | Path, header: str | Non
     text = yaml.safe_dump({"datasets": blocks}, sort_keys=False, allow_unicode=True, default_flow_style=None, width=110)
     if header:
         text = "".join(f"# {line}\n" for line in header.splitlines()) + text
-    path.write_text(text)
-    return path
+    return atomic_write_text(path, text)

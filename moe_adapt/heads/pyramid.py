@@ -17,8 +17,20 @@ SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 32 groups: batch-size independent and buffer-free (nothing to sync under DDP)."""
+    """GroupNorm with up to 32 groups (the most of 32, 16, 8, 4, 2, 1 that divide `channels`), every group of at
+    least 2 channels: batch-size independent and buffer-free (nothing to sync under DDP).
+
+    Where 32 groups or fewer would leave one channel per group (2, 4, 8, 16 or 32 channels), groups of 4 channels
+    (of 2 at 2 channels) instead: on a 1×1 map (the pyramid pooling module's 1-bin stage, a detection level of one
+    cell) a one-channel group normalises a single value, which PyTorch refuses for one image and which gives the
+    bias whatever the input at any batch size; and pairs would normalise to a near sign function. Every other
+    channel count keeps its groups, so trained heads load unchanged.
+    """
+    if channels < 2:
+        raise ValueError(f"A dense head needs at least 2 channels (its GroupNorms normalise groups of >= 2); got {channels}.")
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+    if groups == channels:
+        groups = max(1, channels // 4)
     return nn.GroupNorm(groups, channels)
 
 

@@ -34,6 +34,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
+from ..io import atomic_dir, atomic_write_text, replace_dir
 from ..models.moe_vit.losses import MutualInformationLoss
 from ..runtime import keep_freed_memory
 from .config import OptimizerConfig, PretrainConfig
@@ -192,12 +193,20 @@ def resolve_resume(output_dir: str | Path, resume: str | bool | None) -> Path | 
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, keep: int) -> Path:
-    """`accelerator.save_state` into `checkpoints/step_<step>` plus `trainer_state.json` (written last, so a folder
-    without it is incomplete and ignored); keeps the newest `keep` checkpoints."""
+    """`accelerator.save_state` into `checkpoints/step_<step>` plus `trainer_state.json`; keeps the newest `keep`
+    checkpoints. Every process writes into a hidden `.step_<step>.tmp` folder, which the main process renames into
+    place once all are done (`replace_dir`), so a run killed while saving leaves the previous complete checkpoint,
+    never a half-written one."""
     path = Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-    accelerator.save_state(str(path))
+    stage = path.with_name(f".{path.name}.tmp")  # one name on every process: each adds its own RNG state
     if accelerator.is_main_process:
-        _write_json(path / "trainer_state.json", {"step": step})
+        shutil.rmtree(stage, ignore_errors=True)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(stage))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(stage / "trainer_state.json", {"step": step})
+        replace_dir(stage, path)
         if keep > 0:
             for old in checkpoint_dirs(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -206,10 +215,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False, default=float))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False, default=float))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,13 +405,14 @@ def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerat
 
 
 def finish(model, data: dict, config: PretrainConfig, out_dir: Path, **extra) -> dict[str, Any]:
-    """End of a run: evaluate every task, save the model, the expert usage (JSON per task + heatmap PNG) and
-    `metrics.json`. Returns the metrics dict."""
+    """End of a run: save the model (first, in one step: an evaluation that fails cannot lose it), evaluate every
+    task, save the expert usage (JSON per task + heatmap PNG) and `metrics.json`. Returns the metrics dict."""
     from ..analysis import collect_expert_usage, plot_usage_heatmap
 
-    scores = evaluate_all(model, data, config)
     model_dir = out_dir / "model"
-    model.save_pretrained(model_dir)
+    with atomic_dir(model_dir) as stage:
+        model.save_pretrained(stage)
+    scores = evaluate_all(model, data, config)
     usages = {}
     for task, d in data.items():
         if d.eval is None or not model.config.moe_layer_names():  # a dense model has no expert usage
