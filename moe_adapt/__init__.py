@@ -1,10 +1,25 @@
 """moe_adapt: multi-task mixture-of-experts Vision Transformers that break apart into small task models.
 
 `import moe_adapt` registers the model with transformers' Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForImageClassification`, `AutoBackbone`).
+`AutoModelForImageClassification`, `AutoModelForSemanticSegmentation`, `AutoModelForObjectDetection`,
+`AutoBackbone`, `AutoImageProcessor`), so a saved model or slice loads and runs through transformers' public API:
+
+```python
+>>> import moe_adapt
+>>> from transformers import pipeline
+>>> pipeline("image-classification", model="runs/demo/extract/fashion")(image)
+```
 """
 
-from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForObjectDetection,
+    AutoModelForSemanticSegmentation,
+)
 
 from .models.moe_vit import (
     PRESETS,
@@ -15,6 +30,9 @@ from .models.moe_vit import (
     MoEViTConfig,
     MoEViTForImageClassification,
     MoEViTForMultiTask,
+    MoEViTForObjectDetection,
+    MoEViTForSemanticSegmentation,
+    MoEViTImageProcessor,
     MoEViTModel,
     MoEViTMultiTaskOutput,
     MoEViTPreTrainedModel,
@@ -28,26 +46,21 @@ __version__ = "0.1.0"
 
 
 def _register() -> None:
-    try:
-        AutoConfig.register("moe_vit", MoEViTConfig)
-    except ValueError:  # already registered (re-import)
-        pass
+    """Map `moe_vit` configs to our classes in transformers' Auto classes (idempotent: a re-import keeps them)."""
+    AutoConfig.register("moe_vit", MoEViTConfig, exist_ok=True)
     for auto, cls in (
         (AutoModel, MoEViTModel),
         (AutoModelForImageClassification, MoEViTForImageClassification),
+        (AutoModelForSemanticSegmentation, MoEViTForSemanticSegmentation),
+        (AutoModelForObjectDetection, MoEViTForObjectDetection),
         (AutoBackbone, MoEViTBackbone),
+        (AutoModelForMultiTask, MoEViTForMultiTask),  # its own Auto class: AutoModel maps moe_vit to the backbone
     ):
-        try:
-            auto.register(MoEViTConfig, cls)
-        except ValueError:
-            pass
+        auto.register(MoEViTConfig, cls, exist_ok=True)
+    AutoImageProcessor.register(MoEViTConfig, image_processor_classes={"pil": MoEViTImageProcessor}, exist_ok=True)
 
 
 _register()
-try:  # the multi-task model gets its own Auto class: AutoModel already maps moe_vit to the backbone
-    AutoModelForMultiTask.register(MoEViTConfig, MoEViTForMultiTask)
-except ValueError:
-    pass
 
 __all__ = [
     "PRESETS",
@@ -56,6 +69,9 @@ __all__ = [
     "MoEViTBackboneOutput",
     "MoEViTConfig",
     "MoEViTForImageClassification",
+    "MoEViTForObjectDetection",
+    "MoEViTForSemanticSegmentation",
+    "MoEViTImageProcessor",
     "MoEViTModel",
     "MoEViTPreTrainedModel",
     "MutualInformationLoss",

@@ -45,7 +45,7 @@ def _image_hw(config, image_size) -> tuple[int, int]:
 
 def _task_modules(model: nn.Module, task: str) -> list[nn.Module]:
     """The task's own modules of a task model: entries `task` of the ModuleDicts that are direct children of the
-    model (`classifiers`, `heads`, ...), the backbone excluded."""
+    model (`heads`), the backbone excluded."""
     found = []
     for name, child in model.named_children():
         if name == "moe_vit":
@@ -218,7 +218,7 @@ def _expert_param_info(name: str) -> bool:
 def count_parameters(model: nn.Module, task: str | None = None) -> dict:
     """Parameter counts of a MoE ViT (bare or task model).
 
-    Returns `{"total", "experts", "routers", "task_specific" (heads, classifiers and task embeddings), "shared"}`;
+    Returns `{"total", "experts", "routers", "task_specific" (heads and task embeddings), "shared"}`;
     with `task`, also `"task_total"`: the parameters that task's forward pass can reach (shared weights, the
     experts its routers may choose, its own routers, head and embedding) — the fair "before" size when comparing
     with a slice of that task.

@@ -46,8 +46,10 @@ def sliced():
 def test_card_metadata_and_body(sliced, tmp_path):
     _, sel, sub, report, card = sliced
     data = card.data
-    assert data.base_model == "me/parent" and data.library_name == "moe-adapt" and data.datasets == ["toy-a"]
+    assert data.base_model == "me/parent" and data.library_name == "transformers" and data.datasets == ["toy-a"]
     assert {"moe-adapt", "mixture-of-experts", "image-classification"} <= set(data.tags)
+    assert data.pipeline_tag == "image-classification"
+    assert 'pipeline("image-classification", model="PATH_OR_REPO")' in card.text  # the usage shown is the widget's
     result = data.eval_results[0]
     assert (result.metric_type, result.dataset_name) == ("accuracy", "toy-a")
     assert result.metric_value == pytest.approx(report.tasks["a"]["metric"]["submodel"])

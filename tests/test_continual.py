@@ -57,7 +57,7 @@ def test_add_task_grows_every_moe_layer_and_pins_old_routers(images):
     assert cfg.mlp_expert_groups == [[0], [8, 3], [0], [8, 3]]
     assert cfg.task_router_sizes["a"] == {"attn": [6, 0, 6, 0], "mlp": [0, 8, 0, 8]}
     assert cfg.task_router_sizes["c"] == {"attn": [8, 0, 8, 0], "mlp": [0, 11, 0, 11]}
-    assert cfg.task_labels["c"] == ["0", "1", "2", "3"] and grown.classifiers["c"].out_features == 4
+    assert cfg.task_labels["c"] == ["0", "1", "2", "3"] and grown.heads["c"].classifier.out_features == 4
     layer = grown.moe_vit.layers[1].mlp
     assert layer.router.routers["a"].weight.shape == (8, 32) and layer.router.routers["c"].weight.shape == (11, 32)
     assert layer.extra_experts[0].up_proj.shape == (3, 64, 32)
@@ -104,7 +104,7 @@ def test_freeze_old_tasks_leaves_only_the_new_tasks_tensors_trainable(images):
         assert ".c." in name or name.endswith(".c") or ".extra_experts.0." in name, name
     frozen = [n for n, p in grown.named_parameters() if not p.requires_grad]
     for must_freeze in ("embeddings.projection.weight", "layers.0.attention.k_proj.weight", "layers.1.attention.q_proj.weight",
-                        "layers.1.mlp.experts.up_proj", "layers.0.attention.router.routers.a.weight", "classifiers.b.weight",
+                        "layers.1.mlp.experts.up_proj", "layers.0.attention.router.routers.a.weight", "heads.b.classifier.weight",
                         "task_embeddings.a", "moe_vit.layernorm.weight"):
         assert any(n.endswith(must_freeze) for n in frozen), must_freeze
     optimizer = trainable_optimizer(grown, weight_decay=0.1)

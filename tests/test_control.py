@@ -140,7 +140,7 @@ def test_combined_submodel_equals_full_model_for_each_task(images):
     usages = [collect_expert_usage(grown, [images], t, output_norms=False) for t in tasks]
     selection = ExpertSelection.union(*[select_experts(u, policy="threshold", threshold=0.0) for u in usages])
     sub = extract_submodel(grown, selection, tasks=tasks).eval()
-    assert sub.config.tasks == tasks and set(sub.classifiers) == set(tasks)
+    assert sub.config.tasks == tasks and set(sub.heads) == set(tasks)
     assert sum(sub.config.mlp_experts) < sum(grown.config.mlp_experts)
     for task in tasks:
         full = grown(images, task=task, output_router_probs=True)
@@ -193,7 +193,7 @@ def test_cli_extract_keeps_the_union_of_several_tasks(grown_fashion_model, mini_
                "--verify-images", "16", "--batch-size", "16", "--no-norms", "--out", str(out)])
     assert rc == 0
     sub = MoEViTForImageClassification.from_pretrained(out)
-    assert sub.config.tasks == ["fashion", "shirts"] and set(sub.classifiers) == {"fashion", "shirts"}
+    assert sub.config.tasks == ["fashion", "shirts"] and set(sub.heads) == {"fashion", "shirts"}
     report = json.loads((out / "verification.json").read_text())
     for task in ("fashion", "shirts"):
         assert report["tasks"][task]["top1_agreement"] == 1.0

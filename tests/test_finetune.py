@@ -80,7 +80,7 @@ def test_attach_task_starts_from_source_router_rows():
     selection = select_experts(usage, policy="top_n", n=3)
     sub = extract_submodel(model, selection, tasks=["b"])
     new = attach_task(sub, "b", "digits", [str(d) for d in range(10)])
-    assert new.config.tasks == ["digits"] and new.classifiers["digits"].out_features == 10
+    assert new.config.tasks == ["digits"] and new.heads["digits"].classifier.out_features == 10
     for name, module in model.moe_vit.moe_layers().items():
         kept = selection.experts[name]
         routers = new.moe_vit.moe_layers()[name].router.routers
@@ -92,8 +92,8 @@ def test_attach_task_starts_from_source_router_rows():
     # the seed decides the new head's initialisation, and only the head's
     labels = [str(d) for d in range(10)]
     again, other = attach_task(sub, "b", "digits", labels, seed=0), attach_task(sub, "b", "digits", labels, seed=1)
-    assert torch.equal(again.classifiers["digits"].weight, new.classifiers["digits"].weight)
-    assert not torch.equal(other.classifiers["digits"].weight, new.classifiers["digits"].weight)
+    assert torch.equal(again.heads["digits"].classifier.weight, new.heads["digits"].classifier.weight)
+    assert not torch.equal(other.heads["digits"].classifier.weight, new.heads["digits"].classifier.weight)
     assert torch.equal(other.moe_vit.layers[0].layernorm_before.weight, new.moe_vit.layers[0].layernorm_before.weight)
 
 
@@ -127,7 +127,7 @@ def test_router_and_full_modes(parent_dir, digits_root, tmp_path, mode):
     model = result.model
     if mode == "router":
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert trainable and all("router.routers.digits" in n or n.startswith("classifiers.digits") for n in trainable)
+        assert trainable and all("router.routers.digits" in n or n.startswith("heads.digits") for n in trainable)
         # the frozen backbone did not move
         torch.testing.assert_close(model.moe_vit.layers[1].mlp.experts.up_proj,
                                    parent.moe_vit.layers[1].mlp.experts.up_proj, atol=0, rtol=0)
@@ -239,13 +239,13 @@ def test_head_lr_is_the_rate_of_the_new_tasks_tensors():
     lora = apply_lora(tiny("new"), lora_config(tiny("new"), r=2, verbose=False), verbose=False)
     trainable, moved = moved_after_training(lora, "new")
     assert moved and all(".lora_A." in n or ".lora_B." in n for n in moved)
-    assert any("classifiers" in n for n in trainable)  # the head was trainable, at rate 0
+    assert any("heads.new." in n for n in trainable)  # the head was trainable, at rate 0
 
     # task names that are also words of backbone tensor names ("layers.0.", ".attention.", "lora_")
     for task in ("new", "0", "attention", "lora_A"):
         trainable, moved = moved_after_training(tiny(task), task)
-        own = {n for n in trainable if re.search(rf"(classifiers|routers|task_embeddings)\.{re.escape(task)}(\.|$)", n)}
-        assert {f"classifiers.{task}.weight", f"moe_vit.task_embeddings.{task}"} <= own, (task, own)
+        own = {n for n in trainable if re.search(rf"(heads|routers|task_embeddings)\.{re.escape(task)}(\.|$)", n)}
+        assert {f"heads.{task}.classifier.weight", f"moe_vit.task_embeddings.{task}"} <= own, (task, own)
         assert any(".routers." in n for n in own), task
         assert moved == trainable - own, task  # the backbone moved, the new task's own tensors stayed
     with pytest.raises(ValueError, match="no trainable tensor of task 'other'"):

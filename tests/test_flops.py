@@ -98,8 +98,9 @@ def test_parameter_counts():
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["experts"] == 2 * (6 * (2 * H * D + H + D)) + 2 * (8 * (2 * IE * D + IE + D))
     assert counts["routers"] == 2 * 2 * (6 * D + 8 * D)
-    assert counts["task_specific"] == (D * 3 + 3) + (D * 2 + 2) + 2 * D
-    assert counts["task_total"] == counts["total"] - counts["routers"] // 2 - (D * 2 + 2) - D
+    norm = 2 * D  # each classification head: LayerNorm, then Linear
+    assert counts["task_specific"] == (norm + D * 3 + 3) + (norm + D * 2 + 2) + 2 * D
+    assert counts["task_total"] == counts["total"] - counts["routers"] // 2 - (norm + D * 2 + 2) - D
     assert count_parameters(MoEViTModel(config))["task_specific"] == 2 * D
 
 

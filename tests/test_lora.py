@@ -47,7 +47,7 @@ def test_lora_config_targets_experts_and_attention_never_routers():
     assert "moe_vit.layers.1.attention.q_proj" in modules and "moe_vit.layers.1.attention.o_proj" in modules
     assert not any("router" in m for m in modules + params)
     assert not any(m.endswith(("fc1", "fc2")) for m in modules)  # dense MLPs only on request
-    assert "classifiers.new" in cfg.modules_to_save
+    assert "heads.new" in cfg.modules_to_save
     assert sum("router.routers.new" in m for m in cfg.modules_to_save) == 4
     assert lora_config(model, r=2, include_dense_mlp=True, verbose=False).target_modules >= {"moe_vit.layers.0.mlp.fc1"}
 
@@ -221,7 +221,8 @@ def test_activation_space_expert_lora_matches_peft_parametrization(dense_slice, 
     torch.testing.assert_close(y_act, y_par, rtol=1e-5, atol=1e-5)
     assert g_act.keys() == g_par.keys() and any(".experts." in n for n in g_act) and any("router" in n for n in g_act)
     for name in g_act:
-        torch.testing.assert_close(g_act[name], g_par[name], rtol=1e-4, atol=1e-5, msg=name)
+        scale = max(1.0, g_par[name].abs().max().item())  # fp32 rounding grows with the gradient's magnitude
+        torch.testing.assert_close(g_act[name], g_par[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 def test_grouped_mm_backward_with_lora():
@@ -259,7 +260,7 @@ def test_train_norms_trains_saves_and_merges_the_layernorms(tmp_path):
     saved with the adapter, reloads onto a fresh base and merges into a plain model."""
     model = tiny_model().eval()
     model.save_pretrained(tmp_path / "base")
-    norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    norms = [f"moe_vit.{n}" for n, m in model.moe_vit.named_modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(norms) == 2 * model.config.num_hidden_layers + 1
     peft_model = apply_lora(model, lora_config(model, r=2, train_norms=True, verbose=False), verbose=False)
     wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()

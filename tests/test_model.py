@@ -610,20 +610,23 @@ def test_heads_load_by_transformers_rules_while_the_backbone_stays_strict(tmp_pa
     base = AutoModel.from_pretrained(tmp_path / "clf").eval()
     assert type(base) is MoEViTModel
     assert torch.equal(base(x, task="a").last_hidden_state, clf.moe_vit(x, task="a").last_hidden_state)
-    # a task model from a base checkpoint: fresh heads on the exact backbone; strict=True refuses
+    # a task model from a base checkpoint: an error naming the missing heads (never a silent random head), fresh
+    # heads on the exact backbone when asked for; strict=True refuses both
     base.save_pretrained(tmp_path / "base")
-    again = MoEViTForImageClassification.from_pretrained(tmp_path / "base").eval()
+    with pytest.raises(ValueError, match=r"no trained head for task\(s\) \['a', 'b'\].*ignore_mismatched_sizes=True"):
+        MoEViTForImageClassification.from_pretrained(tmp_path / "base")
+    again = MoEViTForImageClassification.from_pretrained(tmp_path / "base", ignore_mismatched_sizes=True).eval()
     for (n, a), (_, b) in zip(clf.moe_vit.state_dict().items(), again.moe_vit.state_dict().items()):
         assert torch.equal(a, b), n
-    assert not torch.equal(again.classifiers["a"].weight, clf.classifiers["a"].weight)
-    with pytest.raises(ValueError, match=r"missing keys: classifiers\.a\.bias"):
+    assert not torch.equal(again.heads["a"].classifier.weight, clf.heads["a"].classifier.weight)
+    with pytest.raises(ValueError, match=r"missing keys: heads\.a\.classifier\.bias"):
         MoEViTForImageClassification.from_pretrained(tmp_path / "base", strict=True)
     # a new label set: the head's shape disagrees -> transformers' error, or a new head when asked for
     relabelled = tiny(task_labels={"a": ["x", "y", "z", "w"], "b": ["p", "q", "r"]})
-    with pytest.raises(ValueError, match=r"classifiers\.a\.weight: checkpoint \[2, 32\] vs config \[4, 32\]\)\. For a new label set, pass ignore_mismatched_sizes=True"):
+    with pytest.raises(ValueError, match=r"heads\.a\.classifier\.weight: checkpoint \[2, 32\] vs config \[4, 32\]\)\. For a new label set, pass ignore_mismatched_sizes=True"):
         MoEViTForImageClassification.from_pretrained(tmp_path / "clf", config=relabelled)
     four = MoEViTForImageClassification.from_pretrained(tmp_path / "clf", config=relabelled, ignore_mismatched_sizes=True)
-    assert four.classifiers["a"].weight.shape[0] == 4 and torch.equal(four.classifiers["b"].weight, clf.classifiers["b"].weight)
+    assert four.heads["a"].classifier.weight.shape[0] == 4 and torch.equal(four.heads["b"].classifier.weight, clf.heads["b"].classifier.weight)
     # a base checkpoint with more layers than the config: the extra backbone tensors are an error for task models
     # too (transformers reports them without the moe_vit. prefix)
     two_layers = tiny(task_labels={"a": ["x", "y"], "b": ["p", "q", "r"]}, num_hidden_layers=2,
@@ -636,7 +639,7 @@ def test_heads_load_by_transformers_rules_while_the_backbone_stays_strict(tmp_pa
     # layer offloads as usual, and device_map="meta" (an empty model) still loads.
     placement = {"moe_vit.embeddings": "cpu", "moe_vit.task_embeddings": "cpu", "moe_vit.layers.0": "cpu",
                  "moe_vit.layers.1": "cpu", "moe_vit.layers.2": "cpu", "moe_vit.layers.3": "cpu",
-                 "moe_vit.layernorm": "cpu", "classifiers": "cpu"}
+                 "moe_vit.layernorm": "cpu", "heads": "cpu"}
     split = {k: v for k, v in placement.items() if k != "moe_vit.layers.1"} | {
         "moe_vit.layers.1.attention": "disk", "moe_vit.layers.1.layernorm_before": "cpu",
         "moe_vit.layers.1.layernorm_after": "cpu", "moe_vit.layers.1.mlp": "cpu"}

@@ -98,7 +98,7 @@ def test_heads_missing_from_a_checkpoint_get_their_own_initialisation(model, tmp
     base = MoEViTModel(model.config)
     base.load_state_dict(model.moe_vit.state_dict())
     base.save_pretrained(tmp_path / "base")
-    loaded = MoEViTForMultiTask.from_pretrained(tmp_path / "base").eval()
+    loaded = MoEViTForMultiTask.from_pretrained(tmp_path / "base", ignore_mismatched_sizes=True).eval()
     for name, t in loaded.heads.state_dict().items():
         assert torch.isfinite(t.float()).all(), name
     fresh = {task: build_head(model.config, task).state_dict() for task in TASK_TYPES}
@@ -117,7 +117,7 @@ def test_heads_missing_from_a_checkpoint_get_their_own_initialisation(model, tmp
         out = loaded(**data[task], task=task)
         assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss), task
     # an empty model (device_map="meta") has nothing to initialise and loads as transformers' models do
-    empty = MoEViTForMultiTask.from_pretrained(tmp_path / "base", device_map="meta")
+    empty = MoEViTForMultiTask.from_pretrained(tmp_path / "base", device_map="meta", ignore_mismatched_sizes=True)
     assert empty.heads["det"].cls_logits.bias.is_meta
     # a new label set for one task: that head is fresh, the others as saved
     model.save_pretrained(tmp_path / "full")

@@ -178,7 +178,7 @@ def test_offloaded_moe_layers_are_refused_where_their_tensors_are_read(tmp_path)
     ref = model(x, task="a").logits
     placement = {"moe_vit.embeddings": "cpu", "moe_vit.task_embeddings": "cpu", "moe_vit.layers.0": "cpu",
                  "moe_vit.layers.1": "disk", "moe_vit.layers.2": "cpu", "moe_vit.layers.3": "cpu",
-                 "moe_vit.layernorm": "cpu", "classifiers": "cpu"}
+                 "moe_vit.layernorm": "cpu", "heads": "cpu"}
     preloaded = dispatch_model(model, placement, offload_dir=str(tmp_path / "a"), preload_module_classes=["MoEViTSparseMLP"])
     assert torch.equal(preloaded(x, task="a").logits, ref)
     with pytest.raises(ValueError, match=r"A MoE layer's experts \(read for their output norms\) is on the meta device"):

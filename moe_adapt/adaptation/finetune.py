@@ -76,7 +76,7 @@ DEFAULT_LR = {"lora": 1e-2, "router": 1e-2, "full": 5e-4}
 # task, so the factor is 1.
 HEAD_LR_SCALE = {"lora": 3.0, "router": 1.0, "full": 20.0}
 # Every module dict keyed by task whose entry is the new task's own (its head, its router rows, its embedding).
-TASK_CONTAINERS = ("classifiers", "heads", "routers", "task_embeddings")
+TASK_CONTAINERS = ("heads", "routers", "task_embeddings")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,16 +230,9 @@ def load_moe_model(path_or_model: Any) -> nn.Module:
     if isinstance(path_or_model, nn.Module):
         find_backbone(path_or_model)  # a clear error for anything that is not a MoE ViT
         return path_or_model
-    config = MoEViTConfig.from_pretrained(path_or_model)
-    name = (config.architectures or ["MoEViTModel"])[0]
-    import moe_adapt.models.moe_vit as family
+    from ..hub.loading import load_model
 
-    cls = getattr(family, name, None)
-    if cls is None:
-        raise ValueError(
-            f"{path_or_model}: config.architectures names {name!r}, which moe_adapt.models.moe_vit does not provide."
-        )
-    return cls.from_pretrained(path_or_model)
+    return load_model(path_or_model)
 
 
 def _task_model_class(task_type: str):
@@ -287,13 +280,13 @@ def attach_task(
     config = backbone.config
     _check_task(config, source_task)
     old_head = None
-    heads = getattr(model, "classifiers", None)
+    heads = getattr(model, "heads", None)
     if task_type == "classification" and isinstance(heads, nn.ModuleDict) and task in heads:
         old_head = heads[task]
-        if old_head.out_features != len(label_names):
+        if old_head.classifier.out_features != len(label_names):
             raise ValueError(
                 f"The dataset has {len(label_names)} classes but the model's head for task {task!r} has "
-                f"{old_head.out_features} outputs. Give the new task another name (task_name) or fix the dataset."
+                f"{old_head.classifier.out_features} outputs. Give the new task another name (task_name) or fix the dataset."
             )
     data = config.to_dict()
     for key in ("_name_or_path", "transformers_version", "architectures", "id2label", "label2id"):
@@ -328,7 +321,7 @@ def attach_task(
             state[key] = source[key]
     new.moe_vit.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
     if old_head is not None:
-        new.classifiers[task].load_state_dict(old_head.state_dict())
+        new.heads[task].load_state_dict(old_head.state_dict())
     param = next(backbone.parameters())
     return new.to(device=param.device, dtype=param.dtype)
 
@@ -694,6 +687,9 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
     if isinstance(cfg.model, nn.Module):
         image_size = find_backbone(cfg.model)[0].config.image_size
     else:
+        from ..hub.loading import check_model_location
+
+        check_model_location(cfg.model)
         image_size = MoEViTConfig.from_pretrained(cfg.model).image_size
     spec, train_set, eval_set, label_names = load_downstream_data(cfg, image_size)
     # the memory baseline: the process with its libraries and the data, before any model is loaded

@@ -18,7 +18,7 @@ What LoRA reaches (names as in `MoEViTModel`):
 | MoA shared keys / values | `attention.k_proj`, `attention.v_proj` (Linear)     | `target_modules`      |
 | dense attention          | `attention.{q,k,v,o}_proj` (Linear)                 | `target_modules`      |
 | dense MLP (optional)     | `mlp.fc1`, `mlp.fc2` (Linear)                       | `target_modules`      |
-| head, router (optional)  | `classifiers[task]`, `router.routers[task]`         | `modules_to_save`     |
+| head, router (optional)  | `heads[task]`, `router.routers[task]`               | `modules_to_save`     |
 
 Routers are never wrapped by LoRA: a router reads its `.weight` directly (a LoRA wrapper around it would be
 silently bypassed) and a `[E, d]` matrix is small enough to train whole, so `train_router=True` puts it in
@@ -49,7 +49,12 @@ from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..models.moe_vit.modeling_moe_vit import MoEViTMoAttention, MoEViTSparseMLP, lora_linear, realign_cpu_tensors
+from ..models.moe_vit.modeling_moe_vit import (
+    MoEViTMoAttention,
+    MoEViTSparseMLP,
+    lora_linear,
+    realign_cpu_tensors,
+)
 
 # Fused expert tensors LoRA may target, per kind of MoE layer.
 EXPERT_PARAMETERS = {"mlp": ("up_proj", "down_proj"), "attn": ("q_proj", "o_proj")}
@@ -112,7 +117,7 @@ def _tasks_of(model: nn.Module, tasks) -> list[str]:
 
 def task_head_names(model: nn.Module, task: str) -> list[str]:
     """Names of `task`'s own modules outside the backbone (heads kept in a `ModuleDict` keyed by task name,
-    e.g. `classifiers.<task>`), as `named_modules` spells them."""
+    e.g. `heads.<task>`), as `named_modules` spells them."""
     model = model.get_base_model() if isinstance(model, PeftModel) else model
     names = []
     for name, module in model.named_modules():
@@ -220,7 +225,7 @@ def lora_config(
             `fc1`/`fc2` of non-MoE blocks (off by default: they are the largest matrices per block).
         include_experts: False leaves the fused expert tensors alone (LoRA on Linear layers only).
         tasks: whose head / router go in `modules_to_save` (default: every task of the model).
-        train_head, train_router: put the tasks' heads (`classifiers[task]`, ...) and routers
+        train_head, train_router: put the tasks' heads (`heads[task]`) and routers
             (`router.routers[task]` in every MoE layer) in `modules_to_save` (trained whole, saved with the
             adapter). Routers are never LoRA-wrapped.
         train_norms: also train the backbone's LayerNorms (weight and bias, 2·d per norm) through
@@ -306,7 +311,7 @@ def lora_config(
     if verbose:
         n_lora = sum(r * e * (o + i) for e, o, i in params.values()) + sum(r * (i + o) for i, o in modules.values())
         base = model.get_base_model() if isinstance(model, PeftModel) else model
-        n_saved = sum(base.get_submodule(n).weight.numel() + _bias_numel(base.get_submodule(n)) for n in to_save)
+        n_saved = sum(p.numel() for n in to_save for p in base.get_submodule(n).parameters())
         total = sum(p.numel() for p in base.parameters())
         print(
             f"lora_config: r={r}, {len(params)} expert tensors + {len(modules)} linear/conv layers -> {n_lora:,} "

@@ -4,11 +4,11 @@ whose results the metrics (`moe_adapt.metrics`) take directly. No torchvision: b
 
 from .box_ops import batched_nms, box_area, box_iou, generalized_box_iou, nms
 from .classification import ClassificationHead
-from .detection import FCOSHead, default_size_ranges, sigmoid_focal_loss
+from .detection import FCOSHead, decode_detections, default_size_ranges, sigmoid_focal_loss
 from .factory import HEAD_CLASSES, build_head, head_options
 from .postprocess import detection_references, detection_sizes, metric_references
 from .pyramid import SimpleFeaturePyramid, default_feature_layers, tokens_to_map
-from .segmentation import IGNORE_INDEX, PyramidPoolingModule, UperNetHead
+from .segmentation import IGNORE_INDEX, PyramidPoolingModule, UperNetHead, class_maps
 
 __all__ = [
     "HEAD_CLASSES",
@@ -22,6 +22,8 @@ __all__ = [
     "box_area",
     "box_iou",
     "build_head",
+    "class_maps",
+    "decode_detections",
     "default_feature_layers",
     "default_size_ranges",
     "detection_references",

@@ -246,36 +246,58 @@ class FCOSHead(nn.Module):
         max_detections: int | None = None,
         **kwargs,
     ) -> list[dict[str, torch.Tensor]]:
-        """Per image `{"boxes": [k, 4] xyxy, "scores": [k], "labels": [k]}`, boxes in the pixels of
-        `target_sizes[i]` (the original image, (h, w)) when given, else of the input. `input_sizes[i]`: (h, w) of
-        image i inside `pixel_values` (unpadded; default the full input)."""
-        score_threshold = self.score_threshold if score_threshold is None else score_threshold
-        nms_threshold = self.nms_threshold if nms_threshold is None else nms_threshold
-        max_detections = self.max_detections if max_detections is None else max_detections
-        scores_all = (outputs["logits"].float().sigmoid() * outputs["pred_centerness"].float().sigmoid()[..., None]).sqrt()
-        full = outputs.get("input_size")
-        results = []
-        for i in range(scores_all.shape[0]):
-            scores = scores_all[i].flatten()
-            keep = scores > score_threshold
-            idx = keep.nonzero().squeeze(1)
-            if idx.numel() > self.pre_nms_top_k:
-                idx = idx[scores[idx].topk(self.pre_nms_top_k).indices]
-            loc, cls = idx // self.num_labels, idx % self.num_labels
-            boxes, sc = outputs["pred_boxes"][i, loc].float(), scores[idx]
-            h, w = (float(v) for v in input_sizes[i]) if input_sizes is not None else (
-                (float(full[0]), float(full[1])) if full is not None else (math.inf, math.inf)
-            )
-            boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], -1)
-            valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            boxes, sc, cls = boxes[valid], sc[valid], cls[valid]
-            kept = batched_nms(boxes, sc, cls, nms_threshold)[:max_detections]
-            boxes, sc, cls = boxes[kept], sc[kept], cls[kept]
-            if target_sizes is not None and math.isfinite(h):
-                th, tw = (float(v) for v in target_sizes[i])
-                boxes = boxes * boxes.new_tensor([tw / w, th / h, tw / w, th / h])
-            results.append({"boxes": boxes, "scores": sc, "labels": cls})
-        return results
+        """Per image `{"boxes": [k, 4] xyxy, "scores": [k], "labels": [k]}` (`decode_detections` with this head's
+        options, each overridable here)."""
+        return decode_detections(
+            outputs, target_sizes, input_sizes,
+            score_threshold=self.score_threshold if score_threshold is None else score_threshold,
+            nms_threshold=self.nms_threshold if nms_threshold is None else nms_threshold,
+            pre_nms_top_k=self.pre_nms_top_k,
+            max_detections=self.max_detections if max_detections is None else max_detections,
+        )
 
 
-__all__ = ["FCOSHead", "default_size_ranges", "sigmoid_focal_loss"]
+@torch.no_grad()
+def decode_detections(
+    outputs: Mapping[str, Any],
+    target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
+    input_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
+    score_threshold: float = 0.05,
+    nms_threshold: float = 0.6,
+    pre_nms_top_k: int = 1000,
+    max_detections: int = 100,
+) -> list[dict[str, torch.Tensor]]:
+    """FCOS outputs (`logits` `[B, N, C]`, `pred_centerness` `[B, N]`, `pred_boxes` `[B, N, 4]` xyxy input pixels,
+    optional `input_size` (H, W)) → per image `{"boxes": [k, 4] xyxy, "scores": [k], "labels": [k]}`.
+
+    score = √(sigmoid(class) · sigmoid(centerness)); the `pre_nms_top_k` best above `score_threshold`, boxes
+    clipped to the image, class-wise NMS at `nms_threshold`, at most `max_detections`. Boxes are in the pixels of
+    `target_sizes[i]` (the original image, (h, w)) when given, else of the input; `input_sizes[i]`: (h, w) of image
+    i inside `pixel_values` (unpadded; default the full input)."""
+    num_labels = outputs["logits"].shape[-1]
+    scores_all = (outputs["logits"].float().sigmoid() * outputs["pred_centerness"].float().sigmoid()[..., None]).sqrt()
+    full = outputs.get("input_size")
+    results = []
+    for i in range(scores_all.shape[0]):
+        scores = scores_all[i].flatten()
+        idx = (scores > score_threshold).nonzero().squeeze(1)
+        if idx.numel() > pre_nms_top_k:
+            idx = idx[scores[idx].topk(pre_nms_top_k).indices]
+        loc, cls = idx // num_labels, idx % num_labels
+        boxes, sc = outputs["pred_boxes"][i, loc].float(), scores[idx]
+        h, w = (float(v) for v in input_sizes[i]) if input_sizes is not None else (
+            (float(full[0]), float(full[1])) if full is not None else (math.inf, math.inf)
+        )
+        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], -1)
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, sc, cls = boxes[valid], sc[valid], cls[valid]
+        kept = batched_nms(boxes, sc, cls, nms_threshold)[:max_detections]
+        boxes, sc, cls = boxes[kept], sc[kept], cls[kept]
+        if target_sizes is not None and math.isfinite(h):
+            th, tw = (float(v) for v in target_sizes[i])
+            boxes = boxes * boxes.new_tensor([tw / w, th / h, tw / w, th / h])
+        results.append({"boxes": boxes, "scores": sc, "labels": cls})
+    return results
+
+
+__all__ = ["FCOSHead", "decode_detections", "default_size_ranges", "sigmoid_focal_loss"]

@@ -117,23 +117,32 @@ class UperNetHead(nn.Module):
         input_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
         **kwargs,
     ) -> list[torch.Tensor]:
-        """Class maps `[h_t, w_t]` (long), one per image.
-
-        `input_sizes[i]` = (h, w) of image i inside `pixel_values` (its unpadded size; default the full input),
-        `target_sizes[i]` = (h, w) to return (the original image size; default `input_sizes[i]`).
-        """
-        logits = outputs["logits"]
-        full = tuple(outputs.get("input_size") or (logits.shape[-2], logits.shape[-1]))
-        logits = F.interpolate(logits.float(), size=full, mode="bilinear", align_corners=False)
-        results = []
-        for i in range(logits.shape[0]):
-            h, w = (int(v) for v in input_sizes[i]) if input_sizes is not None else full
-            th, tw = (int(v) for v in target_sizes[i]) if target_sizes is not None else (h, w)
-            one = logits[i : i + 1, :, :h, :w]
-            if (th, tw) != (h, w):
-                one = F.interpolate(one, size=(th, tw), mode="bilinear", align_corners=False)
-            results.append(one[0].argmax(0))
-        return results
+        """Class maps `[h_t, w_t]` (long), one per image (`class_maps`)."""
+        return class_maps(outputs, target_sizes, input_sizes)
 
 
-__all__ = ["IGNORE_INDEX", "PyramidPoolingModule", "UperNetHead"]
+@torch.no_grad()
+def class_maps(
+    outputs: Mapping[str, Any],
+    target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
+    input_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Segmentation logits `[batch, C, h, w]` (with the input's (H, W) as `input_size`, when known) → one
+    `[h_t, w_t]` LongTensor class map per image: logits upsampled bilinearly to the input, image i cropped to
+    `input_sizes[i]` (its unpadded (h, w); default the full input), resized to `target_sizes[i]` (the original
+    image size; default `input_sizes[i]`), argmax over classes."""
+    logits = outputs["logits"]
+    full = tuple(outputs.get("input_size") or (logits.shape[-2], logits.shape[-1]))
+    logits = F.interpolate(logits.float(), size=full, mode="bilinear", align_corners=False)
+    results = []
+    for i in range(logits.shape[0]):
+        h, w = (int(v) for v in input_sizes[i]) if input_sizes is not None else full
+        th, tw = (int(v) for v in target_sizes[i]) if target_sizes is not None else (h, w)
+        one = logits[i : i + 1, :, :h, :w]
+        if (th, tw) != (h, w):
+            one = F.interpolate(one, size=(th, tw), mode="bilinear", align_corners=False)
+        results.append(one[0].argmax(0))
+    return results
+
+
+__all__ = ["IGNORE_INDEX", "PyramidPoolingModule", "UperNetHead", "class_maps"]

@@ -95,6 +95,18 @@ def _experts_table(selection: ExpertSelection, config) -> list[str]:
     return rows
 
 
+def _usage_lines(config) -> list[str]:
+    """How to run the slice: a transformers pipeline for a one-task slice, the multi-task Auto class otherwise."""
+    tasks = list(config.tasks)
+    head = ["import moe_adapt  # registers the model classes with transformers' Auto classes"]
+    if len(tasks) == 1:
+        tag = PIPELINE_TAGS[config.task_types.get(tasks[0], "classification")]
+        return [*head, "from transformers import pipeline", f'predict = pipeline("{tag}", model="PATH_OR_REPO")',
+                'predict("image.png")']
+    return [*head, "from moe_adapt import AutoModelForMultiTask", 'model = AutoModelForMultiTask.from_pretrained("PATH_OR_REPO")',
+            f"outputs = model(pixel_values, task={tasks[0]!r})"]
+
+
 def build_model_card(
     submodel: nn.Module,
     selection: ExpertSelection,
@@ -142,8 +154,8 @@ def build_model_card(
             ))
     types = {config.task_types.get(t, "classification") for t in tasks}
     data = ModelCardData(
-        library_name="moe-adapt",
-        tags=["moe-adapt", "transformers", "mixture-of-experts", "vision-transformer", "sliced-model",
+        library_name="transformers",  # the Hub shows transformers' widget and snippet for the pipeline tag
+        tags=["moe-adapt", "moe_vit", "mixture-of-experts", "vision-transformer", "sliced-model",
               *sorted(PIPELINE_TAGS[t] for t in types)],
         base_model=str(base_model) if base_model else None,
         datasets=ds_list or None,
@@ -173,10 +185,7 @@ def build_model_card(
         "route to, their routers, heads and task embeddings, and loads without the parent.",
         "",
         "```python",
-        "import moe_adapt  # registers the model classes with transformers' Auto classes",
-        "from moe_adapt.hub import load_model",
-        "model = load_model(\"PATH_OR_REPO\")",
-        f"outputs = model(pixel_values, task={tasks[0]!r})",
+        *_usage_lines(config),
         "```",
         "",
         "## Tasks",

@@ -258,8 +258,11 @@ def add_task(
     stray = [k for k in missing if k not in new_names and k in dict(grown.named_parameters())]
     if stray:
         raise RuntimeError(f"add_task: the grown model has parameters that are neither old nor the new task's: {stray[:10]}.")
-    if task_type == "classification" and hasattr(grown, "classifiers") and name not in grown.classifiers:
-        raise ValueError(f"{type(model).__name__} built no classification head for {name!r}.")
+    if isinstance(getattr(grown, "heads", None), nn.ModuleDict) and name not in grown.heads:
+        raise ValueError(
+            f"{type(model).__name__} holds no {task_type} heads, so it cannot learn {name!r}: grow a "
+            "MoEViTForMultiTask (any task type) or the task model of that type."
+        )
     if init == "copy_top":
         _init_copy_top(model, grown, name, source_task, ranking)
     else:

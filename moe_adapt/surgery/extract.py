@@ -5,7 +5,7 @@ The sub-model is the same class as the parent, built from a new config and fille
 - experts: only the kept experts of every MoE layer (all expert groups of the parent fused into one);
 - routers: only the chosen tasks' routers, and of those only the rows of kept experts;
 - task-specific modules (task embeddings, and every entry of a per-task `nn.ModuleDict` of a task model such as
-  `classifiers[task]` or `heads[task]`): only the chosen tasks';
+  `heads[task]`): only the chosen tasks';
 - everything else (patch embedding, norms, dense layers, shared K/V projections) as is;
 - config: per-layer expert counts, the chosen tasks, and `parent_expert_ids` (the original model's id of every
   kept expert; a slice of a slice maps back to the first parent).
@@ -44,7 +44,7 @@ from ..analysis.selection import ExpertSelection
 from ..analysis.usage import find_backbone
 from ..models.moe_vit.configuration_moe_vit import parse_moe_layer_name
 
-__all__ = ["extract_submodel", "sliced_config"]
+__all__ = ["extract_submodel", "slice_class", "sliced_config"]
 
 _EXPERT_KEY = re.compile(r"^layers\.(\d+)\.(attention|mlp)\.(experts\.(\w+)|router\.routers\.([^.]+)\.weight)$")
 _KIND = {"attention": "attn", "mlp": "mlp"}
@@ -123,8 +123,21 @@ def _layer_experts(backbone: nn.Module, i: int, module_name: str, param: str) ->
     return torch.cat([getattr(g, param).detach() for g in [module.experts, *module.extra_experts]], 0)
 
 
+def slice_class(model: nn.Module, config) -> type:
+    """The class of a slice of `model` with `config`: the task model of its one task's type for a one-task slice
+    of a `MoEViTForMultiTask` (a union of tasks stays multi-task), else `model`'s own class."""
+    from ..models.moe_vit import TASK_MODEL_CLASSES, MoEViTForMultiTask
+
+    if type(model) is MoEViTForMultiTask and len(config.tasks) == 1:
+        return TASK_MODEL_CLASSES[config.task_types.get(config.tasks[0], "classification")]
+    return type(model)
+
+
 def extract_submodel(model: nn.Module, selection: ExpertSelection, tasks: list[str] | None = None) -> nn.Module:
-    """A new standalone model of `model`'s class that keeps only `selection`'s experts and `tasks`.
+    """A new standalone model of `model`'s class that keeps only `selection`'s experts and `tasks`; a one-task
+    slice of a `MoEViTForMultiTask` is that task's model (`MoEViTForImageClassification`,
+    `MoEViTForSemanticSegmentation` or `MoEViTForObjectDetection`: same tensor names, transformers' outputs), so
+    transformers' Auto classes and pipelines take it as it is.
 
     Args:
         model: an `MoEViTModel` or a task model holding one as `.moe_vit`, whose per-task modules live in
@@ -147,7 +160,7 @@ def extract_submodel(model: nn.Module, selection: ExpertSelection, tasks: list[s
     backbone, prefix = find_backbone(model)
     param = next(model.parameters())
     with no_init_weights():
-        sub = type(model)(new_config)
+        sub = slice_class(model, new_config)(new_config)
     sub.to(device=param.device, dtype=param.dtype)
     parent_state = model.state_dict()
     state = {}

@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -29,11 +31,12 @@ from transformers.backbone_utils import BackboneMixin
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
+from transformers.modeling_outputs import BackboneOutput
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_moe_vit import MoEViTConfig
+from .image_processing_moe_vit import default_image_processor
 from .losses import load_balancing_loss, router_z_loss
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1156,6 +1159,8 @@ class MoEViTSparseMLP(nn.Module):
         num_routed = route.logits.shape[-1]
         if route.indices.shape[-1] == num_routed <= self.group_sizes[0]:  # every expert chosen: dense speed
             out = self.experts.forward_all(flat, _gates_full(route, num_routed))
+        elif num_routed <= self.group_sizes[0] and torch.compiler.is_exporting():  # static shapes (export_slice)
+            out = self.experts.forward_all(flat, _gates_full(route, num_routed))
         elif num_routed <= self.group_sizes[0]:  # within the first group: the code it ran before later groups
             out = self.experts(flat, route.indices, route.weights)
         else:  # over several groups: each group runs only the pairs whose expert it holds
@@ -1239,13 +1244,18 @@ class MoEViTMoAttention(nn.Module):
             check_not_offloaded(ex.q_proj, flat, "A MoE layer's attention experts")
         if impl == "segmented_mm" and runs_grouped_mm(flat, groups, ("q_proj", "o_proj")):
             impl = "grouped_mm"  # the dispatch's grouped matmuls, sync-free in bf16 on CUDA (see `on_accelerator`)
-        dense = k == route.logits.shape[-1] <= self.group_sizes[0]
-        several = route.logits.shape[-1] > self.group_sizes[0]
+        num_routed = route.logits.shape[-1]
+        several = num_routed > self.group_sizes[0]
+        # every expert selected, or static shapes wanted (torch.export): dense projections over the concatenated
+        # heads; under export each token's k queries are gathered from all E_t, and its outputs scattered back
+        dense = not several and (k == num_routed or torch.compiler.is_exporting())
         split = ExpertGroupSplit(route.indices, self.group_sizes) if several else None
-        if dense:  # every expert is selected: one dense projection over the concatenated heads
+        if dense:
             ex = self.experts
-            gates = _gates_full(route, k)
-            q = fused_expert_linear(flat, ex, "q_proj", k, stack="out").view(b * n, k, h)
+            gates = _gates_full(route, num_routed)
+            q = fused_expert_linear(flat, ex, "q_proj", num_routed, stack="out").view(b * n, num_routed, h)
+            if k < num_routed:
+                q = q.gather(1, route.indices.unsqueeze(-1).expand(-1, -1, h))
         elif split is None:  # within the first group: the code it ran before later groups were added
             ex, plan = self.experts, ExpertDispatch(route.indices, self.experts.num_experts)
             q = plan.project(flat, ex.q_proj, ex.q_proj_bias, impl, lora=expert_lora(ex, "q_proj"))
@@ -1264,7 +1274,15 @@ class MoEViTMoAttention(nn.Module):
         value = self.v_proj(hidden_states).unsqueeze(1)
         attn = F.scaled_dot_product_attention(q, key, value, dropout_p=self.dropout_p if self.training else 0.0)
         attn = attn.view(b * n, k, h)  # [tokens, k, h]
-        if dense:
+        if dense and k < num_routed:  # static shapes: each token's k outputs scattered into its E_t expert slots
+            o = attn.new_zeros(b * n, num_routed, h).scatter(
+                1, route.indices.unsqueeze(-1).expand(-1, -1, h), attn * route.weights.unsqueeze(-1).to(attn.dtype)
+            )
+            o = o.reshape(b * n, num_routed * h)
+            out = _add_gated_bias(
+                fused_expert_linear(o, ex, "o_proj", num_routed, stack="in"), gates, ex.o_proj_bias[:num_routed]
+            )
+        elif dense:
             # inference: the gates applied in place on the attention output (one [tokens, k·h] buffer less)
             o = attn * gates.unsqueeze(-1) if _tracks_grad(attn, gates) else attn.mul_(gates.unsqueeze(-1))
             o = o.reshape(b * n, k * h)
@@ -1360,16 +1378,6 @@ class MoEViTModelOutput(ModelOutput):
 
 
 @dataclass
-class MoEViTImageClassifierOutput(ImageClassifierOutput):
-    """`ImageClassifierOutput` plus the MoE extras: aux_loss, router_probs, router_indices and the task name."""
-
-    aux_loss: torch.FloatTensor | None = None
-    router_probs: tuple[torch.FloatTensor, ...] | None = None
-    router_indices: tuple[torch.LongTensor, ...] | None = None
-    task: str | None = None
-
-
-@dataclass
 class MoEViTBackboneOutput(BackboneOutput):
     """`BackboneOutput` plus the MoE extras, for losses the model around the backbone does not compute: `aux_loss`
     (the configured balance / z-losses) and, when `config.backbone_output_router_probs`, `router_probs` and
@@ -1387,17 +1395,6 @@ class MoEViTBackboneOutput(BackboneOutput):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def default_image_processor(config: MoEViTConfig):
-    """The image processor matching moe_adapt's transforms: resize to `image_size`, rescale, normalise with
-    mean = std = 0.5. A `*ImageProcessorPil` class, so it needs no torchvision."""
-    from transformers import ViTImageProcessorPil
-
-    size = config.image_size
-    return ViTImageProcessorPil(
-        size={"height": size, "width": size}, image_mean=[0.5] * config.num_channels, image_std=[0.5] * config.num_channels
-    )
-
-
 class MoEViTPreTrainedModel(PreTrainedModel):
     config_class = MoEViTConfig
     config: MoEViTConfig
@@ -1407,6 +1404,9 @@ class MoEViTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoEViTEmbeddings", "MoEViTLayer"]
     _supports_sdpa = True
+    # transformers decides whether `experts_implementation` can be set by looking for `@use_experts_implementation`
+    # in the model class's own module; the task models live beside this file, the experts in it.
+    _can_set_experts_implementation_cached_value = True
 
     def set_routing(self, task, top_k=None, expert_mask=None) -> None:
         """Model-level compute control for `task` (see `MoEViTModel.set_routing`); task models delegate to their
@@ -1445,14 +1445,24 @@ class MoEViTPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, image_processor=None, **kwargs):
         """`PreTrainedModel.save_pretrained` (safetensors), plus an image processor beside the weights so that
-        `pipeline("image-classification", model=save_directory)` works. `image_processor`: one to save, `None` for
-        the default (`default_image_processor(config)`, unless the folder already has one), `False` for none."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if image_processor is False:
-            return
-        has_one = os.path.exists(os.path.join(save_directory, "preprocessor_config.json"))
-        if image_processor is not None or not has_one:
-            (image_processor or default_image_processor(self.config)).save_pretrained(save_directory)
+        transformers' pipelines work on the folder. `image_processor`: one to save, `None` for the default
+        (`default_image_processor(config)`), `False` for none.
+
+        The folder is written in one step (`moe_adapt.io.atomic_dir`): everything goes to a hidden sibling folder
+        that then replaces `save_directory`, so a process killed while saving leaves the previous complete folder
+        (or none), never a half-written one. Other files already in `save_directory` (a model card, say) are kept.
+        """
+        from ...io import atomic_dir
+
+        target = Path(save_directory)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", target.name)  # transformers would name the repo after the staging folder
+        with atomic_dir(target) as stage:
+            if target.is_dir():
+                _keep_other_files(target, stage)
+            super().save_pretrained(stage, *args, **kwargs)
+            if image_processor is not False:
+                (image_processor or default_image_processor(self.config)).save_pretrained(stage)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = False, **kwargs):
@@ -1464,10 +1474,11 @@ class MoEViTPreTrainedModel(PreTrainedModel):
           the file: never a silent re-initialisation. This also holds when the backbone sits inside another model
           (`UperNetForSemanticSegmentation`, `DetrForObjectDetection`), whose own `from_pretrained` runs our
           `_init_weights` on whatever the checkpoint did not provide.
-        - Task heads follow transformers' rules: a task model loaded from a base checkpoint gets freshly initialised
-          heads, the base loaded from a task model's checkpoint drops them (both listed in transformers' load
-          report), and a head whose shape disagrees is an error unless `ignore_mismatched_sizes=True` (a new label
-          set).
+        - Task heads: a task model (`MoEViTForImageClassification`, `...ForSemanticSegmentation`,
+          `...ForObjectDetection`, `...ForMultiTask`: all store task T's head as `heads.T.*`) loads the heads of
+          any checkpoint that has them. A head the checkpoint lacks, or holds in another shape, is an error naming
+          it, unless `ignore_mismatched_sizes=True`, which starts such heads fresh (fine-tuning from a backbone
+          checkpoint, a new label set). The base model loaded from a task model's checkpoint drops the heads.
         - `strict=True`: every tensor, heads included, must be in the checkpoint and nothing else may be.
         """
         if kwargs.get("use_safetensors") is False:
@@ -1487,8 +1498,6 @@ class MoEViTPreTrainedModel(PreTrainedModel):
             key: [str(x[0] if isinstance(x, tuple) else x) for x in info.get(key, [])]
             for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
         }
-        if hasattr(model, "_init_missing_heads"):  # heads that initialise themselves, skipped by transformers' init
-            model._init_missing_heads({*keys["missing_keys"], *keys["mismatched_keys"]})
         problems = []
         for key, names in keys.items():
             items = sorted(n for n in names if strict or _is_backbone_key(model, n))
@@ -1500,6 +1509,11 @@ class MoEViTPreTrainedModel(PreTrainedModel):
                 f"Checkpoint {path} does not match the model's config{what} ({'; '.join(problems)}). A missing or "
                 "mis-shaped tensor is never re-initialised silently: load a checkpoint that holds it, or fix its "
                 "config.json (e.g. the per-layer expert counts)."
+            )
+        if hasattr(model, "_init_missing_heads"):  # heads that initialise themselves, skipped by transformers' init
+            model._init_missing_heads(
+                {*keys["missing_keys"], *keys["mismatched_keys"]},
+                fresh_ok=bool(kwargs.get("ignore_mismatched_sizes")),
             )
         realign_cpu_tensors(model)
         return (model, info) if want_info else model
@@ -1530,6 +1544,29 @@ def realign_cpu_tensors(model: nn.Module) -> int:
                         store[name] = tensor.clone()
                     copied += 1
     return copied
+
+
+#: files that a save writes anew (weights, shards' index, configs); anything else in the folder is kept
+_SAVED_FILES = ("model", "pytorch_model", "config.json", "preprocessor_config.json", "generation_config.json")
+
+
+def _keep_other_files(old: Path, new: Path) -> None:
+    """Link (or copy) into `new` every entry of `old` that a save does not write itself, so that saving over a
+    folder keeps its other files, as transformers' own `save_pretrained` does."""
+    for entry in old.iterdir():
+        if entry.name.startswith(_SAVED_FILES):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _is_backbone_key(model: nn.Module, key: str) -> bool:
@@ -1784,54 +1821,6 @@ def _install_expert_lora_hooks(model: MoEViTModel) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class MoEViTForImageClassification(MoEViTPreTrainedModel):
-    """The MoE ViT with one linear classifier per task (`classifiers[task]`, sized by `config.task_labels`).
-
-    `forward(pixel_values, labels=None, task=None)` returns [`MoEViTImageClassifierOutput`] (an
-    `ImageClassifierOutput`); `loss` = cross-entropy + `aux_loss`. `pipeline("image-classification")` uses
-    `config.default_task` (or the first task) and its labels.
-    """
-
-    def __init__(self, config: MoEViTConfig):
-        super().__init__(config)
-        self.moe_vit = MoEViTModel(config)
-        self.classifiers = nn.ModuleDict(
-            {
-                t: nn.Linear(config.hidden_size, config.num_labels_for(t))
-                for t in config.tasks
-                if config.task_types.get(t, "classification") == "classification"
-            }
-        )
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        task: str | int | None = None,
-        output_router_probs: bool = False,
-        output_hidden_states: bool | None = None,
-        top_k=None,
-        expert_mask=None,
-        **kwargs,
-    ) -> MoEViTImageClassifierOutput:
-        out = self.moe_vit(
-            pixel_values, task=task, output_router_probs=output_router_probs,
-            output_hidden_states=output_hidden_states, top_k=top_k, expert_mask=expert_mask, return_dict=True,
-        )
-        if out.task not in self.classifiers:
-            raise ValueError(f"Task {out.task!r} has no classification head; classification tasks: {list(self.classifiers)}.")
-        logits = self.classifiers[out.task](out.pooler_output)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits, labels.to(logits.device)) + out.aux_loss
-        return MoEViTImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, aux_loss=out.aux_loss,
-            router_probs=out.router_probs, router_indices=out.router_indices, task=out.task,
-        )
-
-
 class MoEViTBackbone(BackboneMixin, MoEViTPreTrainedModel):
     """Multi-scale feature maps for dense heads (UperNet, DETR, ...): the chosen layers' patch tokens, reshaped to
     maps and passed through a simple feature pyramid (strides 4, 8, 16, 32 of the patch grid's ×4, ×2, ×1, ×½,
@@ -1890,8 +1879,6 @@ __all__ = [
     "MoEViTBackboneOutput",
     "MoEViTEmbeddings",
     "MoEViTExperts",
-    "MoEViTForImageClassification",
-    "MoEViTImageClassifierOutput",
     "MoEViTLayer",
     "MoEViTMLP",
     "MoEViTModel",
