@@ -10,9 +10,9 @@ HUB_VIT = "google/vit-base-patch16-224-in21k"
 
 
 def model_snippets() -> list[str]:
-    """The python blocks of the README's model section ("The model in five lines" up to the main job)."""
+    """The python blocks of the README's model section ("The model in five lines" up to the workflow)."""
     text = README.read_text()
-    section = text[text.index("## The model in five lines"): text.index("## The main job")]
+    section = text[text.index("## The model in five lines"): text.index("## The workflow")]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
