@@ -81,10 +81,25 @@ __all__ = [
 ]
 __all__ += ["AutoModelForMultiTask", "MoEViTForMultiTask", "MoEViTMultiTaskOutput"]
 
-from .adaptation.lora import lora_config  # noqa: E402  (peft LoRA config for the MoE layout, issue 6)
+#: the workflow's verbs, imported on first use (LoRA pulls in peft, which `import moe_adapt` does not load)
+_LAZY = {
+    "collect_expert_usage": "moe_adapt.analysis",
+    "select_experts": "moe_adapt.analysis",
+    "extract_submodel": "moe_adapt.surgery",
+    "heal_submodel": "moe_adapt.surgery",
+    "verify_submodel": "moe_adapt.surgery",
+    "add_task": "moe_adapt.surgery.add_task",
+    "lora_config": "moe_adapt.adaptation.lora",
+    "keep_freed_memory": "moe_adapt.runtime",
+}
+__all__ += list(_LAZY)
 
-__all__ += ["lora_config"]
-from .runtime import keep_freed_memory  # noqa: E402  (glibc keeps freed buffers between training steps)
-from .surgery.add_task import add_task  # noqa: E402,F401  (continual learning, issue 7)
 
-__all__ += ["keep_freed_memory"]
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'moe_adapt' has no attribute {name!r}")

@@ -326,3 +326,13 @@ def test_patch_embedding_lora_trains_saves_and_merges(tmp_path):
     with pytest.raises(ValueError, match="embeddings.projection"):
         lora_config(tiny_model(), r=10_000, include_patch_embedding=True, include_experts=False,
                     include_attention=False, include_mlp=False, verbose=False)
+
+
+def test_import_moe_adapt_does_not_load_peft_until_lora_is_used():
+    import subprocess
+    import sys
+
+    code = ("import sys, moe_adapt; assert 'peft' not in sys.modules, 'peft loaded'; "
+            "from moe_adapt import lora_config, add_task, extract_submodel; assert 'peft' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
