@@ -58,6 +58,13 @@ def _register() -> None:
     ):
         auto.register(MoEViTConfig, cls, exist_ok=True)
     AutoImageProcessor.register(MoEViTConfig, image_processor_classes={"pil": MoEViTImageProcessor}, exist_ok=True)
+    # The segmentation and detection pipelines check the model's class name against copies of these name tables,
+    # which drop the registrations above, and log "not supported" for any other class. The entries are safe for the
+    # Auto classes: they look up registered configs first and skip model types transformers does not know.
+    from transformers.models.auto import modeling_auto
+
+    modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault("moe_vit", "MoEViTForSemanticSegmentation")
+    modeling_auto.MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES.setdefault("moe_vit", "MoEViTForObjectDetection")
 
 
 _register()

@@ -52,7 +52,7 @@ def load_config(path: str | None, overrides: list[str]) -> dict:
 
 def run(cfg: dict) -> dict:
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
 
     from moe_adapt.adaptation.finetune import (
@@ -69,7 +69,9 @@ def run(cfg: dict) -> dict:
     from moe_adapt.io import atomic_dir, atomic_write_text
     from moe_adapt.surgery.add_task import add_task, learn_new_task
 
-    accelerator = Accelerator()
+    # A new task routing over two expert groups runs a group only on the tokens it receives: on a rank whose batch
+    # sends none to the new group, DDP must accept parameters without a gradient.
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(cfg["seed"])
     if cfg["num_threads"]:
         torch.set_num_threads(cfg["num_threads"])

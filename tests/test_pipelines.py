@@ -81,7 +81,7 @@ FRESH_PROCESS = textwrap.dedent(
     paths, sizes = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     g = np.random.default_rng(0)
     images = [Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
-    out = {"classes": {}}
+    out = {"classes": {}, "grey": None}
     for task, auto in (("cls", AutoModelForImageClassification), ("det", AutoModelForObjectDetection),
                        ("seg", AutoModelForSemanticSegmentation)):
         out["classes"][task] = [type(auto.from_pretrained(paths[task])).__name__,
@@ -92,6 +92,8 @@ FRESH_PROCESS = textwrap.dedent(
     out["det"] = [detect(im, threshold=0.3) for im in images]
     segment = pipeline("image-segmentation", model=paths["seg"])
     out["seg"] = [[{"label": s["label"], "mask": np.asarray(s["mask"]).tolist()} for s in segment(im)] for im in images]
+    grey = Image.fromarray(g.integers(0, 256, (20, 24), dtype=np.uint8))  # mode "L", through the image processor
+    out["grey"] = list(AutoImageProcessor.from_pretrained(paths["cls"])(grey, return_tensors="pt")["pixel_values"].shape)
     print("RESULT " + json.dumps(out))
     """
 )
@@ -102,6 +104,7 @@ def run_fresh(paths: dict) -> dict:
     proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(paths), json.dumps(SIZES)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "is not supported for" not in proc.stderr  # transformers' pipelines accept the classes without a warning
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
@@ -130,6 +133,7 @@ def test_three_pipelines_in_a_fresh_process_give_the_parents_predictions(saved):
         "det": ["MoEViTForObjectDetection", "MoEViTImageProcessor"],
         "seg": ["MoEViTForSemanticSegmentation", "MoEViTImageProcessor"],
     }
+    assert fresh["grey"] == [1, 3, 32, 32]  # a grey image becomes RGB, as in training
     want = parent_predictions(parent)
     for got, exp in zip(fresh["cls"], want["cls"]):  # same top-1 label (a name from the config) and score
         assert got["label"] == exp["label"] and got["score"] == pytest.approx(exp["score"], abs=1e-4)

@@ -3,7 +3,9 @@ no traceback; `--debug` (or MOE_ADAPT_DEBUG=1) shows the traceback."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,20 +14,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
-MOE_ADAPT = str(Path(sys.executable).with_name("moe-adapt"))
 
 CASES = {
-    "pretrain unknown key": ([sys.executable, "recipes/pretrain.py", "--config", f"{CONFIGS}/mini.yaml", "train.stpes=3"],
+    "pretrain unknown key": ("pretrain", ["--config", f"{CONFIGS}/mini.yaml", "train.stpes=3"],
                              "pretrain.py: error: .*train: unknown key.*'stpes'.*max_steps"),
-    "pretrain missing config": ([sys.executable, "recipes/pretrain.py", "--config", "no/such.yaml"],
-                                "pretrain.py: error: .*no/such.yaml"),
-    "finetune missing model": ([sys.executable, "recipes/finetune.py", "--config", f"{CONFIGS}/finetune_digits.yaml",
-                                "--model", "/no/such/model"], "finetune.py: error: /no/such/model: no such model folder"),
-    "finetune missing dataset": ([sys.executable, "recipes/finetune.py", "--config", f"{CONFIGS}/finetune_digits.yaml",
-                                  "--model", "MODEL", "--dataset", "/no/such/spec.json"], "finetune.py: error: .*/no/such/spec.json"),
-    "continual unknown key": ([sys.executable, "recipes/continual.py", "--config", f"{CONFIGS}/continual.yaml",
-                               "--model", "MODEL", "stpes=3"], "continual.py: error: .*unknown key.*'stpes'.*steps"),
-    "extract missing model": ([MOE_ADAPT, "extract", "/no/such/model", "--task", "a", "--out", "OUT"],
+    "pretrain missing config": ("pretrain", ["--config", "no/such.yaml"], "pretrain.py: error: .*no/such.yaml"),
+    "finetune missing model": ("finetune", ["--config", f"{CONFIGS}/finetune_digits.yaml", "--model", "/no/such/model"],
+                               "finetune.py: error: /no/such/model: no such model folder"),
+    "finetune missing dataset": ("finetune", ["--config", f"{CONFIGS}/finetune_digits.yaml", "--model", "MODEL",
+                                              "--dataset", "/no/such/spec.json"], "finetune.py: error: .*/no/such/spec.json"),
+    "continual unknown key": ("continual", ["--config", f"{CONFIGS}/continual.yaml", "--model", "MODEL", "stpes=3"],
+                              "continual.py: error: .*unknown key.*'stpes'.*steps"),
+    "extract missing model": ("moe-adapt", ["extract", "/no/such/model", "--task", "a", "--out", "OUT"],
                               "moe-adapt extract: error: /no/such/model: no such model folder"),
 }
 
@@ -42,30 +42,46 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def _run(cmd, tmp_path, model_dir, env=None):
-    cmd = [str(model_dir) if c == "MODEL" else str(tmp_path / "out") if c == "OUT" else c for c in cmd]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg", **(env or {}))
-    env.pop("MOE_ADAPT_DEBUG", None) if "MOE_ADAPT_DEBUG" not in (env or {}) else None
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+def entry_point(name: str):
+    """The `main(argv)` a user's command runs: a recipe script (loaded from its file) or the `moe-adapt` CLI."""
+    if name == "moe-adapt":
+        from moe_adapt.cli import main
+
+        return main
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_user_error_is_one_line_naming_it(case, tmp_path, model_dir):
-    import re
-
-    cmd, pattern = CASES[case]
-    cmd = [str(ROOT / c) if c.startswith("recipes/") else c for c in cmd]
-    proc = _run(cmd, tmp_path, model_dir)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
-    assert len(errors) == 1 and re.search(pattern, errors[0]), proc.stderr[-3000:]
+def test_user_error_is_one_line_naming_it(case, tmp_path, model_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MOE_ADAPT_DEBUG", raising=False)
+    name, argv, pattern = CASES[case]
+    argv = [str(model_dir) if a == "MODEL" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert entry_point(name)(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), err[-3000:]
     assert not (tmp_path / "out").exists()
 
 
-def test_debug_shows_the_traceback(tmp_path, model_dir):
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--config", str(CONFIGS / "mini.yaml"), "train.stpes=3"]
+    with pytest.raises(ValueError, match="stpes"):
+        entry_point("pretrain")(argv + ["--debug"])
+    monkeypatch.setenv("MOE_ADAPT_DEBUG", "1")
+    with pytest.raises(ValueError, match="stpes"):
+        entry_point("pretrain")(argv)
+
+
+def test_a_recipe_process_exits_2_with_one_line(tmp_path):
+    """The same through a real process, as a user's shell sees it."""
     cmd = [sys.executable, str(ROOT / "recipes/pretrain.py"), "--config", str(CONFIGS / "mini.yaml"), "train.stpes=3"]
-    proc = _run(cmd + ["--debug"], tmp_path, model_dir)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "stpes" in proc.stderr
-    proc = _run(cmd, tmp_path, model_dir, env={"MOE_ADAPT_DEBUG": "1"})
-    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()][-1].startswith("pretrain.py: error: ")

@@ -52,8 +52,9 @@ from ..data import (
     collate_fn_for,
     load_task_dataset,
 )
+from ..heads import ClassificationHead
 from ..io import atomic_dir, atomic_write_text
-from ..models.moe_vit import MoEViTConfig, MoEViTForImageClassification
+from ..models.moe_vit import TASK_MODEL_CLASSES, MoEViTConfig, MoEViTForImageClassification
 from ..models.moe_vit.modeling_moe_vit import EXPERTS_IMPLEMENTATIONS
 from ..runtime import malloc_library
 from .downstream import resolve_dataset_spec
@@ -236,16 +237,8 @@ def load_moe_model(path_or_model: Any) -> nn.Module:
 
 
 def _task_model_class(task_type: str):
-    if task_type == "classification":
-        return MoEViTForImageClassification
-    import moe_adapt.models.moe_vit as family
-
-    cls = getattr(family, "MoEViTForMultiTask", None)
-    if cls is None:
-        raise ValueError(
-            f"Fine-tuning a {task_type} task needs MoEViTForMultiTask (its heads), which this install lacks."
-        )
-    return cls
+    """The model class a new task of `task_type` is fine-tuned in (its transformers task class)."""
+    return TASK_MODEL_CLASSES[task_type]
 
 
 def _check_task(config: MoEViTConfig, task: str, what: str = "source task") -> str:
@@ -283,6 +276,8 @@ def attach_task(
     heads = getattr(model, "heads", None)
     if task_type == "classification" and isinstance(heads, nn.ModuleDict) and task in heads:
         old_head = heads[task]
+        if not isinstance(old_head, ClassificationHead):
+            raise ValueError(f"The model's task {task!r} is not a classification task; give the new task another name (task_name).")
         if old_head.classifier.out_features != len(label_names):
             raise ValueError(
                 f"The dataset has {len(label_names)} classes but the model's head for task {task!r} has "

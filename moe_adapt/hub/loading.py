@@ -19,18 +19,9 @@ def _model_classes() -> dict[str, type]:
     found = {}
     for module in (moe_vit, moe_adapt):
         for name in dir(module):
-            obj = getattr(module, name)
+            obj = getattr(module, name, None)
             if isinstance(obj, type) and issubclass(obj, nn.Module) and hasattr(obj, "from_pretrained"):
                 found[name] = obj
-    try:  # the multi-task model (issue 4) lives in its own file
-        from moe_adapt.models.moe_vit import modeling_multitask
-
-        for name in dir(modeling_multitask):
-            obj = getattr(modeling_multitask, name)
-            if isinstance(obj, type) and issubclass(obj, nn.Module) and hasattr(obj, "from_pretrained"):
-                found.setdefault(name, obj)
-    except ImportError:
-        pass
     return found
 
 

@@ -35,6 +35,7 @@ class MoEViTImageProcessor(ViTImageProcessorPil):
 
     image_mean = [0.5, 0.5, 0.5]
     image_std = [0.5, 0.5, 0.5]
+    do_convert_rgb = True  # grey, palette and RGBA images become RGB, as the training transforms make them
 
     def __init__(
         self,
@@ -92,6 +93,7 @@ def default_image_processor(config) -> MoEViTImageProcessor:
         size={"height": size, "width": size},
         image_mean=[0.5] * config.num_channels,
         image_std=[0.5] * config.num_channels,
+        do_convert_rgb=config.num_channels == 3,
         **options,
     )
 

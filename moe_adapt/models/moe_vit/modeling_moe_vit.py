@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -1159,7 +1160,7 @@ class MoEViTSparseMLP(nn.Module):
         num_routed = route.logits.shape[-1]
         if route.indices.shape[-1] == num_routed <= self.group_sizes[0]:  # every expert chosen: dense speed
             out = self.experts.forward_all(flat, _gates_full(route, num_routed))
-        elif num_routed <= self.group_sizes[0] and torch.compiler.is_exporting():  # static shapes (export_slice)
+        elif num_routed <= self.group_sizes[0] and torch.compiler.is_exporting():  # static shapes (torch.export)
             out = self.experts.forward_all(flat, _gates_full(route, num_routed))
         elif num_routed <= self.group_sizes[0]:  # within the first group: the code it ran before later groups
             out = self.experts(flat, route.indices, route.weights)
@@ -1407,6 +1408,9 @@ class MoEViTPreTrainedModel(PreTrainedModel):
     # transformers decides whether `experts_implementation` can be set by looking for `@use_experts_implementation`
     # in the model class's own module; the task models live beside this file, the experts in it.
     _can_set_experts_implementation_cached_value = True
+    # our forwards take **kwargs but compute a mean loss themselves: Trainer must scale it (gradient accumulation,
+    # several processes) as for any model that does not normalise by the number of items
+    accepts_loss_kwargs = False
 
     def set_routing(self, task, top_k=None, expert_mask=None) -> None:
         """Model-level compute control for `task` (see `MoEViTModel.set_routing`); task models delegate to their
@@ -1451,18 +1455,29 @@ class MoEViTPreTrainedModel(PreTrainedModel):
         The folder is written in one step (`moe_adapt.io.atomic_dir`): everything goes to a hidden sibling folder
         that then replaces `save_directory`, so a process killed while saving leaves the previous complete folder
         (or none), never a half-written one. Other files already in `save_directory` (a model card, say) are kept.
+        Only one process writes: with `is_main_process=False` (accelerate's pattern, called on every rank) nothing
+        is written. A folder that holds the working directory cannot be swapped and is written in place.
         """
         from ...io import atomic_dir
 
-        target = Path(save_directory)
+        if not kwargs.get("is_main_process", True):
+            return
+        target = Path(save_directory).resolve()
         if kwargs.get("push_to_hub"):
-            kwargs.setdefault("repo_id", target.name)  # transformers would name the repo after the staging folder
+            kwargs.setdefault("repo_id", Path(save_directory).name)  # not the staging folder's name
+        cwd = Path.cwd().resolve()
+        if cwd == target or target in cwd.parents:
+            self._save_into(target, image_processor, *args, **kwargs)
+            return
         with atomic_dir(target) as stage:
             if target.is_dir():
                 _keep_other_files(target, stage)
-            super().save_pretrained(stage, *args, **kwargs)
-            if image_processor is not False:
-                (image_processor or default_image_processor(self.config)).save_pretrained(stage)
+            self._save_into(stage, image_processor, *args, **kwargs)
+
+    def _save_into(self, folder: Path, image_processor, *args, **kwargs) -> None:
+        super().save_pretrained(folder, *args, **kwargs)
+        if image_processor is not False:
+            (image_processor or default_image_processor(self.config)).save_pretrained(folder)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = False, **kwargs):
@@ -1510,6 +1525,14 @@ class MoEViTPreTrainedModel(PreTrainedModel):
                 "mis-shaped tensor is never re-initialised silently: load a checkpoint that holds it, or fix its "
                 "config.json (e.g. the per-layer expert counts)."
             )
+        legacy = sorted({n.split(".")[1] for n in keys["unexpected_keys"] if n.startswith("classifiers.")})
+        if legacy and hasattr(model, "_init_missing_heads"):
+            raise ValueError(
+                f"Checkpoint {path} holds classification heads in the layout of moe_adapt before 0.2 "
+                f"(classifiers.{legacy[0]}.*: a Linear on the pooled output), for task(s) {legacy}; this version's "
+                "heads are heads.T.* (LayerNorm, then Linear) and cannot reuse them. Fine-tune a new head on this "
+                "backbone (ignore_mismatched_sizes=True starts one), or load it with the moe_adapt version that saved it."
+            )
         if hasattr(model, "_init_missing_heads"):  # heads that initialise themselves, skipped by transformers' init
             model._init_missing_heads(
                 {*keys["missing_keys"], *keys["mismatched_keys"]},
@@ -1546,15 +1569,18 @@ def realign_cpu_tensors(model: nn.Module) -> int:
     return copied
 
 
-#: files that a save writes anew (weights, shards' index, configs); anything else in the folder is kept
-_SAVED_FILES = ("model", "pytorch_model", "config.json", "preprocessor_config.json", "generation_config.json")
+#: files that a save writes anew (weights, shards and their index, configs); anything else in the folder is kept
+_SAVED_FILES = re.compile(
+    r"(model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?"
+    r"|config\.json|preprocessor_config\.json|generation_config\.json)$"
+)
 
 
 def _keep_other_files(old: Path, new: Path) -> None:
     """Link (or copy) into `new` every entry of `old` that a save does not write itself, so that saving over a
     folder keeps its other files, as transformers' own `save_pretrained` does."""
     for entry in old.iterdir():
-        if entry.name.startswith(_SAVED_FILES):
+        if _SAVED_FILES.match(entry.name):
             continue
         if entry.is_dir():
             shutil.copytree(entry, new / entry.name, copy_function=_link_or_copy)

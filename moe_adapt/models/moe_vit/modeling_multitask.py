@@ -29,6 +29,7 @@ torch.Size([2])
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -139,7 +140,6 @@ class MoEViTTaskModel(MoEViTPreTrainedModel):
     output_class: type[ModelOutput] = None
 
     def __init__(self, config: MoEViTConfig):
-        super().__init__(config)
         tasks = [t for t in config.tasks if self.task_type in (None, config.task_types.get(t, "classification"))]
         if not tasks:
             types = {t: config.task_types.get(t, "classification") for t in config.tasks}
@@ -147,11 +147,14 @@ class MoEViTTaskModel(MoEViTPreTrainedModel):
                 f"{type(self).__name__} needs a {self.task_type} task, but this config's tasks are {types}. Load it "
                 "with the class of one of those task types, or MoEViTForMultiTask."
             )
-        self.default_task = config.default_task if config.default_task in tasks else tasks[0]
-        labels = config.task_labels.get(self.default_task)
+        default_task = config.default_task if config.default_task in tasks else tasks[0]
+        labels = config.task_labels.get(default_task)
         if labels and [config.id2label.get(i) for i in range(len(config.id2label))] != list(labels):
+            config = copy.deepcopy(config)  # the caller's config (maybe shared with another model) stays as it was
             config.id2label = dict(enumerate(labels))
             config.label2id = {name: i for i, name in config.id2label.items()}
+        super().__init__(config)
+        self.default_task = default_task
         self.moe_vit = MoEViTModel(config)
         self.heads = nn.ModuleDict({t: build_head(config, t) for t in tasks})
         for module in self.heads.modules():
