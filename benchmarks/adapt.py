@@ -19,7 +19,8 @@ LoRA settings (`--r`, `--attention-projections`, `--lora-lr`, `--lora-weight-dec
 looking at the test images.
 
 Each arm reports trainable / total parameters, FLOPs per image, train images/s, peak memory (RSS above the
-process baseline on CPU: weights, gradients, optimizer state, activations) and accuracy. Every arm runs `--seeds`
+process baseline on CPU: weights, gradients, optimizer state, activations; measured by `measure.RssMeter`, which
+`finetune` takes in place of the library's getrusage peak) and accuracy. Every arm runs `--seeds`
 times (3; seeds outermost, so machine drift hits all arms alike): accuracy is the mean over seeds, speed and memory
 the median, `per_seed` lists each run. The last line printed is
 ONE JSON object with every arm's report, the ratios of sliced + LoRA to full fine-tuning measured in this run, and
@@ -41,7 +42,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from moe_adapt.runtime import MALLOC_LIBRARIES, malloc_library, preload_env  # noqa: E402
+from measure import MALLOC_LIBRARIES, RssMeter, malloc_library, preload_env  # noqa: E402  (benchmarks/measure.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "entropy, FinetuneConfig's default)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm")
     p.add_argument("--malloc", default="glibc", choices=["glibc", *MALLOC_LIBRARIES],
-                   help="allocator of every arm's process: glibc's malloc, or jemalloc / tcmalloc preloaded "
+                   help="allocator of every arm's process: the platform's (glibc's malloc; the default), or opt in "
+                        "to jemalloc / tcmalloc preloaded "
                         "(LD_PRELOAD), as PyTorch's CPU launcher torch.backends.xeon.run_cpu does; peak RSS depends "
                         "on it")
     p.add_argument("--seed", type=int, default=0)
@@ -200,7 +202,7 @@ def run_one_arm(args) -> None:
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, num_threads=args.threads, log_every=0,
         validation_fraction=args.validation,
     )
-    result = finetune(cfg, verbose=False)
+    result = finetune(cfg, verbose=False, memory=RssMeter)  # RSS above a baseline of live data (measure.py)
     report = result.report.to_dict()
     print(json.dumps({k: report[k] for k in KEEP} | {
         "accuracy": report["metric"], "source_task": result.source_task, "malloc": running,

@@ -25,12 +25,12 @@ sub-model and reports, all measured in this run on the same machine:
   fits only those small tensors; `--heal-steps`, 0 to skip); the healed slice has the same
   parameters, FLOPs and speed as the slice.
 
-Allocator (`--malloc`): by default the benchmark first calls `moe_adapt.runtime.keep_freed_memory()`, as
-`benchmarks/moe_layer.py` does, so that glibc keeps freed buffers for the next forward pass of every model timed.
-Under glibc's own dynamic thresholds the heap top is handed back to the kernel whenever a large enough block is
-freed, and which model pays for it depends on its allocation pattern: measured on the demo model's fashion slice
-(32 px, batch 64, 1 thread), the slice took 557-935 minor page faults per forward pass and the same-shape ViT
-20-232; with freed memory kept, almost none. `--malloc default` measures under glibc's own thresholds.
+Allocator (`--malloc`): by default the benchmark runs under the platform's allocator as it is. `--malloc keep`
+opts in to `keep_freed_memory()` (`benchmarks/measure.py`), so that glibc keeps freed buffers for the next
+forward pass of every model timed. Under glibc's own dynamic thresholds the heap top is handed back to the kernel
+whenever a large enough block is freed, and which model pays for it depends on its allocation pattern: measured
+on the demo model's fashion slice (32 px, batch 64, 1 thread), the slice took 557-935 minor page faults per
+forward pass and the same-shape ViT 20-232; with freed memory kept, almost none.
 
 Targets: slice ≤ 50% of the full model's parameters, ≥ 99% of its metric, ≥ 0.95× the images/s of the same-shape
 dense ViT (`speed_sliced_vs_vit`; `speed_sliced_vs_vit_standard` is reported beside it).
@@ -78,8 +78,8 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median)")
     p.add_argument("--iters", type=int, default=5, help="forward passes per model per round")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
-    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
-                   help="keep: glibc keeps freed memory for the next forward pass (moe_adapt.runtime."
+    p.add_argument("--malloc", choices=["keep", "default"], default="default",
+                   help="keep: glibc keeps freed memory for the next forward pass (benchmarks/measure.py "
                         "keep_freed_memory), for every model timed; default: glibc's own thresholds, under which "
                         "some of the models page-fault their freed buffers back in on every pass (see below)")
     p.add_argument("--out", default=None, help="where the pretraining and slices go (default: a temp folder)")
@@ -146,8 +146,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     from accelerate.utils import set_seed
-
-    from moe_adapt.runtime import keep_freed_memory, malloc_library, malloc_setting
+    from measure import keep_freed_memory, malloc_library, malloc_setting  # benchmarks/measure.py
 
     if args.malloc == "keep" and keep_freed_memory() is None:
         print(f"warning: --malloc keep has no effect under this allocator ({malloc_library() or 'not glibc'}); "

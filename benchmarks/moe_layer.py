@@ -2,7 +2,7 @@
 
     python benchmarks/moe_layer.py                      # CPU, fp32 (the README's numbers)
     python benchmarks/moe_layer.py --device cuda --dtype bfloat16
-    python benchmarks/moe_layer.py --malloc default     # glibc's own malloc thresholds (see below)
+    python benchmarks/moe_layer.py --malloc keep        # glibc keeps freed memory (see below)
     python benchmarks/moe_layer.py --malloc tcmalloc    # tcmalloc preloaded (or jemalloc)
 
 Layer: forward + backward of one MoE MLP layer at ViT-S shape (d=384, 16 experts, top-4, expert width 384,
@@ -12,10 +12,10 @@ the dense MLP's matmuls, the floor under any backend's `best_vs_dense` on this m
 `ViTForImageClassification` of the same width and depth, batch 8 at 224 px. Timings are medians over rounds that
 interleave the candidates (in an order that rotates every round), so machine noise hits all of them alike; the ratios are what to compare.
 
-`--malloc keep` (the default) first calls `moe_adapt.runtime.keep_freed_memory()` (`train.keep_freed_memory: true`
-in a pretraining recipe): glibc then keeps freed buffers for the next step instead of returning them to the kernel
-and page-faulting them back in, a cost that falls on every candidate but most on the MoE layer's larger
-temporaries. `--malloc default` measures with glibc's own thresholds; `--malloc jemalloc` / `--malloc tcmalloc`
+By default the benchmark runs under the platform's allocator as it is (`--malloc default`). `--malloc keep` opts
+in to `keep_freed_memory()` (`benchmarks/measure.py`): glibc then keeps freed buffers for the next step instead of
+returning them to the kernel and page-faulting them back in, a cost that falls on every candidate but most on the
+MoE layer's larger temporaries (the CPU numbers in docs/performance.md were measured so); `--malloc jemalloc` / `--malloc tcmalloc`
 restart the benchmark with that allocator preloaded (`LD_PRELOAD`), as PyTorch's CPU launcher
 `python -m torch.backends.xeon.run_cpu` does by default. The JSON's `malloc` says which ran.
 """
@@ -32,10 +32,16 @@ import time
 
 import torch
 import torch.nn.functional as F
+from measure import (  # benchmarks/
+    MALLOC_LIBRARIES,
+    keep_freed_memory,
+    malloc_library,
+    malloc_setting,
+    preload_env,
+)
 
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification
 from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTSparseMLP
-from moe_adapt.runtime import MALLOC_LIBRARIES, keep_freed_memory, malloc_library, malloc_setting, preload_env
 from moe_adapt.training.loop import adamw
 
 
@@ -216,10 +222,10 @@ def main():
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated experts backends to time")
-    p.add_argument("--malloc", choices=["keep", "default", *MALLOC_LIBRARIES], default="keep",
-                   help="keep: glibc keeps freed memory for the next step (moe_adapt.runtime.keep_freed_memory; "
-                        "train.keep_freed_memory in a recipe); default: glibc's own thresholds, which page-fault "
-                        "freed buffers back in every step; jemalloc / tcmalloc: the benchmark restarts itself with "
+    p.add_argument("--malloc", choices=["keep", "default", *MALLOC_LIBRARIES], default="default",
+                   help="keep: glibc keeps freed memory for the next step (benchmarks/measure.py keep_freed_memory); "
+                        "default: the platform's allocator as it is (under glibc its own thresholds, which page-fault "
+                        "freed buffers back in every step); jemalloc / tcmalloc: the benchmark restarts itself with "
                         "that allocator preloaded (LD_PRELOAD), as PyTorch's CPU launcher does")
     a = p.parse_args()
     preloaded = os.environ.pop("MOE_ADAPT_PRELOADED", None)  # set by the restart below, for this process only

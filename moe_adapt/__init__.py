@@ -97,7 +97,6 @@ _LAZY = {
     "verify_submodel": "moe_adapt.surgery",
     "add_task": "moe_adapt.surgery.add_task",
     "lora_config": "moe_adapt.adaptation.lora",
-    "keep_freed_memory": "moe_adapt.runtime",
 }
 __all__ += list(_LAZY)
 

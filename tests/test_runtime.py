@@ -1,33 +1,44 @@
-"""`moe_adapt.runtime`: `keep_freed_memory` (glibc keeps freed buffers instead of page-faulting them back in, and the
-pretraining recipe's `train.keep_freed_memory` turns it on), and `malloc_library` / `release_free_memory` /
-`find_malloc_library` under glibc, jemalloc and tcmalloc. Allocator settings are process-wide and cannot be undone,
-and a preloaded allocator needs its own process, so each case runs in a child Python process."""
+"""`benchmarks/measure.py`, the benchmarks' measurement helpers (moved out of the library, issue 27):
+`keep_freed_memory` (glibc keeps freed buffers instead of page-faulting them back in), `malloc_library` /
+`release_free_memory` / `find_malloc_library` under glibc, jemalloc and tcmalloc, the `RssMeter` and `pick_threads`;
+and that the library itself holds none of this. Allocator settings are process-wide and cannot be undone, and a
+preloaded allocator needs its own process, so those cases run in a child Python process."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
-import yaml
-from test_pretrain_recipe import tiny_recipe
+import torch
 
-from moe_adapt import runtime
-from moe_adapt.runtime import (
+import moe_adapt
+from moe_adapt.training import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # as when a benchmark runs: benchmarks/ is on sys.path
+
+import measure  # noqa: E402
+from measure import (  # noqa: E402
     MALLOC_LIBRARIES,
+    RssMeter,
     find_malloc_library,
     keep_freed_memory,
     malloc_library,
+    pick_threads,
     preload_env,
 )
-from moe_adapt.training import TrainConfig
 
-FAULTS = textwrap.dedent("""
+BENCH_PATH = f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+
+FAULTS = BENCH_PATH + textwrap.dedent("""
     import json, resource, sys, torch
-    from moe_adapt.runtime import freed_memory_threshold_mb, keep_freed_memory, malloc_setting
+    from measure import freed_memory_threshold_mb, keep_freed_memory, malloc_setting
     kept = keep_freed_memory() if sys.argv[1] == "keep" else None
     def faults(make):  # minor page faults of three rounds of allocating, filling and freeing `make()`'s tensors
         make(), make()  # the first rounds fault in any case (the heap grows to fit the aligned blocks)
@@ -72,29 +83,58 @@ def test_keep_freed_memory_rejects_bad_thresholds():
     for bad in (0, -5, 2048, 1.5, True):
         with pytest.raises(ValueError, match="threshold_mb"):
             keep_freed_memory(bad)
-    with pytest.raises(ValueError, match="train.keep_freed_memory='yes'"):
-        TrainConfig(keep_freed_memory="yes")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_pretraining_recipe_keeps_freed_memory_when_asked(mini_data_dir, tmp_path):
-    for keep in (False, True):
-        recipe = tiny_recipe(mini_data_dir, tmp_path / f"run-{keep}", max_steps=1, keep_freed_memory=keep)
-        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-        code = textwrap.dedent(f"""
-            import json
-            from moe_adapt.runtime import freed_memory_threshold_mb
-            from moe_adapt.training import load_pretrain_config, pretrain
-            pretrain(load_pretrain_config({str(tmp_path / "recipe.yaml")!r}))
-            print(json.dumps({{"threshold": freed_memory_threshold_mb()}}))
-        """)
-        threshold = run_python(code)["threshold"]
-        assert threshold in (256, 32) if keep else threshold is None
+def test_the_library_holds_no_benchmark_plumbing():
+    """Allocator settings, /proc reads and load-average thread picking live in benchmarks/ (issue 27 item 6)."""
+    pattern = re.compile(r"malloc|LD_PRELOAD|clear_refs|mallopt|/proc/|getloadavg")
+    hits = [f"{path.relative_to(ROOT)}:{n}" for path in sorted((ROOT / "moe_adapt").rglob("*.py"))
+            for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, hits
+    assert "keep_freed_memory" not in moe_adapt.__all__ and not hasattr(moe_adapt, "keep_freed_memory")
+    assert not (ROOT / "moe_adapt" / "runtime.py").exists()
+    # the recipe keys went with it: threads are a plain int or null
+    with pytest.raises(TypeError, match="keep_freed_memory"):
+        TrainConfig(keep_freed_memory=True)
+    for bad in ("auto", 0, True, 1.5):
+        with pytest.raises(ValueError, match="train.num_threads"):
+            TrainConfig(num_threads=bad)
+    assert TrainConfig(num_threads=2).num_threads == 2 and TrainConfig().num_threads is None
 
 
-RELEASE = textwrap.dedent("""
+def test_pick_threads_takes_one_thread_on_a_busy_machine(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        cores = os.cpu_count() or 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (cores + 1.0, 0.0, 0.0), raising=False)
+        assert pick_threads("auto") == 1
+        assert pick_threads(2) == 2 == torch.get_num_threads()
+        assert pick_threads(None) == 2  # None leaves torch's setting alone
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's /proc")
+def test_rss_meter_measures_the_tracked_stretch_above_live_data():
+    """The benchmarks' meter: baseline = VmRSS after the allocator's free memory went back, peak = VmHWM reset at
+    the start of the tracked stretch; the library's report takes it in place of its getrusage peak."""
+    from moe_adapt.adaptation.report import MemoryMeter
+
+    meter = RssMeter("cpu")
+    assert isinstance(meter, MemoryMeter) and meter.kind == "rss"
+    assert abs(meter.baseline_mb - measure.rss_mb("VmRSS")) < 32
+    with meter.track():
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    if meter.resettable:  # clear_refs may be refused (some containers): then the peak is the process's
+        assert 56 <= meter.above_baseline_mb < 200, meter.above_baseline_mb
+    else:
+        assert meter.above_baseline_mb >= 0
+
+
+RELEASE = BENCH_PATH + textwrap.dedent("""
     import json, re, torch
-    from moe_adapt.runtime import keep_freed_memory, malloc_library, release_free_memory
+    from measure import keep_freed_memory, malloc_library, release_free_memory
     def rss_mb():
         return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
     release_free_memory()
@@ -154,7 +194,7 @@ def test_preload_env_puts_the_allocator_first_or_names_the_package(monkeypatch):
             assert preload_env(kind, env) == {"LD_PRELOAD": f"{path}:/opt/other.so", "KEEP": "1"}
             assert env["LD_PRELOAD"] == "/opt/other.so"  # a copy: the caller's mapping is unchanged
             assert preload_env(kind, {})["LD_PRELOAD"] == path
-    monkeypatch.setattr(runtime, "find_malloc_library", lambda kind: None)  # as on a machine without them
+    monkeypatch.setattr(measure, "find_malloc_library", lambda kind: None)  # as on a machine without them
     with pytest.raises(FileNotFoundError, match=r"no tcmalloc library found \(Debian/Ubuntu: apt-get install "
                                                 r"libtcmalloc-minimal4; conda: conda install -c conda-forge gperftools"):
         preload_env("tcmalloc")

@@ -56,7 +56,6 @@ from ..heads import ClassificationHead
 from ..io import atomic_dir, atomic_write_text
 from ..models.moe_vit import TASK_MODEL_CLASSES, MoEViTConfig, MoEViTForImageClassification
 from ..models.moe_vit.modeling_moe_vit import EXPERTS_IMPLEMENTATIONS
-from ..runtime import malloc_library
 from .downstream import resolve_dataset_spec
 from .lora import apply_lora, lora_config, merge_lora
 from .report import (
@@ -668,8 +667,13 @@ def _save_dir(model: nn.Module, path: Path) -> str:
     return str(path)
 
 
-def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | None = None) -> FinetuneResult:
-    """Run the whole path (see the module docstring); returns a `FinetuneResult` and writes `cfg.output_dir`."""
+def finetune(cfg: FinetuneConfig, verbose: bool = True,
+             memory: MemoryMeter | type[MemoryMeter] | None = None) -> FinetuneResult:
+    """Run the whole path (see the module docstring); returns a `FinetuneResult` and writes `cfg.output_dir`.
+
+    `memory`: how the report's peak memory is measured: a `MemoryMeter` (its baseline already taken), or a
+    `MemoryMeter` class, created on the run's device once the data is loaded and before the model is (default:
+    `MemoryMeter` itself: torch's CUDA peak, or the process's peak RSS on CPU)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -688,7 +692,8 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
         image_size = MoEViTConfig.from_pretrained(cfg.model).image_size
     spec, train_set, eval_set, label_names = load_downstream_data(cfg, image_size)
     # the memory baseline: the process with its libraries and the data, before any model is loaded
-    memory = memory or MemoryMeter(accelerator.device)
+    if memory is None or isinstance(memory, type):
+        memory = (memory or MemoryMeter)(accelerator.device)
     parent = load_moe_model(cfg.model)
     backbone, _ = find_backbone(parent)
     if cfg.experts_implementation:
@@ -751,7 +756,7 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | No
                "experts_kept": None if selection is None else {n: len(v) for n, v in selection.experts.items()},
                "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4), "train_images": len(train_set),
                "eval_images": len(eval_set),
-               "evaluated_on": evaluated_on(cfg.validation_fraction), "malloc": malloc_library(),
+               "evaluated_on": evaluated_on(cfg.validation_fraction),
                "lr": cfg.learning_rate, "head_lr": cfg.whole_module_learning_rate},
     )
     if accelerator.is_main_process:

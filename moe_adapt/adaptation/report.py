@@ -10,11 +10,14 @@
 >>> print(report.to_console()); report.save("out/report.json")
 ```
 
-Peak memory is the peak resident set size (RSS) of the process on CPU (the kernel's `VmHWM`, reset at the start
-of training through `/proc/self/clear_refs`) and `torch.cuda.max_memory_allocated` on GPU. On CPU the RSS also
-holds the Python interpreter and the loaded libraries (hundreds of MB, the same for every run), so the report
-gives `peak_memory_above_baseline_mb` too: the peak minus the RSS measured before the model was built, i.e.
-weights, gradients, optimizer state and activations. Compare runs with that number (the benchmark does).
+Peak memory is what torch or the operating system reports without help: `torch.cuda.max_memory_allocated` on
+GPU (reset at the start of training, so `peak_memory_above_baseline_mb` is the run's own allocations above the
+memory allocated before the model was built), and on CPU the process's peak resident set size so far
+(`resource.getrusage(...).ru_maxrss`; None where the platform has no `resource` module). The CPU peak cannot be
+reset: it covers the whole process, interpreter and libraries included, and `peak_memory_above_baseline_mb` is
+how far the run raised it above its value before the model was built (0 when something earlier in the process
+peaked higher). Finer measurements (the RSS above a baseline taken after the allocator handed its free memory
+back) are the benchmarks' business: `benchmarks/measure.py` has a `MemoryMeter` subclass for them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,63 +34,51 @@ import torch
 from torch import nn
 
 from ..io import atomic_write_json
-from ..runtime import release_free_memory
 from .lora import count_model_parameters
 
 
-def _rss_mb(field: str) -> float | None:
+def max_rss_mb() -> float | None:
+    """The process's peak resident set size so far in MiB (`getrusage`), or None where there is no `resource`
+    module (Windows)."""
     try:
-        with open("/proc/self/status") as f:
-            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
-    except OSError:
+        import resource
+    except ImportError:
         return None
-    return int(match.group(1)) / 1024 if match else None
-
-
-def _max_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux and the BSDs
 
 
 class MemoryMeter:
-    """Peak memory of a stretch of work: RSS on CPU, max allocated CUDA memory on GPU.
+    """Peak memory of a stretch of work: max allocated CUDA memory on a CUDA device, the process's peak RSS
+    (`getrusage`) elsewhere.
 
-    Created before the model is built, it records the baseline (RSS of the bare process, or allocated CUDA
-    memory); `with meter.track():` resets the peak, and `meter.peak_mb` / `meter.above_baseline_mb` read it after.
+    Created before the model is built, it records the baseline (allocated CUDA memory, or the peak RSS so far);
+    `with meter.track():` resets the peak where the device allows it (CUDA), and `meter.peak_mb` /
+    `meter.above_baseline_mb` read it after. `kind` names what was measured ("cuda_max_allocated" or "max_rss");
+    `resettable` says whether the peak covers the tracked stretch only. Subclass it to measure otherwise
+    (`_current_mb`, `reset_peak`, `read_peak`).
     """
 
     def __init__(self, device: torch.device | str | None = None):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "rss"
-        if self.kind == "rss":
-            release_free_memory()
+        self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "max_rss"
+        self.resettable = self.device.type == "cuda"
         self.baseline_mb = self._current_mb()
         self.peak_mb: float | None = None
-        self.resettable = True
 
-    def _current_mb(self) -> float:
-        if self.kind == "cuda_max_allocated":
+    def _current_mb(self) -> float | None:
+        if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device) / 2**20
-        rss = _rss_mb("VmRSS")
-        return rss if rss is not None else _max_rss_mb()
+        return max_rss_mb()
 
     def reset_peak(self) -> None:
-        if self.kind == "cuda_max_allocated":
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        release_free_memory()
-        try:  # "5" resets VmHWM (the peak RSS) to the current RSS (Linux >= 4.0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            self.resettable = False  # the peak then covers the whole process lifetime
 
-    def read_peak(self) -> float:
-        if self.kind == "cuda_max_allocated":
+    def read_peak(self) -> float | None:
+        if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        peak = _rss_mb("VmHWM")
-        return peak if peak is not None else _max_rss_mb()
+        return max_rss_mb()
 
     def track(self):
         meter = self
@@ -98,14 +89,18 @@ class MemoryMeter:
                 return meter
 
             def __exit__(self, *exc):
-                meter.peak_mb = max(meter.peak_mb or 0.0, meter.read_peak())
+                peak = meter.read_peak()
+                if peak is not None:
+                    meter.peak_mb = max(meter.peak_mb or 0.0, peak)
                 return False
 
         return _Track()
 
     @property
     def above_baseline_mb(self) -> float | None:
-        return None if self.peak_mb is None else self.peak_mb - self.baseline_mb
+        if self.peak_mb is None or self.baseline_mb is None:
+            return None
+        return max(0.0, self.peak_mb - self.baseline_mb)
 
 
 class Throughput:
@@ -231,10 +226,9 @@ class EfficiencyReport:
             return "n/a" if v is None else fmt.format(v)
 
         mem = num(self.peak_memory_mb, "{:.1f} MiB")
-        if self.peak_memory_above_baseline_mb is not None and self.memory_kind == "rss":
+        if self.peak_memory_above_baseline_mb is not None and self.memory_kind != "cuda_max_allocated":
             mem += f" ({self.peak_memory_above_baseline_mb:.1f} MiB above the process baseline)"
-        malloc = (self.extra or {}).get("malloc") if self.memory_kind == "rss" else None
-        kind = self.memory_kind + (f", {malloc} malloc" if malloc else "")  # RSS depends on the allocator
+        kind = self.memory_kind
         rows = [
             ("run", f"{self.name} ({self.mode})"),
             ("trainable params", f"{self.trainable_params:,} ({100 * self.trainable_fraction:.2f}%)"),
@@ -299,7 +293,7 @@ def efficiency_report(
         train_images_per_cpu_s=images_per_cpu_s,
         peak_memory_mb=None if memory is None else memory.peak_mb,
         peak_memory_above_baseline_mb=None if memory is None else memory.above_baseline_mb,
-        memory_kind="rss" if memory is None else memory.kind,
+        memory_kind="none" if memory is None else memory.kind,
         train_state_mb=train_state_mb,
         metric_name=metric_name,
         metric=metric,

@@ -152,15 +152,12 @@ class OptimizerConfig:
 @dataclasses.dataclass
 class TrainConfig:
     """`max_minutes`: optional wall-clock budget of the loop (the cosine schedule follows whichever of steps and time
-    runs out first; exact resume then no longer holds). `num_threads`: torch threads (int), null (torch's default)
-    or "auto" (one thread when the machine is already busy). `keep_freed_memory`: glibc keeps freed buffers for
-    the next step instead of page-faulting them back in (`moe_adapt.runtime.keep_freed_memory`; off by default:
-    it trades RSS for speed at large activation sizes on CPU, and changes nothing measurable at the mini size)."""
+    runs out first; exact resume then no longer holds). `num_threads`: torch threads (a positive int), or null
+    (torch's default)."""
 
     max_steps: int = 600
     max_minutes: float | None = None
-    num_threads: int | str | None = None
-    keep_freed_memory: bool = False
+    num_threads: int | None = None
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (accelerate)
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
@@ -174,10 +171,9 @@ class TrainConfig:
             self.max_minutes = _number(self.max_minutes, "train.max_minutes")
         if self.max_steps < 1:
             raise ValueError(f"train.max_steps must be at least 1; got {self.max_steps}.")
-        if self.num_threads not in (None, "auto") and not (isinstance(self.num_threads, int) and self.num_threads >= 1):
-            raise ValueError(f"train.num_threads={self.num_threads!r}: give a positive int, null or 'auto'.")
-        if not isinstance(self.keep_freed_memory, bool):
-            raise ValueError(f"train.keep_freed_memory={self.keep_freed_memory!r}: give true or false.")
+        if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
+                                             or self.num_threads < 1):
+            raise ValueError(f"train.num_threads={self.num_threads!r}: give a positive int or null.")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"train.mixed_precision={self.mixed_precision!r}: choose 'no', 'bf16' or 'fp16'.")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +35,6 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from ..io import atomic_dir, atomic_write_text, replace_dir
 from ..models.moe_vit.losses import MutualInformationLoss
-from ..runtime import keep_freed_memory
 from .config import OptimizerConfig, PretrainConfig
 from .data import TaskBatchStream, hash_seed, load_task_data
 from .evaluation import PRIMARY_METRIC, evaluate_task, normalized_task_expert_mi
@@ -246,14 +244,8 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def configure_threads(num_threads: int | str | None) -> int:
-    """Set torch's intra-op threads: an int, None (torch's default) or "auto" — one thread when the machine is
-    already busy (1-minute load average ≥ cores − 0.5), where two threads fighting other processes for two cores run
-    several times slower, else torch's default. Returns the thread count in use."""
-    if num_threads == "auto":
-        cores = os.cpu_count() or 1
-        busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores - 0.5
-        num_threads = 1 if busy else None
+def configure_threads(num_threads: int | None) -> int:
+    """Set torch's intra-op threads: an int, or None (torch's default). Returns the thread count in use."""
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
     return torch.get_num_threads()
@@ -267,8 +259,6 @@ def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerat
     none), or a checkpoint folder.
     """
     threads = configure_threads(config.train.num_threads)
-    if config.train.keep_freed_memory:
-        keep_freed_memory()
     accelerator = accelerator or Accelerator(
         # Without a GPU (or other accelerator), `cpu=True` makes accelerate run torchrun / `accelerate launch`
         # processes as MULTI_CPU with gloo, instead of one independent process each.

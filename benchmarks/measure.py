@@ -1,4 +1,12 @@
-"""Process-level settings for training on CPU.
+"""Measurement helpers of the benchmarks: allocator settings, RSS from `/proc`, thread picking. None of this is
+the library's business (issue 27): `moe_adapt` reports what torch and the operating system give without help,
+and the benchmarks import this module (`benchmarks/` is on `sys.path` when one of them runs).
+
+`RssMeter`: a `moe_adapt.adaptation.report.MemoryMeter` for CPU runs that compares runs finely: its baseline is
+the RSS (`VmRSS`) after the allocator handed its free memory back (`release_free_memory`), and its peak is the
+kernel's `VmHWM`, reset at the start of the tracked stretch through `/proc/self/clear_refs`.
+`pick_threads("auto")`: one torch thread when the machine is already busy (1-minute load average >= cores - 0.5),
+where two threads fighting other processes for two cores run several times slower.
 
 `keep_freed_memory()`: by default glibc's malloc gives memory back to the kernel as soon as a large block is freed
 (blocks above a dynamic mmap threshold of at most 32 MiB are unmapped; a free region above the trim threshold at the
@@ -13,9 +21,9 @@ tcmalloc (`LD_PRELOAD`); it is also what `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TR
 do, but settable from Python after start-up.
 
 The cost: memory the process frees stays in its RSS (blocks larger than the threshold are still mapped and
-unmapped as before) until the process ends or calls `malloc_trim`. Nothing in this package turns it on by itself:
-pretraining does when its config says so (`train.keep_freed_memory: true`), and `benchmarks/moe_layer.py` does by
-default and says so in its JSON (`--malloc default` measures without it).
+unmapped as before) until the process ends or calls `malloc_trim`. Nothing turns it on by itself: the benchmarks
+run under the platform's default allocator, and `benchmarks/moe_layer.py --malloc keep` / `benchmarks/extract.py
+--malloc keep` opt in (their JSON's `malloc` says which ran).
 
 `malloc_library()` names the allocator that serves this process's `malloc` (glibc's, or jemalloc / tcmalloc put in
 front of it with `LD_PRELOAD`, as PyTorch's CPU launcher `python -m torch.backends.xeon.run_cpu` does by default),
@@ -30,12 +38,20 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
+import torch
+
+from moe_adapt.adaptation.report import MemoryMeter, max_rss_mb
+
 __all__ = [
     "MALLOC_LIBRARIES",
+    "RssMeter",
+    "pick_threads",
+    "rss_mb",
     "find_malloc_library",
     "freed_memory_threshold_mb",
     "keep_freed_memory",
@@ -205,3 +221,66 @@ def preload_env(kind: str, env: dict | None = None) -> dict:
     env = dict(os.environ if env is None else env)
     env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD")) if p)
     return env
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RSS from /proc, and threads by load average
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def rss_mb(field: str = "VmRSS") -> float | None:
+    """A memory field of `/proc/self/status` in MiB ("VmRSS": resident now, "VmHWM": the peak), or None where
+    there is no such file (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) / 1024 if match else None
+
+
+class RssMeter(MemoryMeter):
+    """Peak RSS of the tracked stretch above a baseline of live data (see the module docstring); on a CUDA device
+    it measures as `MemoryMeter` does. Falls back to `getrusage`'s peak where `/proc` is missing, and to a
+    process-lifetime peak (`resettable = False`) where `clear_refs` cannot be written."""
+
+    def __init__(self, device: torch.device | str | None = None):
+        if torch.device(device or "cpu").type != "cuda":
+            release_free_memory()
+        super().__init__(device)
+        if self.device.type != "cuda":
+            self.kind, self.resettable = "rss", True
+
+    def _current_mb(self) -> float | None:
+        if self.device.type == "cuda":
+            return super()._current_mb()
+        rss = rss_mb("VmRSS")
+        return rss if rss is not None else max_rss_mb()
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            return super().reset_peak()
+        release_free_memory()
+        try:  # "5" resets VmHWM (the peak RSS) to the current RSS (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.resettable = False  # the peak then covers the whole process lifetime
+
+    def read_peak(self) -> float | None:
+        if self.device.type == "cuda":
+            return super().read_peak()
+        peak = rss_mb("VmHWM")
+        return peak if peak is not None else max_rss_mb()
+
+
+def pick_threads(num_threads: int | str | None) -> int:
+    """Set torch's intra-op threads: an int, None (torch's default) or "auto" (one thread when the 1-minute load
+    average is at least cores - 0.5, else torch's default). Returns the thread count in use."""
+    if num_threads == "auto":
+        cores = os.cpu_count() or 1
+        busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores - 0.5
+        num_threads = 1 if busy else None
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+    return torch.get_num_threads()
