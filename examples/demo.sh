@@ -18,7 +18,7 @@ step "1/5 mini benchmark -> data/mini"
 if [ -f data/mini/specs.yaml ]; then echo "data/mini exists (delete it to rebuild)"; else "$BIN/moe-adapt" data mini --out data/mini; fi
 
 step "2/5 multi-task pretraining (recipes/configs/mini.yaml)"
-"$BIN/python" recipes/pretrain.py --config recipes/configs/mini.yaml --output-dir "$OUT/pretrain"
+"$BIN/moe-adapt" pretrain --config recipes/configs/mini.yaml --output-dir "$OUT/pretrain"
 
 step "3/5 extract one sub-model per task"
 for task in fashion digits-det fashion-seg; do
@@ -30,11 +30,11 @@ done
   --max-images 2048 --verify-images 128 --out "$OUT/extract/fashion-top_n-healed" --overwrite
 
 step "4/5 LoRA fine-tune of scikit-learn digits on its slice"
-"$BIN/python" recipes/finetune.py --config recipes/configs/finetune_digits.yaml --model "$OUT/pretrain/model" \
+"$BIN/moe-adapt" finetune --config recipes/configs/finetune_digits.yaml --model "$OUT/pretrain/model" \
   --output-dir "$OUT/finetune_digits"
 
 step "5/5 continual learning: add 'digits' as a new task"
-"$BIN/python" recipes/continual.py --config recipes/configs/continual.yaml --model "$OUT/pretrain/model" \
+"$BIN/moe-adapt" continual --config recipes/configs/continual.yaml --model "$OUT/pretrain/model" \
   "output_dir=$OUT/continual_digits" steps=300
 
 step "done: everything is under $OUT"

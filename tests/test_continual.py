@@ -385,27 +385,28 @@ def test_multitask_model_keeps_detection_and_classification_predictions_identica
 
 
 @pytest.mark.slow
-def test_continual_recipe_end_to_end(tmp_path, monkeypatch):
-    import importlib.util
+def test_continual_recipe_end_to_end(tmp_path, monkeypatch, capsys):
+    """`moe-adapt continual` (what recipes/continual.py runs) on a tiny model: the summary line, the grown model."""
+    import json
     from pathlib import Path
+
+    from moe_adapt.cli import main
+    from moe_adapt.training.continual import load_continual_config
 
     monkeypatch.setenv("MOE_ADAPT_DATA", str(tmp_path / "data"))
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("continual_recipe", root / "recipes" / "continual.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
     tiny_classifier().save_pretrained(tmp_path / "model")
-    cfg = recipe.load_config(str(root / "recipes" / "configs" / "continual.yaml"), [
-        f"model={tmp_path / 'model'}", f"output_dir={tmp_path / 'out'}", "steps=4", "batch_size=16",
-        "max_train_images=64", "max_eval_images=32", "calibration_images=32", "check_images=16", "log_every=0",
-    ])
-    summary = recipe.run(cfg)
+    code = main(["continual", "--config", str(root / "recipes" / "configs" / "continual.yaml"),
+                 "--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "out"), "steps=4", "batch_size=16",
+                 "max_train_images=64", "max_eval_images=32", "calibration_images=32", "check_images=16", "log_every=0"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["old_tasks_identical"] and summary["old_task_max_abs_change"] == {"a": 0.0, "b": 0.0}
     assert summary["task"] == "digits" and 0.0 <= summary["accuracy"] <= 1.0 and summary["budget"]
     grown = MoEViTForImageClassification.from_pretrained(tmp_path / "out" / "model")
     assert grown.config.tasks == ["a", "b", "digits"] and grown.config.attn_experts == [8, 0, 8, 0]
     with pytest.raises(ValueError, match="unknown key"):
-        recipe.load_config(None, ["model=x", "stepz=3"])
+        load_continual_config(None, ["model=x", "stepz=3"])
 
 
 # ------------------------------------------------------------------------------- the default path is the safe one

@@ -85,3 +85,15 @@ def test_a_recipe_process_exits_2_with_one_line(tmp_path):
                           timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.strip()][-1].startswith("pretrain.py: error: ")
+
+
+def test_the_cli_lists_every_step_of_the_workflow(capsys):
+    from moe_adapt.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("data", "pretrain", "inspect", "extract", "finetune", "continual"):
+        assert command in out, command
+    assert entry_point("moe-adapt")(["pretrain", "--config", str(CONFIGS / "mini.yaml"), "train.stpes=3"]) == 2
+    assert "moe-adapt pretrain: error: " in capsys.readouterr().err

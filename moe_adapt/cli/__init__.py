@@ -8,7 +8,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("data", "inspect", "extract")
+COMMANDS = ("data", "pretrain", "inspect", "extract", "finetune", "continual")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +46,17 @@ def run_reporting_errors(prog: str, func, *args, debug: bool = False) -> int:
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def recipe_main(name: str, description: str, argv: list[str] | None = None) -> int:
+    """What `recipes/NAME.py` runs (a thin script that `accelerate launch` and `torchrun` start): the
+    `moe-adapt NAME` subcommand's arguments and body, with errors reported as `NAME.py: error: ...`."""
+    module = importlib.import_module(f"moe_adapt.cli.{name}")
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    return run_reporting_errors(f"{name}.py", module.run, args, debug=args.debug)
 
 
 def main(argv: list[str] | None = None) -> int:
