@@ -1,15 +1,17 @@
-"""MoE MLP layer and MoE ViT-S train-step speed against dense equivalents. Prints one JSON line.
+"""MoE MLP layer and MoE ViT train-step speed against dense equivalents. Prints one JSON line.
 
-    python benchmarks/moe_layer.py                      # CPU, fp32 (the README's numbers)
+    python benchmarks/moe_layer.py                      # CPU, fp32, ViT-S shape, batch 8
     python benchmarks/moe_layer.py --device cuda --dtype bfloat16
+    python benchmarks/moe_layer.py --preset vit-b --batch 128 --device cuda --dtype bfloat16   # ViT-B, 25,216 tokens
     python benchmarks/moe_layer.py --malloc keep        # glibc keeps freed memory (see below)
     python benchmarks/moe_layer.py --malloc tcmalloc    # tcmalloc preloaded (or jemalloc)
 
-Layer: forward + backward of one MoE MLP layer at ViT-S shape (d=384, 16 experts, top-4, expert width 384,
-8×197 tokens), routing included, for each experts backend; a dense MLP of equal active width (d → 4d → d); and a
+Layer: forward + backward of one MoE MLP layer at the preset's width (`--preset vit-s`: d=384, `vit-b`: d=768;
+16 experts, top-4, expert width d; batch × 197 tokens unless `--tokens`), routing included, for each experts backend; a dense MLP of equal active width (d → 4d → d); and a
 plain per-expert Python loop. `matmul_floor_vs_dense`: the expert matmuls alone (16 blocks of 394 rows) against
-the dense MLP's matmuls, the floor under any backend's `best_vs_dense` on this machine. Model: one AdamW train step (fused, as transformers' Trainer's default) of the MoE ViT-S preset against transformers'
-`ViTForImageClassification` of the same width and depth, batch 8 at 224 px. Timings are medians over rounds that
+the dense MLP's matmuls, the floor under any backend's `best_vs_dense` on this machine. Model: one AdamW train step (fused, as transformers' Trainer's default) of the MoE preset against transformers'
+`ViTForImageClassification` of the same width and depth, `--batch` images at 224 px; the JSON states both models'
+forward FLOPs per image (`moe_adapt.flops.flops_per_image`: the MoE model's active FLOPs). Timings are medians over rounds that
 interleave the candidates (in an order that rotates every round), so machine noise hits all of them alike; the ratios are what to compare.
 
 By default the benchmark runs under the platform's allocator as it is (`--malloc default`). `--malloc keep` opts
@@ -78,8 +80,8 @@ def interleaved(cands: dict, rounds: int, device, warmup: int = 2, once=()) -> d
 BACKENDS = ("eager", "batched_mm", "grouped_mm", "padded_bmm", "segmented_mm")
 
 
-def layer_benchmark(device, dtype, rounds, tokens, backends=BACKENDS):
-    d, experts, k = 384, 16, 4
+def layer_benchmark(device, dtype, rounds, tokens, backends=BACKENDS, d=384):
+    experts, k = 16, 4
     torch.manual_seed(0)
     cands = {}
     x = torch.randn(tokens // 197, 197, d, device=device, dtype=dtype)
@@ -134,11 +136,11 @@ def layer_benchmark(device, dtype, rounds, tokens, backends=BACKENDS):
     return interleaved(cands, rounds, device, once=("batched_mm",) if device.type == "cpu" else ())
 
 
-def matmul_floor(device, dtype, rounds, tokens):
+def matmul_floor(device, dtype, rounds, tokens, d=384):
     """The matmuls alone, no routing, no gathers: the six per-expert matmuls of forward + backward (up, down, and
     their input and weight gradients) over 16 equal contiguous blocks of tokens·4 rows, against the six matmuls of
     the dense MLP. Whatever an experts backend does, its matmuls cost at least this ratio."""
-    d, experts, k = 384, 16, 4
+    experts, k = 16, 4
     width = 4 * d // k
     rows = tokens * k // experts
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -190,9 +192,9 @@ def build_model(name: str, preset: str, image_size: int):
     return vit, {}
 
 
-def model_benchmark(device, dtype, rounds, batch, image_size):
-    moe = build_model("moe", "vit-s", image_size)[0].to(device=device, dtype=dtype)
-    vit = build_model("dense", "vit-s", image_size)[0].to(device=device, dtype=dtype)
+def model_benchmark(device, dtype, rounds, batch, image_size, preset="vit-s"):
+    moe = build_model("moe", preset, image_size)[0].to(device=device, dtype=dtype)
+    vit = build_model("dense", preset, image_size)[0].to(device=device, dtype=dtype)
     x = torch.randn(batch, 3, image_size, image_size, device=device, dtype=dtype)
     y = torch.randint(0, 1000, (batch,), device=device)
     # fused where torch has the kernel, as transformers' Trainer uses by default
@@ -208,7 +210,7 @@ def model_benchmark(device, dtype, rounds, batch, image_size):
         return run
 
     ms = interleaved({"moe": step(moe, task="cls"), "dense": step(vit)}, rounds, device, warmup=1)
-    return {k: batch / (v / 1000) for k, v in ms.items()}
+    return {k: batch / (v / 1000) for k, v in ms.items()}, (moe.config, vit.config)
 
 
 def main():
@@ -217,8 +219,9 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--model-rounds", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=8 * 197)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--preset", default="vit-s", choices=["vit-s", "vit-b"], help="layer width and model")
+    p.add_argument("--tokens", type=int, default=None, help="tokens of the layer benchmark (default: batch x 197)")
+    p.add_argument("--batch", type=int, default=8, help="images per train step (and the layer's tokens / 197)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated experts backends to time")
@@ -242,29 +245,39 @@ def main():
         keep_freed_memory()
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
     names = a.backends.split(",")
-    layer = layer_benchmark(device, dtype, a.rounds, a.tokens, names)
+    width = MoEViTConfig.from_preset(a.preset, tasks=["cls"]).hidden_size
+    tokens = a.tokens or a.batch * 197
+    layer = layer_benchmark(device, dtype, a.rounds, tokens, names, d=width)
     backends = {k: round(layer[k], 3) for k in names}
     best = min(backends, key=backends.get)
     result = {
         "device": a.device if a.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": a.dtype,
         "malloc": malloc_setting(),
-        "tokens": a.tokens,
+        "preset": a.preset,
+        "hidden_size": width,
+        "tokens": tokens,
         "dense_ms": round(layer["dense"], 3),
         "backends_ms": backends,
         "loop_ms": round(layer["loop"], 3),
         "best_backend": best,
         "best_vs_dense": round(backends[best] / layer["dense"], 3),
         "loop_vs_dense": round(layer["loop"] / layer["dense"], 3),
-        "matmul_floor_vs_dense": round(matmul_floor(device, dtype, a.rounds, a.tokens), 3),
+        "matmul_floor_vs_dense": round(matmul_floor(device, dtype, a.rounds, tokens, d=width), 3),
     }
     if not a.skip_model:
-        img_s = model_benchmark(device, dtype, a.model_rounds, a.batch, a.image_size)
-        result.update(
-            moe_vit_s_train_img_s=round(img_s["moe"], 2),
-            dense_vit_s_train_img_s=round(img_s["dense"], 2),
-            vit_s_train_vs_dense=round(img_s["moe"] / img_s["dense"], 3),
-        )
+        from moe_adapt.flops import flops_per_image
+
+        img_s, (moe_config, vit_config) = model_benchmark(device, dtype, a.model_rounds, a.batch, a.image_size, a.preset)
+        name = a.preset.replace("-", "_")  # vit_s / vit_b
+        result.update({
+            "batch": a.batch,
+            f"moe_{name}_train_img_s": round(img_s["moe"], 2),
+            f"dense_{name}_train_img_s": round(img_s["dense"], 2),
+            f"{name}_train_vs_dense": round(img_s["moe"] / img_s["dense"], 3),
+            "moe_gflops_per_image": round(flops_per_image(moe_config)["gflops"], 3),  # active FLOPs, forward
+            "dense_gflops_per_image": round(flops_per_image(vit_config)["gflops"], 3),
+        })
     print(json.dumps(result))
 
 
