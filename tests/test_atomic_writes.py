@@ -150,3 +150,25 @@ def test_atomic_dir_replaces_on_success_and_keeps_the_old_folder_on_failure(tmp_
         with atomic_dir(dest, overwrite=False, hint="pass --overwrite"):
             pass
     assert _files(dest) == {"b.txt": b"second"}
+
+
+def test_save_pretrained_on_a_non_main_process_writes_nothing_and_keeps_other_files(tmp_path, monkeypatch):
+    """accelerate's pattern calls save_pretrained on every rank with is_main_process=False on all but one: those
+    calls leave the folder as it is. A save over a folder keeps its other files (a card, notes), by exact name."""
+    import os
+
+    from moe_adapt import MoEViTConfig, MoEViTForImageClassification
+
+    model = MoEViTForImageClassification(MoEViTConfig.from_preset("tiny", tasks=["a"], task_labels={"a": ["x", "y"]}))
+    out = tmp_path / "model"
+    model.save_pretrained(out)
+    (out / "README.md").write_text("card")
+    (out / "model_notes.md").write_text("notes")
+    before = sorted(os.listdir(out))
+    model.save_pretrained(out, is_main_process=False)
+    assert sorted(os.listdir(out)) == before
+    model.save_pretrained(out)
+    assert sorted(os.listdir(out)) == before and (out / "model_notes.md").read_text() == "notes"
+    monkeypatch.chdir(out)  # a folder holding the working directory is written in place, not swapped away
+    model.save_pretrained(".")
+    assert os.getcwd() == str(out.resolve()) and sorted(os.listdir(out)) == before

@@ -211,3 +211,38 @@ def test_every_slice_exports_with_a_dynamic_batch_and_eager_outputs(saved, keep)
                 if getattr(want, field, None) is not None:
                     torch.testing.assert_close(got[field], want[field], atol=1e-5, rtol=1e-5, msg=f"{task} {field}")
 
+
+
+def test_a_task_model_leaves_a_shared_config_as_it_was():
+    config = parent_model().config
+    before = dict(config.id2label)
+    classify, segment = MoEViTForImageClassification(config), MoEViTForSemanticSegmentation(config)
+    assert config.id2label == before
+    assert classify.config.id2label == dict(enumerate(LABELS["cls"]))
+    assert segment.config.id2label == dict(enumerate(LABELS["seg"]))
+
+
+def test_old_classifier_heads_are_refused_with_their_own_message(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, paths, _ = saved
+    folder = tmp_path / "old"
+    folder.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (folder / name).write_bytes((__import__("pathlib").Path(paths["cls"]) / name).read_bytes())
+    state = load_file(f"{paths['cls']}/model.safetensors")
+    old = {k: v for k, v in state.items() if not k.startswith("heads.")}
+    old["classifiers.cls.weight"] = state["heads.cls.classifier.weight"]
+    old["classifiers.cls.bias"] = state["heads.cls.classifier.bias"]
+    save_file(old, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"classification heads in the layout of moe_adapt before 0\.2 \(classifiers\.cls"):
+        MoEViTForImageClassification.from_pretrained(folder)
+
+
+def test_trainer_scales_our_losses_itself(tmp_path):
+    """Our forwards take **kwargs but average the loss themselves: transformers' Trainer must then divide by the
+    accumulation steps and not multiply by the process count, as for any such model."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    assert Trainer(model=MoEViTForImageClassification(parent_model().config), args=args).model_accepts_loss_kwargs is False
