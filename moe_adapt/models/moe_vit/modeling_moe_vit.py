@@ -317,6 +317,7 @@ def _grouped_mm_strides_ok(*mats: torch.Tensor) -> bool:
     return True
 
 
+@torch.compiler.disable  # a one-off probe on real tensors, outside any compiled graph
 @functools.cache
 def _cpu_grouped_mm_support() -> tuple[bool, bool]:
     """(whether this torch runs `F.grouped_mm` on CPU, whether it also takes operands whose data pointer is not
@@ -339,6 +340,8 @@ def _cpu_grouped_mm_support() -> tuple[bool, bool]:
 def _cpu_grouped_mm_ok(*mats: torch.Tensor) -> bool:
     """Whether CPU `F.grouped_mm` takes these operands as they are: strides (`_grouped_mm_strides_ok`) and, where this
     torch needs it, 16-byte aligned data pointers."""
+    if torch.compiler.is_compiling():  # traced CPU grouped_mm takes bf16 only: the per-expert matmuls compile
+        return False
     runs, misaligned_ok = _cpu_grouped_mm_support()
     return runs and _grouped_mm_strides_ok(*mats) and (misaligned_ok or all(m.data_ptr() % 16 == 0 for m in mats))
 
