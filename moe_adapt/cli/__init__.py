@@ -1,5 +1,6 @@
-"""The `moe-adapt` command line. Each subcommand lives in `moe_adapt/cli/<name>.py` and exposes
-`register(subparsers)`; the subcommand's `func(args)` returns the exit code."""
+"""The `moe-adapt` command line. Each subcommand lives in `moe_adapt/cli/<name>.py` and exposes either
+`register(subparsers)` (commands with sub-subcommands or their own parser set-up) or `HELP`, `add_arguments(parser)`
+and `run(args)` (the commands a recipe script shares, `recipe_main`); `run(args)` returns the exit code."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-adapt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"moe_adapt.cli.{name}").register(sub)
+        module = importlib.import_module(f"moe_adapt.cli.{name}")
+        if hasattr(module, "register"):
+            module.register(sub)
+            continue
+        command = sub.add_parser(name, help=module.HELP, description=module.__doc__.splitlines()[0])
+        module.add_arguments(command)
+        command.set_defaults(func=module.run)
     return parser
 
 

@@ -27,11 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of the eval split, e.g. to choose settings without the test images")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("finetune", help=HELP, description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
 
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState

@@ -16,11 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50 sampling.strategy=temperature")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("pretrain", help=HELP, description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
 
 def run(args: argparse.Namespace) -> int:
     """Train, then (on the main process) print each task's metric, the MI, where the model and metrics went."""

