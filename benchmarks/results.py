@@ -1,0 +1,304 @@
+"""Record benchmark JSON lines and regenerate `docs/results.md` (and the README's results table) from them.
+
+Every benchmark prints one JSON line per run. `record` runs one benchmark, keeps the JSON lines it printed in
+`benchmarks/results/<name>.jsonl` (stamped with the command, the git revision and the date), and renders the
+documents again; `render` only renders. Nothing else writes the results: edit a benchmark, re-run it through
+`record`, commit the `.jsonl` and the regenerated documents together.
+
+    python benchmarks/results.py record -- python benchmarks/moe_layer.py --preset vit-s
+    python benchmarks/results.py record --append -- python benchmarks/moe_layer.py   # add a run, keep the others
+    python benchmarks/results.py render
+
+A benchmark's section shows one table row per recorded run (or per task, where the benchmark reports tasks), the
+columns named in `SECTIONS`, and a link to its JSON lines. The README's headline table sits between the
+`<!-- results:start -->` and `<!-- results:end -->` markers and is rebuilt from `HEADLINES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+# name -> title, guide, what the benchmark measures, `rows` (a dotted path to a dict whose keys become the table's
+# rows; otherwise one row per run) and `columns` (header -> dotted path inside a row).
+SECTIONS: dict[str, dict] = {
+    "pretrain_mini": {
+        "title": "Multi-task pretraining on the mini benchmark",
+        "guide": "pretraining.md",
+        "about": "One MoE ViT trained on all three tasks at once, against the same without the MI loss and against "
+                 "a dense ViT per task with the MoE's active compute, same steps.",
+        "rows": "tasks",
+        "columns": {"metric": "metric", "multi-task MoE": "multitask_moe", "no MI loss": "multitask_moe_no_mi",
+                    "single-task dense": "single_task_dense", "steps": "/steps"},
+    },
+    "decomposition": {
+        "title": "Decomposition variants",
+        "guide": "decomposition.md",
+        "about": "Pretraining variants on the demo recipe: per task, how concentrated the routing is, the parent's "
+                 "metric, and the default slice's size and metric kept before and after healing.",
+        "rows": "tasks",
+        "columns": {"variant": "/variant", "seed": "/seed", "steps": "/steps", "routing entropy": "entropy",
+                    "parent": "parent_metric", "slice params": "params_ratio", "kept": "metric_kept",
+                    "kept healed": "metric_kept_healed"},
+    },
+    "extract": {
+        "title": "Task slices",
+        "guide": "decomposition.md",
+        "about": "The slice `moe-adapt extract` gives per task: parameters against the parent, metric kept before and "
+                 "after healing, and backbone speed against transformers' `ViTModel` of the slice's active shape.",
+        "rows": "tasks",
+        "columns": {"params slice/full": "params.ratio", "metric kept": "metric.ratio",
+                    "kept healed": "metric.healed_ratio", "speed vs same-shape ViT": "speed_sliced_vs_vit"},
+    },
+    "adapt": {
+        "title": "LoRA on a slice",
+        "guide": "adaptation.md",
+        "about": "LoRA-fine-tuning a slice on scikit-learn digits against full fine-tuning of the whole model "
+                 "(ratios sliced LoRA / full).",
+        "columns": {"trainable vs full model": "sliced_lora_vs_full_ft.trainable_vs_full_model",
+                    "params": "sliced_lora_vs_full_ft.params", "images/s": "sliced_lora_vs_full_ft.images_per_s",
+                    "peak memory": "sliced_lora_vs_full_ft.peak_memory",
+                    "accuracy points": "sliced_lora_vs_full_ft.accuracy_points"},
+    },
+    "continual": {
+        "title": "Continual learning",
+        "guide": "continual.md",
+        "about": "Adding scikit-learn digits as a new task: old tasks must not move, the new task is compared with "
+                 "fine-tuning a copy of the whole model.",
+        "columns": {"old tasks unchanged": "targets.old_tasks_unchanged",
+                    "new-task accuracy": "new_task_accuracy.ours",
+                    "full fine-tune": "new_task_accuracy.full_finetune_baseline",
+                    "params added": "params.added_ratio"},
+    },
+    "moe_layer": {
+        "title": "MoE layer and train-step speed",
+        "guide": "performance.md",
+        "about": "One MoE MLP layer, forward + backward, against a dense MLP of equal active width; then a ViT train "
+                 "step against transformers' ViT of the same width and depth.",
+        "columns": {"device": "device", "dtype": "dtype", "tokens": "tokens", "layer vs dense": "best_vs_dense",
+                    "train step vs dense ViT": "vit_s_train_vs_dense"},
+    },
+    "export": {
+        "title": "Exported slices",
+        "guide": "decomposition.md",
+        "about": "A routed slice through `torch.export` against eager mode.",
+        "columns": {"batch": "batch", "eager ms": "eager_ms", "exported ms": "exported_ms",
+                    "exported / eager": "exported_vs_eager", "max |diff|": "max_abs_diff"},
+    },
+}
+
+def _span(values, f=lambda v: f"{v:.2f}") -> str:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return "—"
+    return f(values[0]) if f(values[0]) == f(values[-1]) else f"{f(values[0])}–{f(values[-1])}"
+
+
+def _pretraining(run):
+    tasks = run["tasks"].values()
+    above = sum(t["multitask_moe"] >= t["single_task_dense"] for t in tasks)
+    mi = run.get("normalized_mi", {})
+    return (f"at or above {above} of {len(run['tasks'])} single-task dense baselines; normalised I(T;E) "
+            f"{mi.get('with_mi_loss', float('nan')):.2f} vs {mi.get('without_mi_loss', float('nan')):.2f} without the MI loss")
+
+
+def _slices(run):
+    tasks = run["tasks"].values()
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    healed = [t["metric"].get("healed_ratio") for t in tasks]
+    kept = _span([t["metric"]["ratio"] for t in tasks], pct)
+    return (f"policy `{run['policy']['policy']}`: {_span([t['params']['ratio'] for t in tasks], pct)} of the parameters, {kept} of the metric"
+            + (f" ({_span(healed, pct)} healed)" if any(v is not None for v in healed) else "")
+            + f", {_span([t['speed_sliced_vs_vit'] for t in tasks])}× a same-shape ViT's speed")
+
+
+def _lora(run):
+    r = run["sliced_lora_vs_full_ft"]
+    return (f"{100 * r['trainable_vs_full_model']:.1f}% of the parameters trained, {r['accuracy_points']:+.2f} points, "
+            f"{r['images_per_s']:.2f}× images/s, {r['peak_memory']:.2f}× peak memory")
+
+
+def _continual(run):
+    acc = run["new_task_accuracy"]
+    return (("old tasks bit-identical" if run["targets"]["old_tasks_unchanged"] else "OLD TASKS CHANGED")
+            + f", new task {acc['ours']:.3f} vs {acc['full_finetune_baseline']:.3f} for full fine-tuning, "
+            f"+{100 * run['params']['added_ratio']:.1f}% parameters")
+
+
+# README headline rows: (what, benchmark, summary of its runs). Rows whose benchmark has no recorded run are left out.
+HEADLINES = [
+    ("multi-task MoE vs single-task dense (mini benchmark)", "pretrain_mini", lambda runs: _pretraining(runs[-1])),
+    ("task slices (`moe-adapt extract`)", "extract", lambda runs: _slices(runs[-1])),
+    ("LoRA on a slice vs full fine-tuning (digits)", "adapt", lambda runs: _lora(runs[-1])),
+    ("adding a task", "continual", lambda runs: _continual(runs[-1])),
+    ("MoE MLP layer / dense MLP, CPU", "moe_layer",
+     lambda runs: _span([r["best_vs_dense"] for r in runs if str(r.get("device", "")).startswith("cpu")]) + "×"),
+]
+
+
+def lookup(data, path: str):
+    """`a.b.c` inside nested dicts; None where a key is missing."""
+    for key in path.split("."):
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value).replace("|", "\\|")
+
+
+def load_runs(results: Path = RESULTS) -> dict[str, list[dict]]:
+    runs = {}
+    for path in sorted(results.glob("*.jsonl")):
+        runs[path.stem] = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                runs[path.stem].append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}, line {number}: not JSON ({e.msg})") from None
+    return runs
+
+
+def table(name: str, runs: list[dict]) -> list[str]:
+    spec = SECTIONS.get(name, {})
+    columns = spec.get("columns") or {k: k for k, v in runs[-1].items() if not k.startswith("_")
+                                      and isinstance(v, (int, float, str, bool))}
+    rows_at = spec.get("rows")
+    head = (["run"] + (["task"] if rows_at else []) + list(columns))
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, run in enumerate(runs, 1):
+        rows = (lookup(run, rows_at) or {}).items() if rows_at else [(None, run)]
+        for key, row in rows:
+            cells = [str(i)] + ([key] if rows_at else [])
+            for path in columns.values():
+                cells.append(fmt(lookup(run, path[1:]) if path.startswith("/") else lookup(row, path)))
+            out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def render_results(runs: dict[str, list[dict]]) -> str:
+    out = ["# Results", "",
+           "Generated by `python benchmarks/results.py render` from `benchmarks/results/*.jsonl`; do not edit by hand. "
+           "Each section names the command that produced it, the revision and the date; ratios are measured "
+           "within one run, absolute times move with the machine's load.", ""]
+    order = [n for n in SECTIONS if n in runs] + sorted(n for n in runs if n not in SECTIONS)
+    for name in order:
+        spec, lines = SECTIONS.get(name, {}), runs[name]
+        out.append(f"## {spec.get('title', name)}")
+        out.append("")
+        if spec.get("about"):
+            guide = f" Guide: [{spec['guide']}]({spec['guide']})." if spec.get("guide") else ""
+            out += [spec["about"] + guide, ""]
+        stamps = list(dict.fromkeys((r["_command"], r.get("_revision"), r.get("_date")) for r in lines
+                                    if r.get("_command")))  # in recorded order
+        for command, revision, date in stamps:
+            out.append(f"- `{command}` at {revision} on {date}")
+        if stamps:
+            out.append("")
+        out += table(name, lines)
+        out += ["", f"JSON lines: [benchmarks/results/{name}.jsonl](../benchmarks/results/{name}.jsonl)", ""]
+    return "\n".join(out)
+
+
+def render_headlines(runs: dict[str, list[dict]]) -> str:
+    rows = ["| what | result | guide |", "|---|---|---|"]
+    for what, name, summary in HEADLINES:
+        if runs.get(name):
+            guide = SECTIONS[name]["guide"]
+            rows.append(f"| {what} | {summary(runs[name])} | [{guide[:-3]}](docs/{guide}) |")
+    return "\n".join(rows)
+
+
+def render(results: Path = RESULTS, docs: Path = ROOT / "docs" / "results.md", readme: Path = ROOT / "README.md"):
+    """Write `docs` and the README's marked table from the recorded runs in `results`."""
+    sys.path.insert(0, str(ROOT))
+    from moe_adapt.io import atomic_write_text
+
+    runs = load_runs(results)
+    atomic_write_text(docs, render_results(runs))
+    if readme.exists():
+        text = readme.read_text()
+        if START in text and END in text:
+            before, rest = text.split(START, 1)
+            after = rest.split(END, 1)[1]
+            atomic_write_text(readme, f"{before}{START}\n{render_headlines(runs)}\n{END}{after}")
+
+
+def revision() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def record(command: list[str], name: str | None = None, append: bool = False, results: Path = RESULTS,
+           docs: Path = ROOT / "docs" / "results.md", readme: Path = ROOT / "README.md") -> Path:
+    """Run `command`, keep the JSON lines it prints on stdout in `results/<name>.jsonl`, render the documents."""
+    sys.path.insert(0, str(ROOT))
+    from moe_adapt.io import atomic_write_text
+
+    if not command:
+        raise SystemExit("error: nothing to run: give the benchmark's command after `--`")
+    script = next((Path(a).stem for a in command if a.endswith(".py")), None)
+    name = name or script
+    if not name:
+        raise SystemExit("error: cannot tell the benchmark's name from the command: pass --name")
+    proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {shlex.join(command)} exited with status {proc.returncode}; nothing recorded")
+    if not lines:
+        raise SystemExit(f"error: {shlex.join(command)} printed no JSON line; nothing recorded")
+    stamp = {"_command": shlex.join(command), "_revision": revision(),
+             "_date": datetime.date.today().isoformat()}
+    new = [json.dumps(json.loads(line) | stamp) for line in lines]
+    path = results / f"{name}.jsonl"
+    old = path.read_text().splitlines() if append and path.exists() else []
+    atomic_write_text(path, "\n".join(old + new) + "\n")
+    render(results, docs, readme)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+    rec = sub.add_parser("record", help="run a benchmark and keep its JSON lines, then render")
+    rec.add_argument("--name", help="results file name (default: the script's name)")
+    rec.add_argument("--append", action="store_true", help="add these runs to the recorded ones")
+    rec.add_argument("command", nargs=argparse.REMAINDER, help="-- the benchmark's command line")
+    sub.add_parser("render", help="regenerate docs/results.md and the README table")
+    args = parser.parse_args(argv)
+    if args.verb == "record":
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        print(record(command, args.name, args.append))
+    else:
+        render()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
