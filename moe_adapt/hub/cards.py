@@ -137,33 +137,8 @@ def build_model_card(
     """
     config = submodel.config
     tasks = list(config.tasks)
-    ds_map = dict(datasets) if isinstance(datasets, Mapping) else {}
-    ds_list = list(dict.fromkeys(ds_map.values() if ds_map else (datasets or [])))
     model_name = model_name or f"{Path(str(base_model or 'moe-vit')).name}-slice-{'-'.join(tasks)}"
-    eval_results = []
-    if report is not None:
-        for task, t in report.tasks.items():
-            m = t.get("metric")
-            if not m:
-                continue
-            eval_results.append(EvalResult(
-                task_type=PIPELINE_TAGS.get(config.task_types.get(task), "image-classification"),
-                dataset_type=ds_map.get(task, task), dataset_name=ds_map.get(task, task),
-                metric_type=m["name"], metric_value=round(m["submodel"], 6), task_name=task,
-                metric_name=f"{m['name']} (parent {m['parent']:.4f})",
-            ))
-    types = {config.task_types.get(t, "classification") for t in tasks}
-    data = ModelCardData(
-        library_name="transformers",  # the Hub shows transformers' widget and snippet for the pipeline tag
-        tags=["moe-adapt", "moe_vit", "mixture-of-experts", "vision-transformer", "sliced-model",
-              *sorted(PIPELINE_TAGS[t] for t in types)],
-        base_model=str(base_model) if base_model else None,
-        datasets=ds_list or None,
-        eval_results=eval_results or None,
-        model_name=model_name,
-        pipeline_tag=PIPELINE_TAGS[types.pop()] if len(types) == 1 else None,
-        license=license,
-    )
+    data = _card_data(config, report, base_model, datasets, model_name, license)
     block = {
         "format": "moe_adapt.card_selection",
         "version": 1,
@@ -176,6 +151,42 @@ def build_model_card(
     if heal:
         block["healed"] = dict(heal)
         block["healed_fingerprint"] = weights_fingerprint(submodel)
+    body = _card_body(config, selection, report, heal, command, block, model_name, base_model)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def _card_data(config, report, base_model, datasets, model_name: str, license) -> ModelCardData:
+    """The card's metadata: tags, pipeline tag, datasets and one `EvalResult` per verified task metric."""
+    tasks = list(config.tasks)
+    ds_map = dict(datasets) if isinstance(datasets, Mapping) else {}
+    ds_list = list(dict.fromkeys(ds_map.values() if ds_map else (datasets or [])))
+    eval_results = []
+    for task, t in (report.tasks.items() if report is not None else ()):
+        m = t.get("metric")
+        if m:
+            eval_results.append(EvalResult(
+                task_type=PIPELINE_TAGS.get(config.task_types.get(task), "image-classification"),
+                dataset_type=ds_map.get(task, task), dataset_name=ds_map.get(task, task),
+                metric_type=m["name"], metric_value=round(m["submodel"], 6), task_name=task,
+                metric_name=f"{m['name']} (parent {m['parent']:.4f})",
+            ))
+    types = {config.task_types.get(t, "classification") for t in tasks}
+    return ModelCardData(
+        library_name="transformers",  # the Hub shows transformers' widget and snippet for the pipeline tag
+        tags=["moe-adapt", "moe_vit", "mixture-of-experts", "vision-transformer", "sliced-model",
+              *sorted(PIPELINE_TAGS[t] for t in types)],
+        base_model=str(base_model) if base_model else None,
+        datasets=ds_list or None,
+        eval_results=eval_results or None,
+        model_name=model_name,
+        pipeline_tag=PIPELINE_TAGS[types.pop()] if len(types) == 1 else None,
+        license=license,
+    )
+
+
+def _card_body(config, selection, report, heal, command, block: dict, model_name: str, base_model) -> list[str]:
+    """The card's markdown lines: usage, tasks, kept experts, verification, healing, command, selection block."""
+    tasks = list(config.tasks)
     parent_txt = f"`{base_model}`" if base_model else "a multi-task MoE ViT"
     body = [
         f"# {model_name}",
@@ -231,7 +242,7 @@ def build_model_card(
         "this card; `huggingface_hub.upload_folder(repo_id=..., folder_path=DIR)` uploads the whole folder.",
         "",
     ]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+    return body
 
 
 def _card_text(card: ModelCard | str | os.PathLike) -> tuple[str, str]:
