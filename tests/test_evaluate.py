@@ -189,6 +189,39 @@ def test_peft_wrapped_model_and_slice_score_their_own_predictions(mini_specs):
     assert evaluate(peft_model, loader(spec, 4), "fashion") == plain
 
 
+# --- its callers: slice verification and budget curves ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["digits-det", "fashion-seg"])
+def test_verify_submodel_reports_evaluate_of_parent_and_slice(model, mini_specs, task):
+    from moe_adapt.analysis import collect_expert_usage, select_experts
+    from moe_adapt.surgery import extract_submodel, verify_submodel
+
+    batches = list(loader(mini_specs[task], 4))
+    sub = extract_submodel(model, select_experts(collect_expert_usage(model, batches, task=task), "top_n"))
+    metric = verify_submodel(model, sub, {task: batches}).tasks[task]["metric"]
+    parent, sliced = evaluate(model, batches, task), evaluate(sub, batches, task)
+    assert metric["name"] == PRIMARY_METRIC[TASKS[task]] == parent.primary
+    assert metric["parent"] == parent.score and metric["submodel"] == sliced.score
+    assert metric["delta"] == sliced.score - parent.score
+
+
+def test_budget_curve_scores_batches_with_evaluate(model, mini_specs):
+    from moe_adapt.analysis.budget import budget_curve
+
+    batches = list(loader(mini_specs["fashion-seg"], 4))
+    k = {"attn": model.config.attn_top_k, "mlp": model.config.mlp_top_k}
+    curve = budget_curve(model, "fashion-seg", batches, top_ks=[1, k])
+    assert curve.metric_name == "mean_iou"
+    assert [p.metric for p in curve.points if p.is_default] == [evaluate(model, batches, "fashion-seg").score]
+    model.moe_vit.set_routing("fashion-seg", top_k=1)
+    try:
+        one = evaluate(model, batches, "fashion-seg").score
+    finally:
+        model.moe_vit.set_routing("fashion-seg")
+    assert [p.metric for p in curve.points if p.top_k == {"attn": 1, "mlp": 1}] == [one]
+
+
 # --- two processes -------------------------------------------------------------------------------------------
 
 WORKER = textwrap.dedent(
