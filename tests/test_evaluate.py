@@ -153,6 +153,9 @@ def test_train_mode_is_restored_module_by_module(mini_specs):
     assert seen == [(False, True)] * 3  # ran in eval mode, without autograd
     assert model.training and model.moe_vit.training and not model.heads["fashion"].training
     assert model.heads["digits-det"].training
+    batch = next(iter(loader(mini_specs["fashion-seg"], 2)))  # training goes on after an evaluation mid-run
+    model(batch["pixel_values"], task="fashion-seg", labels=batch["labels"]).loss.backward()
+    assert model.heads["fashion-seg"].classifier.weight.grad is not None
 
 
 def test_wrong_task_names_it_and_the_valid_tasks(model, mini_specs):
