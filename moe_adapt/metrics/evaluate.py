@@ -43,7 +43,8 @@ PRIMARY_METRIC = {"classification": "accuracy", "detection": "map", "semantic_se
 
 class EvaluationResult(dict):
     """`{metric: float}` for one task, plus `task`, `task_type`, `primary` (the headline metric's name),
-    `score` (its value) and `num_samples` (images scored)."""
+    `score` (its value) and `num_samples` (images scored). A `dict` subclass: `json.dumps`, pickle and `==` treat it
+    as the plain dict; `yaml.safe_dump` wants `dict(result)`."""
 
     def __init__(self, values: Mapping[str, float], task: str, task_type: str, num_samples: int):
         super().__init__(values)
