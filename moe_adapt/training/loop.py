@@ -263,6 +263,19 @@ def train_loop(
                       loop_seconds=time.perf_counter() - t_start)
 
 
+def repeat_loader(loader, start: int = 0) -> Iterator:
+    """`loader`'s batches epoch after epoch (`set_epoch` each epoch where it has one), the first `start` skipped."""
+    epoch, seen = 0, 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for batch in loader:
+            seen += 1
+            if seen > start:
+                yield batch
+        epoch += 1
+
+
 def compile_model(model: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
     """`model.compile()` (in place: parameter names and `save_pretrained` unchanged) when `train.compile` is set."""
     if train.compile:
@@ -281,6 +294,7 @@ __all__ = [
     "has_accelerator",
     "make_accelerator",
     "parameter_groups",
+    "repeat_loader",
     "resolve_resume",
     "train_loop",
 ]
