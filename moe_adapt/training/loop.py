@@ -22,6 +22,7 @@ batches that are a function of their step, a resumed run continues bit for bit (
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from .config import OptimizerConfig, TrainConfig
@@ -155,6 +156,49 @@ def resolve_resume(output_dir: str | Path | None, resume: str | bool | None) -> 
     return path
 
 
+def cpu_fsdp_requested(accelerator: Accelerator) -> bool:
+    """Whether FSDP was asked for (`accelerate launch --use_fsdp`) on CPU processes, where accelerate runs DDP-style
+    MULTI_CPU only: `shard_on_cpu` then shards the model with torch's own `fully_shard`."""
+    return (accelerator.distributed_type == DistributedType.MULTI_CPU
+            and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+
+
+def shard_on_cpu(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> None:
+    """FSDP on CPU processes (gloo) with torch's `fully_shard`: each module of a class in the model's
+    `_no_split_modules` (its blocks) and the root are sharded, the optimizer's groups moved onto the sharded
+    parameters, and `accelerator.save_state` / `load_state` save and load the model and optimizer shards on every
+    rank with `torch.distributed.checkpoint` (in `<checkpoint>/fsdp`); accelerate keeps the scheduler, the RNG
+    states and the loop state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    mesh = init_device_mesh("cpu", (accelerator.num_processes,))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules())[1:]:
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    params = dict(model.named_parameters())
+    for group in optimizer.param_groups:  # fully_shard replaced the parameters with sharded (DTensor) ones
+        group["params"] = [params[names[id(p)]] for p in group["params"]]
+
+    def save(models, weights, output_dir):
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(output_dir, "fsdp"))
+
+    def load(models, input_dir):
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=os.path.join(input_dir, "fsdp"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,7 +248,11 @@ def train_loop(
     the caller's. Checkpoints need the accelerator's `project_dir` (`make_accelerator(..., output_dir)`)."""
     from tqdm.auto import tqdm
 
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if cpu_fsdp_requested(accelerator):  # accelerate's FSDP needs GPUs; on CPU torch's fully_shard does it
+        shard_on_cpu(model, optimizer, accelerator)
+        scheduler = accelerator.prepare(scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = LoopState()
     accelerator.register_for_checkpointing(state)
     checkpoint = resolve_resume(accelerator.project_dir if accelerator.project_configuration.automatic_checkpoint_naming
@@ -291,10 +339,12 @@ __all__ = [
     "build_scheduler",
     "checkpoint_dirs",
     "compile_model",
+    "cpu_fsdp_requested",
     "has_accelerator",
     "make_accelerator",
     "parameter_groups",
     "repeat_loader",
     "resolve_resume",
+    "shard_on_cpu",
     "train_loop",
 ]
