@@ -179,3 +179,36 @@ def test_adamw_is_fused_on_cpu_and_steps_like_the_plain_one():
     _adamw_steps(a, fused, 3)
     _adamw_steps(b, plain, 3)
     assert (a - start).abs().min() > 0.05 and torch.allclose(a, b, atol=1e-6)  # every entry moved, as plain's did
+
+
+# -- train.compile ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # one torch.compile of the tiny model: about a minute and a half on a CPU
+def test_a_compiled_train_step_equals_the_eager_one():
+    """`train.compile` (`compile_model`: `model.compile()`, parameter names unchanged) through the loop: one step of
+    the tiny model gives the eager loss and weights within fp32 tolerance."""
+    from moe_adapt import MoEViTConfig, MoEViTForImageClassification
+    from moe_adapt.training import OptimizerConfig, TrainConfig, build_scheduler, make_accelerator, train_loop
+    from moe_adapt.training.loop import compile_model
+
+    assert TrainConfig().compile is False  # off unless asked for
+    config = MoEViTConfig.from_preset("tiny", tasks=["a"], task_labels={"a": ["x", "y", "z"]})
+    torch.manual_seed(0)
+    batch = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = compile_model(MoEViTForImageClassification(config), TrainConfig(compile=compiled)).train()
+        opt_cfg = OptimizerConfig(lr=1e-2, scheduler="constant")
+        accelerator = make_accelerator(TrainConfig(max_steps=1))
+        # SGD: the update is the gradient times lr, so the weights compare the gradients (Adam's first step,
+        # lr x sign(g), would turn rounding noise in a near-zero gradient into a full step)
+        optimizer = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr)
+        result = train_loop(model, optimizer, build_scheduler(optimizer, opt_cfg, 1), lambda start: iter([batch]),
+                            lambda m, b: m(pixel_values=b[0], labels=b[1], task="a", return_dict=True).loss,
+                            accelerator, max_steps=1, seed=0, progress_bar=False)
+        runs[compiled] = (result.losses[0], dict(accelerator.unwrap_model(result.model).named_parameters()))
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    eager, compiled = runs[False][1], runs[True][1]
+    assert eager.keys() == compiled.keys()  # model.compile() keeps the parameter names (save_pretrained unchanged)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-7, msg=name)

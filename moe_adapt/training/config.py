@@ -1,4 +1,10 @@
-"""The pretraining recipe's configuration: one YAML file, parsed into typed, checked dataclasses.
+"""The recipes' configuration: one YAML file per run, parsed into typed, checked, nested dataclasses.
+
+Every recipe (`PretrainConfig`, `moe_adapt.adaptation.finetune.FinetuneConfig`, `ContinualConfig`) has the same
+`optimizer` (`OptimizerConfig`) and `train` (`TrainConfig`) sections and is read by the same loader,
+`load_config(cls, path, overrides)`: dotted overrides (`train.max_steps=100`, values parsed as YAML) on top of the
+file, every section's keys over the recipe's defaults, and an unknown key is an error that names it and lists the
+valid ones. The pretraining recipe:
 
 ```yaml
 seed: 0
@@ -14,12 +20,12 @@ tasks:                      # task name (= dataset spec name) → per-task setti
   fashion: {batch_size: 64, image_size: 32, loss_weight: 1.0, head: {}, augment: {scale: [0.5, 1.0]}}
 sampling: {strategy: all_tasks, temperature: 2.0, micro_batches_per_step: null, rounds: 1}
 loss_weighting: fixed       # or uncertainty
-optimizer: {lr: 1.0e-3, weight_decay: 0.05, betas: [0.9, 0.999], warmup_steps: 50, min_lr: 1.0e-6, max_grad_norm: 1.0}
-train: {max_steps: 600, mixed_precision: "no", eval_every: 200, save_every: 200, log_every: 10}
+optimizer: {lr: 1.0e-3, weight_decay: 0.05, scheduler: cosine_with_min_lr, warmup_steps: 50, min_lr: 1.0e-6,
+            max_grad_norm: 1.0}
+train: {max_steps: 600, mixed_precision: "no", compile: false, eval_every: 200, save_every: 200, log_every: 10}
 ```
 
-`load_pretrain_config(path, overrides=["train.max_steps=20", ...])` reads the file and applies dotted overrides
-(values parsed as YAML). Every unknown key is an error naming the section, the key and the known keys.
+`load_pretrain_config(path, overrides=["train.max_steps=20", ...])` is `load_config(PretrainConfig, ...)`.
 """
 
 from __future__ import annotations
