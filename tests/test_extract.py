@@ -254,6 +254,6 @@ def test_multitask_model_with_detection_and_segmentation_heads(tmp_path, images)
         masks = torch.randint(0, 2, (6, 32, 32))
         report = verify_submodel(model, sub, [(images, masks)] if task == "seg" else [images])
         assert report.tasks[task]["top1_agreement"] is not None
-        assert (report.tasks[task].get("metric") or {}).get("name") == ("pixel_accuracy" if task == "seg" else None)
+        assert (report.tasks[task].get("metric") or {}).get("name") == ("mean_iou" if task == "seg" else None)
         head = flops_per_image(sub, task=task)["head"]
         assert head is not None and head > 0

@@ -3,10 +3,12 @@
 A MoE ViT's cost at inference is set by how many experts each token runs. `budget_curve` sets a top-k override with
 `model.set_routing(task, top_k=...)` (the model-level control, restored afterwards), counts FLOPs with the one
 counter (`moe_adapt.flops.flops_per_image`) and evaluates the task at every setting; `plot_budget_curve` draws the
-curve (PNG). `moe-adapt inspect MODEL --data SPEC --task T --budget` does both from the command line.
+curve (PNG). Given labelled batches, each setting is scored by `moe_adapt.metrics.evaluate` (the task type's
+primary metric: accuracy, COCO mAP or mean IoU); given a function, by that function. `moe-adapt inspect MODEL --data
+SPEC --task T --budget` does both from the command line.
 
 ```python
->>> curve = budget_curve(model, "cls", evaluate=lambda m: my_accuracy(m))
+>>> curve = budget_curve(model, "cls", eval_loader)          # or evaluate=lambda m: my_score(m)
 >>> [(p.top_k, round(p.gflops, 3), p.metric) for p in curve.points]
 >>> plot_budget_curve(curve, "budget_cls.png")
 ```
@@ -19,16 +21,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..flops import flops_per_image
 from ..io import atomic_write, atomic_write_json
+from ..metrics import evaluate as evaluate_metric
 from .usage import find_backbone
 
 __all__ = [
-    "BudgetCurve", "BudgetPoint", "budget_curve", "budget_from_args", "default_top_k_sweep", "loader_metric",
-    "parse_top_k_list", "plot_budget_curve",
+    "BudgetCurve", "BudgetPoint", "budget_curve", "budget_from_args", "default_top_k_sweep", "parse_top_k_list",
+    "plot_budget_curve",
 ]
 
 
@@ -109,39 +111,6 @@ def _as_setting(top_k, config, task: str) -> dict[str, int]:
     return setting
 
 
-@torch.no_grad()
-def loader_metric(model: nn.Module, data: Iterable, task: str) -> tuple[str, float]:
-    """The task's metric on labelled batches (`{"pixel_values", "labels"}` dicts, as `moe_adapt.data` collates
-    them): `(name, value)`. A model with `postprocess` (`MoEViTForMultiTask`) is scored by
-    `moe_adapt.training.evaluation.evaluate_task` (accuracy, COCO mAP or mean IoU); otherwise top-1 accuracy."""
-    config = model.config
-    if hasattr(model, "postprocess"):
-        from types import SimpleNamespace
-
-        from ..training.evaluation import PRIMARY_METRIC, evaluate_task
-
-        kind = config.task_types.get(task, "classification")
-        task_data = SimpleNamespace(name=task, task_type=kind, label_names=list(config.task_labels.get(task, [])),
-                                    eval_loader=lambda max_samples=None: data)
-        result = evaluate_task(model, task_data, task)
-        return PRIMARY_METRIC[kind], float(result[PRIMARY_METRIC[kind]])
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = total = 0
-    try:
-        for batch in data:
-            pixels, labels = (batch["pixel_values"], batch["labels"]) if isinstance(batch, Mapping) else batch[:2]
-            pred = model(pixels.to(device), task=task, return_dict=True).logits.argmax(-1).cpu()
-            correct += int((pred == labels).sum())
-            total += int(labels.numel())
-    finally:
-        model.train(was_training)
-    if total == 0:
-        raise ValueError(f"The evaluation data of task {task!r} gave no labelled sample.")
-    return "accuracy", correct / total
-
-
 def budget_curve(
     model: nn.Module,
     task: str,
@@ -155,11 +124,12 @@ def budget_curve(
     Args:
         model: a MoE ViT (bare or a task model).
         task: the task to measure.
-        evaluate: `fn(model) -> float` run with the setting in place, or labelled batches for `loader_metric`.
+        evaluate: `fn(model) -> float` run with the setting in place, or labelled batches (a DataLoader as
+            `moe_adapt.data` collates them) scored by `moe_adapt.metrics.evaluate` (the task type's primary metric).
         top_ks: ints (the same k for attention and MLP experts) or `{"attn": k, "mlp": k}`; default
             `default_top_k_sweep`.
         image_size: the size FLOPs are counted at (default `config.image_size`).
-        metric_name: the name to plot (default: `loader_metric`'s, else "metric").
+        metric_name: the name to plot (default: the primary metric's name with batches, else "metric").
 
     The task's model-level routing setting is replaced while measuring and restored afterwards; an invalid
     setting (0, above the expert count) raises the model's own `ValueError` before anything is evaluated.
@@ -181,8 +151,8 @@ def budget_curve(
             if callable(evaluate):
                 value = float(evaluate(model))
             else:
-                name, value = loader_metric(model, evaluate, task)
-                metric_name = metric_name or name
+                result = evaluate_metric(model, evaluate, task)
+                value, metric_name = result.score, metric_name or result.primary
             flops = flops_per_image(model, task=task, image_size=image_size, top_k=setting)
             points.append(BudgetPoint(top_k=setting, flops=int(flops["total"]), gflops=float(flops["gflops"]),
                                       metric=value, is_default=setting == default))

@@ -1,4 +1,8 @@
-"""Metrics shipped with moe_adapt as local `evaluate` modules (no Hub access needed).
+"""Metrics shipped with moe_adapt as local `evaluate` modules (no Hub access needed), and the one evaluator.
+
+`evaluate(model, data, task)` scores a task model on one task's labelled batches with its task type's module
+(`METRIC_FOR`) and returns `{metric: float}` whose `.primary` / `.score` name the headline number
+(`PRIMARY_METRIC`); see `moe_adapt/metrics/evaluate.py`. Everything in moe_adapt that reports a metric calls it.
 
 `load(name, **kwargs)` returns an `evaluate.EvaluationModule` with the usual `add_batch(predictions=...,
 references=...)` / `compute(...)`:
@@ -44,4 +48,11 @@ def load(name: str, **kwargs: Any):
     return evaluate.load(str(MODULES_DIR / name / f"{name}.py"), **kwargs)
 
 
-__all__ = ["METRICS", "MODULES_DIR", "load"]
+# Imported last: `evaluate.py` reads `load` from this package. `moe_adapt.metrics.evaluate` is the function below (the
+# submodule stays reachable as `sys.modules["moe_adapt.metrics.evaluate"]`, or by importing its names from it).
+from .evaluate import METRIC_FOR, PRIMARY_METRIC, EvaluationResult, TaskMetric, evaluate, task_model_of  # noqa: E402
+
+__all__ = [
+    "METRICS", "METRIC_FOR", "MODULES_DIR", "PRIMARY_METRIC", "EvaluationResult", "TaskMetric", "evaluate", "load",
+    "task_model_of",
+]

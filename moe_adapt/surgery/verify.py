@@ -5,7 +5,8 @@ For every task of the slice it runs both models on the same images and reports:
 - agreement: top-1 agreement of the task outputs (argmax over classes: per image for classification, per query
   for detection, per pixel for segmentation), the max and mean absolute difference of the logits (of
   `last_hidden_state` for a bare backbone), and, when the batches carry labels, the task metric of both models
-  (accuracy for classification, pixel accuracy for segmentation) and its delta;
+  (the task type's primary metric as `moe_adapt.metrics.evaluate` computes it: accuracy, COCO mAP or mean IoU,
+  fed the outputs already computed here) and its delta;
 - routing: per MoE layer, the fraction of tokens whose *parent* routing chose an expert outside the kept set
   (and the fraction of tokens for which that happened in any layer), and the parent's router mass on dropped
   experts. With non-renormalised gates a slice scales a layer's output by 1 / P_kept(x); `max_gate_scale`
@@ -22,16 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..analysis.usage import find_backbone
 from ..flops import count_parameters, flops_per_image
 from ..io import atomic_write_json
+from ..metrics import TaskMetric
 
 __all__ = ["VerificationReport", "verify_submodel"]
-
-IGNORE_INDEX = 255
 
 
 @dataclass
@@ -116,11 +115,12 @@ def _split_batch(batch, index: int):
 
 
 def _task_output(model: nn.Module, pixels: torch.Tensor, task: str):
+    """(outputs, the tensor compared: logits or last_hidden_state, pred_boxes or None, whether it is logits)."""
     out = model(pixel_values=pixels, task=task, return_dict=True)
     logits = getattr(out, "logits", None)
     if logits is None:
-        return out.last_hidden_state, None, False
-    return logits, getattr(out, "pred_boxes", None), True
+        return out, out.last_hidden_state, None, False
+    return out, logits, getattr(out, "pred_boxes", None), True
 
 
 def _class_dim(task_type: str) -> int:
@@ -135,7 +135,7 @@ class _Stats:
         self.max_diff = self.abs_sum = 0.0
         self.numel = self.agree = self.agree_total = 0
         self.box_max = 0.0
-        self.metric_parent = self.metric_sub = self.metric_total = 0
+        self.metrics: dict[str, TaskMetric] = {}  # "parent" / "submodel", once a labelled batch is seen
         self.left = dict.fromkeys(layers, 0)
         self.left_any = 0
         self.dropped = dict.fromkeys(layers, 0.0)
@@ -238,8 +238,8 @@ def verify_submodel(
                     pixels, labels = _split_batch(batch, index)
                     pixels = pixels.to(device)
                     captured.clear()
-                    out_p, box_p, is_logits = _task_output(parent, pixels, task)
-                    out_s, box_s, _ = _task_output(submodel, pixels, task)
+                    full_p, out_p, box_p, is_logits = _task_output(parent, pixels, task)
+                    full_s, out_s, box_s, _ = _task_output(submodel, pixels, task)
                     batches += 1
                     s.images += pixels.shape[0]
                     s.image_hw = tuple(pixels.shape[-2:])
@@ -254,18 +254,11 @@ def verify_submodel(
                         pred_p, pred_s = out_p.argmax(dim), out_s.argmax(dim)
                         s.agree += int((pred_p == pred_s).sum())
                         s.agree_total += pred_p.numel()
-                        if labels is not None and task_type in ("classification", "semantic_segmentation"):
-                            labels = labels.to(device)
-                            if task_type == "semantic_segmentation" and pred_p.shape[-2:] != labels.shape[-2:]:
-                                size = labels.shape[-2:]
-                                pred_p, pred_s = (
-                                    F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False).argmax(1)
-                                    for x in (out_p, out_s)
-                                )
-                            valid = labels != IGNORE_INDEX
-                            s.metric_parent += int(((pred_p == labels) & valid).sum())
-                            s.metric_sub += int(((pred_s == labels) & valid).sum())
-                            s.metric_total += int(valid.sum())
+                        if labels is not None:
+                            if not s.metrics:
+                                s.metrics = {"parent": TaskMetric(parent, task), "submodel": TaskMetric(submodel, task)}
+                            s.metrics["parent"].add_batch(full_p, labels)
+                            s.metrics["submodel"].add_batch(full_s, labels)
                     any_left = None
                     for name, (indices, probs) in captured.items():
                         inside = masks[name][indices]  # [tokens, k]
@@ -302,10 +295,10 @@ def verify_submodel(
             }
             if s.box_max:
                 entry["max_abs_box_diff"] = s.box_max
-            if s.metric_total:
-                name = "accuracy" if task_type == "classification" else "pixel_accuracy"
-                mp, ms = s.metric_parent / s.metric_total, s.metric_sub / s.metric_total
-                entry["metric"] = {"name": name, "parent": mp, "submodel": ms, "delta": ms - mp,
+            if s.metrics:
+                result_p, result_s = s.metrics["parent"].compute(), s.metrics["submodel"].compute()
+                mp, ms = result_p.score, result_s.score
+                entry["metric"] = {"name": result_p.primary, "parent": mp, "submodel": ms, "delta": ms - mp,
                                    "relative": ms / mp if mp else None}
             report.tasks[task] = entry
     finally:
