@@ -129,7 +129,7 @@ def test_a_failing_final_evaluation_leaves_the_trained_model_saved(mini_data_dir
         trained.update({k: v.detach().clone() for k, v in model.state_dict().items()})
         raise RuntimeError("the evaluation failed")
 
-    monkeypatch.setattr(pretraining, "evaluate_task", failing_evaluation)
+    monkeypatch.setattr(pretraining, "evaluate", failing_evaluation)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="the evaluation failed"):
         pretrain(PretrainConfig.from_dict(tiny_recipe(mini_data_dir, out, max_steps=2)))

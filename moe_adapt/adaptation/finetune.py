@@ -14,7 +14,7 @@ The path, each step taking the previous step's object (`finetune(FinetuneConfig(
    (`attach_task`).
 4. **Train** in one of three modes (a plain accelerate loop): `lora` (peft LoRA on the fused expert tensors and the
    attention projections, head and router in `modules_to_save`), `router` (router and head only) or `full`.
-5. **Evaluate, report, save**: the efficiency report (`report.json`), the adapter (`adapter/`, with the frozen
+5. **Evaluate** (`moe_adapt.metrics.evaluate`), **report, save**: the efficiency report (`report.json`), the adapter (`adapter/`, with the frozen
    task model it applies to in `base/`) or the whole model (`model/`), and with `merge=True` a standalone merged
    model (`merged/`) that `from_pretrained` loads without peft.
 
@@ -54,6 +54,7 @@ from ..data import (
 )
 from ..heads import ClassificationHead
 from ..io import atomic_dir, atomic_write_text
+from ..metrics import evaluate
 from ..models.moe_vit import TASK_MODEL_CLASSES, MoEViTConfig, MoEViTForImageClassification
 from ..models.moe_vit.modeling_moe_vit import EXPERTS_IMPLEMENTATIONS
 from ..training.config import OptimizerConfig, TrainConfig, config_to_dict, load_config
@@ -511,24 +512,6 @@ def _calibration_batches(dataset, n: int, batch_size: int) -> list[torch.Tensor]
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate_classification(model: nn.Module, loader, task: str, accelerator=None) -> float:
-    """Top-1 accuracy (`moe_adapt.metrics` "accuracy") of `model` on `loader` for `task`."""
-    from .. import metrics
-
-    metric = metrics.load("accuracy")
-    was_training = model.training
-    model.eval()
-    for batch in loader:
-        logits = model(pixel_values=batch["pixel_values"], task=task, return_dict=True).logits
-        preds, refs = logits.argmax(-1), batch["labels"]
-        if accelerator is not None:
-            preds, refs = accelerator.gather_for_metrics((preds, refs))
-        metric.add_batch(predictions=preds.cpu().tolist(), references=refs.cpu().tolist())
-    model.train(was_training)
-    return float(metric.compute()["accuracy"])
-
-
 def _lora_factor_ids(model: nn.Module) -> set[int]:
     """ids of the LoRA factors (and DoRA magnitudes) of every peft tuner layer in `model`."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -718,7 +701,7 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True,
     accelerator.wait_for_everyone()
     eval_loader = accelerator.prepare(torch.utils.data.DataLoader(
         eval_set, batch_size=cfg.eval_batch_size, collate_fn=collate_fn_for("classification")))
-    accuracy = evaluate_classification(trained, eval_loader, task, accelerator)
+    accuracy = evaluate(trained, eval_loader, task, accelerator=accelerator)["accuracy"]
     report = efficiency_report(
         model, task, name=f"{task} <- {source}" + (" (sliced)" if cfg.slice else ""), mode=cfg.mode,
         images_per_s=speed.images_per_s, memory=memory, metric_name="accuracy", metric=accuracy, flops=flops,
@@ -777,7 +760,6 @@ __all__ = [
     "InMemoryDataset",
     "attach_task",
     "choose_source_task",
-    "evaluate_classification",
     "finetune",
     "load_downstream_data",
     "load_finetuned",

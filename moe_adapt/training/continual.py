@@ -29,7 +29,6 @@ def run_continual(cfg: ContinualConfig) -> dict:
     from ..adaptation.finetune import (
         FinetuneConfig,
         choose_source_task,
-        evaluate_classification,
         load_downstream_data,
         load_moe_model,
     )
@@ -38,6 +37,7 @@ def run_continual(cfg: ContinualConfig) -> dict:
     from ..data import collate_fn_for
     from ..flops import count_parameters
     from ..io import atomic_write_json
+    from ..metrics import evaluate
     from ..surgery.add_task import add_task, learn_new_task
     from .loop import compile_model, make_accelerator
 
@@ -76,7 +76,7 @@ def run_continual(cfg: ContinualConfig) -> dict:
     if out is not None and accelerator.is_main_process:  # saved before any evaluation, which then cannot lose it
         grown.save_pretrained(out / "model")  # written atomically
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=128, collate_fn=collate_fn_for("classification"))
-    accuracy = evaluate_classification(grown, eval_loader, task)
+    accuracy = evaluate(grown, eval_loader, task)["accuracy"]
     say(f"{task}: accuracy {accuracy:.4f}; old tasks bit-identical: {result.old_tasks_identical} "
         f"(max |logit change| {max(result.old_task_change.values(), default=0.0)})")
 

@@ -5,7 +5,7 @@
 2. the one training loop (`train_loop`): each step the sampler names the step's tasks, each task's
    `TaskBatchStream` serves its next batch, and one forward of the objective over all of them gives the step's
    loss: the MI statistics span every task of the step, and its gradient is accumulated over the tasks in one
-   backward; periodic evaluation (`evaluate_task`) and accelerate checkpoints (`output_dir/checkpoints`);
+   backward; periodic evaluation (`moe_adapt.metrics.evaluate`) and accelerate checkpoints (`output_dir/checkpoints`);
 3. at the end: the model (`save_pretrained`, with its image processor), `metrics.json`, each task's expert usage
    (`usage/<task>.json`) and the heatmap `expert_usage.png`.
 
@@ -28,7 +28,8 @@ from ..io import atomic_write_json
 from ..models.moe_vit.losses import MutualInformationLoss
 from .config import PretrainConfig
 from .data import TaskBatchStream, load_task_data
-from .evaluation import PRIMARY_METRIC, evaluate_task, normalized_task_expert_mi
+from ..metrics import PRIMARY_METRIC, evaluate
+from .evaluation import normalized_task_expert_mi
 from .loop import build_optimizer, build_scheduler, compile_model, make_accelerator, train_loop
 from .loss_weighting import LossWeighting
 from .model import build_model
@@ -47,7 +48,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def evaluate_all(model, data: dict, config: PretrainConfig) -> dict[str, dict[str, float]]:
     return {
-        task: evaluate_task(model, d, task, max_samples=config.tasks[task].eval_max_samples)
+        task: evaluate(model, d.eval_loader(config.tasks[task].eval_max_samples), task)
         for task, d in data.items()
         if d.eval is not None
     }
