@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from ..analysis import ExpertSelection, ExpertUsage, collect_expert_usage, select_experts

@@ -38,10 +38,9 @@ measures both.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-
-import itertools
 
 import torch
 import torch.nn.functional as F

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from ..io import atomic_write_json
+from ..metrics import PRIMARY_METRIC, evaluate
 from ..models.moe_vit.losses import MutualInformationLoss
 from .config import PretrainConfig
 from .data import TaskBatchStream, load_task_data
-from ..metrics import PRIMARY_METRIC, evaluate
 from .evaluation import normalized_task_expert_mi
 from .loop import build_optimizer, build_scheduler, compile_model, make_accelerator, train_loop
 from .loss_weighting import LossWeighting
