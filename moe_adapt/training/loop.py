@@ -199,6 +199,24 @@ def shard_on_cpu(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accel
     accelerator.register_load_state_pre_hook(load)
 
 
+def gather_model(accelerator: Accelerator, model: torch.nn.Module, build: Callable[[], torch.nn.Module]):
+    """The trained `model` whole, for saving and evaluating: the unwrapped model itself (on every process), or,
+    when FSDP sharded it, `build()` (a fresh model of the same structure) loaded with the full state dict gathered
+    from the shards, on the main process (None on the others). Every process must call it (the gather is
+    collective)."""
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type != DistributedType.FSDP and not cpu_fsdp_requested(accelerator):
+        return unwrapped
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(unwrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    whole = build()
+    whole.load_state_dict(state)
+    return whole
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,6 +358,7 @@ __all__ = [
     "checkpoint_dirs",
     "compile_model",
     "cpu_fsdp_requested",
+    "gather_model",
     "has_accelerator",
     "make_accelerator",
     "parameter_groups",

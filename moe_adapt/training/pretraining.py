@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 
 from ..io import atomic_write_json
 from ..metrics import PRIMARY_METRIC, evaluate
@@ -30,7 +31,15 @@ from ..models.moe_vit.losses import MutualInformationLoss
 from .config import PretrainConfig
 from .data import TaskBatchStream, load_task_data
 from .evaluation import normalized_task_expert_mi
-from .loop import build_optimizer, build_scheduler, compile_model, make_accelerator, train_loop
+from .loop import (
+    build_optimizer,
+    build_scheduler,
+    compile_model,
+    cpu_fsdp_requested,
+    gather_model,
+    make_accelerator,
+    train_loop,
+)
 from .loss_weighting import LossWeighting
 from .model import build_model
 from .objective import MultiTaskObjective
@@ -83,7 +92,8 @@ def objective_loss(objective, micro_batches) -> dict:
 
 def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerator=None) -> dict[str, Any]:
     """Run the recipe. Returns the final metrics (also written to `output_dir/metrics.json`) on the main process,
-    and on every process `"model"` (the trained `MoEViTForMultiTask`) and `"history"` (the logged losses).
+    and on every process `"model"` (the trained `MoEViTForMultiTask`; under FSDP on the main process only, None on
+    the others) and `"history"` (the logged losses).
 
     `resume`: True / "latest" for the newest checkpoint in `output_dir/checkpoints` (a fresh start when there is
     none), or a checkpoint folder.
@@ -104,7 +114,11 @@ def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerat
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = compile_model(build_model(config, label_names={t: d.label_names for t, d in data.items()}), config.train)
     weighting = LossWeighting(tasks, config.loss_weighting, {t: s.loss_weight for t, s in config.tasks.items()})
-    objective = MultiTaskObjective(model, weighting, MutualInformationLoss.from_config(model.config, device=accelerator.device))
+    # DDP needs every parameter in every step's graph (the objective's 0 x sum(p) term); FSDP reduces each block's
+    # gradients whole, and its sharded parameters cannot enter a sum outside their block's forward
+    sharded = accelerator.distributed_type == DistributedType.FSDP or cpu_fsdp_requested(accelerator)
+    objective = MultiTaskObjective(model, weighting, MutualInformationLoss.from_config(model.config, device=accelerator.device),
+                                   touch_all_parameters=not sharded)
     optimizer = build_optimizer(objective, config.optimizer, accelerator.device)
     scheduler = build_scheduler(optimizer, config.optimizer, config.train.max_steps)
     sampler = TaskSampler(
@@ -141,7 +155,12 @@ def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerat
         log_every=max(1, config.train.log_every), max_minutes=config.train.max_minutes, on_step=evaluate,
         progress_bar=config.train.progress_bar, desc="pretrain",
     )
-    unwrapped = accelerator.unwrap_model(result.model)
+    def fresh_objective():  # the objective's structure, for the weights FSDP gathers from its shards
+        fresh = build_model(config, label_names={t: d.label_names for t, d in data.items()})
+        return MultiTaskObjective(fresh, LossWeighting(tasks, config.loss_weighting, {t: s.loss_weight for t, s in config.tasks.items()}),
+                                  MutualInformationLoss.from_config(fresh.config))
+
+    unwrapped = gather_model(accelerator, result.model, fresh_objective)  # FSDP: whole on the main process only
     results: dict[str, Any] = {}
     if main:
         results = finish(
@@ -152,7 +171,7 @@ def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerat
             loss_weights=unwrapped.loss_weighting.weights(), processes=world, threads=torch.get_num_threads(),
         )
     accelerator.wait_for_everyone()
-    results.update(model=unwrapped.model, history=result.history)
+    results.update(model=unwrapped.model if unwrapped is not None else None, history=result.history)
     return results
 
 
