@@ -52,6 +52,7 @@ from ..data import (
     load_task_dataset,
 )
 from ..heads import ClassificationHead
+from ..hub.loading import load_model
 from ..io import atomic_dir, atomic_write_text
 from ..metrics import evaluate
 from ..models.moe_vit import TASK_MODEL_CLASSES, MoEViTConfig, MoEViTForImageClassification
@@ -216,16 +217,6 @@ class FinetuneResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Model loading and the new task
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def load_moe_model(path_or_model: Any) -> nn.Module:
-    """A moe_adapt model from a path (the class named in `config.architectures`) or the model itself."""
-    if isinstance(path_or_model, nn.Module):
-        find_backbone(path_or_model)  # a clear error for anything that is not a MoE ViT
-        return path_or_model
-    from ..hub.loading import load_model
-
-    return load_model(path_or_model)
 
 
 def _task_model_class(task_type: str):
@@ -647,8 +638,8 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True,
     # the memory baseline: the process with its libraries and the data, before any model is loaded
     if memory is None or isinstance(memory, type):
         memory = (memory or MemoryMeter)(accelerator.device)
-    parent = load_moe_model(cfg.model)
-    backbone, _ = find_backbone(parent)
+    parent = cfg.model if isinstance(cfg.model, nn.Module) else load_model(cfg.model)  # the one loader
+    backbone, _ = find_backbone(parent)  # a clear error for anything that is not a MoE ViT
     if cfg.experts_implementation:
         parent.config._experts_implementation = cfg.experts_implementation
         backbone.config._experts_implementation = cfg.experts_implementation
@@ -762,7 +753,6 @@ __all__ = [
     "finetune",
     "load_downstream_data",
     "load_finetuned",
-    "load_moe_model",
     "prepare_for_mode",
     "lr_groups",
     "train",

@@ -30,12 +30,12 @@ def run_continual(cfg: ContinualConfig) -> dict:
         FinetuneConfig,
         choose_source_task,
         load_downstream_data,
-        load_moe_model,
     )
     from ..analysis.budget import budget_curve, plot_budget_curve
     from ..analysis.usage import find_backbone
     from ..data import collate_fn_for
     from ..flops import count_parameters
+    from ..hub.loading import load_model
     from ..io import atomic_write_json
     from ..metrics import evaluate
     from ..surgery.add_task import add_task, learn_new_task
@@ -47,7 +47,7 @@ def run_continual(cfg: ContinualConfig) -> dict:
     set_seed(cfg.seed)
     say = accelerator.print
 
-    model = load_moe_model(cfg.model).eval()
+    model = load_model(cfg.model).eval()
     config = find_backbone(model)[0].config
     image_size = cfg.image_size or config.image_size
     data_cfg = FinetuneConfig(model=None, dataset=cfg.dataset, max_train_images=cfg.max_train_images,
