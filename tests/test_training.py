@@ -212,3 +212,39 @@ def test_a_compiled_train_step_equals_the_eager_one():
     assert eager.keys() == compiled.keys()  # model.compile() keeps the parameter names (save_pretrained unchanged)
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# -- the loop's checkpoints -------------------------------------------------------------------------------------------
+def test_resume_latest_continues_from_the_newest_checkpoint_and_accelerate_keeps_the_newest_few(tmp_path):
+    from moe_adapt.training import (
+        OptimizerConfig,
+        TrainConfig,
+        build_optimizer,
+        build_scheduler,
+        make_accelerator,
+        train_loop,
+    )
+    from moe_adapt.training.loop import checkpoint_dirs
+
+    def run(max_steps, resume=None):
+        train = TrainConfig(max_steps=max_steps, save_every=1, keep_checkpoints=2)
+        accelerator = make_accelerator(train, tmp_path)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        optimizer = build_optimizer(model, OptimizerConfig(lr=0.1), accelerator.device)
+
+        def batches_from(start):  # batch s is a function of s
+            for s in range(start, max_steps):
+                yield torch.full((2, 3), float(s))
+
+        return train_loop(model, optimizer, build_scheduler(optimizer, OptimizerConfig(lr=0.1), 5), batches_from,
+                          lambda m, x: m(x).square().mean(), accelerator, max_steps=max_steps, resume=resume,
+                          save_every=1, progress_bar=False)
+
+    first = run(3)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint_1", "checkpoint_2"]  # total_limit 2
+    resumed = run(5, resume="latest")
+    assert (resumed.start_step, resumed.step, len(resumed.losses)) == (3, 5, 2) and first.step == 3
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint_3", "checkpoint_4"]  # numbering continued
+    fresh = run(5, resume=None)  # resume=None: a fresh start, whatever the folder holds
+    assert fresh.start_step == 0

@@ -277,8 +277,10 @@ def train_loop(
                                 else None, resume)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        accelerator.project_configuration.iteration = int(checkpoint.name.rsplit("_", 1)[-1]) + 1
         accelerator.print(f"Resumed from {checkpoint} at step {state.step}.")
+    if accelerator.project_configuration.automatic_checkpoint_naming:  # new checkpoints number on after every old one
+        numbers = [int(p.name.rsplit("_", 1)[1]) for p in (Path(accelerator.project_dir) / "checkpoints").glob("checkpoint_*")]
+        accelerator.project_configuration.iteration = max(numbers, default=-1) + 1
     start, rank = state.step, accelerator.process_index
     batches = batches_from(start)
     accum = accelerator.gradient_accumulation_steps
