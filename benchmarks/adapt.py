@@ -177,6 +177,7 @@ def run_one_arm(args) -> None:
     import torch
 
     from moe_adapt.adaptation.finetune import FinetuneConfig, finetune
+    from moe_adapt.training import OptimizerConfig, TrainConfig
 
     torch.set_num_threads(args.threads)
     running = malloc_library()
@@ -195,12 +196,11 @@ def run_one_arm(args) -> None:
               "train_norms": args.train_norms,
               "include_patch_embedding": args.patch_embedding,
               "include_experts": args.lora_experts != "none", "include_mlp": args.lora_experts == "all"},
-        lr=args.lora_lr if arm["mode"] == "lora" else None,
         head_lr=args.head_lr if arm["mode"] == "lora" else None, augment=parse_augment(args.augment),
-        **({"weight_decay": args.lora_weight_decay}
-           if arm["mode"] == "lora" and args.lora_weight_decay is not None else {}),
-        steps=args.steps, batch_size=args.batch_size, seed=args.seed, num_threads=args.threads, log_every=0,
-        validation_fraction=args.validation,
+        optimizer=OptimizerConfig(lr=args.lora_lr if arm["mode"] == "lora" else None, warmup_ratio=0.05,
+                                  weight_decay=args.lora_weight_decay if arm["mode"] == "lora" and args.lora_weight_decay is not None else 0.0),
+        train=TrainConfig(max_steps=args.steps, num_threads=args.threads, log_every=0),
+        batch_size=args.batch_size, seed=args.seed, validation_fraction=args.validation,
     )
     result = finetune(cfg, verbose=False, memory=RssMeter)  # RSS above a baseline of live data (measure.py)
     report = result.report.to_dict()

@@ -64,14 +64,14 @@ def main(argv=None) -> int:
     from moe_adapt.adaptation.finetune import (
         FinetuneConfig,
         choose_source_task,
-        evaluate_classification,
         load_downstream_data,
-        load_moe_model,
         train,
     )
     from moe_adapt.analysis.budget import budget_curve, plot_budget_curve
     from moe_adapt.data import collate_fn_for
     from moe_adapt.flops import count_parameters
+    from moe_adapt.hub.loading import load_model
+    from moe_adapt.metrics import evaluate
     from moe_adapt.surgery.add_task import add_task, learn_new_task, max_output_change, task_outputs
     from moe_adapt.training import load_pretrain_config, pretrain
     from moe_adapt.training.data import load_task_data
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON line only
             model_dir, pretrained_here = pretrain(pre_cfg)["model_dir"], True
     seconds["pretrain"] = time.perf_counter() - t0
-    model = load_moe_model(model_dir).eval()
+    model = load_model(model_dir).eval()
     old_tasks = list(model.config.tasks)
     data = {t: d for t, d in load_task_data(pre_cfg, splits=("eval",)).items() if t in old_tasks}
     check = {t: torch.cat([b["pixel_values"] for b in data[t].eval_loader(args.check_images)]) for t in data}
@@ -133,11 +133,11 @@ def main(argv=None) -> int:
                             weight_decay=args.weight_decay, seed=args.seed, log_every=0)
     grown = result.model
     seconds["train_ours"] = time.perf_counter() - t0
-    ours = evaluate_classification(grown, eval_loader, task)
+    ours = evaluate(grown, eval_loader, task)["accuracy"]
     metrics_after = old_metrics(grown)
     change_after = max_output_change(outputs_before, old_outputs(grown))
     grown.save_pretrained(out / "grown")  # written atomically
-    reloaded = load_moe_model(out / "grown").eval()
+    reloaded = load_model(out / "grown").eval()
     change_reloaded = max_output_change(outputs_before, old_outputs(reloaded))
     del reloaded
 
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                            args.weight_decay, 0.05, args.seed, 0)
     baseline.eval()
     seconds["train_baseline"] = time.perf_counter() - t0
-    base_acc = evaluate_classification(baseline, eval_loader, task)
+    base_acc = evaluate(baseline, eval_loader, task)["accuracy"]
     baseline_old = old_metrics(baseline)
     baseline_change = max_output_change(outputs_before, old_outputs(baseline))
     del baseline

@@ -35,6 +35,6 @@ step "4/5 LoRA fine-tune of scikit-learn digits on its slice"
 
 step "5/5 continual learning: add 'digits' as a new task"
 "$BIN/moe-adapt" continual --config recipes/configs/continual.yaml --model "$OUT/pretrain/model" \
-  "output_dir=$OUT/continual_digits" steps=300
+  "output_dir=$OUT/continual_digits" train.max_steps=300
 
 step "done: everything is under $OUT"

@@ -1,7 +1,7 @@
 """Continual learning: add a classification task to a pretrained MoE ViT without changing any old task.
 
     accelerate launch recipes/continual.py --config recipes/configs/continual.yaml --model runs/mini/model
-    python recipes/continual.py --config recipes/configs/continual.yaml --model runs/mini/model steps=50 init=random
+    python recipes/continual.py --config recipes/configs/continual.yaml --model runs/mini/model train.max_steps=50 init=random
 
 The same as `moe-adapt continual`; the logic is `moe_adapt.training.continual` (docs/continual.md). Prints one JSON
 summary line last.

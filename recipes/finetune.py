@@ -2,9 +2,10 @@
 
     accelerate launch recipes/finetune.py --config recipes/configs/finetune_digits.yaml
     python recipes/finetune.py --config recipes/configs/finetune_digits.yaml --model runs/mini/model --merge
+    python recipes/finetune.py --config recipes/configs/finetune_digits.yaml train.max_steps=50 optimizer.lr=0.02
 
-All knobs live in the YAML (keys: the fields of `moe_adapt.adaptation.finetune.FinetuneConfig`); the flags below override
-it. The same as `moe-adapt finetune`; the logic is `moe_adapt.adaptation.finetune` (docs/adaptation.md).
+All knobs live in the YAML (keys: the fields of `moe_adapt.adaptation.finetune.FinetuneConfig`, with the `optimizer`
+and `train` sections every recipe shares); the flags below and dotted overrides win. The same as `moe-adapt finetune`; the logic is `moe_adapt.adaptation.finetune` (docs/adaptation.md).
 """
 
 import os

@@ -16,7 +16,7 @@ import torch
 
 from moe_adapt import MoEViTConfig, MoEViTForMultiTask
 from moe_adapt.io import atomic_dir
-from moe_adapt.training.loop import checkpoint_dirs
+from moe_adapt.training.loop import checkpoint_dirs, resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,10 +35,14 @@ WRITER = textwrap.dedent(
     model = MoEViTForMultiTask(MoEViTConfig.from_preset("tiny", tasks=["cls"], task_labels={"cls": ["a", "b"]}))
     if writer == "checkpoint":
         from accelerate import Accelerator
-        from moe_adapt.training.loop import save_checkpoint
+        from accelerate.utils import ProjectConfiguration
+        from moe_adapt.training.loop import LoopState, checkpoint_dirs
 
-        accelerator = Accelerator(cpu=True)
+        project = ProjectConfiguration(project_dir=str(dest), automatic_checkpoint_naming=True, total_limit=2)
+        accelerator = Accelerator(cpu=True, project_config=project)
         model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+        accelerator.register_for_checkpointing(LoopState(2))
+        project.iteration = len(checkpoint_dirs(dest))
     if marker != "-":
         import safetensors.torch
 
@@ -65,7 +69,7 @@ WRITER = textwrap.dedent(
 
         _save_dir(model, dest)
     elif writer == "checkpoint":
-        save_checkpoint(accelerator, dest, step=2, keep=0)
+        accelerator.save_state()  # what the training loop calls
     print("DONE", flush=True)
     """
 )
@@ -103,7 +107,7 @@ def test_a_writer_killed_mid_write_leaves_the_previous_output_or_none(writer, pr
     dest = parent / "model"
     if previous:  # a complete output from an earlier run (seed 0) that the killed run (seed 1) was replacing
         _run_writer(writer, dest, 0, None, tmp_path / "first.log")
-        before = _files(dest / "checkpoints" / "step_2" if writer == "checkpoint" else dest)
+        before = _files(dest / "checkpoints" / "checkpoint_0" if writer == "checkpoint" else dest)
         assert before
     marker = tmp_path / "stalled"
     _run_writer(writer, dest, 1, marker, tmp_path / "killed.log")
@@ -114,8 +118,11 @@ def test_a_writer_killed_mid_write_leaves_the_previous_output_or_none(writer, pr
     if not previous:
         assert visible == [] and not dest.exists()
     elif writer == "checkpoint":
-        assert visible == ["model"] and checkpoint_dirs(dest) == [dest / "checkpoints" / "step_2"]
-        assert _files(dest / "checkpoints" / "step_2") == before  # the previous one, unchanged
+        # accelerate writes in place: the half-written checkpoint_1 is there, but it lacks the loop state (written
+        # last), so resuming ("latest") takes the previous complete one
+        assert visible == ["model"] and (dest / "checkpoints" / "checkpoint_1").is_dir()
+        assert checkpoint_dirs(dest) == [dest / "checkpoints" / "checkpoint_0"] == [resolve_resume(dest, "latest")]
+        assert _files(dest / "checkpoints" / "checkpoint_0") == before  # the previous one, unchanged
     else:
         assert visible == ["model"] and _files(dest) == before
         torch.manual_seed(0)

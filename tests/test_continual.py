@@ -397,16 +397,20 @@ def test_continual_recipe_end_to_end(tmp_path, monkeypatch, capsys):
     root = Path(__file__).resolve().parents[1]
     tiny_classifier().save_pretrained(tmp_path / "model")
     code = main(["continual", "--config", str(root / "recipes" / "configs" / "continual.yaml"),
-                 "--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "out"), "steps=4", "batch_size=16",
-                 "max_train_images=64", "max_eval_images=32", "calibration_images=32", "check_images=16", "log_every=0"])
+                 "--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "out"), "train.max_steps=4",
+                 "batch_size=16", "max_train_images=64", "max_eval_images=32", "calibration_images=32",
+                 "check_images=16", "train.log_every=0"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["old_tasks_identical"] and summary["old_task_max_abs_change"] == {"a": 0.0, "b": 0.0}
     assert summary["task"] == "digits" and 0.0 <= summary["accuracy"] <= 1.0 and summary["budget"]
     grown = MoEViTForImageClassification.from_pretrained(tmp_path / "out" / "model")
     assert grown.config.tasks == ["a", "b", "digits"] and grown.config.attn_experts == [8, 0, 8, 0]
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['stepz'\]; valid keys: .*'train'"):
         load_continual_config(None, ["model=x", "stepz=3"])
+    with pytest.raises(ValueError, match=r"optimizer: unknown key\(s\) \['rl'\]; valid keys: .*'lr'"):
+        load_continual_config(None, ["model=x", "optimizer.rl=3"])
+    assert load_continual_config(None, ["model=x", "optimizer.lr=0.1"]).optimizer.weight_decay == 0.3  # the recipe's default kept
 
 
 # ------------------------------------------------------------------------------- the default path is the safe one

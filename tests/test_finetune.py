@@ -25,6 +25,7 @@ from moe_adapt.adaptation.finetune import (
 )
 from moe_adapt.analysis import collect_expert_usage, select_experts
 from moe_adapt.surgery import extract_submodel
+from moe_adapt.training import OptimizerConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,9 +58,11 @@ def digits_root(tmp_path_factory):
 def run_config(parent_dir, digits_root, out, **kw) -> FinetuneConfig:
     base = dict(
         model=str(parent_dir), dataset={"builtin": "digits", "root": str(digits_root)}, output_dir=str(out),
-        steps=4, batch_size=16, calibration_images=32, max_train_images=64, max_eval_images=32, log_every=0,
-        selection={"policy": "top_n"}, lora={"r": 2},
+        batch_size=16, calibration_images=32, max_train_images=64, max_eval_images=32,
+        selection={"policy": "top_n"}, lora={"r": 2}, train=TrainConfig(max_steps=4, log_every=0),
     )
+    if "lr" in kw:
+        base["optimizer"] = OptimizerConfig(lr=kw.pop("lr"), warmup_ratio=0.05)
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -150,9 +153,9 @@ def test_router_and_full_modes(parent_dir, digits_root, tmp_path, mode):
 def test_recipe_runs_from_yaml(parent_dir, digits_root, tmp_path):
     config = {
         "model": str(parent_dir), "dataset": {"builtin": "digits", "root": str(digits_root)},
-        "output_dir": str(tmp_path / "recipe"), "steps": 2, "batch_size": 8, "calibration_images": 16,
+        "output_dir": str(tmp_path / "recipe"), "batch_size": 8, "calibration_images": 16,
         "max_train_images": 32, "max_eval_images": 16, "lora": {"r": 2}, "selection": {"policy": "top_n"},
-        "log_every": 1,
+        "train": {"max_steps": 3, "log_every": 1},
     }
     path = tmp_path / "ft.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -160,7 +163,7 @@ def test_recipe_runs_from_yaml(parent_dir, digits_root, tmp_path):
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     recipe.main(["--config", str(path), "--merge", "--source-task", "a", "--validation-fraction", "0.25",
-                 "--lr", "0.02", "--head-lr", "0.05"])
+                 "--lr", "0.02", "--head-lr", "0.05", "train.max_steps=2"])
     saved = json.loads((tmp_path / "recipe" / "report.json").read_text())
     assert saved["extra"]["source_task"] == "a" and (tmp_path / "recipe" / "merged" / "config.json").is_file()
     assert (saved["extra"]["lr"], saved["extra"]["head_lr"]) == (0.02, 0.05)
@@ -168,8 +171,11 @@ def test_recipe_runs_from_yaml(parent_dir, digits_root, tmp_path):
     # 8 of the 32 (capped) training images held out and evaluated on, instead of the eval split's 16
     extra = saved["extra"]
     assert (extra["train_images"], extra["eval_images"]) == (24, 8) and extra["evaluated_on"].startswith("validation")
-    with pytest.raises(ValueError, match="unknown key"):
-        FinetuneConfig.from_yaml(path, **{"stepz": 3})
+    assert saved["train_steps"] == 2  # the dotted override won over the file's 3
+    with pytest.raises(ValueError, match=r"train: unknown key\(s\) \['stepz'\]; valid keys: .*'max_steps'"):
+        FinetuneConfig.from_yaml(path, ["train.stepz=3"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['steps'\]; valid keys: .*'train'"):
+        FinetuneConfig.from_yaml(path, ["steps=3"])  # the flat keys of before are gone
 
 
 def test_builtin_sets_are_specs(digits_root, tmp_path):
@@ -224,7 +230,8 @@ def test_head_lr_is_the_rate_of_the_new_tasks_tensors():
     from moe_adapt.adaptation.finetune import HEAD_LR_SCALE, InMemoryDataset, train
 
     def rate(**kw):
-        return FinetuneConfig(model="m", dataset="d", **kw).whole_module_learning_rate
+        lr = {"optimizer": OptimizerConfig(lr=kw.pop("lr"))} if "lr" in kw else {}
+        return FinetuneConfig(model="m", dataset="d", **lr, **kw).whole_module_learning_rate
 
     assert HEAD_LR_SCALE == {"lora": 3.0, "full": 20.0, "router": 1.0}
     assert rate(mode="lora") == pytest.approx(3e-2) and rate(mode="lora", lr=2e-3) == pytest.approx(6e-3)

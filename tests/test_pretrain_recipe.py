@@ -92,14 +92,14 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(mini_data_dir, t
     full = pretrain(PretrainConfig.from_dict(tiny_recipe(mini_data_dir, tmp_path / "full", save_every=2)))
     out = tmp_path / "full"
     for artefact in ("model/config.json", "model/model.safetensors", "model/preprocessor_config.json", "metrics.json",
-                     "expert_usage.png", "usage/fashion.json", "usage/digits-det.json", "checkpoints/step_2/trainer_state.json"):
+                     "expert_usage.png", "usage/fashion.json", "usage/digits-det.json", "checkpoints/checkpoint_0/custom_checkpoint_0.pkl"):
         assert (out / artefact).is_file(), artefact
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["primary"]) == {"fashion", "digits-det", "fashion-seg"} and metrics["steps"] == 4
 
     # "Interrupted" after step 2: a second run in another folder resumes from the step-2 checkpoint.
     resumed = pretrain(PretrainConfig.from_dict(tiny_recipe(mini_data_dir, tmp_path / "resumed")),
-                       resume=str(out / "checkpoints" / "step_2"))
+                       resume=str(out / "checkpoints" / "checkpoint_0"))
     assert resumed["steps_this_run"] == 2
     a, b = full["model"].state_dict(), resumed["model"].state_dict()
     assert a.keys() == b.keys()
@@ -121,7 +121,7 @@ def test_a_last_eval_batch_of_one_image_is_evaluated(mini_data_dir, tmp_path):
 def test_a_failing_final_evaluation_leaves_the_trained_model_saved(mini_data_dir, tmp_path, monkeypatch):
     """The model is saved before the final evaluation: an evaluation that raises cannot lose the training."""
     from moe_adapt import MoEViTForMultiTask
-    from moe_adapt.training import loop
+    from moe_adapt.training import pretraining
 
     trained = {}
 
@@ -129,7 +129,7 @@ def test_a_failing_final_evaluation_leaves_the_trained_model_saved(mini_data_dir
         trained.update({k: v.detach().clone() for k, v in model.state_dict().items()})
         raise RuntimeError("the evaluation failed")
 
-    monkeypatch.setattr(loop, "evaluate_task", failing_evaluation)
+    monkeypatch.setattr(pretraining, "evaluate", failing_evaluation)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="the evaluation failed"):
         pretrain(PretrainConfig.from_dict(tiny_recipe(mini_data_dir, out, max_steps=2)))

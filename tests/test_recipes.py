@@ -23,8 +23,10 @@ CASES = {
                                "finetune.py: error: /no/such/model: no such model folder"),
     "finetune missing dataset": ("finetune", ["--config", f"{CONFIGS}/finetune_digits.yaml", "--model", "MODEL",
                                               "--dataset", "/no/such/spec.json"], "finetune.py: error: .*/no/such/spec.json"),
-    "continual unknown key": ("continual", ["--config", f"{CONFIGS}/continual.yaml", "--model", "MODEL", "stpes=3"],
-                              "continual.py: error: .*unknown key.*'stpes'.*steps"),
+    "continual unknown key": ("continual", ["--config", f"{CONFIGS}/continual.yaml", "--model", "MODEL", "train.stpes=3"],
+                              "continual.py: error: .*train: unknown key.*'stpes'.*'max_steps'"),
+    "finetune unknown key": ("finetune", ["--config", f"{CONFIGS}/finetune_digits.yaml", "--model", "MODEL", "optimizer.rl=1"],
+                             "finetune.py: error: .*optimizer: unknown key.*'rl'.*'lr'"),
     "extract missing model": ("moe-adapt", ["extract", "/no/such/model", "--task", "a", "--out", "OUT"],
                               "moe-adapt extract: error: /no/such/model: no such model folder"),
 }

@@ -16,7 +16,6 @@ from moe_adapt.training import (
     normalized_task_expert_mi,
     parameter_groups,
     task_probabilities,
-    warmup_cosine_lr,
 )
 
 TASKS = ["a", "b", "c"]
@@ -84,10 +83,25 @@ def test_uncertainty_weighting_formula_and_gradient():
 
 
 # -- schedule, parameter groups ------------------------------------------------------------------------------------------
-def test_warmup_then_cosine_to_min_lr():
-    lr = [warmup_cosine_lr(p, s, 10, 1e-3, 1e-5) for s, p in [(0, 0.0), (9, 0.0), (10, 0.0), (50, 0.5), (99, 1.0)]]
-    assert lr[0] == pytest.approx(1e-4) and lr[1] == pytest.approx(1e-3) and lr[2] == pytest.approx(1e-3)
-    assert lr[3] == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2) and lr[4] == pytest.approx(1e-5)
+def test_schedule_warms_up_then_decays_to_min_lr():
+    """transformers' `cosine_with_min_lr` through `build_scheduler`: linear warm-up, cosine to `min_lr`, every
+    group at its own rate."""
+    from moe_adapt.training import OptimizerConfig, build_scheduler
+
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "lr": 1e-2}], lr=1e-3)
+    sched = build_scheduler(opt, OptimizerConfig(lr=1e-3, warmup_steps=10, min_lr=1e-5), max_steps=110)
+    lrs = []
+    for _ in range(110):
+        lrs.append(sched.get_last_lr())
+        opt.step()
+        sched.step()
+    assert lrs[0][0] == 0 and lrs[5][0] == pytest.approx(5e-4) and lrs[10][0] == pytest.approx(1e-3)
+    assert lrs[60][0] == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2) and lrs[109][0] == pytest.approx(1e-5, abs=1e-6)
+    assert lrs[60][1] == pytest.approx(10 * lrs[60][0])  # the second group keeps its 10x rate
+    assert OptimizerConfig(warmup_ratio=0.1).warmup(50) == 5 and OptimizerConfig(warmup_steps=3, warmup_ratio=0.1).warmup(50) == 3
+    with pytest.raises(ValueError, match="optimizer.scheduler='cosin'.*cosine_with_min_lr"):
+        OptimizerConfig(scheduler="cosin")
 
 
 def test_parameter_groups_leave_routers_norms_and_biases_undecayed():
@@ -95,6 +109,9 @@ def test_parameter_groups_leave_routers_norms_and_biases_undecayed():
 
     model = MoEViTForMultiTask(MoEViTConfig.from_preset("tiny", tasks=["a", "b"], task_labels={"a": ["x", "y"], "b": ["x", "y"]}))
     decay, rest = parameter_groups(model, 0.05)
+    model.requires_grad_(False)
+    assert parameter_groups(model, 0.05) == []  # frozen tensors are left out (and empty groups with them)
+    model.requires_grad_(True)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.05 and rest["weight_decay"] == 0.0
@@ -151,55 +168,83 @@ def _adamw_steps(param, opt, n):
         opt.step()
 
 
-def test_adamw_is_fused_where_torch_can_and_steps_like_the_plain_one():
+def test_adamw_is_fused_on_cpu_and_steps_like_the_plain_one():
     from moe_adapt.training.loop import adamw
 
     torch.manual_seed(0)
     start = torch.randn(5, 3)
     a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    fused, plain = adamw([a], lr=0.1, weight_decay=0.05), torch.optim.AdamW([b], lr=0.1, weight_decay=0.05)
+    fused, plain = adamw([a], "cpu", lr=0.1, weight_decay=0.05), torch.optim.AdamW([b], lr=0.1, weight_decay=0.05)
     assert fused.defaults["fused"] is True and not plain.defaults["fused"]
     _adamw_steps(a, fused, 3)
     _adamw_steps(b, plain, 3)
     assert (a - start).abs().min() > 0.05 and torch.allclose(a, b, atol=1e-6)  # every entry moved, as plain's did
 
-    # whatever torch.optim.AdamW takes: generators, (name, tensor) pairs, groups holding a tensor or a generator
-    linear = torch.nn.Linear(3, 2)
-    for params in (linear.parameters(), linear.named_parameters(), ({"params": linear.weight}, {"params": iter([linear.bias])}),
-                   [{"params": linear.named_parameters(), "lr": 0.5}]):
-        opt = adamw(params, lr=0.1)
-        assert opt.defaults["fused"] is True and sum(len(g["params"]) for g in opt.param_groups) == 2
-    # a choice of the caller's stands
-    for kwargs in ({"foreach": True}, {"foreach": False}, {"fused": False}, {"differentiable": True}):
-        assert not adamw(linear.parameters(), lr=0.1, **kwargs).defaults["fused"]
-    # no fused kernel for a complex tensor: the plain optimizer, which steps (fused=True would fail at the step)
-    c = torch.nn.Parameter(torch.randn(2, dtype=torch.complex64))
-    opt = adamw([{"params": [c]}, {"params": [torch.nn.Parameter(torch.randn(2))]}], lr=0.1)
-    assert not opt.defaults["fused"]
-    c.abs().sum().backward()
-    opt.step()
 
+# -- train.compile ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # one torch.compile of the tiny model: about a minute and a half on a CPU
+def test_a_compiled_train_step_equals_the_eager_one():
+    """`train.compile` (`compile_model`: `model.compile()`, parameter names unchanged) through the loop: one step of
+    the tiny model gives the eager loss and weights within fp32 tolerance."""
+    from moe_adapt import MoEViTConfig, MoEViTForImageClassification
+    from moe_adapt.training import OptimizerConfig, TrainConfig, build_scheduler, make_accelerator, train_loop
+    from moe_adapt.training.loop import compile_model
 
-def test_adamw_resumes_from_a_checkpoint_of_the_plain_optimizer():
-    """A checkpoint written by the plain AdamW (before the training loops used the fused one) loads into `adamw`'s
-    fused optimizer and resumes: the groups stay fused, a gradient scaler's step works (it raised when the groups
-    took the checkpoint's `fused=None`), and the result follows the uninterrupted plain run."""
-    from moe_adapt.training.loop import adamw
-
+    assert TrainConfig().compile is False  # off unless asked for
+    config = MoEViTConfig.from_preset("tiny", tasks=["a"], task_labels={"a": ["x", "y", "z"]})
     torch.manual_seed(0)
-    start = torch.randn(4, 3)
-    a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    plain_a, plain_b = torch.optim.AdamW([a], lr=0.1), torch.optim.AdamW([b], lr=0.1)
-    _adamw_steps(a, plain_a, 5)
-    _adamw_steps(b, plain_b, 3)
-    resumed = adamw([b], lr=0.1)
-    resumed.load_state_dict(plain_b.state_dict())
-    assert all(g["fused"] is True for g in resumed.param_groups)
-    _adamw_steps(b, resumed, 2)
-    assert float(resumed.state[b]["step"]) == 5 and torch.allclose(a, b, atol=1e-6)
-    scaler = torch.amp.GradScaler("cpu")
-    resumed.zero_grad()
-    scaler.scale((b * b).sum()).backward()
-    scaler.unscale_(resumed)
-    scaler.step(resumed)
-    scaler.update()
+    batch = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = compile_model(MoEViTForImageClassification(config), TrainConfig(compile=compiled)).train()
+        opt_cfg = OptimizerConfig(lr=1e-2, scheduler="constant")
+        accelerator = make_accelerator(TrainConfig(max_steps=1))
+        # SGD: the update is the gradient times lr, so the weights compare the gradients (Adam's first step,
+        # lr x sign(g), would turn rounding noise in a near-zero gradient into a full step)
+        optimizer = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr)
+        result = train_loop(model, optimizer, build_scheduler(optimizer, opt_cfg, 1), lambda start: iter([batch]),
+                            lambda m, b: m(pixel_values=b[0], labels=b[1], task="a", return_dict=True).loss,
+                            accelerator, max_steps=1, seed=0, progress_bar=False)
+        runs[compiled] = (result.losses[0], dict(accelerator.unwrap_model(result.model).named_parameters()))
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    eager, compiled = runs[False][1], runs[True][1]
+    assert eager.keys() == compiled.keys()  # model.compile() keeps the parameter names (save_pretrained unchanged)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# -- the loop's checkpoints -------------------------------------------------------------------------------------------
+def test_resume_latest_continues_from_the_newest_checkpoint_and_accelerate_keeps_the_newest_few(tmp_path):
+    from moe_adapt.training import (
+        OptimizerConfig,
+        TrainConfig,
+        build_optimizer,
+        build_scheduler,
+        make_accelerator,
+        train_loop,
+    )
+    from moe_adapt.training.loop import checkpoint_dirs
+
+    def run(max_steps, resume=None):
+        train = TrainConfig(max_steps=max_steps, save_every=1, keep_checkpoints=2)
+        accelerator = make_accelerator(train, tmp_path)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        optimizer = build_optimizer(model, OptimizerConfig(lr=0.1), accelerator.device)
+
+        def batches_from(start):  # batch s is a function of s
+            for s in range(start, max_steps):
+                yield torch.full((2, 3), float(s))
+
+        return train_loop(model, optimizer, build_scheduler(optimizer, OptimizerConfig(lr=0.1), 5), batches_from,
+                          lambda m, x: m(x).square().mean(), accelerator, max_steps=max_steps, resume=resume,
+                          save_every=1, progress_bar=False)
+
+    first = run(3)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint_1", "checkpoint_2"]  # total_limit 2
+    resumed = run(5, resume="latest")
+    assert (resumed.start_step, resumed.step, len(resumed.losses)) == (3, 5, 2) and first.step == 3
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint_3", "checkpoint_4"]  # numbering continued
+    fresh = run(5, resume=None)  # resume=None: a fresh start, whatever the folder holds
+    assert fresh.start_step == 0

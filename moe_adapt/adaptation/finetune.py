@@ -14,7 +14,7 @@ The path, each step taking the previous step's object (`finetune(FinetuneConfig(
    (`attach_task`).
 4. **Train** in one of three modes (a plain accelerate loop): `lora` (peft LoRA on the fused expert tensors and the
    attention projections, head and router in `modules_to_save`), `router` (router and head only) or `full`.
-5. **Evaluate, report, save**: the efficiency report (`report.json`), the adapter (`adapter/`, with the frozen
+5. **Evaluate** (`moe_adapt.metrics.evaluate`), **report, save**: the efficiency report (`report.json`), the adapter (`adapter/`, with the frozen
    task model it applies to in `base/`) or the whole model (`model/`), and with `merge=True` a standalone merged
    model (`merged/`) that `from_pretrained` loads without peft.
 
@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from ..analysis import ExpertSelection, ExpertUsage, collect_expert_usage, select_experts
@@ -53,9 +52,13 @@ from ..data import (
     load_task_dataset,
 )
 from ..heads import ClassificationHead
+from ..hub.loading import load_model
 from ..io import atomic_dir, atomic_write_text
+from ..metrics import evaluate
 from ..models.moe_vit import TASK_MODEL_CLASSES, MoEViTConfig, MoEViTForImageClassification
 from ..models.moe_vit.modeling_moe_vit import EXPERTS_IMPLEMENTATIONS
+from ..training.config import OptimizerConfig, TrainConfig, config_to_dict, load_config
+from ..training.loop import adamw, build_scheduler, compile_model, make_accelerator, repeat_loader, train_loop
 from .downstream import resolve_dataset_spec
 from .lora import apply_lora, lora_config, merge_lora
 from .report import (
@@ -101,8 +104,12 @@ class FinetuneConfig:
         calibration_images: training images used to measure expert usage.
         mode: `"lora"`, `"router"` or `"full"`.
         lora: `lora_config` arguments (`r`, `alpha`, `include_attention`, `include_mlp`, `include_dense_mlp`, ...).
-        steps, batch_size, lr (default per mode: lora 1e-2, router 1e-2, full 5e-4), weight_decay, warmup_ratio:
-            the optimisation (AdamW over trainable parameters only; linear warm-up then cosine decay).
+        batch_size: images per step (per process).
+        optimizer: the shared `optimizer` section (`OptimizerConfig`): `lr` (null: the mode's default, lora 1e-2,
+            router 1e-2, full 5e-4), `weight_decay`, `warmup_ratio`, `scheduler`, ... (AdamW over trainable
+            parameters only; warm-up then cosine decay by default).
+        train: the shared `train` section (`TrainConfig`): `max_steps`, `mixed_precision`, `num_threads` (on a CPU
+            shared with other jobs, 1 thread per process is often several times faster), `log_every`, `compile`.
         head_lr: the learning rate of the new task's own tensors. In `lora` mode: of everything LoRA trains whole
             (the head, the routers, and the LayerNorms with `train_norms`); in `full` mode: of the new task's head,
             router rows and task embedding, the backbone training at `lr`; in `router` mode everything trained is
@@ -118,10 +125,10 @@ class FinetuneConfig:
             looking at the test images; training uses the rest. None (default): evaluate on the eval split.
         merge: also write `merged/` (LoRA folded in; `mode: lora` only).
         experts_implementation: `segmented_mm`, `padded_bmm`, `grouped_mm`, `batched_mm` or `eager` (default: the model's).
-        seed, log_every: reproducibility and logging.
-        mixed_precision: accelerate's `no`, `bf16` or `fp16`.
-        num_threads: `torch.set_num_threads` for the run (None: torch's default). On a CPU shared with other
-            jobs, 1 thread per process is often several times faster than oversubscribed cores.
+        seed: reproducibility.
+
+    The recipe YAML has the same keys (nested for `optimizer` and `train`); `load_config(FinetuneConfig, path,
+    ["train.max_steps=50"])` reads it.
     """
 
     model: Any
@@ -135,12 +142,8 @@ class FinetuneConfig:
     calibration_images: int = 256
     mode: str = "lora"
     lora: dict = dataclasses.field(default_factory=lambda: {"r": 4})
-    steps: int = 300
     batch_size: int = 32
-    lr: float | None = None
     head_lr: float | None = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
     augment: bool | dict = False
     eval_batch_size: int = 128
     max_train_images: int | None = None
@@ -149,9 +152,8 @@ class FinetuneConfig:
     merge: bool = False
     experts_implementation: str | None = None
     seed: int = 0
-    log_every: int = 50
-    mixed_precision: str = "no"
-    num_threads: int | None = None
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(lr=None, warmup_ratio=0.05))
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(max_steps=300, log_every=50))
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -161,7 +163,7 @@ class FinetuneConfig:
                 f"merge=True needs a LoRA adapter to merge, but mode={self.mode!r} trains the model's own tensors "
                 "(there is no adapter): drop --merge, or use mode: lora."
             )
-        for name in ("steps", "batch_size", "eval_batch_size", "calibration_images"):
+        for name in ("batch_size", "eval_batch_size", "calibration_images"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
@@ -180,22 +182,14 @@ class FinetuneConfig:
             )
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides) -> FinetuneConfig:
-        """Read a recipe YAML (keys as the fields above); `overrides` win. Unknown keys are an error."""
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}.")
-        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; known keys: {sorted(fields)}.")
-        return cls(**data)
+    def from_yaml(cls, path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> FinetuneConfig:
+        """Read a recipe YAML and apply dotted `overrides` (`train.max_steps=50`); an unknown key is an error that
+        names it and the valid ones (`moe_adapt.training.config.load_config`)."""
+        return load_config(cls, path, list(overrides))
 
     @property
     def learning_rate(self) -> float:
-        return DEFAULT_LR[self.mode] if self.lr is None else float(self.lr)
+        return DEFAULT_LR[self.mode] if self.optimizer.lr is None else float(self.optimizer.lr)
 
     @property
     def whole_module_learning_rate(self) -> float:
@@ -223,16 +217,6 @@ class FinetuneResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Model loading and the new task
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def load_moe_model(path_or_model: Any) -> nn.Module:
-    """A moe_adapt model from a path (the class named in `config.architectures`) or the model itself."""
-    if isinstance(path_or_model, nn.Module):
-        find_backbone(path_or_model)  # a clear error for anything that is not a MoE ViT
-        return path_or_model
-    from ..hub.loading import load_model
-
-    return load_model(path_or_model)
 
 
 def _task_model_class(task_type: str):
@@ -518,33 +502,6 @@ def _calibration_batches(dataset, n: int, batch_size: int) -> list[torch.Tensor]
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _forever(loader):
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-@torch.no_grad()
-def evaluate_classification(model: nn.Module, loader, task: str, accelerator=None) -> float:
-    """Top-1 accuracy (`moe_adapt.metrics` "accuracy") of `model` on `loader` for `task`."""
-    from .. import metrics
-
-    metric = metrics.load("accuracy")
-    was_training = model.training
-    model.eval()
-    for batch in loader:
-        logits = model(pixel_values=batch["pixel_values"], task=task, return_dict=True).logits
-        preds, refs = logits.argmax(-1), batch["labels"]
-        if accelerator is not None:
-            preds, refs = accelerator.gather_for_metrics((preds, refs))
-        metric.add_batch(predictions=preds.cpu().tolist(), references=refs.cpu().tolist())
-    model.train(was_training)
-    return float(metric.compute()["accuracy"])
-
-
 def _lora_factor_ids(model: nn.Module) -> set[int]:
     """ids of the LoRA factors (and DoRA magnitudes) of every peft tuner layer in `model`."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -573,6 +530,28 @@ def _task_parameter_ids(model: nn.Module, task: str) -> set[int]:
     return ids
 
 
+def lr_groups(model: nn.Module, task: str, lr: float, head_lr: float | None) -> list[dict]:
+    """The trainable parameters in AdamW groups by learning rate: with `head_lr`, on a LoRA model the factors
+    (parameters named `lora_*`) at `lr` and every other trainable tensor (heads, routers, norms trained whole) at
+    `head_lr`; on any other model the tensors of `task` (its entries in the `TASK_CONTAINERS` module dicts: its
+    head, router rows and task embedding) at `head_lr` and the rest at `lr`."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("Nothing to train: every parameter of the model is frozen.")
+    if head_lr is None or head_lr == lr:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    factors = _lora_factor_ids(model)
+    if factors:
+        fast = {id(p) for _, p in named if id(p) not in factors}
+    else:
+        fast = _task_parameter_ids(model, task) & {id(p) for _, p in named}
+        if not fast:
+            raise ValueError(f"head_lr={head_lr} is given, but the model has no trainable tensor of task {task!r} "
+                             f"(in {', '.join(TASK_CONTAINERS)}) to train at it.")
+    return [g for g in ({"params": [p for _, p in named if id(p) not in fast], "lr": lr},
+                        {"params": [p for _, p in named if id(p) in fast], "lr": head_lr}) if g["params"]]
+
+
 def train(
     model: nn.Module,
     train_set,
@@ -587,72 +566,40 @@ def train(
     accelerator=None,
     memory: MemoryMeter | None = None,
     head_lr: float | None = None,
+    optimizer: OptimizerConfig | None = None,
 ) -> tuple[nn.Module, Throughput, list[float]]:
-    """The fine-tuning loop: AdamW over trainable parameters only (a frozen tensor never moves, weight decay
-    included), linear warm-up then cosine decay, `steps` optimizer steps. With `head_lr`: on a LoRA model the
-    factors (parameters named `lora_*`) train at `lr` and every other trainable tensor (heads, routers, norms
-    trained whole) at `head_lr`; on any other model the tensors of `task` (its entries in the `TASK_CONTAINERS`
-    module dicts: its head, router rows and task embedding) train at `head_lr` and the rest at `lr`. Returns
-    (prepared model, throughput, losses)."""
-    from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
-
-    from ..training.loop import adamw
-
-    accelerator = accelerator or Accelerator()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("Nothing to train: every parameter of the model is frozen.")
-    groups = [{"params": [p for _, p in named], "lr": lr}]
-    if head_lr is not None and head_lr != lr:
-        factors = _lora_factor_ids(model)
-        if factors:
-            fast = {id(p) for _, p in named if id(p) not in factors}
-        else:
-            fast = _task_parameter_ids(model, task) & {id(p) for _, p in named}
-            if not fast:
-                raise ValueError(f"head_lr={head_lr} is given, but the model has no trainable tensor of task {task!r} "
-                                 f"(in {', '.join(TASK_CONTAINERS)}) to train at it.")
-        groups = [g for g in ({"params": [p for _, p in named if id(p) not in fast], "lr": lr},
-                              {"params": [p for _, p in named if id(p) in fast], "lr": head_lr}) if g["params"]]
-    optimizer = adamw(groups, lr=lr, weight_decay=weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup_ratio * steps), steps)
-    loader = torch.utils.data.DataLoader(
+    """Fine-tune `model` on classification `task` through the one training loop (`train_loop`): AdamW over the
+    trainable parameters only (a frozen tensor never moves, weight decay included; groups by `lr_groups`), warm-up
+    then cosine decay (or the `optimizer` section given, whose `lr` is then ignored for `lr`), `steps` optimizer
+    steps of shuffled `batch_size`-image batches. Returns (prepared model, throughput, losses)."""
+    accelerator = accelerator or make_accelerator(TrainConfig(max_steps=steps))
+    opt_cfg = optimizer or OptimizerConfig(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+    opt = adamw(lr_groups(model, task, lr, head_lr), accelerator.device, lr=lr, weight_decay=opt_cfg.weight_decay,
+                betas=opt_cfg.betas, eps=opt_cfg.eps)
+    scheduler = build_scheduler(opt, opt_cfg, steps)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(
         train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) >= batch_size,
         collate_fn=collate_fn_for("classification"), generator=torch.Generator().manual_seed(seed),
-    )
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    ))
+    speed, saved, first = Throughput(warmup=1), SavedTensorMeter(model), [True]
+
+    def loss_fn(m, batch):
+        with saved if first[0] else contextlib.nullcontext():
+            out = m(pixel_values=batch["pixel_values"], labels=batch["labels"], task=task, return_dict=True)
+        first[0] = False
+        return {"loss": out.loss, "images": len(batch["labels"]) * accelerator.num_processes}
+
+    def on_step(step, out):
+        if speed.train_state_mb is None:  # after the first step: the optimizer state exists
+            speed.train_state_mb = saved.train_state_mb(model, opt)
+        speed.add(out["images"], accelerator.device)
+
     model.train()
-    losses = []
-    batches = _forever(loader)
-    speed = Throughput(warmup=1)
-    saved = SavedTensorMeter(model)
-    tracking = memory.track() if memory is not None else None
-    if tracking is not None:
-        tracking.__enter__()
-    try:
-        with speed:
-            for step in range(1, steps + 1):
-                batch = next(batches)
-                with accelerator.accumulate(model):
-                    with saved if step == 1 else contextlib.nullcontext():
-                        out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], task=task, return_dict=True)
-                    accelerator.backward(out.loss)
-                    optimizer.step()
-                    scheduler.step()
-                    if step == 1:
-                        speed.train_state_mb = saved.train_state_mb(model, optimizer)
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(float(out.loss.detach()))
-                speed.add(len(batch["labels"]) * accelerator.num_processes, accelerator.device)
-                if log_every and (step % log_every == 0 or step == steps):
-                    recent = losses[-log_every:]
-                    accelerator.print(f"step {step}/{steps}  loss {sum(recent) / len(recent):.4f}  "
-                                      f"lr {scheduler.get_last_lr()[0]:.2e}")
-    finally:
-        if tracking is not None:
-            tracking.__exit__(None, None, None)
-    return model, speed, losses
+    with memory.track() if memory is not None else contextlib.nullcontext(), speed:
+        result = train_loop(model, opt, scheduler, lambda start: repeat_loader(loader, start), loss_fn, accelerator,
+                            max_steps=steps, seed=seed, max_grad_norm=opt_cfg.max_grad_norm, log_every=log_every,
+                            on_step=on_step, progress_bar=False, desc=f"finetune {task}")
+    return result.model, speed, result.losses
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -674,14 +621,11 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True,
     `memory`: how the report's peak memory is measured: a `MemoryMeter` (its baseline already taken), or a
     `MemoryMeter` class, created on the run's device once the data is loaded and before the model is (default:
     `MemoryMeter` itself: torch's CUDA peak, or the process's peak RSS on CPU)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.train)
     say = accelerator.print if verbose else (lambda *a, **k: None)
     set_seed(cfg.seed)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
 
     if isinstance(cfg.model, nn.Module):
         image_size = find_backbone(cfg.model)[0].config.image_size
@@ -694,8 +638,8 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True,
     # the memory baseline: the process with its libraries and the data, before any model is loaded
     if memory is None or isinstance(memory, type):
         memory = (memory or MemoryMeter)(accelerator.device)
-    parent = load_moe_model(cfg.model)
-    backbone, _ = find_backbone(parent)
+    parent = cfg.model if isinstance(cfg.model, nn.Module) else load_model(cfg.model)  # the one loader
+    backbone, _ = find_backbone(parent)  # a clear error for anything that is not a MoE ViT
     if cfg.experts_implementation:
         parent.config._experts_implementation = cfg.experts_implementation
         backbone.config._experts_implementation = cfg.experts_implementation
@@ -732,10 +676,11 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True,
             files["base"] = _save_dir(model, out_dir / "base")
 
     model = prepare_for_mode(model, cfg.mode, task, cfg.lora, verbose=verbose and accelerator.is_main_process)
+    model = compile_model(model, cfg.train)
     trained, speed, losses = train(
-        model, train_set, task, cfg.steps, cfg.batch_size, cfg.learning_rate, cfg.weight_decay, cfg.warmup_ratio,
-        cfg.seed, cfg.log_every if verbose else 0, accelerator=accelerator, memory=memory,
-        head_lr=cfg.whole_module_learning_rate,
+        model, train_set, task, cfg.train.max_steps, cfg.batch_size, cfg.learning_rate, seed=cfg.seed,
+        log_every=cfg.train.log_every if verbose else 0, accelerator=accelerator, memory=memory,
+        head_lr=cfg.whole_module_learning_rate, optimizer=cfg.optimizer,
     )
     model = accelerator.unwrap_model(trained)
     if out_dir is not None and accelerator.is_main_process:  # the trained weights first: a failing evaluation keeps them
@@ -746,12 +691,12 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True,
     accelerator.wait_for_everyone()
     eval_loader = accelerator.prepare(torch.utils.data.DataLoader(
         eval_set, batch_size=cfg.eval_batch_size, collate_fn=collate_fn_for("classification")))
-    accuracy = evaluate_classification(trained, eval_loader, task, accelerator)
+    accuracy = evaluate(trained, eval_loader, task, accelerator=accelerator)["accuracy"]
     report = efficiency_report(
         model, task, name=f"{task} <- {source}" + (" (sliced)" if cfg.slice else ""), mode=cfg.mode,
         images_per_s=speed.images_per_s, memory=memory, metric_name="accuracy", metric=accuracy, flops=flops,
         train_state_mb=speed.train_state_mb, images_per_cpu_s=speed.images_per_cpu_s,
-        train_steps=cfg.steps, batch_size=cfg.batch_size, device=str(accelerator.device),
+        train_steps=cfg.train.max_steps, batch_size=cfg.batch_size, device=str(accelerator.device),
         extra={"source_task": source, "routing_entropy": {t: round(h, 4) for t, h in entropies.items()},
                "experts_kept": None if selection is None else {n: len(v) for n, v in selection.experts.items()},
                "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4), "train_images": len(train_set),
@@ -778,6 +723,8 @@ def _jsonable(cfg: FinetuneConfig) -> dict:
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = config_to_dict(value)
         out[f.name] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else repr(value)
     return out
 
@@ -803,12 +750,11 @@ __all__ = [
     "InMemoryDataset",
     "attach_task",
     "choose_source_task",
-    "evaluate_classification",
     "finetune",
     "load_downstream_data",
     "load_finetuned",
-    "load_moe_model",
     "prepare_for_mode",
+    "lr_groups",
     "train",
     "usage_entropy",
 ]

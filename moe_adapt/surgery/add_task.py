@@ -379,15 +379,18 @@ def learn_new_task(
     seed: int = 0,
     log_every: int = 50,
     accelerator=None,
+    optimizer=None,
 ) -> NewTaskResult:
     """Train classification task `task` of a grown model without touching any old task, and prove it.
 
-    `freeze_old_tasks`, then the fine-tuning loop of `moe_adapt.adaptation.finetune.train` (accelerate; AdamW over
-    the trainable tensors only, warm-up and cosine decay) on `train_set` (items `{"pixel_values", "labels"}`),
-    then every old task's outputs on `check_images` (one batch for all old tasks, or `{task: batch}`) are compared
-    with their values before training.
+    `freeze_old_tasks`, then the one training loop (`moe_adapt.training.loop.train_loop`: accelerate; AdamW over the
+    trainable tensors only, warm-up and cosine decay, or the `OptimizerConfig` given as `optimizer`) on `train_set`
+    (items `{"pixel_values", "labels"}`), then every old task's outputs on `check_images` (one batch for all old
+    tasks, or `{task: batch}`) are compared with their values before training.
     """
-    from ..adaptation.finetune import train
+    from ..data import collate_fn_for
+    from ..training.config import OptimizerConfig, TrainConfig
+    from ..training.loop import adamw, build_scheduler, make_accelerator, repeat_loader, train_loop
 
     config = _backbone(model).config
     old_tasks = [t for t in config.tasks if t != task]
@@ -397,13 +400,25 @@ def learn_new_task(
         raise ValueError(f"check_images has no batch for old task(s) {missing}: give one batch for all or one per task.")
     before = {t: task_outputs(model, batches[t], [t])[t] for t in old_tasks}
     trainable = freeze_old_tasks(model, [task])
-    trained, _, losses = train(model, train_set, task, steps, batch_size, lr, weight_decay, warmup_ratio, seed,
-                               log_every, accelerator=accelerator)
-    if accelerator is not None:
-        trained = accelerator.unwrap_model(trained)
+    accelerator = accelerator or make_accelerator(TrainConfig(max_steps=steps), find_unused_parameters=True)
+    opt_cfg = optimizer or OptimizerConfig(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], accelerator.device, lr=opt_cfg.lr,
+                weight_decay=opt_cfg.weight_decay, betas=opt_cfg.betas, eps=opt_cfg.eps)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(
+        train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) >= batch_size,
+        collate_fn=collate_fn_for("classification"), generator=torch.Generator().manual_seed(seed)))
+
+    def loss_fn(m, batch):
+        return m(pixel_values=batch["pixel_values"], labels=batch["labels"], task=task, return_dict=True).loss
+
+    train_new_tasks(model)
+    result = train_loop(model, opt, build_scheduler(opt, opt_cfg, steps), lambda start: repeat_loader(loader, start),
+                        loss_fn, accelerator, max_steps=steps, seed=seed, max_grad_norm=opt_cfg.max_grad_norm,
+                        log_every=log_every, progress_bar=False, desc=f"learn {task}")
+    trained = accelerator.unwrap_model(result.model)
     trained.eval()
     after = {t: task_outputs(trained, batches[t], [t])[t] for t in old_tasks}
-    return NewTaskResult(model=trained, trainable=trainable, losses=losses,
+    return NewTaskResult(model=trained, trainable=trainable, losses=result.losses,
                          old_task_change=max_output_change(before, after),
                          old_tasks_identical=outputs_identical(before, after))
 

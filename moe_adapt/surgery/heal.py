@@ -4,7 +4,8 @@ A slice that keeps k experts per layer computes exactly what its parent computes
 inside the kept set; tokens whose parent routing used a dropped expert get the kept experts only. When a task's
 routing is still spread (a short pretraining, a weak modularity loss), that costs quality. Healing fits a few
 tensors of the slice so that its backbone output matches the parent's on calibration images (distillation: no
-labels, no new parameters, the slice's size and speed unchanged). The groups (`train`):
+labels, no new parameters, the slice's size and speed unchanged), through the one training loop (`moe_adapt.training.loop.train_loop`).
+The groups (`train`):
 
 - `routers`: the kept router rows (in a layer that kept exactly k experts they only scale each expert's block),
 - `norms`: the LayerNorms' weights and biases,
@@ -37,14 +38,18 @@ measures both.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
+from transformers import get_scheduler
 
 from ..analysis.usage import find_backbone, iter_pixel_batches
+from ..training.loop import adamw, train_loop
 
 __all__ = ["DEFAULT_HEAL_GROUPS", "HEAL_GROUPS", "HealReport", "heal_submodel", "healable_parameters"]
 
@@ -185,19 +190,27 @@ def heal_submodel(
     sub_backbone.eval()
     targets = {t: targets_of(parent_backbone, t) for t in tasks}
     before = {t: loss_on_all(t, targets[t]) for t in tasks}
+    def batches_from(start):  # round robin over the tasks, one random batch of one task per step
+        generator = torch.Generator().manual_seed(seed)
+        for step in itertools.count():
+            t = tasks[step % len(tasks)]
+            idx = torch.randint(0, len(pixels[t]), (min(batch_size, len(pixels[t])),), generator=generator).to(device)
+            if step >= start:
+                yield t, idx
+
+    def distillation_loss(model, batch):
+        t, idx = batch
+        return F.mse_loss(model(pixels[t].index_select(0, idx), task=t, return_dict=True).last_hidden_state,
+                          targets[t].index_select(0, idx))
+
     try:
         for name, p in sub_backbone.named_parameters():
             p.requires_grad_(name in params)
-        optimizer = torch.optim.Adam(list(params.values()), lr=lr)
-        generator = torch.Generator().manual_seed(seed)
-        for step in range(steps):  # in eval mode: no dropout, the same function the slice computes at inference
-            t = tasks[step % len(tasks)]
-            idx = torch.randint(0, len(pixels[t]), (min(batch_size, len(pixels[t])),), generator=generator).to(device)
-            out = sub_backbone(pixels[t].index_select(0, idx), task=t, return_dict=True).last_hidden_state
-            loss = F.mse_loss(out, targets[t].index_select(0, idx))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        # in eval mode: no dropout, the same function the slice computes at inference; Adam = AdamW without decay
+        accelerator = Accelerator(device_placement=False)
+        optimizer = adamw(list(params.values()), device, lr=lr, weight_decay=0.0)
+        train_loop(sub_backbone, optimizer, get_scheduler("constant", optimizer), batches_from, distillation_loss,
+                   accelerator, max_steps=steps, progress_bar=False, desc="heal")
     finally:
         for name, p in sub_backbone.named_parameters():
             p.requires_grad_(flags[name])

@@ -1,4 +1,5 @@
-"""Multi-task heterogeneous pretraining: task sampling, loss weighting, the step objective and the training loop.
+"""Training: the one training loop (`loop.train_loop`), the recipe configs (`config`), and multi-task heterogeneous
+pretraining (task sampling, loss weighting, the step objective, `pretrain`).
 
 `recipes/pretrain.py` is a thin wrapper around `pretrain(load_pretrain_config(path))`; everything it calls lives
 here and is usable from Python:
@@ -10,6 +11,7 @@ here and is usable from Python:
 """
 
 from .config import (
+    ContinualConfig,
     DataConfig,
     ModelConfig,
     OptimizerConfig,
@@ -18,28 +20,26 @@ from .config import (
     TaskConfig,
     TrainConfig,
     apply_overrides,
+    load_config,
     load_pretrain_config,
 )
 from .data import TaskBatchStream, TaskData, hash_seed, load_task_data, resolve_specs
 from .evaluation import METRIC_FOR, PRIMARY_METRIC, evaluate_task, normalized_task_expert_mi
 from .loop import (
+    LoopResult,
     adamw,
     build_optimizer,
+    build_scheduler,
     checkpoint_dirs,
-    configure_threads,
-    evaluate_all,
-    finish,
+    make_accelerator,
     parameter_groups,
-    pretrain,
     resolve_resume,
-    run_progress,
-    save_checkpoint,
-    set_learning_rate,
-    warmup_cosine_lr,
+    train_loop,
 )
 from .loss_weighting import LOSS_WEIGHTINGS, LossWeighting
 from .model import build_model, build_model_config, recipe_specs
 from .objective import MultiTaskObjective
+from .pretraining import evaluate_all, finish, pretrain
 from .sampling import SAMPLING_STRATEGIES, TaskSampler, task_probabilities
 
 __all__ = [
@@ -47,7 +47,9 @@ __all__ = [
     "METRIC_FOR",
     "PRIMARY_METRIC",
     "SAMPLING_STRATEGIES",
+    "ContinualConfig",
     "DataConfig",
+    "LoopResult",
     "LossWeighting",
     "ModelConfig",
     "MultiTaskObjective",
@@ -64,23 +66,22 @@ __all__ = [
     "build_model",
     "build_model_config",
     "build_optimizer",
+    "build_scheduler",
     "checkpoint_dirs",
     "evaluate_all",
     "evaluate_task",
     "finish",
     "hash_seed",
+    "load_config",
     "load_pretrain_config",
     "load_task_data",
+    "make_accelerator",
     "normalized_task_expert_mi",
     "parameter_groups",
     "pretrain",
     "recipe_specs",
     "resolve_resume",
     "resolve_specs",
-    "configure_threads",
-    "run_progress",
-    "save_checkpoint",
-    "set_learning_rate",
     "task_probabilities",
-    "warmup_cosine_lr",
+    "train_loop",
 ]

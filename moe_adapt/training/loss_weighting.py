@@ -40,7 +40,8 @@ class LossWeighting(nn.Module):
             raise ValueError(f"Loss weights name unknown tasks {unknown}; tasks: {self.tasks}.")
         self.fixed = {t: float(weights.get(t, 1.0)) for t in self.tasks}
         if method == "uncertainty":
-            self.log_variance = nn.ParameterDict({t: nn.Parameter(torch.zeros(())) for t in self.tasks})
+            # [1], not a 0-d tensor: FSDP's fully_shard shards 1-d and larger parameters only
+            self.log_variance = nn.ParameterDict({t: nn.Parameter(torch.zeros(1)) for t in self.tasks})
 
     def forward(self, task_losses: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
         total = None
@@ -49,7 +50,7 @@ class LossWeighting(nn.Module):
                 raise ValueError(f"Loss of unknown task {task!r}; tasks: {self.tasks}.")
             term = self.fixed[task] * loss
             if self.method == "uncertainty":
-                s = self.log_variance[task]
+                s = self.log_variance[task][0]
                 term = 0.5 * torch.exp(-s) * term + torch.log1p(torch.exp(s))
             total = term if total is None else total + term
         if total is None:

@@ -49,6 +49,11 @@ class MultiTaskObjective(nn.Module):
         self.mi_loss = mi_loss if mi_loss is not None and mi_loss.weight > 0 else None
         self.touch_all_parameters = touch_all_parameters
 
+    @property
+    def _no_split_modules(self):
+        """The model's blocks, which FSDP shards one by one (accelerate's and `shard_on_cpu`'s wrap policy)."""
+        return getattr(self.model, "_no_split_modules", None)
+
     def forward(self, micro_batches: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
         if not micro_batches:
             raise ValueError("MultiTaskObjective got an empty step (no micro-batches).")
