@@ -32,6 +32,9 @@ from moe_adapt.surgery.heal import DEFAULT_HEAL_GROUPS, HEAL_GROUPS
 
 from .inspect import add_calibration_arguments, collect_usages, dataset_names
 
+#: what `moe-adapt extract` selects with no selection option (benchmarks/decomposition.py measures the same)
+DEFAULT_SELECTION = {"policy": "threshold", "criterion": None, "threshold": 3.0}
+
 #: `--heal-train`'s default: `heal_submodel`'s own (the small tensors)
 HEAL_TRAIN_DEFAULT = ",".join(DEFAULT_HEAL_GROUPS)
 

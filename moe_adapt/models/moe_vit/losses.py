@@ -43,6 +43,25 @@ def mutual_information_loss(joint_counts: torch.Tensor, task_prior: str = "token
     return -terms.sum()
 
 
+def routing_concentration_loss(joint_counts: torch.Tensor) -> torch.Tensor:
+    r"""Mean over the tasks present of each task's normalised routing entropy in one MoE layer.
+
+    `joint_counts` `[tasks, experts]` as for `mutual_information_loss`. For every task t with tokens,
+    p(e|t) = M[t, e] / Σ_e M[t, e] (its mean router probability) and the term is H(p(·|t)) / log E ∈ [0, 1]
+    (0: the task's tokens all go to one expert; 1: spread evenly). Every task weighs the same however many tokens
+    it had, so a task whose loss reaches the routers weakly (a pooled classification loss) is pulled onto few
+    experts as hard as a dense-prediction task. This is the conditional-entropy part H(E|T) of −I(T;E) on its own,
+    without the balance term H(E) that pulls the other way.
+    """
+    m = joint_counts.float()
+    m = m[m.sum(1) > 0]
+    if m.numel() == 0 or m.shape[1] < 2:
+        return joint_counts.new_zeros(())
+    p = m / m.sum(1, keepdim=True)
+    h = -torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p)).sum(1)
+    return h.mean() / torch.log(torch.tensor(float(m.shape[1])))
+
+
 def _summed_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.contiguous().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
@@ -78,7 +97,9 @@ class MutualInformationLoss:
     loss.backward(); mi.reset()
     ```
 
-    `compute()` returns `weight · Σ_layers mutual_information_loss(M_layer)`. Under `torch.distributed`, M is
+    `compute()` returns `weight · Σ_layers mutual_information_loss(M_layer)`, plus
+    `concentration · Σ_layers routing_concentration_loss(M_layer)` when `concentration` (the config's
+    `routing_concentration_weight`) is above 0. Under `torch.distributed`, M is
     summed across ranks with a differentiable all-reduce, so every rank sees the statistics of the global step
     and (with DDP's gradient averaging) receives the exact gradient of the global loss.
 
@@ -89,19 +110,22 @@ class MutualInformationLoss:
 
     def __init__(
         self, num_tasks: int, weight: float = 0.005, task_prior: str = "token_share", sync: bool = True,
-        num_experts: Sequence[int] | None = None, device: torch.device | str | None = None,
+        num_experts: Sequence[int] | None = None, device: torch.device | str | None = None, concentration: float = 0.0,
     ):
         self.num_tasks, self.weight, self.task_prior, self.sync = num_tasks, weight, task_prior, sync
+        self.concentration = float(concentration)
         self.num_experts = None if num_experts is None else [int(e) for e in num_experts]
         self.device = device  # for a rank without statistics; see `_collective_device`
         self.joint: list[torch.Tensor] | None = None
 
     @classmethod
     def from_config(cls, config, **kwargs) -> MutualInformationLoss:
-        """Sized and weighted by a `MoEViTConfig`: its tasks, `mi_loss_weight`, `mi_task_prior` and the expert
-        count of every MoE layer (`kwargs` override, e.g. `sync=False`)."""
+        """Sized and weighted by a `MoEViTConfig`: its tasks, `mi_loss_weight`, `mi_task_prior`,
+        `routing_concentration_weight` and the expert count of every MoE layer (`kwargs` override, e.g.
+        `sync=False`)."""
         widths = [getattr(config, f"{kind}_experts")[index] for _, index, kind in config.moe_layers()]
-        options = {"weight": config.mi_loss_weight, "task_prior": config.mi_task_prior, "num_experts": widths}
+        options = {"weight": config.mi_loss_weight, "task_prior": config.mi_task_prior, "num_experts": widths,
+                   "concentration": getattr(config, "routing_concentration_weight", 0.0)}
         return cls(len(config.tasks), **(options | kwargs))
 
     def accumulate(self, router_probs: Sequence[torch.Tensor], task: int) -> None:
@@ -171,11 +195,15 @@ class MutualInformationLoss:
         return torch.device("cpu")
 
     def compute(self) -> torch.Tensor:
-        """weight · Σ over MoE layers of −I(T;E) for everything accumulated since the last `reset()`."""
+        """weight · Σ over MoE layers of −I(T;E) (plus concentration · Σ of each layer's mean task routing
+        entropy) for everything accumulated since the last `reset()`."""
         joint = self.joint_counts()
         if not joint:
             return torch.zeros(())
-        return self.weight * sum(mutual_information_loss(m, self.task_prior) for m in joint)
+        loss = self.weight * sum(mutual_information_loss(m, self.task_prior) for m in joint)
+        if self.concentration:
+            loss = loss + self.concentration * sum(routing_concentration_loss(m) for m in joint)
+        return loss
 
     def reset(self) -> None:
         self.joint = None
@@ -195,4 +223,5 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
-__all__ = ["MutualInformationLoss", "load_balancing_loss", "mutual_information_loss", "router_z_loss"]
+__all__ = ["MutualInformationLoss", "load_balancing_loss", "mutual_information_loss", "router_z_loss",
+           "routing_concentration_loss"]
