@@ -48,6 +48,16 @@ def heal_train_groups(spec: str) -> tuple[str, ...]:
     return groups
 
 
+def kept_line(report) -> str:
+    """One line: the slice's share of the parent's parameters and, per task, of its metric."""
+    parts = [f"slice: {100 * report.params['ratio']:.1f}% of the parameters"]
+    for task, t in report.tasks.items():
+        m = t.get("metric")
+        if m and m["parent"]:
+            parts.append(f"{task} keeps {100 * m['submodel'] / m['parent']:.1f}% of its {m['name']}")
+    return "; ".join(parts)
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The command, with every option that shaped the result spelled out."""
     if args.from_card:
@@ -170,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         card.save(stage / "README.md")
     print()
     print(report.summary())
+    print(kept_line(report))
     print(f"wrote the sub-model, README.md (model card), verification.json, selection.json to {args.out}")
     return 0
 

@@ -43,23 +43,25 @@ def mutual_information_loss(joint_counts: torch.Tensor, task_prior: str = "token
     return -terms.sum()
 
 
-def routing_concentration_loss(joint_counts: torch.Tensor) -> torch.Tensor:
-    r"""Mean over the tasks present of each task's normalised routing entropy in one MoE layer.
+def routing_concentration_loss(joint_counts: torch.Tensor, top_k: int) -> torch.Tensor:
+    r"""Mean over the tasks present of the share of each task's router mass outside its `top_k` most used experts,
+    in one MoE layer.
 
     `joint_counts` `[tasks, experts]` as for `mutual_information_loss`. For every task t with tokens,
-    p(e|t) = M[t, e] / Σ_e M[t, e] (its mean router probability) and the term is H(p(·|t)) / log E ∈ [0, 1]
-    (0: the task's tokens all go to one expert; 1: spread evenly). Every task weighs the same however many tokens
-    it had, so a task whose loss reaches the routers weakly (a pooled classification loss) is pulled onto few
-    experts as hard as a dense-prediction task. This is the conditional-entropy part H(E|T) of −I(T;E) on its own,
-    without the balance term H(E) that pulls the other way.
+    p(e|t) = M[t, e] / Σ_e M[t, e] (its mean router probability), S_t its `top_k` experts of largest p(e|t), and the
+    term is 1 − Σ_{e∈S_t} p(e|t) ∈ [0, 1 − k/E]. It is linear in every token's probabilities, so it pulls each
+    token of t toward the same k experts: once every token's top-k is S_t, the slice keeping S_t computes what the
+    parent computes (with renormalised gates). Every task weighs the same however many tokens it had, so a task
+    whose loss reaches the routers weakly (a mean-pooled classification loss) is pulled as hard as the others.
+    (The entropy of p(·|t), the conditional-entropy part of −I(T;E), concentrates the mass on one expert but leaves
+    the remaining k − 1 choices of each token spread over the others.)
     """
     m = joint_counts.float()
     m = m[m.sum(1) > 0]
-    if m.numel() == 0 or m.shape[1] < 2:
+    if m.numel() == 0 or m.shape[1] <= top_k:
         return joint_counts.new_zeros(())
     p = m / m.sum(1, keepdim=True)
-    h = -torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p)).sum(1)
-    return h.mean() / torch.log(torch.tensor(float(m.shape[1])))
+    return (1 - p.topk(top_k, dim=1).values.sum(1)).mean()
 
 
 def _summed_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
@@ -98,8 +100,9 @@ class MutualInformationLoss:
     ```
 
     `compute()` returns `weight · Σ_layers mutual_information_loss(M_layer)`, plus
-    `concentration · Σ_layers routing_concentration_loss(M_layer)` when `concentration` (the config's
-    `routing_concentration_weight`) is above 0. Under `torch.distributed`, M is
+    `concentration · Σ_layers routing_concentration_loss(M_layer, k_layer)` when `concentration` (the config's
+    `routing_concentration_weight`) is above 0; `top_k` (one k per MoE layer; `from_config` fills it in) is then
+    required. Under `torch.distributed`, M is
     summed across ranks with a differentiable all-reduce, so every rank sees the statistics of the global step
     and (with DDP's gradient averaging) receives the exact gradient of the global loss.
 
@@ -111,9 +114,13 @@ class MutualInformationLoss:
     def __init__(
         self, num_tasks: int, weight: float = 0.005, task_prior: str = "token_share", sync: bool = True,
         num_experts: Sequence[int] | None = None, device: torch.device | str | None = None, concentration: float = 0.0,
+        top_k: Sequence[int] | None = None,
     ):
         self.num_tasks, self.weight, self.task_prior, self.sync = num_tasks, weight, task_prior, sync
         self.concentration = float(concentration)
+        self.top_k = None if top_k is None else [int(k) for k in top_k]
+        if self.concentration and self.top_k is None:
+            raise ValueError("MutualInformationLoss: concentration > 0 needs top_k, the k of every MoE layer.")
         self.num_experts = None if num_experts is None else [int(e) for e in num_experts]
         self.device = device  # for a rank without statistics; see `_collective_device`
         self.joint: list[torch.Tensor] | None = None
@@ -121,11 +128,12 @@ class MutualInformationLoss:
     @classmethod
     def from_config(cls, config, **kwargs) -> MutualInformationLoss:
         """Sized and weighted by a `MoEViTConfig`: its tasks, `mi_loss_weight`, `mi_task_prior`,
-        `routing_concentration_weight` and the expert count of every MoE layer (`kwargs` override, e.g.
+        `routing_concentration_weight` and the expert count and top-k of every MoE layer (`kwargs` override, e.g.
         `sync=False`)."""
         widths = [getattr(config, f"{kind}_experts")[index] for _, index, kind in config.moe_layers()]
+        top_k = [getattr(config, f"{kind}_top_k") for _, _, kind in config.moe_layers()]
         options = {"weight": config.mi_loss_weight, "task_prior": config.mi_task_prior, "num_experts": widths,
-                   "concentration": getattr(config, "routing_concentration_weight", 0.0)}
+                   "concentration": getattr(config, "routing_concentration_weight", 0.0), "top_k": top_k}
         return cls(len(config.tasks), **(options | kwargs))
 
     def accumulate(self, router_probs: Sequence[torch.Tensor], task: int) -> None:
@@ -195,14 +203,14 @@ class MutualInformationLoss:
         return torch.device("cpu")
 
     def compute(self) -> torch.Tensor:
-        """weight · Σ over MoE layers of −I(T;E) (plus concentration · Σ of each layer's mean task routing
-        entropy) for everything accumulated since the last `reset()`."""
+        """weight · Σ over MoE layers of −I(T;E) (plus concentration · Σ of each layer's mean share of task router
+        mass outside the task's top-k experts) for everything accumulated since the last `reset()`."""
         joint = self.joint_counts()
         if not joint:
             return torch.zeros(())
         loss = self.weight * sum(mutual_information_loss(m, self.task_prior) for m in joint)
         if self.concentration:
-            loss = loss + self.concentration * sum(routing_concentration_loss(m) for m in joint)
+            loss = loss + self.concentration * sum(routing_concentration_loss(m, k) for m, k in zip(joint, self.top_k))
         return loss
 
     def reset(self) -> None:
