@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -43,25 +44,33 @@ def mutual_information_loss(joint_counts: torch.Tensor, task_prior: str = "token
     return -terms.sum()
 
 
-def routing_concentration_loss(joint_counts: torch.Tensor, top_k: int) -> torch.Tensor:
-    r"""Mean over the tasks present of the share of each task's router mass outside its `top_k` most used experts,
-    in one MoE layer.
+def routing_concentration_loss(
+    joint_counts: torch.Tensor, log_prob_sums: torch.Tensor, token_counts: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    r"""How far each task's tokens are from routing to one fixed set of k experts, in one MoE layer; mean over the
+    tasks present, ≥ 0.
 
-    `joint_counts` `[tasks, experts]` as for `mutual_information_loss`. For every task t with tokens,
-    p(e|t) = M[t, e] / Σ_e M[t, e] (its mean router probability), S_t its `top_k` experts of largest p(e|t), and the
-    term is 1 − Σ_{e∈S_t} p(e|t) ∈ [0, 1 − k/E]. It is linear in every token's probabilities, so it pulls each
-    token of t toward the same k experts: once every token's top-k is S_t, the slice keeping S_t computes what the
-    parent computes (with renormalised gates). Every task weighs the same however many tokens it had, so a task
-    whose loss reaches the routers weakly (a mean-pooled classification loss) is pulled as hard as the others.
-    (The entropy of p(·|t), the conditional-entropy part of −I(T;E), concentrates the mass on one expert but leaves
-    the remaining k − 1 choices of each token spread over the others.)
+    `joint_counts` `[tasks, experts]` as for `mutual_information_loss` (M[t, e] = Σ_x p_e(x)); `log_prob_sums`
+    `[tasks, experts]`: L[t, e] = Σ_x log p_e(x) over the same tokens; `token_counts` `[tasks]`: their numbers.
+    For every task t with tokens, S_t is its `top_k` experts of largest M[t, e] and the term is the cross-entropy
+    of its tokens' router distributions against the uniform distribution on S_t, less its minimum log k:
+
+        −(1/k) Σ_{e∈S_t} L[t, e] / n_t − log k
+
+    It is 0 exactly when every token of t gives each expert of S_t probability 1/k, i.e. every token routes to
+    S_t and the slice keeping S_t computes what the parent computes (with renormalised gates). Unlike a penalty on
+    the mass outside S_t, which softmax dynamics satisfy by growing one expert until it takes all the gate, the
+    log pulls up every member of S_t for every token, most where a token gives one the least. Every task weighs
+    the same however many tokens it had, so a task whose loss reaches the routers weakly (a mean-pooled
+    classification loss) is pulled as hard as the others.
     """
-    m = joint_counts.float()
-    m = m[m.sum(1) > 0]
-    if m.numel() == 0 or m.shape[1] <= top_k:
-        return joint_counts.new_zeros(())
-    p = m / m.sum(1, keepdim=True)
-    return (1 - p.topk(top_k, dim=1).values.sum(1)).mean()
+    present = token_counts > 0
+    if not bool(present.any()) or joint_counts.shape[1] <= top_k:
+        return log_prob_sums.new_zeros(())
+    m, logs, n = joint_counts[present].detach(), log_prob_sums[present], token_counts[present].to(log_prob_sums)
+    chosen = m.topk(top_k, dim=1).indices
+    ce = -logs.gather(1, chosen).sum(1) / (top_k * n)
+    return (ce - math.log(top_k)).mean()
 
 
 def _summed_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
@@ -100,7 +109,7 @@ class MutualInformationLoss:
     ```
 
     `compute()` returns `weight · Σ_layers mutual_information_loss(M_layer)`, plus
-    `concentration · Σ_layers routing_concentration_loss(M_layer, k_layer)` when `concentration` (the config's
+    `concentration · Σ_layers routing_concentration_loss(M_layer, L_layer, n, k_layer)` when `concentration` (the config's
     `routing_concentration_weight`) is above 0; `top_k` (one k per MoE layer; `from_config` fills it in) is then
     required. Under `torch.distributed`, M is
     summed across ranks with a differentiable all-reduce, so every rank sees the statistics of the global step
@@ -124,6 +133,8 @@ class MutualInformationLoss:
         self.num_experts = None if num_experts is None else [int(e) for e in num_experts]
         self.device = device  # for a rank without statistics; see `_collective_device`
         self.joint: list[torch.Tensor] | None = None
+        self.log_sums: list[torch.Tensor] | None = None  # Σ log p per (task, expert), for the concentration term
+        self.token_counts: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, config, **kwargs) -> MutualInformationLoss:
@@ -155,6 +166,23 @@ class MutualInformationLoss:
                 mass = torch.cat([mass, mass.new_zeros(n - mass.shape[0])])
             row = torch.zeros_like(self.joint[layer]).index_copy(0, torch.tensor([task], device=mass.device), mass[None])
             self.joint[layer] = self.joint[layer] + row
+        if self.concentration:
+            self._accumulate_log_probs(router_probs, task)
+
+    def _accumulate_log_probs(self, router_probs: Sequence[torch.Tensor], task: int) -> None:
+        """Σ_x log p_e(x) per layer and the token count of `task` (this rank's tokens only; see `compute`)."""
+        if self.log_sums is None:
+            self.log_sums = [torch.zeros_like(m) for m in self.joint]
+            self.token_counts = torch.zeros(self.num_tasks, device=self.joint[0].device)
+        index = torch.tensor([task], device=self.joint[0].device)
+        for layer, probs in enumerate(router_probs):
+            logs = probs.float().clamp_min(1e-6).log().sum(0)
+            width = self.joint[layer].shape[1]
+            if self.log_sums[layer].shape[1] < width:
+                self.log_sums[layer] = F.pad(self.log_sums[layer], (0, width - self.log_sums[layer].shape[1]))
+            logs = F.pad(logs, (0, width - logs.shape[0]), value=math.log(1e-6))
+            self.log_sums[layer] = self.log_sums[layer] + torch.zeros_like(self.log_sums[layer]).index_copy(0, index, logs[None])
+        self.token_counts = self.token_counts.index_add(0, index, torch.tensor([float(router_probs[0].shape[0])], device=index.device))
 
     def joint_counts(self) -> list[torch.Tensor]:
         """The accumulated M per layer, summed across ranks when distributed (differentiable). Distributed, every
@@ -203,18 +231,22 @@ class MutualInformationLoss:
         return torch.device("cpu")
 
     def compute(self) -> torch.Tensor:
-        """weight · Σ over MoE layers of −I(T;E) (plus concentration · Σ of each layer's mean share of task router
-        mass outside the task's top-k experts) for everything accumulated since the last `reset()`."""
+        """weight · Σ over MoE layers of −I(T;E) (plus concentration · Σ over layers of `routing_concentration_loss`)
+        for everything accumulated since the last `reset()`."""
         joint = self.joint_counts()
         if not joint:
             return torch.zeros(())
         loss = self.weight * sum(mutual_information_loss(m, self.task_prior) for m in joint)
-        if self.concentration:
-            loss = loss + self.concentration * sum(routing_concentration_loss(m, k) for m, k in zip(joint, self.top_k))
+        if self.concentration and self.log_sums is not None:
+            # S_t comes from the global M; the log terms are this rank's tokens (DDP averages their gradients)
+            loss = loss + self.concentration * sum(
+                routing_concentration_loss(m, logs, self.token_counts, k)
+                for m, logs, k in zip(joint, self.log_sums, self.top_k)
+            )
         return loss
 
     def reset(self) -> None:
-        self.joint = None
+        self.joint = self.log_sums = self.token_counts = None
 
 
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
