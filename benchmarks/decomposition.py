@@ -127,7 +127,9 @@ def main(argv=None) -> int:
                                             heal_loss=[round(rep.loss_before, 5), round(rep.loss_after, 5)])
                     log(f"[{task}] default healed {args.heal_steps} steps: {m:.4f}")
         out[task] = entry
-    line = {"benchmark": "decomposition", "variant": args.variant, "model": args.model,
+    from moe_adapt.cli.extract import DEFAULT_SELECTION
+
+    line = {"benchmark": "decomposition", "variant": args.variant, "model": args.model, "default_selection": DEFAULT_SELECTION,
             **dict(kv.split("=", 1) for kv in args.extra), "tasks": out,
             "targets_met": {t: e.get("default", {}).get("params", 1) <= 0.5
                             and max(e.get("default", {}).get("kept") or 0, e.get("default", {}).get("healed_kept") or 0) >= 0.99

@@ -1,7 +1,7 @@
 """`moe-adapt extract`: slice a standalone sub-model for one or more tasks.
 
     moe-adapt extract MODEL --data SPEC --task NAME [--task NAME2 ...] --out DIR
-                      [--policy top_n|threshold|coverage] [--n N] [--threshold PCT] [--coverage FRAC]
+                      [--policy threshold|top_n|coverage] [--n N] [--threshold PCT] [--coverage FRAC]
                       [--criterion frequency|gate_mass|reap] [--split train] [--verify-split eval]
                       [--max-images 256] [--verify-images 256] [--batch-size 32] [--overwrite]
     moe-adapt extract --from-card CARD --model PARENT --out DIR [--no-check] [--overwrite]
@@ -32,11 +32,11 @@ from moe_adapt.surgery.heal import DEFAULT_HEAL_GROUPS, HEAL_GROUPS
 
 from .inspect import add_calibration_arguments, collect_usages, dataset_names
 
-#: what `moe-adapt extract` selects with no selection option (benchmarks/decomposition.py measures the same): the
-#: k experts of largest gate mass per layer, so every MoE layer of the slice is dense. Of the policies measured on
-#: the mini recipe, it is the only one keeping the segmentation slice (its UperNet head cannot be sliced) within
-#: half the parent's parameters; Mod-Squad's 3% threshold kept 59-71% (docs/results.md).
-DEFAULT_SELECTION = {"policy": "top_n", "criterion": None, "n": None}
+#: what `moe-adapt extract` selects with no selection option (benchmarks/decomposition.py measures the same):
+#: Mod-Squad's rule, experts chosen by more than 3% of the task's tokens. On a model pretrained with
+#: `routing_concentration_weight` it keeps each mini task within half the parent's parameters and its metric within
+#: 1%, without healing (docs/results.md); the k-expert `top_n` slice is smaller but needs healing for classification.
+DEFAULT_SELECTION = {"policy": "threshold", "criterion": None, "threshold": 3.0}
 
 #: `--heal-train`'s default: `heal_submodel`'s own (the small tensors)
 HEAL_TRAIN_DEFAULT = ",".join(DEFAULT_HEAL_GROUPS)
@@ -199,10 +199,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_calibration_arguments(parser)
     group = parser.add_argument_group("selection")
     group.add_argument("--policy", choices=POLICIES, default=DEFAULT_SELECTION["policy"],
-                       help="default: top_n, the k experts of largest gate mass per layer (a dense slice); threshold "
-                            "is Mod-Squad's rule")
+                       help="default: threshold (Mod-Squad's rule); top_n keeps the k experts of largest gate mass per "
+                            "layer (a dense slice)")
     group.add_argument("--n", type=int, help="top_n: experts kept per layer (default: the layer's top-k)")
-    group.add_argument("--threshold", type=float, default=3.0,
+    group.add_argument("--threshold", type=float, default=DEFAULT_SELECTION["threshold"],
                        help="threshold: keep experts above this percentage of the criterion (default 3)")
     group.add_argument("--coverage", type=float, default=0.9, help="coverage: fraction of the criterion to cover")
     group.add_argument("--criterion", choices=CRITERIA, help="frequency (default for threshold), gate_mass (default for top_n and coverage), reap")
