@@ -63,3 +63,20 @@ def test_mutual_information_loss_adds_the_term_with_its_weight_and_top_k_from_th
     assert MoEViTConfig(tasks=["a"]).routing_concentration_weight == 0.0
     with pytest.raises(ValueError, match="top_k"):
         MutualInformationLoss(num_tasks=2, concentration=0.1)
+
+
+def test_tasks_starting_from_uniform_routing_are_pulled_toward_different_experts():
+    # zero-initialised routers: every task's tokens spread evenly; a plain top-k would give all three the same set
+    uniform = [torch.full((5, 8), 1 / 8) for _ in range(3)]
+    for k in (2, 4):
+        logits = torch.zeros(3, 5, 8, requires_grad=True)
+        probs = [logits[t].softmax(-1) for t in range(3)]
+        routing_concentration_loss(*stats(probs), top_k=k).backward()
+        raised = [set((logits.grad[t, 0] < 0).nonzero().flatten().tolist()) for t in range(3)]
+        assert all(len(r) == k for r in raised)
+        assert len(set().union(*raised)) == {2: 6, 4: 8}[k]  # k=2: three disjoint pairs; k=4: every expert
+    assert routing_concentration_loss(*stats(uniform), top_k=2).item() == pytest.approx(math.log(4), rel=1e-5)
+    # routing that clearly prefers other experts wins over the tie-breaker
+    skewed = torch.tensor([[0.02, 0.02, 0.02, 0.02, 0.02, 0.02, 0.44, 0.44]] * 4, requires_grad=True)
+    routing_concentration_loss(*stats([skewed]), top_k=2).backward()
+    assert (skewed.grad[:, 6:] < 0).all()

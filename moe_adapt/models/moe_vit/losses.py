@@ -44,6 +44,19 @@ def mutual_information_loss(joint_counts: torch.Tensor, task_prior: str = "token
     return -terms.sum()
 
 
+def home_experts(num_tasks: int, num_experts: int, top_k: int) -> torch.Tensor:
+    """`[tasks, experts]`: 0.1 / E on each task's k "home" experts (k consecutive ids from round(t·E/T), wrapping),
+    else 0 — the tie-breaker `routing_concentration_loss` adds to p(e|t) when it picks a task's experts. Routers
+    start at zero, so at first every task's p(e|t) is uniform and a plain top-k would give every task the same k
+    experts, which the term would then hold them to; the offsets spread the tasks over the experts instead, and
+    routing that differs by more than 0.1 / E overrides them."""
+    prior = torch.zeros(num_tasks, num_experts)
+    for t in range(num_tasks):
+        start = round(t * num_experts / num_tasks)
+        prior[t, [(start + j) % num_experts for j in range(top_k)]] = 0.1 / num_experts
+    return prior
+
+
 def routing_concentration_loss(
     joint_counts: torch.Tensor, log_prob_sums: torch.Tensor, token_counts: torch.Tensor, top_k: int
 ) -> torch.Tensor:
@@ -52,7 +65,9 @@ def routing_concentration_loss(
 
     `joint_counts` `[tasks, experts]` as for `mutual_information_loss` (M[t, e] = Σ_x p_e(x)); `log_prob_sums`
     `[tasks, experts]`: L[t, e] = Σ_x log p_e(x) over the same tokens; `token_counts` `[tasks]`: their numbers.
-    For every task t with tokens, S_t is its `top_k` experts of largest M[t, e] and the term is the cross-entropy
+    For every task t with tokens, S_t is its `top_k` experts of largest p(e|t) = M[t, e] / Σ_e M[t, e] (near-ties
+    broken toward the task's `home_experts`, so that tasks starting from uniform routing do not all take the same
+    experts) and the term is the cross-entropy
     of its tokens' router distributions against the uniform distribution on S_t, less its minimum log k:
 
         −(1/k) Σ_{e∈S_t} L[t, e] / n_t − log k
@@ -68,7 +83,8 @@ def routing_concentration_loss(
     if not bool(present.any()) or joint_counts.shape[1] <= top_k:
         return log_prob_sums.new_zeros(())
     m, logs, n = joint_counts[present].detach(), log_prob_sums[present], token_counts[present].to(log_prob_sums)
-    chosen = m.topk(top_k, dim=1).indices
+    prior = home_experts(joint_counts.shape[0], m.shape[1], top_k).to(m.device)[present]
+    chosen = (m / m.sum(1, keepdim=True) + prior).topk(top_k, dim=1).indices
     ce = -logs.gather(1, chosen).sum(1) / (top_k * n)
     return (ce - math.log(top_k)).mean()
 
