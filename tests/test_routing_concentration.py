@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from moe_adapt import MoEViTConfig
-from moe_adapt.models.moe_vit.losses import MutualInformationLoss, mutual_information_loss, routing_concentration_loss
+from moe_adapt.models.moe_vit.losses import (
+    MutualInformationLoss,
+    mutual_information_loss,
+    routing_concentration_loss,
+)
 
 
 def stats(probs_per_task: list[torch.Tensor]):
