@@ -5,8 +5,9 @@
     python benchmarks/extract.py --quick                      # smoke run (numbers not meaningful)
 
 For every task of the model it collects expert usage on calibration images (2,048 of the training split), selects
-experts (default: `top_n` with n = top-k, ranked by gate mass, so every MoE layer collapses to a fused dense
-layer), slices the task's
+experts (default: what `moe-adapt extract` selects with no selection option, `DEFAULT_SELECTION` of
+`moe_adapt.cli.extract`: Mod-Squad's 3% threshold; `--policy top_n` keeps the k experts of largest gate mass, so
+every MoE layer collapses to a fused dense layer), slices the task's
 sub-model and reports, all measured in this run on the same machine:
 
 - parameters of the full model (all of it, and the part the task can reach) and of the slice;
@@ -58,9 +59,12 @@ def parse_args(argv):
     p.add_argument("--model", help="a pretrained MoEViTForMultiTask folder; default: pretrain one first")
     p.add_argument("--pretrain-config", default="recipes/configs/mini.yaml", help="recipe of the tasks' data")
     p.add_argument("--pretrain-steps", type=int, default=150, help="steps of the short pretraining (no --model)")
-    p.add_argument("--policy", default="top_n", choices=["top_n", "threshold", "coverage"])
+    from moe_adapt.cli.extract import DEFAULT_SELECTION
+
+    p.add_argument("--policy", default=DEFAULT_SELECTION["policy"], choices=["top_n", "threshold", "coverage"],
+                   help="default: moe-adapt extract's (%(default)s)")
     p.add_argument("--n", type=int, default=None, help="top_n: experts per layer (default: top-k)")
-    p.add_argument("--threshold", type=float, default=3.0)
+    p.add_argument("--threshold", type=float, default=DEFAULT_SELECTION["threshold"])
     p.add_argument("--coverage", type=float, default=0.9)
     p.add_argument("--criterion", default=None, choices=["frequency", "gate_mass", "reap"])
     p.add_argument("--calibration-images", type=int, default=2048,

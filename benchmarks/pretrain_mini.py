@@ -47,6 +47,8 @@ def parse_args(argv):
     p.add_argument("--data", default=None, help="mini benchmark folder (default: the recipe's)")
     p.add_argument("--quick", action="store_true", help="small benchmark, tiny model, 6 steps: a smoke test")
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--runs", default="multitask_moe,multitask_moe_no_mi,single_task_dense",
+                   help="comma-separated runs to do (default all three kinds); what is left out is null in the JSON line")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides applied to every run")
     return p.parse_args(argv)
 
@@ -92,44 +94,54 @@ def main(argv=None) -> int:
             log(f"{name}: done in {time.perf_counter() - t0:.0f} s: {result['primary']}")
             return result
 
-        moe = run("multitask_moe")
-        no_mi = run("multitask_moe_no_mi", mi_loss_weight=0.0)
-        mc = moe["model"].config
-        dense_changes = dict(attn_experts=0, mlp_experts=0, intermediate_size=mc.mlp_top_k * mc.mlp_expert_size)
-        dense = {t: run(f"single_task_dense_{t}", tasks=[t], **dense_changes) for t in tasks}
+        wanted = set(args.runs.split(","))
+        unknown = wanted - {"multitask_moe", "multitask_moe_no_mi", "single_task_dense"}
+        if unknown:
+            raise SystemExit(f"error: --runs: unknown run(s) {sorted(unknown)}")
+        moe = run("multitask_moe") if "multitask_moe" in wanted else None
+        no_mi = run("multitask_moe_no_mi", mi_loss_weight=0.0) if "multitask_moe_no_mi" in wanted else None
+        dense = {}
+        if "single_task_dense" in wanted:
+            from moe_adapt import MoEViTConfig
 
-        image_size = {t: base.tasks[t].image_size or mc.image_size for t in tasks}
+            mc = MoEViTConfig.from_preset(base.model.preset, tasks=tasks, **base.model.overrides)
+            dense_changes = dict(attn_experts=0, mlp_experts=0, intermediate_size=mc.mlp_top_k * mc.mlp_expert_size)
+            dense = {t: run(f"single_task_dense_{t}", tasks=[t], **dense_changes) for t in tasks}
+        done = {"multitask_moe": moe, "multitask_moe_no_mi": no_mi, **{f"single_task_dense_{t}": r for t, r in dense.items()}}
+        any_run = next(r for r in done.values() if r is not None)
+        primary = lambda r, t: None if r is None else round(r["primary"][t], 4)  # noqa: E731
+        gflops = lambda r, t: None if r is None else round(flops_per_image(r["model"], task=t, image_size=image_size[t])["gflops"], 4)  # noqa: E731
+        image_size = {t: base.tasks[t].image_size or any_run["model"].config.image_size for t in tasks}
         result = {
             "benchmark": "pretrain_mini",
-            "steps": moe["steps"],
+            "steps": any_run["steps"],
+            "overrides": list(args.overrides),
             "tasks": {
                 t: {
-                    "metric": moe["primary_metric"][t],
-                    "multitask_moe": round(moe["primary"][t], 4),
-                    "multitask_moe_no_mi": round(no_mi["primary"][t], 4),
-                    "single_task_dense": round(dense[t]["primary"][t], 4),
-                    "multitask_minus_single": round(moe["primary"][t] - dense[t]["primary"][t], 4),
+                    "metric": any_run["primary_metric"].get(t) or dense[t]["primary_metric"][t],
+                    "multitask_moe": primary(moe, t),
+                    "multitask_moe_no_mi": primary(no_mi, t),
+                    "single_task_dense": primary(dense.get(t), t),
+                    "multitask_minus_single": None if moe is None or t not in dense
+                    else round(moe["primary"][t] - dense[t]["primary"][t], 4),
                 }
                 for t in tasks
             },
             "images_per_s": {
-                "multitask_moe": round(moe["images_per_second"], 1),
-                "multitask_moe_no_mi": round(no_mi["images_per_second"], 1),
-                "single_task_dense": {t: round(dense[t]["images_per_second"], 1) for t in tasks},
+                "multitask_moe": None if moe is None else round(moe["images_per_second"], 1),
+                "multitask_moe_no_mi": None if no_mi is None else round(no_mi["images_per_second"], 1),
+                "single_task_dense": {t: round(dense[t]["images_per_second"], 1) for t in dense},
             },
             "gflops_per_image": {
-                t: {
-                    "multitask_moe": round(flops_per_image(moe["model"], task=t, image_size=image_size[t])["gflops"], 4),
-                    "single_task_dense": round(flops_per_image(dense[t]["model"], task=t, image_size=image_size[t])["gflops"], 4),
-                }
-                for t in tasks
+                t: {"multitask_moe": gflops(moe, t), "single_task_dense": gflops(dense.get(t), t)} for t in tasks
             },
             "normalized_mi": {
-                "with_mi_loss": round(moe["normalized_mi"]["mean"], 4),
-                "without_mi_loss": round(no_mi["normalized_mi"]["mean"], 4),
+                "with_mi_loss": None if moe is None else round(moe["normalized_mi"]["mean"], 4),
+                "without_mi_loss": None if no_mi is None else round(no_mi["normalized_mi"]["mean"], 4),
             },
-            "within_1_point": all(moe["primary"][t] >= dense[t]["primary"][t] - 0.01 for t in tasks),
-            "machine": {"cpus": os.cpu_count(), "threads": moe["threads"], "load_avg_1m": round(os.getloadavg()[0], 2),
+            "within_1_point": None if moe is None or not dense
+            else all(moe["primary"][t] >= dense[t]["primary"][t] - 0.01 for t in tasks),
+            "machine": {"cpus": os.cpu_count(), "threads": any_run["threads"], "load_avg_1m": round(os.getloadavg()[0], 2),
                         "torch": torch.__version__, "python": platform.python_version()},
             "wall_s": round(time.perf_counter() - started, 1),
         }

@@ -42,14 +42,29 @@ SECTIONS: dict[str, dict] = {
                     "single-task dense": "single_task_dense", "steps": "/steps"},
     },
     "decomposition": {
-        "title": "Decomposition variants",
+        "title": "Decomposition out of the box",
         "guide": "decomposition.md",
-        "about": "Pretraining variants on the demo recipe: per task, how concentrated the routing is, the parent's "
-                 "metric, and the default slice's size and metric kept before and after healing.",
+        "about": "Pretraining variants of the demo recipe at a fixed 286 steps (1 thread), seeds 0 and 1: per task, "
+                 "the routing entropy (mean over MoE layers of H(mean gate) / log E), the parent's metric beside the "
+                 "single-task dense baseline of the same seed, the default `moe-adapt extract` slice (Mod-Squad's 3% "
+                 "threshold) and the k-expert slice (`--policy top_n`) as parameters kept / metric kept, and the "
+                 "default slice healed for 100 steps. ✓: at most 50% of the parameters and at least 99% of the metric.",
+        "render": lambda runs, all_runs: _decomposition(runs, all_runs),
+    },
+    "pretrain_mini_dense": {
+        "title": "Single-task dense baselines at the decomposition runs' length",
+        "guide": "pretraining.md",
+        "about": "The dense ViT per task with the MoE's active compute, 286 steps, per seed.",
         "rows": "tasks",
-        "columns": {"variant": "/variant", "seed": "/seed", "steps": "/steps", "routing entropy": "entropy",
-                    "parent": "parent_metric", "slice params": "params_ratio", "kept": "metric_kept",
-                    "kept healed": "metric_kept_healed"},
+        "columns": {"seed": "/seed", "metric": "metric", "single-task dense": "single_task_dense", "steps": "/steps"},
+    },
+    "bf16_autocast": {
+        "title": "bf16 autocast on this CPU",
+        "guide": "pretraining.md",
+        "about": "One multi-task train step of the mini recipe in fp32 against `torch.autocast('cpu', torch.bfloat16)`, "
+                 "interleaved in one process.",
+        "columns": {"fp32 s/step": "fp32_s_per_step", "bf16 s/step": "bf16_s_per_step",
+                    "bf16 speed-up": "speedup_bf16", "torch": "torch"},
     },
     "extract": {
         "title": "Task slices",
@@ -181,6 +196,40 @@ def load_runs(results: Path = RESULTS) -> dict[str, list[dict]]:
     return runs
 
 
+def _pair(point) -> str:
+    if not point:
+        return "—"
+    ok = point["params"] <= 0.5 and point["kept"] >= 0.99
+    return f"{point['params']:.3f} / {100 * point['kept']:.1f}%" + (" ✓" if ok else "")
+
+
+def _decomposition(runs: list[dict], all_runs: dict[str, list[dict]]) -> list[str]:
+    """The variants table, then per task the parameters-kept / metric-kept curve of every selection policy for the
+    baseline and the last (chosen) variant."""
+    dense = {str(r.get("seed")): r["tasks"] for r in all_runs.get("pretrain_mini_dense", [])}
+    out = ["| variant | seed | task | routing entropy | parent (dense) | default slice | k-expert slice | healed |",
+           "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for task, t in run["tasks"].items():
+            curve = {p["policy"]: p for p in t.get("curve", [])}
+            base = dense.get(str(run.get("seed")), {}).get(task, {}).get("single_task_dense")
+            healed = t.get("default", {}).get("healed_kept")
+            out.append(f"| {run['variant']} | {run.get('seed')} | {task} | {t['entropy']:.2f} | {t['parent']:.4f} "
+                       f"({fmt(base)}) | {_pair(t.get('default') or curve.get('default'))} | "
+                       f"{_pair(curve.get('top_n:gate_mass:k'))} | {f'{100 * healed:.1f}%' if healed else '—'} |")
+    shown = [r for r in runs if r["variant"] == "baseline"][:1] + [r for r in runs if r["variant"] == runs[-1]["variant"]]
+    for task in runs[-1]["tasks"]:
+        policies = list(dict.fromkeys(p["policy"] for r in shown for p in r["tasks"].get(task, {}).get("curve", [])))
+        out += ["", f"**{task}**: parameters kept / metric kept per selection policy, before healing", "",
+                "| policy | " + " | ".join(f"{r['variant']}, seed {r.get('seed')}" for r in shown) + " |",
+                "|---|" + "---|" * len(shown)]
+        for policy in policies:
+            cells = [_pair(next((p for p in r["tasks"].get(task, {}).get("curve", []) if p["policy"] == policy), None))
+                     for r in shown]
+            out.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return out
+
+
 def table(name: str, runs: list[dict]) -> list[str]:
     spec = SECTIONS.get(name, {})
     columns = spec.get("columns") or {k: k for k, v in runs[-1].items() if not k.startswith("_")
@@ -214,10 +263,10 @@ def render_results(runs: dict[str, list[dict]]) -> str:
         stamps = list(dict.fromkeys((r["_command"], r.get("_revision"), r.get("_date")) for r in lines
                                     if r.get("_command")))  # in recorded order
         for command, revision, date in stamps:
-            out.append(f"- `{command}` at {revision} on {date}")
+            out.append(f"- `{command}`" + (f" at {revision}" if revision else "") + (f" on {date}" if date else ""))
         if stamps:
             out.append("")
-        out += table(name, lines)
+        out += spec["render"](lines, runs) if "render" in spec else table(name, lines)
         out += ["", f"JSON lines: [benchmarks/results/{name}.jsonl](../benchmarks/results/{name}.jsonl)", ""]
     return "\n".join(out)
 

@@ -198,6 +198,11 @@ def test_verification_report(tmp_path, images):
     loaded = type(report).load(report.save(tmp_path / "verification.json"))
     assert loaded.tasks["a"]["num_images"] == 6
     assert "top-1 agreement" in report.summary() and "| parameters |" in report.to_markdown()
+    from moe_adapt.cli.extract import kept_line  # what `moe-adapt extract` prints last: the shares kept
+
+    m = t["metric"]
+    assert kept_line(report) == (f"slice: {100 * report.params['ratio']:.1f}% of the parameters; a keeps "
+                                 f"{100 * m['submodel'] / m['parent']:.1f}% of its {m['name']}")
 
 
 def test_bad_input_gives_clear_errors(images):

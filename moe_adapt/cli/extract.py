@@ -32,6 +32,12 @@ from moe_adapt.surgery.heal import DEFAULT_HEAL_GROUPS, HEAL_GROUPS
 
 from .inspect import add_calibration_arguments, collect_usages, dataset_names
 
+#: what `moe-adapt extract` selects with no selection option (benchmarks/decomposition.py measures the same):
+#: Mod-Squad's rule, experts chosen by more than 3% of the task's tokens. On a model pretrained with
+#: `routing_concentration_weight` it keeps each mini task within half the parent's parameters and its metric within
+#: 1%, without healing (docs/results.md); the k-expert `top_n` slice is smaller but needs healing for classification.
+DEFAULT_SELECTION = {"policy": "threshold", "criterion": None, "threshold": 3.0}
+
 #: `--heal-train`'s default: `heal_submodel`'s own (the small tensors)
 HEAL_TRAIN_DEFAULT = ",".join(DEFAULT_HEAL_GROUPS)
 
@@ -43,6 +49,16 @@ def heal_train_groups(spec: str) -> tuple[str, ...]:
     if unknown or not groups:
         raise ValueError(f"--heal-train {spec!r}: choose 'all' or comma-separated groups of {list(HEAL_GROUPS)}.")
     return groups
+
+
+def kept_line(report) -> str:
+    """One line: the slice's share of the parent's parameters and, per task, of its metric."""
+    parts = [f"slice: {100 * report.params['ratio']:.1f}% of the parameters"]
+    for task, t in report.tasks.items():
+        m = t.get("metric")
+        if m and m["parent"]:
+            parts.append(f"{task} keeps {100 * m['submodel'] / m['parent']:.1f}% of its {m['name']}")
+    return "; ".join(parts)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -167,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         card.save(stage / "README.md")
     print()
     print(report.summary())
+    print(kept_line(report))
     print(f"wrote the sub-model, README.md (model card), verification.json, selection.json to {args.out}")
     return 0
 
@@ -181,9 +198,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--model", dest="model_opt", metavar="PARENT", help="the parent model (same as MODEL)")
     add_calibration_arguments(parser)
     group = parser.add_argument_group("selection")
-    group.add_argument("--policy", choices=POLICIES, default="threshold", help="default: threshold (Mod-Squad's rule)")
+    group.add_argument("--policy", choices=POLICIES, default=DEFAULT_SELECTION["policy"],
+                       help="default: threshold (Mod-Squad's rule); top_n keeps the k experts of largest gate mass per "
+                            "layer (a dense slice)")
     group.add_argument("--n", type=int, help="top_n: experts kept per layer (default: the layer's top-k)")
-    group.add_argument("--threshold", type=float, default=3.0,
+    group.add_argument("--threshold", type=float, default=DEFAULT_SELECTION["threshold"],
                        help="threshold: keep experts above this percentage of the criterion (default 3)")
     group.add_argument("--coverage", type=float, default=0.9, help="coverage: fraction of the criterion to cover")
     group.add_argument("--criterion", choices=CRITERIA, help="frequency (default for threshold), gate_mass (default for top_n and coverage), reap")

@@ -152,6 +152,7 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
     balance_loss_weight: float = 0.0
     mi_loss_weight: float = 0.005
     mi_task_prior: str = "token_share"
+    routing_concentration_weight: float = 0.0  # weight of each task's routing entropy (MutualInformationLoss)
     task_router_sizes: dict | None = None
     attn_expert_groups: list | None = None
     mlp_expert_groups: list | None = None

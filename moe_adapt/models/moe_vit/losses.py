@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +44,51 @@ def mutual_information_loss(joint_counts: torch.Tensor, task_prior: str = "token
     return -terms.sum()
 
 
+def home_experts(num_tasks: int, num_experts: int, top_k: int) -> torch.Tensor:
+    """`[tasks, experts]`: 0.1 / E on each task's k "home" experts (k consecutive ids from round(t·E/T), wrapping),
+    else 0 — the tie-breaker `routing_concentration_loss` adds to p(e|t) when it picks a task's experts. Routers
+    start at zero, so at first every task's p(e|t) is uniform and a plain top-k would give every task the same k
+    experts, which the term would then hold them to; the offsets spread the tasks over the experts instead, and
+    routing that differs by more than 0.1 / E overrides them."""
+    prior = torch.zeros(num_tasks, num_experts)
+    for t in range(num_tasks):
+        start = round(t * num_experts / num_tasks)
+        prior[t, [(start + j) % num_experts for j in range(top_k)]] = 0.1 / num_experts
+    return prior
+
+
+def routing_concentration_loss(
+    joint_counts: torch.Tensor, log_prob_sums: torch.Tensor, token_counts: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    r"""How far each task's tokens are from routing to one fixed set of k experts, in one MoE layer; mean over the
+    tasks present, ≥ 0.
+
+    `joint_counts` `[tasks, experts]` as for `mutual_information_loss` (M[t, e] = Σ_x p_e(x)); `log_prob_sums`
+    `[tasks, experts]`: L[t, e] = Σ_x log p_e(x) over the same tokens; `token_counts` `[tasks]`: their numbers.
+    For every task t with tokens, S_t is its `top_k` experts of largest p(e|t) = M[t, e] / Σ_e M[t, e] (near-ties
+    broken toward the task's `home_experts`, so that tasks starting from uniform routing do not all take the same
+    experts) and the term is the cross-entropy
+    of its tokens' router distributions against the uniform distribution on S_t, less its minimum log k:
+
+        −(1/k) Σ_{e∈S_t} L[t, e] / n_t − log k
+
+    It is 0 exactly when every token of t gives each expert of S_t probability 1/k, i.e. every token routes to
+    S_t and the slice keeping S_t computes what the parent computes (with renormalised gates). Unlike a penalty on
+    the mass outside S_t, which softmax dynamics satisfy by growing one expert until it takes all the gate, the
+    log pulls up every member of S_t for every token, most where a token gives one the least. Every task weighs
+    the same however many tokens it had, so a task whose loss reaches the routers weakly (a mean-pooled
+    classification loss) is pulled as hard as the others.
+    """
+    present = token_counts > 0
+    if not bool(present.any()) or joint_counts.shape[1] <= top_k:
+        return log_prob_sums.new_zeros(())
+    m, logs, n = joint_counts[present].detach(), log_prob_sums[present], token_counts[present].to(log_prob_sums)
+    prior = home_experts(joint_counts.shape[0], m.shape[1], top_k).to(m.device)[present]
+    chosen = (m / m.sum(1, keepdim=True) + prior).topk(top_k, dim=1).indices
+    ce = -logs.gather(1, chosen).sum(1) / (top_k * n)
+    return (ce - math.log(top_k)).mean()
+
+
 def _summed_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.contiguous().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
@@ -78,7 +124,10 @@ class MutualInformationLoss:
     loss.backward(); mi.reset()
     ```
 
-    `compute()` returns `weight · Σ_layers mutual_information_loss(M_layer)`. Under `torch.distributed`, M is
+    `compute()` returns `weight · Σ_layers mutual_information_loss(M_layer)`, plus
+    `concentration · Σ_layers routing_concentration_loss(M_layer, L_layer, n, k_layer)` when `concentration` (the config's
+    `routing_concentration_weight`) is above 0; `top_k` (one k per MoE layer; `from_config` fills it in) is then
+    required. Under `torch.distributed`, M is
     summed across ranks with a differentiable all-reduce, so every rank sees the statistics of the global step
     and (with DDP's gradient averaging) receives the exact gradient of the global loss.
 
@@ -89,19 +138,29 @@ class MutualInformationLoss:
 
     def __init__(
         self, num_tasks: int, weight: float = 0.005, task_prior: str = "token_share", sync: bool = True,
-        num_experts: Sequence[int] | None = None, device: torch.device | str | None = None,
+        num_experts: Sequence[int] | None = None, device: torch.device | str | None = None, concentration: float = 0.0,
+        top_k: Sequence[int] | None = None,
     ):
         self.num_tasks, self.weight, self.task_prior, self.sync = num_tasks, weight, task_prior, sync
+        self.concentration = float(concentration)
+        self.top_k = None if top_k is None else [int(k) for k in top_k]
+        if self.concentration and self.top_k is None:
+            raise ValueError("MutualInformationLoss: concentration > 0 needs top_k, the k of every MoE layer.")
         self.num_experts = None if num_experts is None else [int(e) for e in num_experts]
         self.device = device  # for a rank without statistics; see `_collective_device`
         self.joint: list[torch.Tensor] | None = None
+        self.log_sums: list[torch.Tensor] | None = None  # Σ log p per (task, expert), for the concentration term
+        self.token_counts: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, config, **kwargs) -> MutualInformationLoss:
-        """Sized and weighted by a `MoEViTConfig`: its tasks, `mi_loss_weight`, `mi_task_prior` and the expert
-        count of every MoE layer (`kwargs` override, e.g. `sync=False`)."""
+        """Sized and weighted by a `MoEViTConfig`: its tasks, `mi_loss_weight`, `mi_task_prior`,
+        `routing_concentration_weight` and the expert count and top-k of every MoE layer (`kwargs` override, e.g.
+        `sync=False`)."""
         widths = [getattr(config, f"{kind}_experts")[index] for _, index, kind in config.moe_layers()]
-        options = {"weight": config.mi_loss_weight, "task_prior": config.mi_task_prior, "num_experts": widths}
+        top_k = [getattr(config, f"{kind}_top_k") for _, _, kind in config.moe_layers()]
+        options = {"weight": config.mi_loss_weight, "task_prior": config.mi_task_prior, "num_experts": widths,
+                   "concentration": getattr(config, "routing_concentration_weight", 0.0), "top_k": top_k}
         return cls(len(config.tasks), **(options | kwargs))
 
     def accumulate(self, router_probs: Sequence[torch.Tensor], task: int) -> None:
@@ -123,6 +182,23 @@ class MutualInformationLoss:
                 mass = torch.cat([mass, mass.new_zeros(n - mass.shape[0])])
             row = torch.zeros_like(self.joint[layer]).index_copy(0, torch.tensor([task], device=mass.device), mass[None])
             self.joint[layer] = self.joint[layer] + row
+        if self.concentration:
+            self._accumulate_log_probs(router_probs, task)
+
+    def _accumulate_log_probs(self, router_probs: Sequence[torch.Tensor], task: int) -> None:
+        """Σ_x log p_e(x) per layer and the token count of `task` (this rank's tokens only; see `compute`)."""
+        if self.log_sums is None:
+            self.log_sums = [torch.zeros_like(m) for m in self.joint]
+            self.token_counts = torch.zeros(self.num_tasks, device=self.joint[0].device)
+        index = torch.tensor([task], device=self.joint[0].device)
+        for layer, probs in enumerate(router_probs):
+            logs = probs.float().clamp_min(1e-6).log().sum(0)
+            width = self.joint[layer].shape[1]
+            if self.log_sums[layer].shape[1] < width:
+                self.log_sums[layer] = F.pad(self.log_sums[layer], (0, width - self.log_sums[layer].shape[1]))
+            logs = F.pad(logs, (0, width - logs.shape[0]), value=math.log(1e-6))
+            self.log_sums[layer] = self.log_sums[layer] + torch.zeros_like(self.log_sums[layer]).index_copy(0, index, logs[None])
+        self.token_counts = self.token_counts.index_add(0, index, torch.tensor([float(router_probs[0].shape[0])], device=index.device))
 
     def joint_counts(self) -> list[torch.Tensor]:
         """The accumulated M per layer, summed across ranks when distributed (differentiable). Distributed, every
@@ -171,14 +247,22 @@ class MutualInformationLoss:
         return torch.device("cpu")
 
     def compute(self) -> torch.Tensor:
-        """weight · Σ over MoE layers of −I(T;E) for everything accumulated since the last `reset()`."""
+        """weight · Σ over MoE layers of −I(T;E) (plus concentration · Σ over layers of `routing_concentration_loss`)
+        for everything accumulated since the last `reset()`."""
         joint = self.joint_counts()
         if not joint:
             return torch.zeros(())
-        return self.weight * sum(mutual_information_loss(m, self.task_prior) for m in joint)
+        loss = self.weight * sum(mutual_information_loss(m, self.task_prior) for m in joint)
+        if self.concentration and self.log_sums is not None:
+            # S_t comes from the global M; the log terms are this rank's tokens (DDP averages their gradients)
+            loss = loss + self.concentration * sum(
+                routing_concentration_loss(m, logs, self.token_counts, k)
+                for m, logs, k in zip(joint, self.log_sums, self.top_k)
+            )
+        return loss
 
     def reset(self) -> None:
-        self.joint = None
+        self.joint = self.log_sums = self.token_counts = None
 
 
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -195,4 +279,5 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
-__all__ = ["MutualInformationLoss", "load_balancing_loss", "mutual_information_loss", "router_z_loss"]
+__all__ = ["MutualInformationLoss", "load_balancing_loss", "mutual_information_loss", "router_z_loss",
+           "routing_concentration_loss"]
