@@ -33,7 +33,7 @@ class MultiTaskObjective(nn.Module):
     """`forward([(task, {"pixel_values", "labels"}), ...])` → `{"loss", "task_losses", "mi_loss", "aux_loss"}`.
 
     `task_losses`: `[(task, detached loss)]` per micro-batch; `mi_loss`, `aux_loss`: detached scalars.
-    `mi_loss=None` (or weight 0) skips the MI loss and the router probabilities it needs.
+    `mi_loss=None` (or weight 0 and no concentration term) skips the MI loss and the router probabilities it needs.
     """
 
     def __init__(
@@ -46,7 +46,8 @@ class MultiTaskObjective(nn.Module):
         super().__init__()
         self.model = model
         self.loss_weighting = loss_weighting
-        self.mi_loss = mi_loss if mi_loss is not None and mi_loss.weight > 0 else None
+        active = mi_loss is not None and (mi_loss.weight > 0 or mi_loss.concentration > 0)
+        self.mi_loss = mi_loss if active else None
         self.touch_all_parameters = touch_all_parameters
 
     @property
