@@ -55,7 +55,7 @@ from ..data import (
 from ..heads import ClassificationHead
 from ..io import atomic_dir, atomic_write_text
 from ..models.moe_vit import TASK_MODEL_CLASSES, MoEViTConfig, MoEViTForImageClassification
-from ..models.moe_vit.modeling_moe_vit import EXPERTS_IMPLEMENTATIONS
+from ..kernels import EXPERTS_IMPLEMENTATIONS
 from .downstream import resolve_dataset_spec
 from .lora import apply_lora, lora_config, merge_lora
 from .report import (
