@@ -117,7 +117,7 @@ class FinetuneConfig:
             `seed`) and evaluate on them instead of the eval split, so that hyperparameters can be chosen without
             looking at the test images; training uses the rest. None (default): evaluate on the eval split.
         merge: also write `merged/` (LoRA folded in; `mode: lora` only).
-        experts_implementation: `segmented_mm`, `padded_bmm`, `grouped_mm`, `batched_mm` or `eager` (default: the model's).
+        experts_implementation: `segmented_mm`, `grouped_mm`, `batched_mm` or `eager` (default: the model's).
         seed, log_every: reproducibility and logging.
         mixed_precision: accelerate's `no`, `bf16` or `fp16`.
         num_threads: `torch.set_num_threads` for the run (None: torch's default). On a CPU shared with other

@@ -275,6 +275,9 @@ def _expert_tensors(module: nn.Module, names: tuple[str, ...], num: int, referen
     """The layer's expert tensors over all groups, concatenated along the expert axis and cut to the first `num`
     (read outside the layer's forward, so an offloaded layer is an error, as in the forward itself)."""
     groups = [module.experts, *module.extra_experts]
+    if any(getattr(g, names[0]).is_meta for g in groups) and not reference.is_meta:
+        raise ValueError("A MoE layer's experts (read for their output norms) is on the meta device: accelerate "
+                         "offloaded it, and collecting usage reads expert tensors outside the experts' forward.")
     return [torch.cat([getattr(g, n) for g in groups], 0)[:num] for n in names]
 
 

@@ -259,6 +259,9 @@ class MoEViTAttentionExperts(nn.Module):
     top_k_weights [b·n, k]) → [b·n, d]`: each token's k queries (one per chosen expert), attention against the
     shared keys and values, each expert's output projection and the gate-weighted sum:
     `y = Σ_j g_j · (softmax(q_j Kᵀ / √h) V) W_o^{e_j} + g_j b_o^{e_j}`, `q_j = x W_q^{e_j} + b_q^{e_j}`.
+    `stage="query"` (rows `[P, d]` → queries `[P, k, h]`) and `stage="output"` (attention outputs `[P, k, h]` →
+    gated sums `[P, d]`) run one projection each, for a task whose slots span several expert groups.
+
     The projections dispatch like the MLP experts (`config.experts_implementation`); when every expert is chosen
     (a slice that kept exactly k) or shapes must be static (`torch.export`), they run as dense projections over
     the concatenated heads."""
@@ -274,41 +277,52 @@ class MoEViTAttentionExperts(nn.Module):
         self.o_proj_bias = nn.Parameter(torch.zeros(num_experts, d))
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, hidden_states, key, value, top_k_index, top_k_weights):
-        b, n, d = hidden_states.shape
+    def forward(self, hidden_states, key=None, value=None, top_k_index=None, top_k_weights=None, stage: str = "all"):
         tokens, k = top_k_index.shape
-        h, num = self.head_dim, self.num_experts
-        flat = hidden_states.reshape(tokens, d)
-        dense = k == num or torch.compiler.is_exporting()
-        if dense:
-            q = F.linear(flat, self.q_proj.reshape(num * h, d), self.q_proj_bias.reshape(-1)).view(tokens, num, h)
-            q = q if k == num else q.gather(1, top_k_index.unsqueeze(-1).expand(-1, -1, h))
-        else:
-            impl = self.config._experts_implementation or "segmented_mm"
-            plan = ExpertDispatch(top_k_index, num)
-            q = plan.project(flat, self.q_proj, self.q_proj_bias, impl)
+        dense = k == self.num_experts or torch.compiler.is_exporting()
+        plan = None if dense else ExpertDispatch(top_k_index, self.num_experts)
+        if stage == "query":
+            return self._queries(hidden_states, top_k_index, plan)
+        if stage == "output":
+            return self._outputs(hidden_states, top_k_index, top_k_weights, plan)
+        b, n, d = hidden_states.shape
+        q = self._queries(hidden_states.reshape(tokens, d), top_k_index, plan)
         # One key/value head serves all k queries of a token, so each token's k queries are k more query rows
         # against the same keys: `[tokens, k, h]` is already `[b, n·k, h]` in memory.
         attn = F.scaled_dot_product_attention(
-            q.reshape(b, 1, n * k, h), key, value, dropout_p=self.dropout_p if self.training else 0.0
-        ).view(tokens, k, h)
-        if not dense:
+            q.reshape(b, 1, n * k, self.head_dim), key, value, dropout_p=self.dropout_p if self.training else 0.0
+        )
+        return self._outputs(attn.view(tokens, k, self.head_dim), top_k_index, top_k_weights, plan)
+
+    def _queries(self, flat, top_k_index, plan):
+        """Token rows `[T, d]` → each slot's query `[T, k, h]`."""
+        if plan is not None:
+            return plan.project(flat, self.q_proj, self.q_proj_bias, self.config._experts_implementation or "segmented_mm")
+        num, h = self.num_experts, self.head_dim
+        q = F.linear(flat, self.q_proj.reshape(num * h, -1), self.q_proj_bias.reshape(-1)).view(-1, num, h)
+        return q if top_k_index.shape[-1] == num else q.gather(1, top_k_index.unsqueeze(-1).expand(-1, -1, h))
+
+    def _outputs(self, attn, top_k_index, top_k_weights, plan):
+        """Each slot's attention output `[T, k, h]` → `Σ_j g_j · (attn_j W_o^{e_j} + b_o^{e_j})` `[T, d]`."""
+        if plan is not None:
+            impl = self.config._experts_implementation or "segmented_mm"
             return plan.project_sum(attn, self.o_proj, self.o_proj_bias, top_k_weights, impl)
+        (tokens, k, h), num = attn.shape, self.num_experts
         gates = gates_full(top_k_index, top_k_weights, num)
-        if k == num:  # queries, and so outputs, in expert order
-            weighted = attn * gates.unsqueeze(-1).to(attn.dtype)
+        if k == num:
+            weighted = attn * gates.unsqueeze(-1).to(attn.dtype)  # queries, and so outputs, in expert order
         else:  # each token's k gated outputs (in top-k order) into its expert slots
             weighted = attn * top_k_weights.unsqueeze(-1).to(attn.dtype)
-            weighted = attn.new_zeros(tokens, num, h).scatter(1, top_k_index.unsqueeze(-1).expand(-1, -1, h), weighted)
-        o_proj = self.o_proj.permute(1, 0, 2).reshape(d, num * h)  # the experts' inputs side by side
+            weighted = attn.new_zeros(tokens, num, h).scatter_add(1, top_k_index.unsqueeze(-1).expand(-1, -1, h), weighted)
+        o_proj = self.o_proj.permute(1, 0, 2).reshape(-1, num * h)  # the experts' inputs side by side
         return add_gated_bias(F.linear(weighted.reshape(tokens, num * h), o_proj), gates, self.o_proj_bias)
 
 
 class MoEViTMoAttention(nn.Module):
     """Mixture of attention heads (multi-query): each token selects k experts; expert e owns its query and output
     projections (`experts`), and one shared `k_proj`/`v_proj` (d → h) serves every selected head. Experts may be
-    stored in several groups like the MLP experts; a task routing over several groups runs every group on its
-    own slots (the other slots get gate 0 there)."""
+    stored in several groups like the MLP experts; a task routing over several groups projects each slot in the
+    group holding its expert (`ExpertGroupSplit`)."""
 
     def __init__(self, config: MoEViTConfig, layer_idx: int):
         super().__init__()
@@ -320,25 +334,25 @@ class MoEViTMoAttention(nn.Module):
         self.extra_experts = nn.ModuleList([MoEViTAttentionExperts(config, g) for g in self.group_sizes[1:]])
         self.k_proj = nn.Linear(d, h, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, h, bias=config.qkv_bias)
+        self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, hidden_states, task, top_k=None, expert_mask=None):
         b, n, d = hidden_states.shape
-        route = self.router(hidden_states.reshape(b * n, d), task, top_k, expert_mask)
+        flat = hidden_states.reshape(b * n, d)
+        route = self.router(flat, task, top_k, expert_mask)
         key = self.k_proj(hidden_states).unsqueeze(1)  # [b, 1, n, h]
         value = self.v_proj(hidden_states).unsqueeze(1)
         if route.logits.shape[-1] <= self.group_sizes[0]:  # within the first group (old tasks keep their code)
-            out = self.experts(hidden_states, key, value, route.indices, route.weights)
-        else:
-            out = 0
-            start = 0
-            for group in [self.experts, *self.extra_experts]:
-                mine = (route.indices >= start) & (route.indices < start + group.num_experts)
-                if mine.any():
-                    local = torch.where(mine, route.indices - start, torch.zeros_like(route.indices))
-                    weights = torch.where(mine, route.weights, torch.zeros_like(route.weights))
-                    out = out + group(hidden_states, key, value, local, weights)
-                start += group.num_experts
-        return out.view(b, n, d), route
+            return self.experts(hidden_states, key, value, route.indices, route.weights).view(b, n, d), route
+        # over several groups: each group projects only its slots (as tokens with top-1 routing)
+        k, h = route.indices.shape[-1], key.shape[-1]
+        split, groups = ExpertGroupSplit(route.indices, self.group_sizes), [self.experts, *self.extra_experts]
+        qs = [groups[g](x, top_k_index=idx, stage="query").view(-1, h) for (g, idx), x in zip(split.parts, split.rows(flat))]
+        q = split.to_pairs(qs).view(b, 1, n * k, h)
+        attn = F.scaled_dot_product_attention(q, key, value, dropout_p=self.dropout_p if self.training else 0.0)
+        parts = zip(split.parts, split.rows(attn.reshape(b * n * k, h), per_slot=True), split.gates(route.weights))
+        ys = [groups[g](a.unsqueeze(1), top_k_index=idx, top_k_weights=w, stage="output") for (g, idx), a, w in parts]
+        return split.combine(ys).view(b, n, d), route
 
 
 # ----------------------------------------------------------------------------------------------------------------
