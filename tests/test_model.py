@@ -11,9 +11,6 @@ from helpers import trained_like
 import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
 from moe_adapt.models.moe_vit.configuration_moe_vit import UnknownConfigFieldError, parse_moe_layer_name
-from moe_adapt.kernels.dispatch import ExpertDispatch, block_ends
-from moe_adapt.kernels.grouped import grouped_mm
-from moe_adapt.kernels.segmented import _cpu_bag_ok
 
 BACKENDS = ("eager", "batched_mm", "grouped_mm", "segmented_mm")
 

@@ -37,7 +37,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..models.moe_vit.modeling_moe_vit import MoEViTMoAttention, MoEViTSparseMLP, backbone_of, realign_cpu_tensors
+from ..models.moe_vit.modeling_moe_vit import (
+    MoEViTMoAttention,
+    MoEViTSparseMLP,
+    backbone_of,
+    realign_cpu_tensors,
+)
 
 # Fused expert tensors LoRA may target, per kind of MoE layer.
 EXPERT_PARAMETERS = {"mlp": ("up_proj", "down_proj"), "attn": ("q_proj", "o_proj")}

@@ -9,6 +9,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous.
 

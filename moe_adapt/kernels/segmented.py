@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .grouped import _cpu_grouped_mm_ok, _cpu_grouped_offsets
 
+
 class SegmentedLinear(torch.autograd.Function):
     """`y[s] = W[e] · x[src(s)] + b[e]` for rows `s` sorted by expert (expert e owns rows `bounds[e]`).
 

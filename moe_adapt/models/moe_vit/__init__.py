@@ -1,7 +1,7 @@
+from ...kernels import ExpertDispatch  # noqa: F401  (kept importable from here)
 from .configuration_moe_vit import PRESETS, TASK_TYPES, MoEViTConfig
 from .image_processing_moe_vit import MoEViTImageProcessor, default_image_processor
 from .losses import MutualInformationLoss, load_balancing_loss, mutual_information_loss, router_z_loss
-from ...kernels import ExpertDispatch  # noqa: F401  (kept importable from here)
 from .modeling_moe_vit import (
     MoEViTBackbone,
     MoEViTBackboneOutput,
