@@ -418,8 +418,8 @@ class MoEViTModelOutput(ModelOutput):
     last_hidden_state `[batch, 1 + patches, d]`; pooler_output `[batch, d]`; aux_loss: the configured Switch
     balance and router z-losses (zero when both weights are 0); hidden_states (input of every layer, then the
     final output) when asked; router_probs / router_logits `[tokens, E_t]` and router_indices `[tokens, k]`, one
-    per MoE layer in `config.moe_layer_names()` order, when `output_router_probs=True` (indices highest gate first,
-    or in expert order in a layer whose router chooses every expert).
+    per MoE layer in `config.moe_layer_names()` order, when `output_router_probs=True` (indices highest gate
+    first).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
