@@ -30,7 +30,11 @@ def dense_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     gates = gates_full(top_k_index, top_k_weights, e)
     x = hidden_states.to(self.up_proj.dtype)
     up = F.linear(x, self.up_proj.reshape(-1, x.shape[-1]), self.up_proj_bias.reshape(-1)).view(t, e, -1)
-    act = self.act_fn(up) * gates.unsqueeze(-1).to(up.dtype)
+    act, g = self.act_fn(up), gates.unsqueeze(-1).to(up.dtype)
+    if torch.is_grad_enabled() and (act.requires_grad or g.requires_grad):
+        act = act * g
+    else:  # inference: the gates applied in place (one [T, E·I] buffer less)
+        act.mul_(g)
     down = self.down_proj.permute(1, 0, 2).reshape(self.down_proj.shape[1], -1)  # [d, E·I]
     out = F.linear(act.view(t, -1), down)
     return add_gated_bias(out, gates, self.down_proj_bias).to(hidden_states.dtype)

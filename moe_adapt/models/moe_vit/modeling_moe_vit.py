@@ -140,7 +140,10 @@ class MoEViTTopKRouter(nn.Module):
         logits = self.routers[task](hidden_states)
         if expert_mask is not None:
             logits = logits.masked_fill(~expert_mask.to(device=logits.device, dtype=torch.bool), float("-inf"))
-        probs = logits.float().softmax(dim=-1)
+        # softmax written out: PyTorch's CPU softmax runs element by element over a last dimension shorter than
+        # its vector width (a slice's 2-4 experts), several times slower than these vectorised ops
+        shifted = (logits.float() - logits.float().amax(dim=-1, keepdim=True)).exp()
+        probs = shifted / shifted.sum(dim=-1, keepdim=True)
         weights, indices = probs.topk(self.top_k if top_k is None else top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -309,7 +312,9 @@ class MoEViTAttentionExperts(nn.Module):
         (tokens, k, h), num = attn.shape, self.num_experts
         gates = gates_full(top_k_index, top_k_weights, num)
         if k == num:
-            weighted = attn * gates.unsqueeze(-1).to(attn.dtype)  # queries, and so outputs, in expert order
+            # queries, and so outputs, in expert order; gated in place where autograd records nothing
+            g = gates.unsqueeze(-1).to(attn.dtype)
+            weighted = attn * g if torch.is_grad_enabled() and (attn.requires_grad or g.requires_grad) else attn.mul_(g)
         else:  # each token's k gated outputs (in top-k order) into its expert slots
             weighted = attn * top_k_weights.unsqueeze(-1).to(attn.dtype)
             weighted = attn.new_zeros(tokens, num, h).scatter_add(1, top_k_index.unsqueeze(-1).expand(-1, -1, h), weighted)
