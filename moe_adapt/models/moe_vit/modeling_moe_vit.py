@@ -118,6 +118,11 @@ class MoEViTTaskRouter(nn.Linear):
     def __init__(self, hidden_size: int, num_experts: int):
         super().__init__(hidden_size, num_experts, bias=False)
 
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states `[tokens, d]` → logits `[tokens, E]`, computed as `(W xᵀ)ᵀ`: the `[E, tokens]` product
+        is the faster layout on CPU for the few experts of a slice, and the softmax over experts runs on it."""
+        return torch.mm(self.weight, hidden_states.t()).t()
+
 
 class MoEViTTopKRouter(nn.Module):
     """One zero-initialised linear router per task (`routers[task]`, `[E_task, hidden]`): linear → softmax → top-k →
@@ -140,10 +145,9 @@ class MoEViTTopKRouter(nn.Module):
         logits = self.routers[task](hidden_states)
         if expert_mask is not None:
             logits = logits.masked_fill(~expert_mask.to(device=logits.device, dtype=torch.bool), float("-inf"))
-        # softmax written out: PyTorch's CPU softmax runs element by element over a last dimension shorter than
-        # its vector width (a slice's 2-4 experts), several times slower than these vectorised ops
-        shifted = (logits.float() - logits.float().amax(dim=-1, keepdim=True)).exp()
-        probs = shifted / shifted.sum(dim=-1, keepdim=True)
+        # the softmax over experts on the `[E, tokens]` layout: PyTorch's CPU softmax over a last dimension shorter
+        # than its vector width (a slice's 2-4 experts) runs element by element, several times slower
+        probs = logits.float().t().softmax(dim=0).t()
         weights, indices = probs.topk(self.top_k if top_k is None else top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -764,8 +768,9 @@ class MoEViTModel(MoEViTPreTrainedModel):
             pooler_output=pooled,
             aux_loss=aux,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            router_probs=tuple(r.probs for r in routes) if output_router_probs else None,
-            router_logits=tuple(r.logits for r in routes) if output_router_probs else None,
+            # contiguous, as users may .view() them (routers compute them as transposed views)
+            router_probs=tuple(r.probs.contiguous() for r in routes) if output_router_probs else None,
+            router_logits=tuple(r.logits.contiguous() for r in routes) if output_router_probs else None,
             router_indices=tuple(r.indices for r in routes) if output_router_probs else None,
             task=task,
         )
