@@ -77,7 +77,7 @@ def interleaved(cands: dict, rounds: int, device, warmup: int = 2, once=()) -> d
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-BACKENDS = ("eager", "batched_mm", "grouped_mm", "padded_bmm", "segmented_mm")
+BACKENDS = ("eager", "batched_mm", "grouped_mm", "segmented_mm")
 
 
 def layer_benchmark(device, dtype, rounds, tokens, backends=BACKENDS, d=384):

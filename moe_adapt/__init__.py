@@ -97,6 +97,9 @@ _LAZY = {
     "verify_submodel": "moe_adapt.surgery",
     "add_task": "moe_adapt.surgery.add_task",
     "lora_config": "moe_adapt.adaptation.lora",
+    "apply_lora": "moe_adapt.adaptation.lora",
+    "merge_lora": "moe_adapt.adaptation.lora",
+    "load_lora": "moe_adapt.adaptation.lora",
 }
 __all__ += list(_LAZY)
 

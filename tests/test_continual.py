@@ -6,7 +6,8 @@ from helpers import trained_like
 
 import moe_adapt  # noqa: F401  (registers the Auto classes)
 from moe_adapt import MoEViTConfig, MoEViTForImageClassification, MoEViTModel
-from moe_adapt.models.moe_vit.modeling_moe_vit import EXPERTS_IMPLEMENTATIONS, MoEViTSparseMLP
+from moe_adapt.kernels import EXPERTS_IMPLEMENTATIONS
+from moe_adapt.models.moe_vit.modeling_moe_vit import MoEViTSparseMLP
 from moe_adapt.surgery.add_task import (
     add_task,
     freeze_old_tasks,
@@ -132,7 +133,7 @@ def test_old_tasks_bit_identical_after_training_the_new_task(images, init):
     assert not torch.equal(new_before["c"]["logits"], task_outputs(grown, images, ["c"])["c"]["logits"])
 
 
-@pytest.mark.parametrize("impl", ["padded_bmm", "eager", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
 def test_bit_identity_holds_for_other_expert_backends(images, impl):
     model = tiny_classifier(experts_implementation=impl)
     before = task_outputs(model, images, ["a", "b"])
@@ -145,7 +146,7 @@ def test_grown_model_on_the_accelerator_code_path(images, monkeypatch):
     """The code segmented_mm runs on a GPU, taken here on CPU, on a grown model: the new task routes over two expert
     groups (each group runs the slots that chose one of its experts). Its loss and every gradient
     equal the CPU path's, and training it there leaves the old tasks bit-identical."""
-    import moe_adapt.models.moe_vit.modeling_moe_vit as M
+    import moe_adapt.kernels.dispatch as M
 
     grown = add_task(tiny_classifier(), "c", labels=4, init="random", data=images)
     labels = torch.arange(images.shape[0]) % 4
@@ -239,7 +240,7 @@ def test_new_task_over_two_expert_groups_equals_the_reference(impl, top_k, monke
     """The new task's MoE layers (each expert group run on only the slots that chose one of its experts) equal the
     layer written out from its definition: outputs, and gradients of the input, the router and every expert group.
     'accelerator': the code segmented_mm runs on a GPU, taken here on CPU."""
-    import moe_adapt.models.moe_vit.modeling_moe_vit as M
+    import moe_adapt.kernels.dispatch as M
 
     if impl == "accelerator":
         monkeypatch.setattr(M, "on_accelerator", lambda x: True)

@@ -71,11 +71,11 @@ def test_dense_collapse_runs_the_fused_path(images):
     calls = {"parent": 0, "slice": 0}
 
     def counter(key):
-        def hook(*_):
-            calls[key] += 1
+        def hook(module, args, _):
+            calls[key] += args[1].shape[-1] < module.num_experts  # k < E: routed; k = E: the fused dense path
         return hook
 
-    # the routed path calls the experts module; the fused dense path runs `forward_all` instead
+    # the routed path dispatches tokens to experts; every expert chosen, the experts run as one fused dense layer
     handles = [m.mlp.experts.register_forward_hook(counter("slice")) for m in sub.moe_vit.layers if m.mlp_is_moe]
     handles += [m.mlp.experts.register_forward_hook(counter("parent")) for m in model.moe_vit.layers if m.mlp_is_moe]
     out = sub(images, task="b").logits

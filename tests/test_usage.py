@@ -132,7 +132,8 @@ def test_data_forms_and_task_models_agree():
         usage = collect_expert_usage(model, data, task="a")
         for name in ref.layers:
             torch.testing.assert_close(usage.token_count[name], ref.token_count[name])
-            torch.testing.assert_close(usage.gate_mass[name], ref.gate_mass[name])
+            # fp32 gates summed in fp64: batches of 1 and of 4 round the layers' matmuls differently
+            torch.testing.assert_close(usage.gate_mass[name], ref.gate_mass[name], rtol=1e-6, atol=1e-6)
     backbone = collect_expert_usage(model.moe_vit, [x], task="a", output_norms=False)
     for name in ref.layers:
         torch.testing.assert_close(backbone.token_count[name], ref.token_count[name])

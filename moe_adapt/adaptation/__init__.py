@@ -4,7 +4,6 @@ and the efficiency report. See docs/adaptation.md."""
 from .lora import (
     apply_lora,
     count_model_parameters,
-    enable_expert_lora,
     has_lora,
     load_lora,
     lora_config,
@@ -14,7 +13,6 @@ from .lora import (
 __all__ = [
     "apply_lora",
     "count_model_parameters",
-    "enable_expert_lora",
     "has_lora",
     "load_lora",
     "lora_config",

@@ -56,7 +56,7 @@ from ..hub.loading import load_model
 from ..io import atomic_dir, atomic_write_text
 from ..metrics import evaluate
 from ..models.moe_vit import TASK_MODEL_CLASSES, MoEViTConfig, MoEViTForImageClassification
-from ..models.moe_vit.modeling_moe_vit import EXPERTS_IMPLEMENTATIONS
+from ..kernels import EXPERTS_IMPLEMENTATIONS
 from ..training.config import OptimizerConfig, TrainConfig, config_to_dict, load_config
 from ..training.loop import adamw, build_scheduler, compile_model, make_accelerator, repeat_loader, train_loop
 from .downstream import resolve_dataset_spec
@@ -124,7 +124,7 @@ class FinetuneConfig:
             `seed`) and evaluate on them instead of the eval split, so that hyperparameters can be chosen without
             looking at the test images; training uses the rest. None (default): evaluate on the eval split.
         merge: also write `merged/` (LoRA folded in; `mode: lora` only).
-        experts_implementation: `segmented_mm`, `padded_bmm`, `grouped_mm`, `batched_mm` or `eager` (default: the model's).
+        experts_implementation: `segmented_mm`, `grouped_mm`, `batched_mm` or `eager` (default: the model's).
         seed: reproducibility.
 
     The recipe YAML has the same keys (nested for `optimizer` and `train`); `load_config(FinetuneConfig, path,

@@ -20,39 +20,27 @@ What LoRA reaches (names as in `MoEViTModel`):
 | dense MLP (optional)     | `mlp.fc1`, `mlp.fc2` (Linear)                       | `target_modules`      |
 | head, router (optional)  | `heads[task]`, `router.routers[task]`               | `modules_to_save`     |
 
-Routers are never wrapped by LoRA: a router reads its `.weight` directly (a LoRA wrapper around it would be
-silently bypassed) and a `[E, d]` matrix is small enough to train whole, so `train_router=True` puts it in
-`modules_to_save` instead.
+Routers are not LoRA-wrapped: a `[E, d]` matrix is small enough to train whole, so `train_router=True` puts it
+in `modules_to_save` instead.
 
-peft applies a `ParamWrapper`'s LoRA only while the wrapper's own `forward` runs. Our MoE layers also read
-expert tensors outside it (the attention experts' `q_proj`/`o_proj`, and `forward_all`, the dense path of a
-slice that kept exactly k experts), so `enable_expert_lora` adds a forward pre-hook on every MoE layer that
-applies the LoRA deltas for the whole layer's forward. `lora_config`, `apply_lora` and `load_lora` install it, and
-`MoEViTModel`'s forward installs it on any layer whose experts peft wrapped (a plain `get_peft_model` or
-`PeftModel.from_pretrained`).
-
-With the default `segmented_mm` experts backend the hook hands the layer peft's low-rank factors instead of
-materialising `W + ΔW`: every expert matmul adds `scaling · (x Rᵀ) Lᵀ` (block-diagonal factors on the fused
-dense path of a slice), so, as with LoRA on an `nn.Linear`, the frozen expert tensors get no gradient and the
-backward forms none of their `[E, out, in]` weight gradients. Other backends get peft's parametrization.
+Everything goes through peft's own mechanisms: `peft.get_peft_model(model, lora_config(model))` (or `apply_lora`)
+wraps each targeted expert module in peft's `ParamWrapper`, whose forward applies `W + ΔW` while the experts'
+own forward runs (every MoE submodule reads its tensors there: the MLP experts' backends, the attention experts'
+query and output projections, a slice's fused dense path), and `merge_and_unload` folds the deltas in.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora.layer import Linear as PeftLoraLinear
-from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..models.moe_vit.modeling_moe_vit import (
     MoEViTMoAttention,
     MoEViTSparseMLP,
-    lora_linear,
+    backbone_of,
     realign_cpu_tensors,
 )
 
@@ -62,42 +50,13 @@ ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 DENSE_MLP_LINEARS = ("fc1", "fc2")
 
 
-class FusedLoraLinear(PeftLoraLinear):
-    """peft's LoRA `Linear` computed by `lora_linear`: the update is added to the base output in place and the
-    backward forms only dx, dA and dB, instead of `y + (B(A(x))) * scaling` (three more passes over the output,
-    each as costly as the base matmul in a narrow ViT). Same parameters, state dict and adapter files as
-    peft's class (it is one); anything but the plain single-adapter case (dropout, DoRA or another variant, a LoRA
-    bias, several or disabled adapters, merged weights) runs peft's own forward."""
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapters = [a for a in self.active_adapters if a in self.lora_A]
-        if (
-            args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
-            or adapters[0] in self.lora_variant or type(self.base_layer) is not nn.Linear
-            or not isinstance(self.lora_dropout[adapters[0]], nn.Identity)
-            or self.lora_B[adapters[0]].bias is not None
-        ):
-            return super().forward(x, *args, **kwargs)
-        name = adapters[0]
-        base = self.base_layer
-        return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                           self.scaling[name])
-
-
-def _use_fused_linear(config: LoraConfig) -> LoraConfig:
-    """Make peft build `FusedLoraLinear` for every `nn.Linear` target of `config` (peft's custom-module hook)."""
-    config._register_custom_module({nn.Linear: FusedLoraLinear})
-    return config
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Finding targets
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def _backbone(model: nn.Module) -> nn.Module:
-    model = model.get_base_model() if isinstance(model, PeftModel) else model
-    return model.moe_vit if hasattr(model, "moe_vit") else model
+    return backbone_of(model)
 
 
 def _prefix(model: nn.Module) -> str:
@@ -240,9 +199,7 @@ def lora_config(
     Raises:
         ValueError: `r` larger than a targeted matrix allows (naming it), no target selected, or an unknown task.
 
-    Also installs `enable_expert_lora(model)` (a no-op until peft wraps the experts), so that
-    `peft.get_peft_model(model, lora_config(model))` works as well as `apply_lora`, and registers
-    `FusedLoraLinear` for the Linear targets (peft's custom-module hook; same adapter files as peft's own class).
+    `peft.get_peft_model(model, lora_config(model))` works as well as `apply_lora`.
     """
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"LoRA rank r must be a positive integer; got {r!r}.")
@@ -306,8 +263,6 @@ def lora_config(
         modules_to_save=to_save or None,
         **lora_kwargs,
     )
-    _use_fused_linear(config)
-    enable_expert_lora(model)
     if verbose:
         n_lora = sum(r * e * (o + i) for e, o, i in params.values()) + sum(r * (i + o) for i, o in modules.values())
         base = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -336,7 +291,6 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, verbose: bool
     if isinstance(model, PeftModel):
         raise ValueError("apply_lora: the model already carries a peft adapter; merge or unload it first.")
     config = config or lora_config(model, verbose=verbose, **kwargs)
-    enable_expert_lora(model)
     peft_model = get_peft_model(model, config)
     if verbose:
         trainable, _ = peft_model.get_nb_trainable_parameters()
@@ -370,118 +324,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
             f"merge_lora: this {type(model).__name__} carries no LoRA adapter, so there is nothing to merge. Pass "
             "the model returned by apply_lora / load_lora (a peft PeftModel), or save the model as it is."
         )
-    merged = model.merge_and_unload()
-    disable_expert_lora(merged)
-    return merged
+    return model.merge_and_unload()
 
 
 def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool = False) -> PeftModel:
-    """`PeftModel.from_pretrained(model, adapter_dir)` with the MoE layers' LoRA hooks installed first."""
+    """`PeftModel.from_pretrained(model, adapter_dir)`, its tensors realigned like a loaded model's."""
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json is missing).")
-    enable_expert_lora(model)
-    config = _use_fused_linear(LoraConfig.from_pretrained(str(adapter_dir)))
-    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable, config=config)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
     realign_cpu_tensors(peft_model)  # the adapter's tensors too compute as they did before saving
     return peft_model
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Applying expert LoRA for a whole MoE layer's forward
-# ----------------------------------------------------------------------------------------------------------------
-
-_STATE = "_moe_adapt_lora_state"
-
-
-def _expert_slots(layer: nn.Module):
-    """(container, key) of every expert group of a MoE layer: `experts` and `extra_experts[i]`."""
-    yield layer, "experts"
-    for key in layer.extra_experts._modules:
-        yield layer.extra_experts, key
-
-
-def _lora_pre_hook(layer: nn.Module, args, kwargs):
-    stack, swapped = contextlib.ExitStack(), []
-    try:
-        for container, key in _expert_slots(layer):
-            wrapper = container._modules[key]
-            if not isinstance(wrapper, ParamWrapper):
-                continue
-            chain = []
-            while isinstance(wrapper, ParamWrapper):
-                chain.append(wrapper)
-                wrapper = wrapper.base_layer
-            factors = {}
-            for w in chain:
-                if w.disable_adapters:
-                    if w.merged:
-                        w.unmerge()
-                elif not w.merged:
-                    low_rank = _activation_factors(layer, w)
-                    if low_rank is not None:  # the layer's code adds x·Rᵀ·Lᵀ: W stays frozen, no dW is formed
-                        factors[w.parameter_name] = low_rank
-                    else:  # registers `W + scaling * B @ A` as a parametrization (peft's own code path)
-                        stack.enter_context(w._activate_lora(w.active_adapters))
-            swapped.append((container, key, container._modules[key]))
-            container._modules[key] = wrapper  # the base experts: the layer's code reads the parametrized tensors
-            if factors:
-                wrapper.__dict__["_lora_factors"] = factors
-    except BaseException:
-        _restore(stack, swapped)
-        raise
-    layer.__dict__[_STATE] = (stack, swapped)
-
-
-def _activation_factors(layer: nn.Module, wrapper: ParamWrapper):
-    """`(lhs, rhs, scaling)` for applying `wrapper`'s LoRA in activation space, or None where the layer's code path
-    cannot (another experts backend, several active adapters, a LoRA bias, low-precision base tensors): those use
-    peft's parametrization."""
-    adapters = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
-    if len(adapters) != 1 or getattr(layer.config, "_experts_implementation", None) != "segmented_mm":
-        return None
-    param = wrapper.get_param()
-    if param.ndim != 3 or param.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return None
-    if wrapper.lora_B[adapters[0]].bias is not None:
-        return None
-    return wrapper.get_delta_factors(adapters[0])
-
-
-def _restore(stack, swapped) -> None:
-    for container, key, wrapper in swapped:
-        base = container._modules[key]
-        base.__dict__.pop("_lora_factors", None)
-        container._modules[key] = wrapper
-    stack.close()
-
-
-def _lora_post_hook(layer: nn.Module, args, kwargs, output):
-    state = layer.__dict__.pop(_STATE, None)
-    if state is None:
-        return output
-    _restore(*state)
-    return output
-
-
-def enable_expert_lora(model: nn.Module) -> nn.Module:
-    """Make every MoE layer apply its experts' LoRA (peft `ParamWrapper`s) for its whole forward. Idempotent; a
-    no-op for layers without LoRA; returns `model`."""
-    for module in model.modules():
-        if isinstance(module, (MoEViTSparseMLP, MoEViTMoAttention)) and "_moe_adapt_lora_hooks" not in module.__dict__:
-            module.__dict__["_moe_adapt_lora_hooks"] = (
-                module.register_forward_pre_hook(_lora_pre_hook, with_kwargs=True),
-                module.register_forward_hook(_lora_post_hook, with_kwargs=True, always_call=True),
-            )
-    return model
-
-
-def disable_expert_lora(model: nn.Module) -> nn.Module:
-    """Remove the hooks of `enable_expert_lora` (done by `merge_lora`)."""
-    for module in model.modules():
-        handles = module.__dict__.pop("_moe_adapt_lora_hooks", None)
-        for h in handles or ():
-            h.remove()
-    return model
 
 
 def lora_parameter_names(model: nn.Module) -> list[str]:
@@ -492,8 +344,6 @@ def lora_parameter_names(model: nn.Module) -> list[str]:
 __all__ = [
     "apply_lora",
     "count_model_parameters",
-    "disable_expert_lora",
-    "enable_expert_lora",
     "has_lora",
     "load_lora",
     "lora_config",

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io import atomic_write, atomic_write_json, read_json
-from ..models.moe_vit.modeling_moe_vit import ExpertDispatch, MoEViTModel, check_not_offloaded
+from ..kernels import ExpertDispatch
+from ..models.moe_vit.modeling_moe_vit import MoEViTModel
 
 CRITERIA = ("frequency", "gate_mass", "reap")
 FORMAT_VERSION = 1
@@ -274,8 +275,9 @@ def _expert_tensors(module: nn.Module, names: tuple[str, ...], num: int, referen
     """The layer's expert tensors over all groups, concatenated along the expert axis and cut to the first `num`
     (read outside the layer's forward, so an offloaded layer is an error, as in the forward itself)."""
     groups = [module.experts, *module.extra_experts]
-    for g in groups:
-        check_not_offloaded(getattr(g, names[0]), reference, "A MoE layer's experts (read for their output norms)")
+    if any(getattr(g, names[0]).is_meta for g in groups) and not reference.is_meta:
+        raise ValueError("A MoE layer's experts (read for their output norms) is on the meta device: accelerate "
+                         "offloaded it, and collecting usage reads expert tensors outside the experts' forward.")
     return [torch.cat([getattr(g, n) for g in groups], 0)[:num] for n in names]
 
 
