@@ -254,7 +254,7 @@ def pretrained_model(args) -> str:
          f"data.mini.out={ROOT / 'data' / 'mini'}"],
     )
     results = pretrain(config)
-    print(f"pretrained {results['model_dir']} in {results['wall_seconds']:.0f} s", file=sys.stderr)
+    print(f"pretrained {results['model_dir']} in {results['loop_seconds']:.0f} s", file=sys.stderr)
     return results["model_dir"]
 
 

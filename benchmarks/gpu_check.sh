@@ -20,6 +20,6 @@ print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, device "
 sys.exit(1 if missing or not torch.cuda.is_available() else 0)
 PY
 python3 benchmarks/moe_layer.py --preset vit-b --batch 128 --device cuda --dtype bfloat16 \
-  --backends segmented_mm,grouped_mm,padded_bmm --rounds 10 --model-rounds 5
+  --backends segmented_mm,grouped_mm --rounds 10 --model-rounds 5
 python3 benchmarks/moe_layer.py --preset vit-s --batch 256 --device cuda --dtype bfloat16 \
-  --backends segmented_mm,grouped_mm,padded_bmm --rounds 10 --model-rounds 5
+  --backends segmented_mm,grouped_mm --rounds 10 --model-rounds 5

@@ -3,7 +3,7 @@
     accelerate launch recipes/continual.py --config recipes/configs/continual.yaml --model runs/mini/model
     python recipes/continual.py --config recipes/configs/continual.yaml --model runs/mini/model train.max_steps=50 init=random
 
-The same as `moe-adapt continual`; the logic is `moe_adapt.training.continual` (docs/continual.md). Prints one JSON
+The same as `moe-adapt continual`; the logic is `moe_adapt.adaptation.continual` (docs/continual.md). Prints one JSON
 summary line last.
 """
 

@@ -392,7 +392,7 @@ def test_continual_recipe_end_to_end(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
     from moe_adapt.cli import main
-    from moe_adapt.training.continual import load_continual_config
+    from moe_adapt.adaptation.continual import load_continual_config
 
     monkeypatch.setenv("MOE_ADAPT_DATA", str(tmp_path / "data"))
     root = Path(__file__).resolve().parents[1]

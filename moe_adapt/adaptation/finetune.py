@@ -42,7 +42,6 @@ import torch
 from torch import nn
 
 from ..analysis import ExpertSelection, ExpertUsage, collect_expert_usage, select_experts
-from ..analysis.usage import find_backbone
 from ..data import (
     AUGMENT_OPTIONS,
     augment_options,
@@ -54,9 +53,9 @@ from ..data import (
 from ..heads import ClassificationHead
 from ..hub.loading import load_model
 from ..io import atomic_dir, atomic_write_text
-from ..metrics import evaluate
-from ..models.moe_vit import TASK_MODEL_CLASSES, MoEViTConfig, MoEViTForImageClassification
 from ..kernels import EXPERTS_IMPLEMENTATIONS
+from ..metrics import evaluate
+from ..models.moe_vit import TASK_MODEL_CLASSES, MoEViTConfig, MoEViTForImageClassification, find_backbone
 from ..training.config import OptimizerConfig, TrainConfig, config_to_dict, load_config
 from ..training.loop import adamw, build_scheduler, compile_model, make_accelerator, repeat_loader, train_loop
 from .downstream import resolve_dataset_spec

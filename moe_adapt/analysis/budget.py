@@ -26,7 +26,7 @@ from torch import nn
 from ..flops import flops_per_image
 from ..io import atomic_write, atomic_write_json
 from ..metrics import evaluate as evaluate_metric
-from .usage import find_backbone
+from ..models.moe_vit import find_backbone
 
 __all__ = [
     "BudgetCurve", "BudgetPoint", "budget_curve", "budget_from_args", "default_top_k_sweep", "parse_top_k_list",

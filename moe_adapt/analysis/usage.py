@@ -40,7 +40,7 @@ from torch import nn
 
 from ..io import atomic_write, atomic_write_json, read_json
 from ..kernels import ExpertDispatch
-from ..models.moe_vit.modeling_moe_vit import MoEViTModel
+from ..models.moe_vit.modeling_moe_vit import find_backbone
 
 CRITERIA = ("frequency", "gate_mass", "reap")
 FORMAT_VERSION = 1
@@ -52,19 +52,6 @@ __all__ = ["CRITERIA", "ExpertUsage", "collect_expert_usage", "find_backbone", "
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers shared by analysis and surgery
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def find_backbone(model: nn.Module) -> tuple[MoEViTModel, str]:
-    """The `MoEViTModel` inside `model` and its state-dict prefix: `(model, "")` for a bare backbone,
-    `(model.moe_vit, "moe_vit.")` for a task model."""
-    if isinstance(model, MoEViTModel):
-        return model, ""
-    backbone = getattr(model, "moe_vit", None)
-    if isinstance(backbone, MoEViTModel):
-        return backbone, "moe_vit."
-    raise ValueError(
-        f"{type(model).__name__} is not a MoE ViT: expected an MoEViTModel or a task model holding it as `.moe_vit`."
-    )
 
 
 def model_signature(config) -> dict:

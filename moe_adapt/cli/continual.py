@@ -1,5 +1,5 @@
 """`moe-adapt continual` (and `recipes/continual.py`): add a classification task to a pretrained MoE ViT without
-changing any old task (`moe_adapt.training.continual`); prints one JSON summary line last."""
+changing any old task (`moe_adapt.adaptation.continual`); prints one JSON summary line last."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.continual import load_continual_config, run_continual
+    from ..adaptation.continual import load_continual_config, run_continual
 
     extra = [f"model={json.dumps(args.model)}"] * bool(args.model) + [f"output_dir={json.dumps(args.output_dir)}"] * bool(args.output_dir)
     summary = run_continual(load_continual_config(args.config, list(args.overrides) + extra))

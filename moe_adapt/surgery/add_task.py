@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..analysis.usage import collect_expert_usage, find_backbone
-from ..models.moe_vit import TASK_TYPES, MoEViTConfig
+from ..analysis.usage import collect_expert_usage
+from ..models.moe_vit import TASK_TYPES, MoEViTConfig, find_backbone
 
 KINDS = ("attn", "mlp")
 

@@ -41,7 +41,7 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from ..analysis.selection import ExpertSelection
-from ..analysis.usage import find_backbone
+from ..models.moe_vit import find_backbone
 from ..models.moe_vit.configuration_moe_vit import parse_moe_layer_name
 
 __all__ = ["extract_submodel", "slice_class", "sliced_config"]

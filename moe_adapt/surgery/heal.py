@@ -48,7 +48,8 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import get_scheduler
 
-from ..analysis.usage import find_backbone, iter_pixel_batches
+from ..analysis.usage import iter_pixel_batches
+from ..models.moe_vit import find_backbone
 from ..training.loop import adamw, train_loop
 
 __all__ = ["DEFAULT_HEAL_GROUPS", "HEAL_GROUPS", "HealReport", "heal_submodel", "healable_parameters"]

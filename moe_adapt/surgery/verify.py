@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..analysis.usage import find_backbone
 from ..flops import count_parameters, flops_per_image
 from ..io import atomic_write_json
 from ..metrics import TaskMetric
+from ..models.moe_vit import find_backbone
 
 __all__ = ["VerificationReport", "verify_submodel"]
 

@@ -239,7 +239,7 @@ class PretrainConfig:
 
 @dataclasses.dataclass
 class ContinualConfig:
-    """The continual-learning recipe (`moe_adapt.training.continual.run_continual`): grow `model` by the classification
+    """The continual-learning recipe (`moe_adapt.adaptation.continual.run_continual`): grow `model` by the classification
     task of `dataset` and train it, every old task frozen.
 
     `model`: a pretrained MoE ViT folder. `dataset`: what fine-tuning reads (`builtin:digits`, a spec mapping).

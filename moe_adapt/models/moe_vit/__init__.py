@@ -10,6 +10,7 @@ from .modeling_moe_vit import (
     MoEViTPreTrainedModel,
     RouterOutput,
     backbone_of,
+    find_backbone,
 )
 from .modeling_multitask import (
     TASK_MODEL_CLASSES,

@@ -665,6 +665,19 @@ def backbone_of(model: nn.Module) -> MoEViTModel:
     raise TypeError(f"{type(model).__name__} holds no MoEViTModel (neither is one nor has .moe_vit).")
 
 
+def find_backbone(model: nn.Module) -> tuple[MoEViTModel, str]:
+    """The `MoEViTModel` inside `model` and its state-dict prefix: `(model, "")` for a bare backbone,
+    `(model.moe_vit, "moe_vit.")` for a task model."""
+    if isinstance(model, MoEViTModel):
+        return model, ""
+    backbone = getattr(model, "moe_vit", None)
+    if isinstance(backbone, MoEViTModel):
+        return backbone, "moe_vit."
+    raise ValueError(
+        f"{type(model).__name__} is not a MoE ViT: expected an MoEViTModel or a task model holding it as `.moe_vit`."
+    )
+
+
 class MoEViTModel(MoEViTPreTrainedModel):
     """The multi-task MoE ViT backbone. `forward(pixel_values, task=...)` routes with that task's routers.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ContinualConfig, load_config
+from ..training.config import ContinualConfig, load_config
 
 
 def load_continual_config(path: str | None, overrides: list[str] = ()) -> ContinualConfig:
@@ -26,20 +26,20 @@ def run_continual(cfg: ContinualConfig) -> dict:
     import torch
     from accelerate.utils import set_seed
 
-    from ..adaptation.finetune import (
-        FinetuneConfig,
-        choose_source_task,
-        load_downstream_data,
-    )
     from ..analysis.budget import budget_curve, plot_budget_curve
-    from ..analysis.usage import find_backbone
     from ..data import collate_fn_for
     from ..flops import count_parameters
     from ..hub.loading import load_model
     from ..io import atomic_write_json
     from ..metrics import evaluate
+    from ..models.moe_vit import find_backbone
     from ..surgery.add_task import add_task, learn_new_task
-    from .loop import compile_model, make_accelerator
+    from ..training.loop import compile_model, make_accelerator
+    from .finetune import (
+        FinetuneConfig,
+        choose_source_task,
+        load_downstream_data,
+    )
 
     # A new task routing over two expert groups runs a group only on the tokens it receives: on a rank whose batch
     # sends none to the new group, DDP must accept parameters without a gradient.
