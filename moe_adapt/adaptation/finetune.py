@@ -613,36 +613,23 @@ def _save_dir(model: nn.Module, path: Path) -> str:
     return str(path)
 
 
-def finetune(cfg: FinetuneConfig, verbose: bool = True,
-             memory: MemoryMeter | type[MemoryMeter] | None = None) -> FinetuneResult:
-    """Run the whole path (see the module docstring); returns a `FinetuneResult` and writes `cfg.output_dir`.
+def _model_image_size(model: str | os.PathLike | nn.Module) -> int:
+    """The image size of `model` (a module, or a checkpoint location checked before its config is read)."""
+    if isinstance(model, nn.Module):
+        return find_backbone(model)[0].config.image_size
+    from ..hub.loading import check_model_location
 
-    `memory`: how the report's peak memory is measured: a `MemoryMeter` (its baseline already taken), or a
-    `MemoryMeter` class, created on the run's device once the data is loaded and before the model is (default:
-    `MemoryMeter` itself: torch's CUDA peak, or the process's peak RSS on CPU)."""
-    from accelerate.utils import set_seed
+    check_model_location(model)
+    return MoEViTConfig.from_pretrained(model).image_size
 
-    accelerator = make_accelerator(cfg.train)
-    say = accelerator.print if verbose else (lambda *a, **k: None)
-    set_seed(cfg.seed)
 
-    if isinstance(cfg.model, nn.Module):
-        image_size = find_backbone(cfg.model)[0].config.image_size
-    else:
-        from ..hub.loading import check_model_location
-
-        check_model_location(cfg.model)
-        image_size = MoEViTConfig.from_pretrained(cfg.model).image_size
-    spec, train_set, eval_set, label_names = load_downstream_data(cfg, image_size)
-    # the memory baseline: the process with its libraries and the data, before any model is loaded
-    if memory is None or isinstance(memory, type):
-        memory = (memory or MemoryMeter)(accelerator.device)
-    parent = cfg.model if isinstance(cfg.model, nn.Module) else load_model(cfg.model)  # the one loader
+def _new_task_model(cfg: FinetuneConfig, parent: nn.Module, train_set, task: str, label_names, say):
+    """Steps 1 to 3 of the path: choose the source task on calibration images of `train_set`, slice `parent` to
+    its experts (with `cfg.slice`) and attach `task`; returns `(model, source, entropies, selection)`."""
     backbone, _ = find_backbone(parent)  # a clear error for anything that is not a MoE ViT
     if cfg.experts_implementation:
         parent.config._experts_implementation = cfg.experts_implementation
         backbone.config._experts_implementation = cfg.experts_implementation
-    task = cfg.task_name or spec.name
     if cfg.source_task != "auto":
         _check_task(backbone.config, cfg.source_task)
 
@@ -661,7 +648,31 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True,
     else:
         sliced = parent
     model = attach_task(sliced, source, task, label_names, seed=cfg.seed)
-    del parent, sliced, backbone
+    return model, source, entropies, selection
+
+
+def finetune(cfg: FinetuneConfig, verbose: bool = True,
+             memory: MemoryMeter | type[MemoryMeter] | None = None) -> FinetuneResult:
+    """Run the whole path (see the module docstring); returns a `FinetuneResult` and writes `cfg.output_dir`.
+
+    `memory`: how the report's peak memory is measured: a `MemoryMeter` (its baseline already taken), or a
+    `MemoryMeter` class, created on the run's device once the data is loaded and before the model is (default:
+    `MemoryMeter` itself: torch's CUDA peak, or the process's peak RSS on CPU)."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(cfg.train)
+    say = accelerator.print if verbose else (lambda *a, **k: None)
+    set_seed(cfg.seed)
+
+    image_size = _model_image_size(cfg.model)
+    spec, train_set, eval_set, label_names = load_downstream_data(cfg, image_size)
+    # the memory baseline: the process with its libraries and the data, before any model is loaded
+    if memory is None or isinstance(memory, type):
+        memory = (memory or MemoryMeter)(accelerator.device)
+    parent = cfg.model if isinstance(cfg.model, nn.Module) else load_model(cfg.model)  # the one loader
+    task = cfg.task_name or spec.name
+    model, source, entropies, selection = _new_task_model(cfg, parent, train_set, task, label_names, say)
+    del parent
     gc.collect()
     flops = model_flops(model, task, image_size=spec.image_size)
 
