@@ -152,6 +152,38 @@ def _unwrap(module: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _check_rank(r: int, params: dict, modules: dict) -> None:
+    """Raise if rank `r` exceeds the smaller side of any targeted expert tensor (`params`) or layer (`modules`)."""
+    for name, (_, out_f, in_f) in params.items():
+        if r > min(out_f, in_f):
+            raise ValueError(
+                f"LoRA rank r={r} is larger than expert tensor {name} allows: each expert is a {out_f}x{in_f} "
+                f"matrix, so r must be at most {min(out_f, in_f)}. Lower r."
+            )
+    for name, (in_f, out_f) in modules.items():
+        if r > min(in_f, out_f):
+            raise ValueError(
+                f"LoRA rank r={r} is larger than {name} ({in_f} -> {out_f}) allows: r must be at most "
+                f"{min(in_f, out_f)}. Lower r."
+            )
+
+
+def _modules_to_save(model: nn.Module, backbone: nn.Module, prefix: str, tasks, train_head: bool,
+                     train_router: bool, train_norms: bool) -> list[str]:
+    """The names `lora_config` puts in `modules_to_save`: the backbone's LayerNorms (with `train_norms`), then per
+    task its head and routers, each name once."""
+    task_list = _tasks_of(model, tasks)
+    to_save = []
+    if train_norms:
+        to_save += [prefix + n for n, m in backbone.named_modules() if isinstance(m, nn.LayerNorm)]
+    for t in task_list:
+        if train_head:
+            to_save += task_head_names(model, t)
+        if train_router:
+            to_save += router_names(model, t)
+    return list(dict.fromkeys(to_save))  # a bare backbone's routers are also its "heads": list each once
+
+
 def lora_config(
     model: nn.Module,
     r: int = 8,
@@ -232,28 +264,8 @@ def lora_config(
             "lora_config selected no target: the model has no layer matching include_attention="
             f"{include_attention}, include_mlp={include_mlp}, include_dense_mlp={include_dense_mlp}."
         )
-    for name, (_, out_f, in_f) in params.items():
-        if r > min(out_f, in_f):
-            raise ValueError(
-                f"LoRA rank r={r} is larger than expert tensor {name} allows: each expert is a {out_f}x{in_f} "
-                f"matrix, so r must be at most {min(out_f, in_f)}. Lower r."
-            )
-    for name, (in_f, out_f) in modules.items():
-        if r > min(in_f, out_f):
-            raise ValueError(
-                f"LoRA rank r={r} is larger than {name} ({in_f} -> {out_f}) allows: r must be at most "
-                f"{min(in_f, out_f)}. Lower r."
-            )
-    task_list = _tasks_of(model, tasks)
-    to_save = []
-    if train_norms:
-        to_save += [prefix + n for n, m in backbone.named_modules() if isinstance(m, nn.LayerNorm)]
-    for t in task_list:
-        if train_head:
-            to_save += task_head_names(model, t)
-        if train_router:
-            to_save += router_names(model, t)
-    to_save = list(dict.fromkeys(to_save))  # a bare backbone's routers are also its "heads": list each once
+    _check_rank(r, params, modules)
+    to_save = _modules_to_save(model, backbone, prefix, tasks, train_head, train_router, train_norms)
     config = LoraConfig(
         r=r,
         lora_alpha=2 * r if alpha is None else alpha,
