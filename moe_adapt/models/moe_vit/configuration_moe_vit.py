@@ -168,29 +168,7 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
         out_indices = kwargs.pop("out_indices", None)
         out_features = kwargs.pop("out_features", None)
         depth = self.num_hidden_layers
-        if isinstance(self.tasks, (str, bytes)) or not hasattr(self.tasks, "__iter__"):
-            raise ValueError(f"MoEViTConfig.tasks={self.tasks!r}: expected a list of task names, e.g. tasks=['cls'].")
-        self.tasks = [str(t) for t in self.tasks]
-        if not self.tasks:
-            raise ValueError(f"MoEViTConfig.tasks={self.tasks!r} is empty: give at least one task name, e.g. tasks=['cls'].")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"MoEViTConfig.tasks has duplicate names: {self.tasks}.")
-        self.task_types = dict(self.task_types or {})
-        for t in self.tasks:
-            self.task_types.setdefault(t, "classification")
-        for t, kind in self.task_types.items():
-            if t not in self.tasks:
-                raise ValueError(f"MoEViTConfig.task_types names task {t!r}, which is not in tasks={self.tasks}.")
-            if kind not in TASK_TYPES:
-                raise ValueError(f"MoEViTConfig.task_types[{t!r}]={kind!r}: expected one of {TASK_TYPES}.")
-        self.task_labels = {t: [str(x) for x in v] for t, v in (self.task_labels or {}).items()}
-        for t in self.task_labels:
-            if t not in self.tasks:
-                raise ValueError(f"MoEViTConfig.task_labels names task {t!r}, which is not in tasks={self.tasks}.")
-        self.head_configs = {str(t): dict(v or {}) for t, v in (self.head_configs or {}).items()}
-        for t in self.head_configs:
-            if t not in self.tasks:
-                raise ValueError(f"MoEViTConfig.head_configs names task {t!r}, which is not in tasks={self.tasks}.")
+        self._check_tasks()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"MoEViTConfig.hidden_size={self.hidden_size} is not a multiple of "
@@ -215,6 +193,46 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"MoEViTConfig.mi_task_prior={self.mi_task_prior!r}: expected 'token_share' or 'uniform'.")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"MoEViTConfig.pooling={self.pooling!r}: expected 'cls' or 'mean'.")
+        self._check_expert_groups(depth)
+        for t in (self.default_task, self.backbone_task):
+            if t is not None and t not in self.tasks:
+                raise ValueError(f"MoEViTConfig: task {t!r} is not in tasks={self.tasks}.")
+        if not self.id2label or set(self.id2label.values()) == {f"LABEL_{i}" for i in range(len(self.id2label))}:
+            labels = self.task_labels.get(self.default_task or self.tasks[0])
+            if labels:
+                kwargs["id2label"] = dict(enumerate(labels))
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, depth + 1)]
+        self.set_output_features_output_indices(out_indices=out_indices, out_features=out_features)
+        super().__post_init__(**kwargs)
+
+    def _check_tasks(self):
+        """Validate `tasks` and normalise the per-task fields (`task_types`, `task_labels`, `head_configs`)."""
+        if isinstance(self.tasks, (str, bytes)) or not hasattr(self.tasks, "__iter__"):
+            raise ValueError(f"MoEViTConfig.tasks={self.tasks!r}: expected a list of task names, e.g. tasks=['cls'].")
+        self.tasks = [str(t) for t in self.tasks]
+        if not self.tasks:
+            raise ValueError(f"MoEViTConfig.tasks={self.tasks!r} is empty: give at least one task name, e.g. tasks=['cls'].")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"MoEViTConfig.tasks has duplicate names: {self.tasks}.")
+        self.task_types = dict(self.task_types or {})
+        for t in self.tasks:
+            self.task_types.setdefault(t, "classification")
+        for t, kind in self.task_types.items():
+            if t not in self.tasks:
+                raise ValueError(f"MoEViTConfig.task_types names task {t!r}, which is not in tasks={self.tasks}.")
+            if kind not in TASK_TYPES:
+                raise ValueError(f"MoEViTConfig.task_types[{t!r}]={kind!r}: expected one of {TASK_TYPES}.")
+        self.task_labels = {t: [str(x) for x in v] for t, v in (self.task_labels or {}).items()}
+        for t in self.task_labels:
+            if t not in self.tasks:
+                raise ValueError(f"MoEViTConfig.task_labels names task {t!r}, which is not in tasks={self.tasks}.")
+        self.head_configs = {str(t): dict(v or {}) for t, v in (self.head_configs or {}).items()}
+        for t in self.head_configs:
+            if t not in self.tasks:
+                raise ValueError(f"MoEViTConfig.head_configs names task {t!r}, which is not in tasks={self.tasks}.")
+
+    def _check_expert_groups(self, depth: int):
+        """Validate and normalise `{attn,mlp}_expert_groups` and `task_router_sizes` against the expert counts."""
         for name in ("attn", "mlp"):
             groups = getattr(self, f"{name}_expert_groups")
             counts = getattr(self, f"{name}_experts")
@@ -241,16 +259,6 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
                         f"MoEViTConfig.task_router_sizes[{t!r}][{name!r}]={layer_sizes} must hold, per layer, "
                         f"between {name}_top_k={k} and {name}_experts={counts} experts."
                     )
-        for t in (self.default_task, self.backbone_task):
-            if t is not None and t not in self.tasks:
-                raise ValueError(f"MoEViTConfig: task {t!r} is not in tasks={self.tasks}.")
-        if not self.id2label or set(self.id2label.values()) == {f"LABEL_{i}" for i in range(len(self.id2label))}:
-            labels = self.task_labels.get(self.default_task or self.tasks[0])
-            if labels:
-                kwargs["id2label"] = dict(enumerate(labels))
-        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, depth + 1)]
-        self.set_output_features_output_indices(out_indices=out_indices, out_features=out_features)
-        super().__post_init__(**kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
