@@ -143,6 +143,124 @@ class _Stats:
         self.image_hw = None
 
 
+def slice_tasks(parent: nn.Module, submodel: nn.Module, tasks: list[str] | None) -> list[str]:
+    """The tasks to compare a slice on (default the slice's), each checked to be a task of the slice and of the
+    parent (`verify_submodel` and `heal_submodel` share it)."""
+    sub_config = submodel.config
+    tasks = list(tasks or sub_config.tasks)
+    for t in tasks:
+        if t not in sub_config.tasks:
+            raise ValueError(f"The slice has no task {t!r}; its tasks are {sub_config.tasks}.")
+        parent.config.task_index(t)  # a clear error for a task the parent lacks
+    return tasks
+
+
+def _kept_experts(parent: nn.Module, submodel: nn.Module) -> tuple[dict[str, nn.Module], dict[str, list[int]]]:
+    """The parent's MoE layers (`{name: module}`) and, per layer, the slice's kept experts in the parent's numbering;
+    a clear error when `submodel` is no slice of `parent`."""
+    sub_config = submodel.config
+    parent_backbone, _ = find_backbone(parent)
+    parent_ids = sub_config.parent_expert_ids
+    if not parent_ids:
+        raise ValueError("The submodel's config has no parent_expert_ids: it is not a slice made by extract_submodel.")
+    layers = parent_backbone.moe_layers()
+    # kept experts in the parent's numbering: the slice's ids relative to the parent's own (which may be a slice)
+    kept: dict[str, list[int]] = {}
+    parent_root = parent.config.parent_expert_ids or {}
+    if sub_config.num_hidden_layers != parent.config.num_hidden_layers:
+        raise ValueError("The slice and the parent have different depths; verify a slice against its own parent.")
+    for name, m in layers.items():
+        i, kind = m.router.layer_idx, m.router.kind
+        ids = parent_ids[kind][i]
+        root = (parent_root.get(kind) or [None] * parent.config.num_hidden_layers)[i]
+        missing = [e for e in ids if root and e not in root]
+        if missing or any(e >= m.router.num_experts for e in ids if not root) or len(ids) != len(set(ids)):
+            raise ValueError(
+                f"The slice's experts of {name} (original ids {ids}) are not all in this parent; verify a slice "
+                "against the model it was extracted from."
+            )
+        kept[name] = [root.index(e) for e in ids] if root else list(ids)
+    return layers, kept
+
+
+def _kept_masks(parent: nn.Module, task: str, layers: dict[str, nn.Module], kept: dict[str, list[int]],
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """Per MoE layer, a `[E_t]` bool mask over `task`'s router outputs in the parent: True for a kept expert."""
+    masks = {}
+    for name, m in layers.items():
+        e_t = parent.config.router_size(task, m.router.kind, m.router.layer_idx)
+        mask = torch.zeros(e_t, dtype=torch.bool, device=device)
+        mask[[e for e in kept[name] if e < e_t]] = True
+        masks[name] = mask
+    return masks
+
+
+def _compare_batch(s: _Stats, parent: nn.Module, submodel: nn.Module, task: str, task_type: str,
+                   pixels: torch.Tensor, labels, masks: dict[str, torch.Tensor], captured: dict[str, tuple]) -> None:
+    """Run both models on one batch and add to `s` its output differences, top-1 agreement, metric inputs (with
+    `labels`) and, from the parent's routing `captured` by the hooks, the tokens routed outside the kept set."""
+    captured.clear()
+    full_p, out_p, box_p, is_logits = _task_output(parent, pixels, task)
+    full_s, out_s, box_s, _ = _task_output(submodel, pixels, task)
+    s.images += pixels.shape[0]
+    s.image_hw = tuple(pixels.shape[-2:])
+    diff = (out_p.float() - out_s.float()).abs()
+    s.max_diff = max(s.max_diff, float(diff.max()))
+    s.abs_sum += float(diff.sum())
+    s.numel += diff.numel()
+    if box_p is not None and box_s is not None:
+        s.box_max = max(s.box_max, float((box_p - box_s).abs().max()))
+    if is_logits:
+        dim = _class_dim(task_type)
+        pred_p, pred_s = out_p.argmax(dim), out_s.argmax(dim)
+        s.agree += int((pred_p == pred_s).sum())
+        s.agree_total += pred_p.numel()
+        if labels is not None:
+            if not s.metrics:
+                s.metrics = {"parent": TaskMetric(parent, task), "submodel": TaskMetric(submodel, task)}
+            s.metrics["parent"].add_batch(full_p, labels)
+            s.metrics["submodel"].add_batch(full_s, labels)
+    any_left = None
+    for name, (indices, probs) in captured.items():
+        inside = masks[name][indices]  # [tokens, k]
+        left = ~inside.all(-1)
+        any_left = left if any_left is None else any_left | left
+        s.left[name] += int(left.sum())
+        p_kept = (probs * masks[name]).sum(-1)
+        s.dropped[name] += float((1 - p_kept).sum())
+        s.max_scale = max(s.max_scale, float((1 / p_kept.clamp(min=1e-12)).max()))
+    tokens = next(iter(captured.values()))[0].shape[0] if captured else 0
+    s.tokens += tokens
+    if any_left is not None:
+        s.left_any += int(any_left.sum())
+
+
+def _task_entry(s: _Stats, layers: Iterable[str], renormalized: bool) -> dict:
+    """One task's numbers in `VerificationReport.tasks` from its running sums `s`."""
+    tok = max(s.tokens, 1)
+    entry = {
+        "num_images": s.images,
+        "num_tokens": s.tokens,
+        "max_abs_diff": s.max_diff,
+        "mean_abs_diff": s.abs_sum / max(s.numel, 1),
+        "top1_agreement": s.agree / s.agree_total if s.agree_total else None,
+        "routing_left_kept_set": {
+            "any_layer": s.left_any / tok,
+            "per_layer": {n: s.left[n] / tok for n in layers},
+        },
+        "dropped_gate_mass": {n: s.dropped[n] / tok for n in layers},
+        "max_gate_scale": None if renormalized else s.max_scale,
+    }
+    if s.box_max:
+        entry["max_abs_box_diff"] = s.box_max
+    if s.metrics:
+        result_p, result_s = s.metrics["parent"].compute(), s.metrics["submodel"].compute()
+        mp, ms = result_p.score, result_s.score
+        entry["metric"] = {"name": result_p.primary, "parent": mp, "submodel": ms, "delta": ms - mp,
+                           "relative": ms / mp if mp else None}
+    return entry
+
+
 def verify_submodel(
     parent: nn.Module,
     submodel: nn.Module,
@@ -165,33 +283,9 @@ def verify_submodel(
     Returns:
         a [`VerificationReport`].
     """
+    tasks = slice_tasks(parent, submodel, tasks)
     sub_config = submodel.config
-    tasks = list(tasks or sub_config.tasks)
-    for t in tasks:
-        if t not in sub_config.tasks:
-            raise ValueError(f"The slice has no task {t!r}; its tasks are {sub_config.tasks}.")
-        parent.config.task_index(t)
-    parent_backbone, _ = find_backbone(parent)
-    parent_ids = sub_config.parent_expert_ids
-    if not parent_ids:
-        raise ValueError("The submodel's config has no parent_expert_ids: it is not a slice made by extract_submodel.")
-    layers = parent_backbone.moe_layers()
-    # kept experts in the parent's numbering: the slice's ids relative to the parent's own (which may be a slice)
-    kept: dict[str, list[int]] = {}
-    parent_root = parent.config.parent_expert_ids or {}
-    if sub_config.num_hidden_layers != parent.config.num_hidden_layers:
-        raise ValueError("The slice and the parent have different depths; verify a slice against its own parent.")
-    for name, m in layers.items():
-        i, kind = m.router.layer_idx, m.router.kind
-        ids = parent_ids[kind][i]
-        root = (parent_root.get(kind) or [None] * parent.config.num_hidden_layers)[i]
-        missing = [e for e in ids if root and e not in root]
-        if missing or any(e >= m.router.num_experts for e in ids if not root) or len(ids) != len(set(ids)):
-            raise ValueError(
-                f"The slice's experts of {name} (original ids {ids}) are not all in this parent; verify a slice "
-                "against the model it was extracted from."
-            )
-        kept[name] = [root.index(e) for e in ids] if root else list(ids)
+    layers, kept = _kept_experts(parent, submodel)
 
     report = VerificationReport(renormalized=bool(parent.config.router_renormalize))
     report.kept_experts = {n: [len(kept[n]), m.router.num_experts if hasattr(m.router, "num_experts") else None]
@@ -218,12 +312,7 @@ def verify_submodel(
             if task_data is None:
                 raise ValueError(f"No calibration data for task {task!r}.")
             task_type = sub_config.task_types.get(task, "classification")
-            masks = {}
-            for name, m in layers.items():
-                e_t = parent.config.router_size(task, m.router.kind, m.router.layer_idx)
-                mask = torch.zeros(e_t, dtype=torch.bool, device=device)
-                mask[[e for e in kept[name] if e < e_t]] = True
-                masks[name] = mask
+            masks = _kept_masks(parent, task, layers, kept, device)
             s = _Stats(list(layers))
             iterator = enumerate(task_data)
             if progress:
@@ -237,41 +326,8 @@ def verify_submodel(
                         break
                     pixels, labels = _split_batch(batch, index)
                     pixels = pixels.to(device)
-                    captured.clear()
-                    full_p, out_p, box_p, is_logits = _task_output(parent, pixels, task)
-                    full_s, out_s, box_s, _ = _task_output(submodel, pixels, task)
+                    _compare_batch(s, parent, submodel, task, task_type, pixels, labels, masks, captured)
                     batches += 1
-                    s.images += pixels.shape[0]
-                    s.image_hw = tuple(pixels.shape[-2:])
-                    diff = (out_p.float() - out_s.float()).abs()
-                    s.max_diff = max(s.max_diff, float(diff.max()))
-                    s.abs_sum += float(diff.sum())
-                    s.numel += diff.numel()
-                    if box_p is not None and box_s is not None:
-                        s.box_max = max(s.box_max, float((box_p - box_s).abs().max()))
-                    if is_logits:
-                        dim = _class_dim(task_type)
-                        pred_p, pred_s = out_p.argmax(dim), out_s.argmax(dim)
-                        s.agree += int((pred_p == pred_s).sum())
-                        s.agree_total += pred_p.numel()
-                        if labels is not None:
-                            if not s.metrics:
-                                s.metrics = {"parent": TaskMetric(parent, task), "submodel": TaskMetric(submodel, task)}
-                            s.metrics["parent"].add_batch(full_p, labels)
-                            s.metrics["submodel"].add_batch(full_s, labels)
-                    any_left = None
-                    for name, (indices, probs) in captured.items():
-                        inside = masks[name][indices]  # [tokens, k]
-                        left = ~inside.all(-1)
-                        any_left = left if any_left is None else any_left | left
-                        s.left[name] += int(left.sum())
-                        p_kept = (probs * masks[name]).sum(-1)
-                        s.dropped[name] += float((1 - p_kept).sum())
-                        s.max_scale = max(s.max_scale, float((1 / p_kept.clamp(min=1e-12)).max()))
-                    tokens = next(iter(captured.values()))[0].shape[0] if captured else 0
-                    s.tokens += tokens
-                    if any_left is not None:
-                        s.left_any += int(any_left.sum())
             if batches == 0:
                 raise ValueError(f"The verification data for task {task!r} is empty: it gave no batch.")
             # FLOPs at the size of the images actually verified (position embeddings interpolate)
@@ -279,28 +335,7 @@ def verify_submodel(
             f_sub = flops_per_image(submodel, task=task, image_size=s.image_hw)["total"]
             report.flops[task] = {"parent": f_parent, "submodel": f_sub, "ratio": f_sub / max(f_parent, 1),
                                   "image_size": list(s.image_hw)}
-            tok = max(s.tokens, 1)
-            entry = {
-                "num_images": s.images,
-                "num_tokens": s.tokens,
-                "max_abs_diff": s.max_diff,
-                "mean_abs_diff": s.abs_sum / max(s.numel, 1),
-                "top1_agreement": s.agree / s.agree_total if s.agree_total else None,
-                "routing_left_kept_set": {
-                    "any_layer": s.left_any / tok,
-                    "per_layer": {n: s.left[n] / tok for n in layers},
-                },
-                "dropped_gate_mass": {n: s.dropped[n] / tok for n in layers},
-                "max_gate_scale": None if report.renormalized else s.max_scale,
-            }
-            if s.box_max:
-                entry["max_abs_box_diff"] = s.box_max
-            if s.metrics:
-                result_p, result_s = s.metrics["parent"].compute(), s.metrics["submodel"].compute()
-                mp, ms = result_p.score, result_s.score
-                entry["metric"] = {"name": result_p.primary, "parent": mp, "submodel": ms, "delta": ms - mp,
-                                   "relative": ms / mp if mp else None}
-            report.tasks[task] = entry
+            report.tasks[task] = _task_entry(s, layers, report.renormalized)
     finally:
         for h in handles:
             h.remove()
