@@ -51,6 +51,7 @@ from transformers import get_scheduler
 from ..analysis.usage import iter_pixel_batches
 from ..models.moe_vit import find_backbone
 from ..training.loop import adamw, train_loop
+from .verify import slice_tasks
 
 __all__ = ["DEFAULT_HEAL_GROUPS", "HEAL_GROUPS", "HealReport", "heal_submodel", "healable_parameters"]
 
@@ -129,16 +130,6 @@ def _task_batches(data, tasks: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _heal_tasks(parent: nn.Module, submodel: nn.Module, tasks: list[str] | None) -> list[str]:
-    """The tasks to heal toward (default the slice's), each checked to be a task of the slice and of the parent."""
-    tasks = list(tasks or submodel.config.tasks)
-    for t in tasks:
-        if t not in submodel.config.tasks:
-            raise ValueError(f"The slice has no task {t!r}; its tasks are {submodel.config.tasks}.")
-        parent.config.task_index(t)  # a clear error for a task the parent lacks
-    return tasks
-
-
 def heal_submodel(
     parent: nn.Module,
     submodel: nn.Module,
@@ -177,7 +168,7 @@ def heal_submodel(
         lr = DEFAULT_HEAL_LR["weights" if "weights" in train else "small"]
     sub_backbone, _ = find_backbone(submodel)
     parent_backbone, _ = find_backbone(parent)
-    tasks = _heal_tasks(parent, submodel, tasks)
+    tasks = slice_tasks(parent, submodel, tasks)
     params = healable_parameters(sub_backbone, train)
     first = next(sub_backbone.parameters())
     device = first.device
