@@ -243,6 +243,28 @@ def _loss_and_out(out) -> tuple[torch.Tensor, dict]:
     return (out["loss"], out) if isinstance(out, dict) else (out, {"loss": out})
 
 
+def _prepare_and_resume(model, optimizer, scheduler, accelerator: Accelerator, resume: str | bool | None):
+    """`accelerator.prepare` the model, optimizer and scheduler (torch's `fully_shard` for FSDP on CPU), register a
+    `LoopState` for checkpointing and restore it (and them) from `resume`; new checkpoints number on after every old
+    one. Returns `(model, optimizer, scheduler, state)`."""
+    if cpu_fsdp_requested(accelerator):  # accelerate's FSDP needs GPUs; on CPU torch's fully_shard does it
+        shard_on_cpu(model, optimizer, accelerator)
+        scheduler = accelerator.prepare(scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = LoopState()
+    accelerator.register_for_checkpointing(state)
+    checkpoint = resolve_resume(accelerator.project_dir if accelerator.project_configuration.automatic_checkpoint_naming
+                                else None, resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"Resumed from {checkpoint} at step {state.step}.")
+    if accelerator.project_configuration.automatic_checkpoint_naming:  # new checkpoints number on after every old one
+        numbers = [int(p.name.rsplit("_", 1)[1]) for p in (Path(accelerator.project_dir) / "checkpoints").glob("checkpoint_*")]
+        accelerator.project_configuration.iteration = max(numbers, default=-1) + 1
+    return model, optimizer, scheduler, state
+
+
 def train_loop(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -266,21 +288,7 @@ def train_loop(
     the caller's. Checkpoints need the accelerator's `project_dir` (`make_accelerator(..., output_dir)`)."""
     from tqdm.auto import tqdm
 
-    if cpu_fsdp_requested(accelerator):  # accelerate's FSDP needs GPUs; on CPU torch's fully_shard does it
-        shard_on_cpu(model, optimizer, accelerator)
-        scheduler = accelerator.prepare(scheduler)
-    else:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = LoopState()
-    accelerator.register_for_checkpointing(state)
-    checkpoint = resolve_resume(accelerator.project_dir if accelerator.project_configuration.automatic_checkpoint_naming
-                                else None, resume)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        accelerator.print(f"Resumed from {checkpoint} at step {state.step}.")
-    if accelerator.project_configuration.automatic_checkpoint_naming:  # new checkpoints number on after every old one
-        numbers = [int(p.name.rsplit("_", 1)[1]) for p in (Path(accelerator.project_dir) / "checkpoints").glob("checkpoint_*")]
-        accelerator.project_configuration.iteration = max(numbers, default=-1) + 1
+    model, optimizer, scheduler, state = _prepare_and_resume(model, optimizer, scheduler, accelerator, resume)
     start, rank = state.step, accelerator.process_index
     batches = batches_from(start)
     accum = accelerator.gradient_accumulation_steps
