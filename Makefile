@@ -39,6 +39,8 @@ demo: $(STAMP) sources
 	bash examples/demo.sh
 
 test: $(STAMP) sources
+	$(BIN)/ruff format --check -q . || (echo "error: code is not ruff-formatted: run $(BIN)/ruff format ." && exit 1)
+	$(BIN)/ruff check -q .
 	$(BIN)/python -m pytest -q -x --timeout 600 tests
 
 # The model the adaptation benchmark is measured on: the mini recipe with a longer schedule (2000 steps instead of the
@@ -47,6 +49,7 @@ mini-full: $(STAMP) sources
 	$(BIN)/python recipes/pretrain.py --config recipes/configs/mini_full.yaml
 
 lint: $(STAMP)
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
 clean:

@@ -90,8 +90,9 @@ def main(argv=None) -> int:
     overrides = ["train.progress_bar=false"]
     if args.quick:  # a small mini benchmark of its own, never the shared data/mini
         overrides += ["data.mini.small=true", f"data.mini.out={out / 'mini-small'}"]
-    pre_cfg = load_pretrain_config(args.pretrain_config, overrides + [f"train.max_steps={args.pretrain_steps}",
-                                                                      f"output_dir={out / 'pretrain'}"])
+    pre_cfg = load_pretrain_config(
+        args.pretrain_config, overrides + [f"train.max_steps={args.pretrain_steps}", f"output_dir={out / 'pretrain'}"]
+    )
     t0 = time.perf_counter()
     if args.model:
         model_dir, pretrained_here = args.model, False
@@ -106,7 +107,10 @@ def main(argv=None) -> int:
     check = {t: torch.cat([b["pixel_values"] for b in data[t].eval_loader(args.check_images)]) for t in data}
 
     def old_metrics(m):
-        return {t: evaluate_task(m, d, t, max_samples=args.eval_images)[PRIMARY_METRIC[d.task_type]] for t, d in data.items()}
+        return {
+            t: evaluate_task(m, d, t, max_samples=args.eval_images)[PRIMARY_METRIC[d.task_type]]
+            for t, d in data.items()
+        }
 
     def old_outputs(m):
         return {t: task_outputs(m, check[t], [t])[t] for t in data}
@@ -117,8 +121,12 @@ def main(argv=None) -> int:
     seconds["evaluate_old"] = time.perf_counter() - t0
 
     # 2. The new task's data and source task ----------------------------------------------------------------------
-    data_cfg = FinetuneConfig(model=None, dataset=args.dataset, max_train_images=256 if args.quick else None,
-                              max_eval_images=128 if args.quick else None)
+    data_cfg = FinetuneConfig(
+        model=None,
+        dataset=args.dataset,
+        max_train_images=256 if args.quick else None,
+        max_eval_images=128 if args.quick else None,
+    )
     spec, train_set, eval_set, labels = load_downstream_data(data_cfg, args.image_size)
     task = spec.name
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=128, collate_fn=collate_fn_for("classification"))
@@ -127,10 +135,29 @@ def main(argv=None) -> int:
 
     # 3. Ours: grow, freeze the old tasks, train the new one --------------------------------------------------------
     t0 = time.perf_counter()
-    grown = add_task(model, task, "classification", labels, new_attn_experts=args.new_attn_experts,
-                     new_mlp_experts=args.new_mlp_experts, init=args.init, source_task=source, data=calib)
-    result = learn_new_task(grown, task, train_set, check, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            weight_decay=args.weight_decay, seed=args.seed, log_every=0)
+    grown = add_task(
+        model,
+        task,
+        "classification",
+        labels,
+        new_attn_experts=args.new_attn_experts,
+        new_mlp_experts=args.new_mlp_experts,
+        init=args.init,
+        source_task=source,
+        data=calib,
+    )
+    result = learn_new_task(
+        grown,
+        task,
+        train_set,
+        check,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        log_every=0,
+    )
     grown = result.model
     seconds["train_ours"] = time.perf_counter() - t0
     ours = evaluate(grown, eval_loader, task)["accuracy"]
@@ -143,11 +170,21 @@ def main(argv=None) -> int:
 
     # 4. The forgetting baseline: fine-tune a copy of the whole model on the new task ------------------------------
     t0 = time.perf_counter()
-    baseline = add_task(model, task, "classification", labels, new_attn_experts=0, new_mlp_experts=0, init=args.init,
-                        source_task=source, data=calib)
+    baseline = add_task(
+        model,
+        task,
+        "classification",
+        labels,
+        new_attn_experts=0,
+        new_mlp_experts=0,
+        init=args.init,
+        source_task=source,
+        data=calib,
+    )
     baseline.requires_grad_(True)
-    baseline, _, _ = train(baseline, train_set, task, args.steps, args.batch_size, args.baseline_lr,
-                           args.weight_decay, 0.05, args.seed, 0)
+    baseline, _, _ = train(
+        baseline, train_set, task, args.steps, args.batch_size, args.baseline_lr, args.weight_decay, 0.05, args.seed, 0
+    )
     baseline.eval()
     seconds["train_baseline"] = time.perf_counter() - t0
     base_acc = evaluate(baseline, eval_loader, task)["accuracy"]
@@ -159,7 +196,9 @@ def main(argv=None) -> int:
     params_before, params_after = count_parameters(model)["total"], count_parameters(grown)["total"]
     t0 = time.perf_counter()
     curve = budget_curve(grown, task, eval_loader, image_size=args.image_size)
-    png = plot_budget_curve(curve, out / f"budget_{task}.png", title=f"{task} (new task): accuracy vs compute over top-k")
+    png = plot_budget_curve(
+        curve, out / f"budget_{task}.png", title=f"{task} (new task): accuracy vs compute over top-k"
+    )
     curve.save(out / f"budget_{task}.json")
     seconds["budget_curve"] = time.perf_counter() - t0
 
@@ -168,25 +207,54 @@ def main(argv=None) -> int:
     added = (params_after - params_before) / params_before
     report = {
         "benchmark": "continual",
-        "model": str(model_dir), "pretrained_here_steps": args.pretrain_steps if pretrained_here else None,
-        "new_task": task, "source_task": source, "init": args.init, "steps": args.steps,
+        "model": str(model_dir),
+        "pretrained_here_steps": args.pretrain_steps if pretrained_here else None,
+        "new_task": task,
+        "source_task": source,
+        "init": args.init,
+        "steps": args.steps,
         "new_experts_per_layer": {"attn": args.new_attn_experts, "mlp": args.new_mlp_experts},
         "old_tasks": {
-            t: {"metric": PRIMARY_METRIC[data[t].task_type], "before": metrics_before[t], "after": metrics_after[t],
+            t: {
+                "metric": PRIMARY_METRIC[data[t].task_type],
+                "before": metrics_before[t],
+                "after": metrics_after[t],
                 "max_abs_output_change": max(change_after[t], change_reloaded[t]),
-                "baseline_after": baseline_old[t], "baseline_max_abs_output_change": baseline_change[t]}
+                "baseline_after": baseline_old[t],
+                "baseline_max_abs_output_change": baseline_change[t],
+            }
             for t in data
         },
         "new_task_accuracy": {"ours": ours, "full_finetune_baseline": base_acc, "gap_points": gap},
-        "params": {"before": params_before, "added": params_after - params_before, "added_ratio": added,
-                   "trained": sum(p.numel() for n, p in grown.named_parameters() if n in set(result.trainable))},
-        "budget_curve": {"task": task, "metric": curve.metric_name, "png": str(png),
-                         "points": [{"top_k": p.top_k, "gflops": round(p.gflops, 6), "accuracy": round(p.metric, 4),
-                                     "default": p.is_default} for p in curve.points]},
-        "targets": {"old_tasks_unchanged": max_change == 0.0 and result.old_tasks_identical,
-                    "within_2_points_of_baseline": gap >= -2.0, "params_added_at_most_25pct": added <= 0.25},
+        "params": {
+            "before": params_before,
+            "added": params_after - params_before,
+            "added_ratio": added,
+            "trained": sum(p.numel() for n, p in grown.named_parameters() if n in set(result.trainable)),
+        },
+        "budget_curve": {
+            "task": task,
+            "metric": curve.metric_name,
+            "png": str(png),
+            "points": [
+                {
+                    "top_k": p.top_k,
+                    "gflops": round(p.gflops, 6),
+                    "accuracy": round(p.metric, 4),
+                    "default": p.is_default,
+                }
+                for p in curve.points
+            ],
+        },
+        "targets": {
+            "old_tasks_unchanged": max_change == 0.0 and result.old_tasks_identical,
+            "within_2_points_of_baseline": gap >= -2.0,
+            "params_added_at_most_25pct": added <= 0.25,
+        },
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "device": "cpu", "threads": args.threads, "quick": args.quick,
+        "device": "cpu",
+        "threads": args.threads,
+        "quick": args.quick,
         "note": "CPU shared with other jobs: times are indicative; every ratio comes from this one run",
     }
     print(json.dumps(report))

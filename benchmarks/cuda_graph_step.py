@@ -68,15 +68,23 @@ def measure(name: str, a, batch: int, dtype: torch.dtype) -> dict:
     graph.replay()
     torch.cuda.synchronize()
     moved = any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
-    return {"eager_ms": eager, "graph_ms": timeit(graph.replay, a.steps), "params_move": moved,
-            "loss": float(loss.detach())}
+    return {
+        "eager_ms": eager,
+        "graph_ms": timeit(graph.replay, a.steps),
+        "params_move": moved,
+        "loss": float(loss.detach()),
+    }
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="bfloat16: CUDA's fused grouped kernel; other dtypes take a per-expert fallback that reads "
-                        "the offsets back to the host, which capture rejects")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="bfloat16: CUDA's fused grouped kernel; other dtypes take a per-expert fallback that reads "
+        "the offsets back to the host, which capture rejects",
+    )
     p.add_argument("--preset", default="vit-s")
     p.add_argument("--batches", default="8,64", help="comma-separated batch sizes")
     p.add_argument("--image-size", type=int, default=224)

@@ -31,15 +31,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICIES = ("threshold:frequency:3,threshold:frequency:10,threshold:frequency:25,top_n:gate_mass:k,top_n:gate_mass:k+1,"
-            "coverage:gate_mass:0.8,coverage:gate_mass:0.9,coverage:gate_mass:0.95,coverage:gate_mass:0.99,default")
+POLICIES = (
+    "threshold:frequency:3,threshold:frequency:10,threshold:frequency:25,top_n:gate_mass:k,top_n:gate_mass:k+1,"
+    "coverage:gate_mass:0.8,coverage:gate_mass:0.9,coverage:gate_mass:0.95,coverage:gate_mass:0.99,default"
+)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a pretrained MoEViTForMultiTask folder")
     p.add_argument("--variant", default="", help="a name for this model in the JSON line")
-    p.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "mini.yaml"), help="recipe of the tasks' data")
+    p.add_argument(
+        "--config", default=str(ROOT / "recipes" / "configs" / "mini.yaml"), help="recipe of the tasks' data"
+    )
     p.add_argument("--policies", default=POLICIES, help="comma-separated policy:criterion:value, or 'default'")
     p.add_argument("--calibration-images", type=int, default=512)
     p.add_argument("--eval-images", type=int, default=None, help="eval images per task (default all)")
@@ -60,7 +64,11 @@ def selection_kwargs(spec: str, usage) -> tuple[str, dict]:
     policy, criterion, value = spec.split(":")
     if policy == "top_n":  # "k" or "k+1": the layer's top-k (plus some) per kind
         extra = int(value.split("+")[1]) if "+" in value else 0
-        n = {kind: usage_top_k(usage, kind) + extra for kind in ("attn", "mlp")} if value.startswith("k") else int(value)
+        n = (
+            {kind: usage_top_k(usage, kind) + extra for kind in ("attn", "mlp")}
+            if value.startswith("k")
+            else int(value)
+        )
         return policy, {"criterion": criterion, "n": n}
     return policy, {"criterion": criterion, policy: float(value)}
 
@@ -95,7 +103,9 @@ def main(argv=None) -> int:
         d = data[task]
         ds = load_task_dataset(d.train.spec, split=d.train.split, transform="eval")
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[: args.calibration_images].tolist()
-        calib = list(torch.utils.data.DataLoader(torch.utils.data.Subset(ds, order), batch_size=64, collate_fn=d.collate_fn))
+        calib = list(
+            torch.utils.data.DataLoader(torch.utils.data.Subset(ds, order), batch_size=64, collate_fn=d.collate_fn)
+        )
         usage = collect_expert_usage(model, calib, task, output_norms=False)
         metric = PRIMARY_METRIC[d.task_type]
         parent = evaluate_task(model, d, task, max_samples=args.eval_images)[metric]
@@ -109,32 +119,49 @@ def main(argv=None) -> int:
             if key not in seen:
                 sub = extract_submodel(model, sel, tasks=[task]).eval()
                 m = evaluate_task(sub, d, task, max_samples=args.eval_images)[metric]
-                seen[key] = {"params": round(count_parameters(sub)["total"] / p_full, 4),
-                             "metric": round(m, 4), "kept": round(m / parent, 4) if parent else None,
-                             "experts": sum(len(v) for v in sel.experts.values())}
+                seen[key] = {
+                    "params": round(count_parameters(sub)["total"] / p_full, 4),
+                    "metric": round(m, 4),
+                    "kept": round(m / parent, 4) if parent else None,
+                    "experts": sum(len(v) for v in sel.experts.values()),
+                }
             point = {"policy": spec, **seen[key]}
             entry["curve"].append(point)
-            log(f"[{task}] {spec:<28} params {point['params']:.3f} {metric} {parent:.4f} -> {point['metric']:.4f}"
-                f" ({point['kept']:.4f})")
+            log(
+                f"[{task}] {spec:<28} params {point['params']:.3f} {metric} {parent:.4f} -> {point['metric']:.4f}"
+                f" ({point['kept']:.4f})"
+            )
             if spec == "default":
                 entry["default"] = dict(point)
                 if args.heal_steps:
                     sub = extract_submodel(model, sel, tasks=[task]).eval()
                     rep = heal_submodel(model, sub, calib, steps=args.heal_steps, train=args.heal_train.split(","))
                     m = evaluate_task(sub, d, task, max_samples=args.eval_images)[metric]
-                    entry["default"].update(healed=round(m, 4), healed_kept=round(m / parent, 4) if parent else None,
-                                            heal_steps=args.heal_steps, heal_train=args.heal_train,
-                                            heal_loss=[round(rep.loss_before, 5), round(rep.loss_after, 5)])
+                    entry["default"].update(
+                        healed=round(m, 4),
+                        healed_kept=round(m / parent, 4) if parent else None,
+                        heal_steps=args.heal_steps,
+                        heal_train=args.heal_train,
+                        heal_loss=[round(rep.loss_before, 5), round(rep.loss_after, 5)],
+                    )
                     log(f"[{task}] default healed {args.heal_steps} steps: {m:.4f}")
         out[task] = entry
     from moe_adapt.cli.extract import DEFAULT_SELECTION
 
-    line = {"benchmark": "decomposition", "variant": args.variant, "model": args.model, "default_selection": DEFAULT_SELECTION,
-            **dict(kv.split("=", 1) for kv in args.extra), "tasks": out,
-            "targets_met": {t: e.get("default", {}).get("params", 1) <= 0.5
-                            and max(e.get("default", {}).get("kept") or 0, e.get("default", {}).get("healed_kept") or 0) >= 0.99
-                            for t, e in out.items()},
-            "wall_s": round(time.perf_counter() - started, 1)}
+    line = {
+        "benchmark": "decomposition",
+        "variant": args.variant,
+        "model": args.model,
+        "default_selection": DEFAULT_SELECTION,
+        **dict(kv.split("=", 1) for kv in args.extra),
+        "tasks": out,
+        "targets_met": {
+            t: e.get("default", {}).get("params", 1) <= 0.5
+            and max(e.get("default", {}).get("kept") or 0, e.get("default", {}).get("healed_kept") or 0) >= 0.99
+            for t, e in out.items()
+        },
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
     text = json.dumps(line)
     print(text)
     if args.jsonl:

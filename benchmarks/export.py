@@ -72,12 +72,22 @@ def main(argv=None) -> int:
             eager_t += timed(lambda v: sub(v), x, 1)
             export_t += timed(exported, x, 1)
     eager_ms, export_ms = 1e3 * statistics.median(eager_t), 1e3 * statistics.median(export_t)
-    print(json.dumps({
-        "benchmark": "export", "device": f"cpu ({platform.machine()}, {args.threads} threads)", "batch": args.batch,
-        "experts_kept": args.keep, "top_k": sub.config.mlp_top_k, "eager_ms": round(eager_ms, 2),
-        "exported_ms": round(export_ms, 2), "exported_vs_eager": round(export_ms / eager_ms, 3),
-        "max_abs_diff": (eager_logits - export_logits).abs().max().item(), "max_abs_diff_batch3": odd_diff,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "export",
+                "device": f"cpu ({platform.machine()}, {args.threads} threads)",
+                "batch": args.batch,
+                "experts_kept": args.keep,
+                "top_k": sub.config.mlp_top_k,
+                "eager_ms": round(eager_ms, 2),
+                "exported_ms": round(export_ms, 2),
+                "exported_vs_eager": round(export_ms / eager_ms, 3),
+                "max_abs_diff": (eager_logits - export_logits).abs().max().item(),
+                "max_abs_diff_batch3": odd_diff,
+            }
+        )
+    )
     return 0
 
 

@@ -61,31 +61,51 @@ def parse_args(argv):
     p.add_argument("--pretrain-steps", type=int, default=150, help="steps of the short pretraining (no --model)")
     from moe_adapt.cli.extract import DEFAULT_SELECTION
 
-    p.add_argument("--policy", default=DEFAULT_SELECTION["policy"], choices=["top_n", "threshold", "coverage"],
-                   help="default: moe-adapt extract's (%(default)s)")
+    p.add_argument(
+        "--policy",
+        default=DEFAULT_SELECTION["policy"],
+        choices=["top_n", "threshold", "coverage"],
+        help="default: moe-adapt extract's (%(default)s)",
+    )
     p.add_argument("--n", type=int, default=None, help="top_n: experts per layer (default: top-k)")
     p.add_argument("--threshold", type=float, default=DEFAULT_SELECTION["threshold"])
     p.add_argument("--coverage", type=float, default=0.9)
     p.add_argument("--criterion", default=None, choices=["frequency", "gate_mass", "reap"])
-    p.add_argument("--calibration-images", type=int, default=2048,
-                   help="training images (eval transforms) for usage and healing")
-    p.add_argument("--heal-steps", type=int, default=600,
-                   help="also heal each slice toward the parent on the calibration images (heal_submodel) and report "
-                        "its metric; 0 skips it")
+    p.add_argument(
+        "--calibration-images", type=int, default=2048, help="training images (eval transforms) for usage and healing"
+    )
+    p.add_argument(
+        "--heal-steps",
+        type=int,
+        default=600,
+        help="also heal each slice toward the parent on the calibration images (heal_submodel) and report "
+        "its metric; 0 skips it",
+    )
     p.add_argument("--heal-batch-size", type=int, default=32)
-    p.add_argument("--heal-train", default="all",
-                   help="groups healing fits: 'all' (default) or comma-separated routers, norms, biases, weights")
-    p.add_argument("--heal-lr", type=float, default=None,
-                   help="healing learning rate (default heal_submodel's: 3e-4 with weights, else 3e-3)")
+    p.add_argument(
+        "--heal-train",
+        default="all",
+        help="groups healing fits: 'all' (default) or comma-separated routers, norms, biases, weights",
+    )
+    p.add_argument(
+        "--heal-lr",
+        type=float,
+        default=None,
+        help="healing learning rate (default heal_submodel's: 3e-4 with weights, else 3e-3)",
+    )
     p.add_argument("--eval-images", type=int, default=None, help="eval images per task for the metric (default all)")
     p.add_argument("--batch-size", type=int, default=64, help="batch of the throughput runs")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median)")
     p.add_argument("--iters", type=int, default=5, help="forward passes per model per round")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
-    p.add_argument("--malloc", choices=["keep", "default"], default="default",
-                   help="keep: glibc keeps freed memory for the next forward pass (benchmarks/measure.py "
-                        "keep_freed_memory), for every model timed; default: glibc's own thresholds, under which "
-                        "some of the models page-fault their freed buffers back in on every pass (see below)")
+    p.add_argument(
+        "--malloc",
+        choices=["keep", "default"],
+        default="default",
+        help="keep: glibc keeps freed memory for the next forward pass (benchmarks/measure.py "
+        "keep_freed_memory), for every model timed; default: glibc's own thresholds, under which "
+        "some of the models page-fault their freed buffers back in on every pass (see below)",
+    )
     p.add_argument("--out", default=None, help="where the pretraining and slices go (default: a temp folder)")
     p.add_argument("--quick", action="store_true", help="tiny numbers: a smoke run of the whole path")
     p.add_argument("--seed", type=int, default=0)
@@ -106,15 +126,26 @@ def same_shape_vit(config, image_size: int, standard_heads: bool = False):
     def vit_config(heads=config.num_attention_heads, head_dim=None, mlp_width=config.intermediate_size):
         extra = {} if head_dim is None else {"head_dim": head_dim}
         return ViTConfig(
-            hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers, num_attention_heads=heads,
-            intermediate_size=mlp_width, image_size=image_size, patch_size=config.patch_size,
-            num_channels=config.num_channels, qkv_bias=config.qkv_bias, layer_norm_eps=config.layer_norm_eps,
-            hidden_act=config.hidden_act, **extra)
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=heads,
+            intermediate_size=mlp_width,
+            image_size=image_size,
+            patch_size=config.patch_size,
+            num_channels=config.num_channels,
+            qkv_bias=config.qkv_bias,
+            layer_norm_eps=config.layer_norm_eps,
+            hidden_act=config.hidden_act,
+            **extra,
+        )
 
     base = vit_config()
     vit = ViTModel(base, add_pooling_layer=False)
     moa_shape = (config.attn_top_k, config.attn_expert_head_size)
-    rebuild_attention = not standard_heads and moa_shape != (base.num_attention_heads, base.hidden_size // base.num_attention_heads)
+    rebuild_attention = not standard_heads and moa_shape != (
+        base.num_attention_heads,
+        base.hidden_size // base.num_attention_heads,
+    )
     moa = vit_config(*moa_shape)
     moe_mlp = vit_config(mlp_width=config.mlp_top_k * config.mlp_expert_size)
     # rebuilt layers run the same attention kernel as the model's own (a fresh config has none set, and transformers
@@ -153,8 +184,11 @@ def main(argv=None) -> int:
     from measure import keep_freed_memory, malloc_library, malloc_setting  # benchmarks/measure.py
 
     if args.malloc == "keep" and keep_freed_memory() is None:
-        print(f"warning: --malloc keep has no effect under this allocator ({malloc_library() or 'not glibc'}); "
-              "measuring with it as it is", file=sys.stderr)
+        print(
+            f"warning: --malloc keep has no effect under this allocator ({malloc_library() or 'not glibc'}); "
+            "measuring with it as it is",
+            file=sys.stderr,
+        )
 
     from moe_adapt.analysis import collect_expert_usage, select_experts
     from moe_adapt.analysis.selection import DEFAULT_CRITERION
@@ -205,11 +239,15 @@ def main(argv=None) -> int:
         # calibration: training images with the eval transforms (no augmentation)
         train_eval_tf = load_task_dataset(d.train.spec, split=d.train.split, transform="eval")
         order = torch.randperm(len(train_eval_tf), generator=torch.Generator().manual_seed(args.seed))
-        calib = torch.utils.data.DataLoader(torch.utils.data.Subset(train_eval_tf, order[: args.calibration_images].tolist()),
-                                            batch_size=64, collate_fn=d.collate_fn)
+        calib = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(train_eval_tf, order[: args.calibration_images].tolist()),
+            batch_size=64,
+            collate_fn=d.collate_fn,
+        )
         usage = collect_expert_usage(model, calib, task)
-        selection = select_experts(usage, args.policy, n=args.n, threshold=args.threshold, coverage=args.coverage,
-                                   criterion=args.criterion)
+        selection = select_experts(
+            usage, args.policy, n=args.n, threshold=args.threshold, coverage=args.coverage, criterion=args.criterion
+        )
         sub = extract_submodel(model, selection, tasks=[task]).eval()
         sub.save_pretrained(out / f"slice-{task}")  # written atomically
         seconds[f"slice_{task}"] = time.perf_counter() - t0
@@ -227,8 +265,16 @@ def main(argv=None) -> int:
             log(f"[{task}] healing the slice ({args.heal_steps} steps) ...")
             t0 = time.perf_counter()
             healed = extract_submodel(model, selection, tasks=[task]).eval()
-            heal = heal_submodel(model, healed, calib, steps=args.heal_steps, lr=args.heal_lr,
-                                 batch_size=args.heal_batch_size, seed=args.seed, train=heal_groups)
+            heal = heal_submodel(
+                model,
+                healed,
+                calib,
+                steps=args.heal_steps,
+                lr=args.heal_lr,
+                batch_size=args.heal_batch_size,
+                seed=args.seed,
+                train=heal_groups,
+            )
             m_healed = evaluate_task(healed, d, task, max_samples=args.eval_images)[metric]
             seconds[f"heal_{task}"] = time.perf_counter() - t0
 
@@ -238,12 +284,17 @@ def main(argv=None) -> int:
         vit_standard = same_shape_vit(model.config, image_size, standard_heads=True)
         pixels = torch.randn(args.batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         t0 = time.perf_counter()
-        speed = throughput({
-            "full": lambda x, t=task: model.moe_vit(x, task=t),
-            "sliced": lambda x, m=sub, t=task: m.moe_vit(x, task=t),
-            "vit": lambda x, m=vit: m(pixel_values=x),
-            "vit_standard": lambda x, m=vit_standard: m(pixel_values=x),
-        }, pixels, args.rounds, args.iters)
+        speed = throughput(
+            {
+                "full": lambda x, t=task: model.moe_vit(x, task=t),
+                "sliced": lambda x, m=sub, t=task: m.moe_vit(x, task=t),
+                "vit": lambda x, m=vit: m(pixel_values=x),
+                "vit_standard": lambda x, m=vit_standard: m(pixel_values=x),
+            },
+            pixels,
+            args.rounds,
+            args.iters,
+        )
         seconds[f"speed_{task}"] = time.perf_counter() - t0
 
         p_full, p_sub = count_parameters(model, task=task), count_parameters(sub)
@@ -252,30 +303,53 @@ def main(argv=None) -> int:
         f_vit = flops_per_image(vit, image_size=image_size)
         f_vit_standard = flops_per_image(vit_standard, image_size=image_size)
         f_sub_backbone = f_sub["total"] - (f_sub["head"] or 0)
-        n_backbone = {name: sum(p.numel() for p in m.parameters())
-                      for name, m in (("full", model.moe_vit), ("sliced", sub.moe_vit), ("vit", vit),
-                                      ("vit_standard", vit_standard))}
+        n_backbone = {
+            name: sum(p.numel() for p in m.parameters())
+            for name, m in (
+                ("full", model.moe_vit),
+                ("sliced", sub.moe_vit),
+                ("vit", vit),
+                ("vit_standard", vit_standard),
+            )
+        }
         entry = {
             "task_type": d.task_type,
-            "params": {"full": p_full["total"], "full_reachable_by_task": p_full["task_total"], "sliced": p_sub["total"],
-                       "ratio": p_sub["total"] / p_full["total"]},
+            "params": {
+                "full": p_full["total"],
+                "full_reachable_by_task": p_full["task_total"],
+                "sliced": p_sub["total"],
+                "ratio": p_sub["total"] / p_full["total"],
+            },
             # the backbones alone (task heads cannot be sliced: a segmentation head weighs on the ratio above)
             "backbone_params": {**n_backbone, "ratio": n_backbone["sliced"] / n_backbone["full"]},
-            "flops_per_image": {"full": f_full["total"], "sliced": f_sub["total"],
-                                "vit_backbone": f_vit["total"], "vit_standard_backbone": f_vit_standard["total"],
-                                "sliced_backbone": f_sub_backbone,
-                                "image_size": image_size},
+            "flops_per_image": {
+                "full": f_full["total"],
+                "sliced": f_sub["total"],
+                "vit_backbone": f_vit["total"],
+                "vit_standard_backbone": f_vit_standard["total"],
+                "sliced_backbone": f_sub_backbone,
+                "image_size": image_size,
+            },
             "images_per_s": {k: round(v, 1) for k, v in speed.items()},
             "speed_sliced_vs_vit": speed["sliced"] / speed["vit"],
             "speed_sliced_vs_vit_standard": speed["sliced"] / speed["vit_standard"],
             # backbone FLOPs done per second, slice over ViT: how efficiently each runs its work (1.0 = alike)
             "flop_rate_sliced_vs_vit": speed["sliced"] * f_sub_backbone / (speed["vit"] * f_vit["total"]),
-            "flop_rate_sliced_vs_vit_standard": speed["sliced"] * f_sub_backbone / (speed["vit_standard"] * f_vit_standard["total"]),
+            "flop_rate_sliced_vs_vit_standard": speed["sliced"]
+            * f_sub_backbone
+            / (speed["vit_standard"] * f_vit_standard["total"]),
             "speed_sliced_vs_full": speed["sliced"] / speed["full"],
-            "metric": {"name": metric, "full": m_full, "sliced": m_sub,
-                       "ratio": (m_sub / m_full) if m_full else None,
-                       "healed": m_healed, "healed_ratio": (m_healed / m_full) if m_full and m_healed is not None else None},
-            "heal": None if heal is None else {k: v for k, v in heal.to_dict().items() if k not in ("images", "per_task")},
+            "metric": {
+                "name": metric,
+                "full": m_full,
+                "sliced": m_sub,
+                "ratio": (m_sub / m_full) if m_full else None,
+                "healed": m_healed,
+                "healed_ratio": (m_healed / m_full) if m_full and m_healed is not None else None,
+            },
+            "heal": None
+            if heal is None
+            else {k: v for k, v in heal.to_dict().items() if k not in ("images", "per_task")},
             "kept_experts": {n: len(ids) for n, ids in selection.experts.items()},
             "dense_layers": sum(len(ids) == selection.top_k(n) for n, ids in selection.experts.items()),
             "tokens_routed_outside_kept": report.tasks[task]["routing_left_kept_set"]["any_layer"],
@@ -285,25 +359,42 @@ def main(argv=None) -> int:
         targets[task] = {
             "params_le_50pct": entry["params"]["ratio"] <= 0.5,
             "metric_ge_99pct": entry["metric"]["ratio"] is not None and entry["metric"]["ratio"] >= 0.99,
-            "metric_ge_99pct_healed": entry["metric"]["healed_ratio"] is not None and entry["metric"]["healed_ratio"] >= 0.99,
+            "metric_ge_99pct_healed": entry["metric"]["healed_ratio"] is not None
+            and entry["metric"]["healed_ratio"] >= 0.99,
             "speed_ge_095x_vit": entry["speed_sliced_vs_vit"] >= 0.95,
         }
-        log(f"[{task}] params {entry['params']['ratio']:.3f}, {metric} {m_full:.4f} -> {m_sub:.4f}"
-            + (f" (healed {m_healed:.4f})" if m_healed is not None else "") + ", "
+        log(
+            f"[{task}] params {entry['params']['ratio']:.3f}, {metric} {m_full:.4f} -> {m_sub:.4f}"
+            + (f" (healed {m_healed:.4f})" if m_healed is not None else "")
+            + ", "
             f"images/s full {speed['full']:.0f} sliced {speed['sliced']:.0f} vit {speed['vit']:.0f} "
-            f"(standard heads {speed['vit_standard']:.0f})")
+            f"(standard heads {speed['vit_standard']:.0f})"
+        )
 
     line = {
         "benchmark": "extract",
         "model": str(model_dir) if args.model else f"mini pretrained here for {args.pretrain_steps} steps",
-        "policy": {"policy": args.policy, "n": args.n, "threshold": args.threshold, "coverage": args.coverage,
-                   "criterion": args.criterion or DEFAULT_CRITERION[args.policy]},
+        "policy": {
+            "policy": args.policy,
+            "n": args.n,
+            "threshold": args.threshold,
+            "coverage": args.coverage,
+            "criterion": args.criterion or DEFAULT_CRITERION[args.policy],
+        },
         "calibration_images": args.calibration_images,
-        "heal": {"steps": args.heal_steps, "batch_size": args.heal_batch_size, "train": args.heal_train,
-                 "lr": args.heal_lr},
-        "device": "cpu", "threads": args.threads, "batch_size": args.batch_size, "quick": args.quick,
+        "heal": {
+            "steps": args.heal_steps,
+            "batch_size": args.heal_batch_size,
+            "train": args.heal_train,
+            "lr": args.heal_lr,
+        },
+        "device": "cpu",
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "quick": args.quick,
         "malloc": malloc_setting(),
-        "tasks": results, "targets_met": targets,
+        "tasks": results,
+        "targets_met": targets,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
     print(json.dumps(line))

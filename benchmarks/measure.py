@@ -84,7 +84,9 @@ def keep_freed_memory(threshold_mb: int = 256) -> int | None:
     undone: glibc has no call that restores its dynamic thresholds."""
     global _threshold_mb
     if isinstance(threshold_mb, bool) or not isinstance(threshold_mb, int) or not 1 <= threshold_mb < 2048:
-        raise ValueError(f"threshold_mb={threshold_mb!r}: give a whole number of MiB from 1 to 2047 (mallopt takes an int).")
+        raise ValueError(
+            f"threshold_mb={threshold_mb!r}: give a whole number of MiB from 1 to 2047 (mallopt takes an int)."
+        )
     libc = _glibc()
     if libc is None or malloc_library() != "glibc":  # another allocator preloaded: glibc's thresholds do nothing
         return None
@@ -128,8 +130,12 @@ _MALLCTL_ARENAS_ALL = 4096  # jemalloc's "all arenas" index in "arena.<i>.purge"
 
 
 class _DlInfo(ctypes.Structure):
-    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
 
 
 def _malloc_file() -> str | None:
@@ -149,7 +155,7 @@ def _malloc_file() -> str | None:
 
 
 def malloc_library() -> str | None:
-    """"jemalloc", "tcmalloc" or "glibc": the allocator behind this process's `malloc` (and so behind PyTorch's CPU
+    """ "jemalloc", "tcmalloc" or "glibc": the allocator behind this process's `malloc` (and so behind PyTorch's CPU
     tensors); another library's file name if it is none of these; None where it cannot be told (not Linux)."""
     path = _malloc_file()
     if path is None:
@@ -178,8 +184,11 @@ def release_free_memory() -> str | None:
             proc = ctypes.CDLL(None)
             for key in (b"thread.tcache.flush", f"arena.{_MALLCTL_ARENAS_ALL}.purge".encode()):
                 if proc.mallctl(key, None, None, None, ctypes.c_size_t(0)) != 0:  # e.g. jemalloc < 5
-                    warnings.warn(f"jemalloc refused mallctl({key.decode()!r}): freed memory stays resident.",
-                                  RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"jemalloc refused mallctl({key.decode()!r}): freed memory stays resident.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
         elif kind == "tcmalloc":
             proc = ctypes.CDLL(None)
             proc.MallocExtension_MarkThreadIdle()  # this thread's cache first, then the page heap
@@ -195,9 +204,15 @@ def find_malloc_library(kind: str) -> str | None:
     dynamic linker's cache, in that order."""
     if kind not in MALLOC_LIBRARIES:
         raise ValueError(f"kind={kind!r}: choose one of {sorted(MALLOC_LIBRARIES)}.")
-    folders = [Path(sys.prefix) / "lib", Path(os.environ.get("CONDA_PREFIX", sys.prefix)) / "lib",
-               Path("/usr/local/lib"), Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/aarch64-linux-gnu"),
-               Path("/usr/lib64"), Path("/usr/lib")]
+    folders = [
+        Path(sys.prefix) / "lib",
+        Path(os.environ.get("CONDA_PREFIX", sys.prefix)) / "lib",
+        Path("/usr/local/lib"),
+        Path("/usr/lib/x86_64-linux-gnu"),
+        Path("/usr/lib/aarch64-linux-gnu"),
+        Path("/usr/lib64"),
+        Path("/usr/lib"),
+    ]
     for folder in dict.fromkeys(folders):
         for name in MALLOC_LIBRARIES[kind]:
             if (folder / name).is_file():
@@ -216,8 +231,10 @@ def preload_env(kind: str, env: dict | None = None) -> dict:
     library = find_malloc_library(kind)
     if library is None:
         apt, conda = MALLOC_PACKAGES[kind]
-        raise FileNotFoundError(f"no {kind} library found (Debian/Ubuntu: apt-get install {apt}; conda: conda install "
-                                f"-c conda-forge {conda}).")
+        raise FileNotFoundError(
+            f"no {kind} library found (Debian/Ubuntu: apt-get install {apt}; conda: conda install "
+            f"-c conda-forge {conda})."
+        )
     env = dict(os.environ if env is None else env)
     env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD")) if p)
     return env

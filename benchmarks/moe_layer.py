@@ -71,7 +71,7 @@ def interleaved(cands: dict, rounds: int, device, warmup: int = 2, once=()) -> d
     for r in range(rounds):
         # each round starts one candidate later: what runs right after another (a cache or allocator state left
         # behind) is not always the same pair, so no candidate carries a fixed position's cost or benefit
-        for k in names[r % len(names):] + names[: r % len(names)]:
+        for k in names[r % len(names) :] + names[: r % len(names)]:
             if k not in once or r == 0:
                 times[k].append(timed(cands[k], device))
     return {k: statistics.median(v) for k, v in times.items()}
@@ -89,8 +89,14 @@ def layer_benchmark(device, dtype, rounds, tokens, backends=BACKENDS, d=384):
     base = None
     for impl in backends:
         cfg = MoEViTConfig(
-            tasks=["t"], hidden_size=d, num_hidden_layers=1, num_attention_heads=6, mlp_experts=[experts],
-            mlp_top_k=k, mlp_expert_size=4 * d // k, experts_implementation=impl,
+            tasks=["t"],
+            hidden_size=d,
+            num_hidden_layers=1,
+            num_attention_heads=6,
+            mlp_experts=[experts],
+            mlp_top_k=k,
+            mlp_expert_size=4 * d // k,
+            experts_implementation=impl,
         )
         layer = MoEViTSparseMLP(cfg, 0).to(device=device, dtype=dtype)
         if base is None:
@@ -185,10 +191,17 @@ def build_model(name: str, preset: str, image_size: int):
     cfg = MoEViTConfig.from_preset(preset, tasks=["cls"], image_size=image_size, num_labels=1000)
     if name == "moe":
         return MoEViTForImageClassification(cfg), {"task": "cls"}
-    vit = ViTForImageClassification(ViTConfig(
-        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=4 * cfg.hidden_size, image_size=image_size, patch_size=cfg.patch_size, num_labels=1000,
-    ))
+    vit = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            intermediate_size=4 * cfg.hidden_size,
+            image_size=image_size,
+            patch_size=cfg.patch_size,
+            num_labels=1000,
+        )
+    )
     return vit, {}
 
 
@@ -225,17 +238,23 @@ def main():
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated experts backends to time")
-    p.add_argument("--malloc", choices=["keep", "default", *MALLOC_LIBRARIES], default="default",
-                   help="keep: glibc keeps freed memory for the next step (benchmarks/measure.py keep_freed_memory); "
-                        "default: the platform's allocator as it is (under glibc its own thresholds, which page-fault "
-                        "freed buffers back in every step); jemalloc / tcmalloc: the benchmark restarts itself with "
-                        "that allocator preloaded (LD_PRELOAD), as PyTorch's CPU launcher does")
+    p.add_argument(
+        "--malloc",
+        choices=["keep", "default", *MALLOC_LIBRARIES],
+        default="default",
+        help="keep: glibc keeps freed memory for the next step (benchmarks/measure.py keep_freed_memory); "
+        "default: the platform's allocator as it is (under glibc its own thresholds, which page-fault "
+        "freed buffers back in every step); jemalloc / tcmalloc: the benchmark restarts itself with "
+        "that allocator preloaded (LD_PRELOAD), as PyTorch's CPU launcher does",
+    )
     a = p.parse_args()
     preloaded = os.environ.pop("MOE_ADAPT_PRELOADED", None)  # set by the restart below, for this process only
     if a.malloc in MALLOC_LIBRARIES and malloc_library() != a.malloc:
         if preloaded == a.malloc:
-            raise SystemExit(f"--malloc {a.malloc}: preloading (LD_PRELOAD={os.environ.get('LD_PRELOAD')!r}) did not "
-                             f"replace malloc ({malloc_library()})")
+            raise SystemExit(
+                f"--malloc {a.malloc}: preloading (LD_PRELOAD={os.environ.get('LD_PRELOAD')!r}) did not "
+                f"replace malloc ({malloc_library()})"
+            )
         try:
             env = preload_env(a.malloc) | {"MOE_ADAPT_PRELOADED": a.malloc}
         except FileNotFoundError as e:
@@ -251,7 +270,9 @@ def main():
     backends = {k: round(layer[k], 3) for k in names}
     best = min(backends, key=backends.get)
     result = {
-        "device": a.device if a.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": a.device
+        if a.device != "cpu"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": a.dtype,
         "malloc": malloc_setting(),
         "preset": a.preset,
@@ -268,16 +289,20 @@ def main():
     if not a.skip_model:
         from moe_adapt.flops import flops_per_image
 
-        img_s, (moe_config, vit_config) = model_benchmark(device, dtype, a.model_rounds, a.batch, a.image_size, a.preset)
+        img_s, (moe_config, vit_config) = model_benchmark(
+            device, dtype, a.model_rounds, a.batch, a.image_size, a.preset
+        )
         name = a.preset.replace("-", "_")  # vit_s / vit_b
-        result.update({
-            "batch": a.batch,
-            f"moe_{name}_train_img_s": round(img_s["moe"], 2),
-            f"dense_{name}_train_img_s": round(img_s["dense"], 2),
-            f"{name}_train_vs_dense": round(img_s["moe"] / img_s["dense"], 3),
-            "moe_gflops_per_image": round(flops_per_image(moe_config)["gflops"], 3),  # active FLOPs, forward
-            "dense_gflops_per_image": round(flops_per_image(vit_config)["gflops"], 3),
-        })
+        result.update(
+            {
+                "batch": a.batch,
+                f"moe_{name}_train_img_s": round(img_s["moe"], 2),
+                f"dense_{name}_train_img_s": round(img_s["dense"], 2),
+                f"{name}_train_vs_dense": round(img_s["moe"] / img_s["dense"], 3),
+                "moe_gflops_per_image": round(flops_per_image(moe_config)["gflops"], 3),  # active FLOPs, forward
+                "dense_gflops_per_image": round(flops_per_image(vit_config)["gflops"], 3),
+            }
+        )
     print(json.dumps(result))
 
 

@@ -47,8 +47,11 @@ def parse_args(argv):
     p.add_argument("--data", default=None, help="mini benchmark folder (default: the recipe's)")
     p.add_argument("--quick", action="store_true", help="small benchmark, tiny model, 6 steps: a smoke test")
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
-    p.add_argument("--runs", default="multitask_moe,multitask_moe_no_mi,single_task_dense",
-                   help="comma-separated runs to do (default all three kinds); what is left out is null in the JSON line")
+    p.add_argument(
+        "--runs",
+        default="multitask_moe,multitask_moe_no_mi,single_task_dense",
+        help="comma-separated runs to do (default all three kinds); what is left out is null in the JSON line",
+    )
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides applied to every run")
     return p.parse_args(argv)
 
@@ -64,8 +67,13 @@ def main(argv=None) -> int:
     from moe_adapt.flops import flops_per_image
     from moe_adapt.training import load_pretrain_config, pretrain
 
-    overrides = list(args.overrides) + ["train.progress_bar=false", "train.max_minutes=null", "train.save_every=0",
-                                        "train.eval_every=0", "train.log_every=50"]
+    overrides = list(args.overrides) + [
+        "train.progress_bar=false",
+        "train.max_minutes=null",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "train.log_every=50",
+    ]
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
     if args.quick:
@@ -78,7 +86,11 @@ def main(argv=None) -> int:
     tasks = list(base.tasks)
 
     with contextlib.ExitStack() as stack:
-        root = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pretrain_mini_")))
+        root = (
+            Path(args.out)
+            if args.out
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pretrain_mini_")))
+        )
         started = time.perf_counter()
 
         def run(name: str, **changes):
@@ -107,10 +119,21 @@ def main(argv=None) -> int:
             mc = MoEViTConfig.from_preset(base.model.preset, tasks=tasks, **base.model.overrides)
             dense_changes = dict(attn_experts=0, mlp_experts=0, intermediate_size=mc.mlp_top_k * mc.mlp_expert_size)
             dense = {t: run(f"single_task_dense_{t}", tasks=[t], **dense_changes) for t in tasks}
-        done = {"multitask_moe": moe, "multitask_moe_no_mi": no_mi, **{f"single_task_dense_{t}": r for t, r in dense.items()}}
+        done = {
+            "multitask_moe": moe,
+            "multitask_moe_no_mi": no_mi,
+            **{f"single_task_dense_{t}": r for t, r in dense.items()},
+        }
         any_run = next(r for r in done.values() if r is not None)
-        primary = lambda r, t: None if r is None else round(r["primary"][t], 4)  # noqa: E731
-        gflops = lambda r, t: None if r is None else round(flops_per_image(r["model"], task=t, image_size=image_size[t])["gflops"], 4)  # noqa: E731
+
+        def primary(r, t):
+            return None if r is None else round(r["primary"][t], 4)
+
+        def gflops(r, t):
+            if r is None:
+                return None
+            return round(flops_per_image(r["model"], task=t, image_size=image_size[t])["gflops"], 4)
+
         image_size = {t: base.tasks[t].image_size or any_run["model"].config.image_size for t in tasks}
         result = {
             "benchmark": "pretrain_mini",
@@ -122,7 +145,8 @@ def main(argv=None) -> int:
                     "multitask_moe": primary(moe, t),
                     "multitask_moe_no_mi": primary(no_mi, t),
                     "single_task_dense": primary(dense.get(t), t),
-                    "multitask_minus_single": None if moe is None or t not in dense
+                    "multitask_minus_single": None
+                    if moe is None or t not in dense
                     else round(moe["primary"][t] - dense[t]["primary"][t], 4),
                 }
                 for t in tasks
@@ -139,10 +163,16 @@ def main(argv=None) -> int:
                 "with_mi_loss": None if moe is None else round(moe["normalized_mi"]["mean"], 4),
                 "without_mi_loss": None if no_mi is None else round(no_mi["normalized_mi"]["mean"], 4),
             },
-            "within_1_point": None if moe is None or not dense
+            "within_1_point": None
+            if moe is None or not dense
             else all(moe["primary"][t] >= dense[t]["primary"][t] - 0.01 for t in tasks),
-            "machine": {"cpus": os.cpu_count(), "threads": any_run["threads"], "load_avg_1m": round(os.getloadavg()[0], 2),
-                        "torch": torch.__version__, "python": platform.python_version()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "threads": any_run["threads"],
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
             "wall_s": round(time.perf_counter() - started, 1),
         }
     print(json.dumps(result))

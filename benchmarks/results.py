@@ -36,19 +36,24 @@ SECTIONS: dict[str, dict] = {
         "title": "Multi-task pretraining on the mini benchmark",
         "guide": "pretraining.md",
         "about": "One MoE ViT trained on all three tasks at once, against the same without the MI loss and against "
-                 "a dense ViT per task with the MoE's active compute, same steps.",
+        "a dense ViT per task with the MoE's active compute, same steps.",
         "rows": "tasks",
-        "columns": {"metric": "metric", "multi-task MoE": "multitask_moe", "no MI loss": "multitask_moe_no_mi",
-                    "single-task dense": "single_task_dense", "steps": "/steps"},
+        "columns": {
+            "metric": "metric",
+            "multi-task MoE": "multitask_moe",
+            "no MI loss": "multitask_moe_no_mi",
+            "single-task dense": "single_task_dense",
+            "steps": "/steps",
+        },
     },
     "decomposition": {
         "title": "Decomposition out of the box",
         "guide": "decomposition.md",
         "about": "Pretraining variants of the demo recipe at a fixed 286 steps (1 thread), seeds 0 and 1: per task, "
-                 "the routing entropy (mean over MoE layers of H(mean gate) / log E), the parent's metric beside the "
-                 "single-task dense baseline of the same seed, the default `moe-adapt extract` slice (Mod-Squad's 3% "
-                 "threshold) and the k-expert slice (`--policy top_n`) as parameters kept / metric kept, and the "
-                 "default slice healed for 100 steps. ✓: at most 50% of the parameters and at least 99% of the metric.",
+        "the routing entropy (mean over MoE layers of H(mean gate) / log E), the parent's metric beside the "
+        "single-task dense baseline of the same seed, the default `moe-adapt extract` slice (Mod-Squad's 3% "
+        "threshold) and the k-expert slice (`--policy top_n`) as parameters kept / metric kept, and the "
+        "default slice healed for 100 steps. ✓: at most 50% of the parameters and at least 99% of the metric.",
         "render": lambda runs, all_runs: _decomposition(runs, all_runs),
     },
     "pretrain_mini_dense": {
@@ -62,55 +67,79 @@ SECTIONS: dict[str, dict] = {
         "title": "bf16 autocast on this CPU",
         "guide": "pretraining.md",
         "about": "One multi-task train step of the mini recipe in fp32 against `torch.autocast('cpu', torch.bfloat16)`, "
-                 "interleaved in one process.",
-        "columns": {"fp32 s/step": "fp32_s_per_step", "bf16 s/step": "bf16_s_per_step",
-                    "bf16 speed-up": "speedup_bf16", "torch": "torch"},
+        "interleaved in one process.",
+        "columns": {
+            "fp32 s/step": "fp32_s_per_step",
+            "bf16 s/step": "bf16_s_per_step",
+            "bf16 speed-up": "speedup_bf16",
+            "torch": "torch",
+        },
     },
     "extract": {
         "title": "Task slices",
         "guide": "decomposition.md",
         "about": "The slice `moe-adapt extract` gives per task: parameters against the parent, metric kept before and "
-                 "after healing, and backbone speed against transformers' `ViTModel` of the slice's active shape.",
+        "after healing, and backbone speed against transformers' `ViTModel` of the slice's active shape.",
         "rows": "tasks",
-        "columns": {"params slice/full": "params.ratio", "metric kept": "metric.ratio",
-                    "kept healed": "metric.healed_ratio", "speed vs same-shape ViT": "speed_sliced_vs_vit"},
+        "columns": {
+            "params slice/full": "params.ratio",
+            "metric kept": "metric.ratio",
+            "kept healed": "metric.healed_ratio",
+            "speed vs same-shape ViT": "speed_sliced_vs_vit",
+        },
     },
     "adapt": {
         "title": "LoRA on a slice",
         "guide": "adaptation.md",
         "about": "LoRA-fine-tuning a slice on scikit-learn digits against full fine-tuning of the whole model "
-                 "(ratios sliced LoRA / full).",
-        "columns": {"trainable vs full model": "sliced_lora_vs_full_ft.trainable_vs_full_model",
-                    "params": "sliced_lora_vs_full_ft.params", "images/s": "sliced_lora_vs_full_ft.images_per_s",
-                    "peak memory": "sliced_lora_vs_full_ft.peak_memory",
-                    "accuracy points": "sliced_lora_vs_full_ft.accuracy_points"},
+        "(ratios sliced LoRA / full).",
+        "columns": {
+            "trainable vs full model": "sliced_lora_vs_full_ft.trainable_vs_full_model",
+            "params": "sliced_lora_vs_full_ft.params",
+            "images/s": "sliced_lora_vs_full_ft.images_per_s",
+            "peak memory": "sliced_lora_vs_full_ft.peak_memory",
+            "accuracy points": "sliced_lora_vs_full_ft.accuracy_points",
+        },
     },
     "continual": {
         "title": "Continual learning",
         "guide": "continual.md",
         "about": "Adding scikit-learn digits as a new task: old tasks must not move, the new task is compared with "
-                 "fine-tuning a copy of the whole model.",
-        "columns": {"old tasks unchanged": "targets.old_tasks_unchanged",
-                    "new-task accuracy": "new_task_accuracy.ours",
-                    "full fine-tune": "new_task_accuracy.full_finetune_baseline",
-                    "params added": "params.added_ratio"},
+        "fine-tuning a copy of the whole model.",
+        "columns": {
+            "old tasks unchanged": "targets.old_tasks_unchanged",
+            "new-task accuracy": "new_task_accuracy.ours",
+            "full fine-tune": "new_task_accuracy.full_finetune_baseline",
+            "params added": "params.added_ratio",
+        },
     },
     "moe_layer": {
         "title": "MoE layer and train-step speed",
         "guide": "performance.md",
         "about": "One MoE MLP layer, forward + backward, against a dense MLP of equal active width; then a ViT train "
-                 "step against transformers' ViT of the same width and depth.",
-        "columns": {"device": "device", "dtype": "dtype", "tokens": "tokens", "layer vs dense": "best_vs_dense",
-                    "train step vs dense ViT": "vit_s_train_vs_dense"},
+        "step against transformers' ViT of the same width and depth.",
+        "columns": {
+            "device": "device",
+            "dtype": "dtype",
+            "tokens": "tokens",
+            "layer vs dense": "best_vs_dense",
+            "train step vs dense ViT": "vit_s_train_vs_dense",
+        },
     },
     "export": {
         "title": "Exported slices",
         "guide": "decomposition.md",
         "about": "A routed slice through `torch.export` against eager mode.",
-        "columns": {"batch": "batch", "eager ms": "eager_ms", "exported ms": "exported_ms",
-                    "exported / eager": "exported_vs_eager", "max |diff|": "max_abs_diff"},
+        "columns": {
+            "batch": "batch",
+            "eager ms": "eager_ms",
+            "exported ms": "exported_ms",
+            "exported / eager": "exported_vs_eager",
+            "max |diff|": "max_abs_diff",
+        },
     },
 }
+
 
 def _span(values, f=lambda v: f"{v:.2f}") -> str:
     values = sorted(v for v in values if v is not None)
@@ -123,8 +152,10 @@ def _pretraining(run):
     tasks = run["tasks"].values()
     above = sum(t["multitask_moe"] >= t["single_task_dense"] for t in tasks)
     mi = run.get("normalized_mi", {})
-    return (f"at or above {above} of {len(run['tasks'])} single-task dense baselines; normalised I(T;E) "
-            f"{mi.get('with_mi_loss', float('nan')):.2f} vs {mi.get('without_mi_loss', float('nan')):.2f} without the MI loss")
+    return (
+        f"at or above {above} of {len(run['tasks'])} single-task dense baselines; normalised I(T;E) "
+        f"{mi.get('with_mi_loss', float('nan')):.2f} vs {mi.get('without_mi_loss', float('nan')):.2f} without the MI loss"
+    )
 
 
 def _slices(run):
@@ -132,22 +163,28 @@ def _slices(run):
     pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
     healed = [t["metric"].get("healed_ratio") for t in tasks]
     kept = _span([t["metric"]["ratio"] for t in tasks], pct)
-    return (f"policy `{run['policy']['policy']}`: {_span([t['params']['ratio'] for t in tasks], pct)} of the parameters, {kept} of the metric"
-            + (f" ({_span(healed, pct)} healed)" if any(v is not None for v in healed) else "")
-            + f", {_span([t['speed_sliced_vs_vit'] for t in tasks])}× a same-shape ViT's speed")
+    return (
+        f"policy `{run['policy']['policy']}`: {_span([t['params']['ratio'] for t in tasks], pct)} of the parameters, {kept} of the metric"
+        + (f" ({_span(healed, pct)} healed)" if any(v is not None for v in healed) else "")
+        + f", {_span([t['speed_sliced_vs_vit'] for t in tasks])}× a same-shape ViT's speed"
+    )
 
 
 def _lora(run):
     r = run["sliced_lora_vs_full_ft"]
-    return (f"{100 * r['trainable_vs_full_model']:.1f}% of the parameters trained, {r['accuracy_points']:+.2f} points, "
-            f"{r['images_per_s']:.2f}× images/s, {r['peak_memory']:.2f}× peak memory")
+    return (
+        f"{100 * r['trainable_vs_full_model']:.1f}% of the parameters trained, {r['accuracy_points']:+.2f} points, "
+        f"{r['images_per_s']:.2f}× images/s, {r['peak_memory']:.2f}× peak memory"
+    )
 
 
 def _continual(run):
     acc = run["new_task_accuracy"]
-    return (("old tasks bit-identical" if run["targets"]["old_tasks_unchanged"] else "OLD TASKS CHANGED")
-            + f", new task {acc['ours']:.3f} vs {acc['full_finetune_baseline']:.3f} for full fine-tuning, "
-            f"+{100 * run['params']['added_ratio']:.1f}% parameters")
+    return (
+        ("old tasks bit-identical" if run["targets"]["old_tasks_unchanged"] else "OLD TASKS CHANGED")
+        + f", new task {acc['ours']:.3f} vs {acc['full_finetune_baseline']:.3f} for full fine-tuning, "
+        f"+{100 * run['params']['added_ratio']:.1f}% parameters"
+    )
 
 
 # README headline rows: (what, benchmark, summary of its runs). Rows whose benchmark has no recorded run are left out.
@@ -156,8 +193,11 @@ HEADLINES = [
     ("task slices (`moe-adapt extract`)", "extract", lambda runs: _slices(runs[-1])),
     ("LoRA on a slice vs full fine-tuning (digits)", "adapt", lambda runs: _lora(runs[-1])),
     ("adding a task", "continual", lambda runs: _continual(runs[-1])),
-    ("MoE MLP layer / dense MLP, CPU", "moe_layer",
-     lambda runs: _span([r["best_vs_dense"] for r in runs if str(r.get("device", "")).startswith("cpu")]) + "×"),
+    (
+        "MoE MLP layer / dense MLP, CPU",
+        "moe_layer",
+        lambda runs: _span([r["best_vs_dense"] for r in runs if str(r.get("device", "")).startswith("cpu")]) + "×",
+    ),
 ]
 
 
@@ -207,35 +247,48 @@ def _decomposition(runs: list[dict], all_runs: dict[str, list[dict]]) -> list[st
     """The variants table, then per task the parameters-kept / metric-kept curve of every selection policy for the
     baseline and the last (chosen) variant."""
     dense = {str(r.get("seed")): r["tasks"] for r in all_runs.get("pretrain_mini_dense", [])}
-    out = ["| variant | seed | task | routing entropy | parent (dense) | default slice | k-expert slice | healed |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| variant | seed | task | routing entropy | parent (dense) | default slice | k-expert slice | healed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for run in runs:
         for task, t in run["tasks"].items():
             curve = {p["policy"]: p for p in t.get("curve", [])}
             base = dense.get(str(run.get("seed")), {}).get(task, {}).get("single_task_dense")
             healed = t.get("default", {}).get("healed_kept")
-            out.append(f"| {run['variant']} | {run.get('seed')} | {task} | {t['entropy']:.2f} | {t['parent']:.4f} "
-                       f"({fmt(base)}) | {_pair(t.get('default') or curve.get('default'))} | "
-                       f"{_pair(curve.get('top_n:gate_mass:k'))} | {f'{100 * healed:.1f}%' if healed else '—'} |")
-    shown = [r for r in runs if r["variant"] == "baseline"][:1] + [r for r in runs if r["variant"] == runs[-1]["variant"]]
+            out.append(
+                f"| {run['variant']} | {run.get('seed')} | {task} | {t['entropy']:.2f} | {t['parent']:.4f} "
+                f"({fmt(base)}) | {_pair(t.get('default') or curve.get('default'))} | "
+                f"{_pair(curve.get('top_n:gate_mass:k'))} | {f'{100 * healed:.1f}%' if healed else '—'} |"
+            )
+    shown = [r for r in runs if r["variant"] == "baseline"][:1] + [
+        r for r in runs if r["variant"] == runs[-1]["variant"]
+    ]
     for task in runs[-1]["tasks"]:
         policies = list(dict.fromkeys(p["policy"] for r in shown for p in r["tasks"].get(task, {}).get("curve", [])))
-        out += ["", f"**{task}**: parameters kept / metric kept per selection policy, before healing", "",
-                "| policy | " + " | ".join(f"{r['variant']}, seed {r.get('seed')}" for r in shown) + " |",
-                "|---|" + "---|" * len(shown)]
+        out += [
+            "",
+            f"**{task}**: parameters kept / metric kept per selection policy, before healing",
+            "",
+            "| policy | " + " | ".join(f"{r['variant']}, seed {r.get('seed')}" for r in shown) + " |",
+            "|---|" + "---|" * len(shown),
+        ]
         for policy in policies:
-            cells = [_pair(next((p for p in r["tasks"].get(task, {}).get("curve", []) if p["policy"] == policy), None))
-                     for r in shown]
+            cells = [
+                _pair(next((p for p in r["tasks"].get(task, {}).get("curve", []) if p["policy"] == policy), None))
+                for r in shown
+            ]
             out.append(f"| {policy} | " + " | ".join(cells) + " |")
     return out
 
 
 def table(name: str, runs: list[dict]) -> list[str]:
     spec = SECTIONS.get(name, {})
-    columns = spec.get("columns") or {k: k for k, v in runs[-1].items() if not k.startswith("_")
-                                      and isinstance(v, (int, float, str, bool))}
+    columns = spec.get("columns") or {
+        k: k for k, v in runs[-1].items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))
+    }
     rows_at = spec.get("rows")
-    head = (["run"] + (["task"] if rows_at else []) + list(columns))
+    head = ["run"] + (["task"] if rows_at else []) + list(columns)
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, run in enumerate(runs, 1):
         rows = (lookup(run, rows_at) or {}).items() if rows_at else [(None, run)]
@@ -248,10 +301,14 @@ def table(name: str, runs: list[dict]) -> list[str]:
 
 
 def render_results(runs: dict[str, list[dict]]) -> str:
-    out = ["# Results", "",
-           "Generated by `python benchmarks/results.py render` from `benchmarks/results/*.jsonl`; do not edit by hand. "
-           "Each section names the command that produced it, the revision and the date; ratios are measured "
-           "within one run, absolute times move with the machine's load.", ""]
+    out = [
+        "# Results",
+        "",
+        "Generated by `python benchmarks/results.py render` from `benchmarks/results/*.jsonl`; do not edit by hand. "
+        "Each section names the command that produced it, the revision and the date; ratios are measured "
+        "within one run, absolute times move with the machine's load.",
+        "",
+    ]
     order = [n for n in SECTIONS if n in runs] + sorted(n for n in runs if n not in SECTIONS)
     for name in order:
         spec, lines = SECTIONS.get(name, {}), runs[name]
@@ -260,8 +317,9 @@ def render_results(runs: dict[str, list[dict]]) -> str:
         if spec.get("about"):
             guide = f" Guide: [{spec['guide']}]({spec['guide']})." if spec.get("guide") else ""
             out += [spec["about"] + guide, ""]
-        stamps = list(dict.fromkeys((r["_command"], r.get("_revision"), r.get("_date")) for r in lines
-                                    if r.get("_command")))  # in recorded order
+        stamps = list(
+            dict.fromkeys((r["_command"], r.get("_revision"), r.get("_date")) for r in lines if r.get("_command"))
+        )  # in recorded order
         for command, revision, date in stamps:
             out.append(f"- `{command}`" + (f" at {revision}" if revision else "") + (f" on {date}" if date else ""))
         if stamps:
@@ -303,8 +361,14 @@ def revision() -> str:
     return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def record(command: list[str], name: str | None = None, append: bool = False, results: Path = RESULTS,
-           docs: Path = ROOT / "docs" / "results.md", readme: Path = ROOT / "README.md") -> Path:
+def record(
+    command: list[str],
+    name: str | None = None,
+    append: bool = False,
+    results: Path = RESULTS,
+    docs: Path = ROOT / "docs" / "results.md",
+    readme: Path = ROOT / "README.md",
+) -> Path:
     """Run `command`, keep the JSON lines it prints on stdout in `results/<name>.jsonl`, render the documents."""
     sys.path.insert(0, str(ROOT))
     from moe_adapt.io import atomic_write_text
@@ -321,8 +385,7 @@ def record(command: list[str], name: str | None = None, append: bool = False, re
         raise SystemExit(f"error: {shlex.join(command)} exited with status {proc.returncode}; nothing recorded")
     if not lines:
         raise SystemExit(f"error: {shlex.join(command)} printed no JSON line; nothing recorded")
-    stamp = {"_command": shlex.join(command), "_revision": revision(),
-             "_date": datetime.date.today().isoformat()}
+    stamp = {"_command": shlex.join(command), "_revision": revision(), "_date": datetime.date.today().isoformat()}
     new = [json.dumps(json.loads(line) | stamp) for line in lines]
     path = results / f"{name}.jsonl"
     old = path.read_text().splitlines() if append and path.exists() else []

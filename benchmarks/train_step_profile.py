@@ -67,7 +67,8 @@ def measure(step, device: torch.device, steps: int, warmup: int, top: int) -> di
         sync(device)
     events = prof.key_averages()
     on_device = [  # device work, without user annotations (the optimizer's `Optimizer.step#...` span repeats its kernels)
-        e for e in events
+        e
+        for e in events
         if cuda and e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
     ]
     host_ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::")]

@@ -112,8 +112,10 @@ def _dense_layer_widths(config, vit: nn.Module | None, depth: int, is_moe: bool)
         for i, layer in enumerate(layers):
             q_proj = getattr(getattr(layer, "attention", None), "q_proj", None)
             fc1 = getattr(getattr(layer, "mlp", None), "fc1", None)
-            widths[i] = (widths[i][0] if q_proj is None else q_proj.out_features,
-                         widths[i][1] if fc1 is None else fc1.out_features)
+            widths[i] = (
+                widths[i][0] if q_proj is None else q_proj.out_features,
+                widths[i][1] if fc1 is None else fc1.out_features,
+            )
     return widths
 
 
@@ -160,7 +162,9 @@ def flops_per_image(
         if task is None:
             task = config.default_task or tasks[0]
         task = tasks[config.task_index(task)]
-        backbone = None if model is None else (model if hasattr(model, "moe_layers") else getattr(model, "moe_vit", None))
+        backbone = (
+            None if model is None else (model if hasattr(model, "moe_layers") else getattr(model, "moe_vit", None))
+        )
         # what the model would run: the same checks and messages as forward, and set_routing's overrides
         plan = (backbone or config).routing_plan(task, top_k, expert_mask)
         attn_counts, mlp_counts = list(config.attn_experts), list(config.mlp_experts)
@@ -267,8 +271,13 @@ def count_parameters(model: nn.Module, task: str | None = None) -> dict:
                 task_total += numel
         else:
             task_total += numel
-    out = {"total": total, "experts": experts, "routers": routers, "task_specific": task_specific,
-           "shared": total - experts - routers - task_specific}
+    out = {
+        "total": total,
+        "experts": experts,
+        "routers": routers,
+        "task_specific": task_specific,
+        "shared": total - experts - routers - task_specific,
+    }
     if task is not None:
         out["task_total"] = task_total
     return out

@@ -78,8 +78,14 @@ WRITER = textwrap.dedent(
 def _run_writer(writer: str, dest: Path, seed: int, marker: Path | None, log: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, writer, str(dest), str(seed), str(marker or "-")],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, writer, str(dest), str(seed), str(marker or "-")],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         if marker is None:
             assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
@@ -100,8 +106,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("writer, previous", [("atomic_dir", False), ("atomic_dir", True), ("finetune", True),
-                                              ("checkpoint", True)])
+@pytest.mark.parametrize(
+    "writer, previous", [("atomic_dir", False), ("atomic_dir", True), ("finetune", True), ("checkpoint", True)]
+)
 def test_a_writer_killed_mid_write_leaves_the_previous_output_or_none(writer, previous, tmp_path):
     parent = tmp_path / "out"
     dest = parent / "model"

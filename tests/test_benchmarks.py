@@ -11,8 +11,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_moe_layer_benchmark_prints_its_json_line():
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--rounds", "1", "--model-rounds", "1",
-           "--tokens", "197", "--batch", "1", "--image-size", "32", "--backends", "segmented_mm,grouped_mm,eager"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "moe_layer.py"),
+        "--rounds",
+        "1",
+        "--model-rounds",
+        "1",
+        "--tokens",
+        "197",
+        "--batch",
+        "1",
+        "--image-size",
+        "32",
+        "--backends",
+        "segmented_mm,grouped_mm,eager",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -35,8 +49,19 @@ def test_moe_layer_benchmark_prints_its_json_line():
 def test_moe_layer_benchmark_takes_the_vit_b_preset():
     """The GPU measurement's command line (`--preset vit-b --batch 128 --device cuda --dtype bfloat16`), here on the
     CPU at a tiny size and layer only: the layer is ViT-B's width and the tokens default to batch x 197."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--preset", "vit-b", "--batch", "1",
-           "--rounds", "1", "--skip-model", "--backends", "segmented_mm"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "moe_layer.py"),
+        "--preset",
+        "vit-b",
+        "--batch",
+        "1",
+        "--rounds",
+        "1",
+        "--skip-model",
+        "--backends",
+        "segmented_mm",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -38,8 +38,15 @@ def sliced():
     sel = select_experts(collect_expert_usage(model, [images], task="a"), "top_n", n=3)
     sub = extract_submodel(model, sel)
     report = verify_submodel(model, sub, [(images, torch.tensor([0, 1, 0, 1]))])
-    card = build_model_card(sub, sel, report, base_model="me/parent", command="moe-adapt extract parent ...",
-                            datasets={"a": "toy-a"}, parent_fingerprint=weights_fingerprint(model))
+    card = build_model_card(
+        sub,
+        sel,
+        report,
+        base_model="me/parent",
+        command="moe-adapt extract parent ...",
+        datasets={"a": "toy-a"},
+        parent_fingerprint=weights_fingerprint(model),
+    )
     return model, sel, sub, report, card
 
 
@@ -54,9 +61,17 @@ def test_card_metadata_and_body(sliced, tmp_path):
     assert (result.metric_type, result.dataset_name) == ("accuracy", "toy-a")
     assert result.metric_value == pytest.approx(report.tasks["a"]["metric"]["submodel"])
     text = card.text
-    for piece in ("## Tasks", "| a | classification | 2: dark, light |", "## Kept experts", "| layers.1.mlp | 2 | 3 / 8 |",
-                  "| parameters |", "FLOPs / image (a)", "top-1 agreement", "moe-adapt extract parent ...",
-                  "push_to_hub"):
+    for piece in (
+        "## Tasks",
+        "| a | classification | 2: dark, light |",
+        "## Kept experts",
+        "| layers.1.mlp | 2 | 3 / 8 |",
+        "| parameters |",
+        "FLOPs / image (a)",
+        "top-1 agreement",
+        "moe-adapt extract parent ...",
+        "push_to_hub",
+    ):
         assert piece in text, piece
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
@@ -72,7 +87,9 @@ def test_rebuild_from_card_is_bit_identical(sliced, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sub.save_pretrained(tmp_path / "one")
     rebuilt.save_pretrained(tmp_path / "two")
-    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (
+        tmp_path / "two" / "model.safetensors"
+    ).read_bytes()
     with pytest.raises(ValueError, match="weights differ from those the card was made from"):
         rebuild_from_card(card, make_model(seed=1))
     assert rebuild_from_card(card, make_model(seed=1), check=False).config.tasks == ["a"]
@@ -105,8 +122,18 @@ def tiny_data(tmp_path_factory):
                 for i in range(count // 2):
                     pixels = rng.integers(0, 120, (32, 32, 3), dtype=np.uint8) + 100 * c
                     Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-        blocks.append({"name": task, "task_type": "classification", "format": "imagefolder", "path": task,
-                       "split": "train", "eval_split": "test", "label_names": names, "image_size": 32})
+        blocks.append(
+            {
+                "name": task,
+                "task_type": "classification",
+                "format": "imagefolder",
+                "path": task,
+                "split": "train",
+                "eval_split": "test",
+                "label_names": names,
+                "image_size": 32,
+            }
+        )
     (root / "specs.yaml").write_text(yaml.safe_dump({"datasets": blocks}))
     return root
 
@@ -120,8 +147,25 @@ def parent_dir(tmp_path_factory):
 
 def test_cli_inspect(tiny_data, parent_dir, tmp_path, capsys):
     out = tmp_path / "inspect"
-    assert main(["inspect", str(parent_dir), "--data", str(tiny_data), "--task", "a", "--task", "b",
-                 "--out", str(out), "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(parent_dir),
+                "--data",
+                str(tiny_data),
+                "--task",
+                "a",
+                "--task",
+                "b",
+                "--out",
+                str(out),
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "task 'a': 8 images" in printed and "layers.3.mlp" in printed
     assert json.loads((out / "usage_b.json").read_text())["num_images"] == 8
@@ -130,36 +174,78 @@ def test_cli_inspect(tiny_data, parent_dir, tmp_path, capsys):
 
 def test_cli_extract_and_rebuild_from_card(tiny_data, parent_dir, tmp_path, capsys):
     out = tmp_path / "slice"
-    args = ["extract", str(parent_dir), "--data", str(tiny_data / "specs.yaml"), "--task", "a", "--task", "b",
-            "--policy", "coverage", "--coverage", "0.5", "--out", str(out), "--batch-size", "4"]
+    args = [
+        "extract",
+        str(parent_dir),
+        "--data",
+        str(tiny_data / "specs.yaml"),
+        "--task",
+        "a",
+        "--task",
+        "b",
+        "--policy",
+        "coverage",
+        "--coverage",
+        "0.5",
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "parameters:" in printed and "top-1 agreement" in printed
-    for name in ("config.json", "model.safetensors", "README.md", "verification.json", "selection.json",
-                 "usage_a.json", "usage_b.json", "usage_heatmap.png"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "verification.json",
+        "selection.json",
+        "usage_a.json",
+        "usage_b.json",
+        "usage_heatmap.png",
+    ):
         assert (out / name).is_file(), name
     report = json.loads((out / "verification.json").read_text())
     assert set(report["tasks"]) == {"a", "b"} and report["tasks"]["a"]["num_images"] == 4
     card = (out / "README.md").read_text()
     assert "--policy coverage --coverage 0.5" in card
     again = tmp_path / "rebuilt"
-    assert main(["extract", "--from-card", str(out / "README.md"), "--model", str(parent_dir), "--out", str(again)]) == 0
+    assert (
+        main(["extract", "--from-card", str(out / "README.md"), "--model", str(parent_dir), "--out", str(again)]) == 0
+    )
     assert "weights identical to the card's slice: yes" in capsys.readouterr().out
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     # bad input: an existing output folder, a card without a selection block, an unknown task, no data
     assert main(args) == 2
     assert "exists and is not empty" in capsys.readouterr().err
-    assert main(["extract", "--from-card", str(tiny_data / "specs.yaml"), "--model", str(parent_dir),
-                 "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "extract",
+                "--from-card",
+                str(tiny_data / "specs.yaml"),
+                "--model",
+                str(parent_dir),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "no moe-adapt selection block" in capsys.readouterr().err
-    assert main(["extract", str(parent_dir), "--data", str(tiny_data), "--task", "c", "--out", str(tmp_path / "y")]) == 2
+    assert (
+        main(["extract", str(parent_dir), "--data", str(tiny_data), "--task", "c", "--out", str(tmp_path / "y")]) == 2
+    )
     assert "Unknown task 'c'" in capsys.readouterr().err
     assert main(["inspect", str(parent_dir), "--data", str(tiny_data), "--task", "a", "--max-images", "0"]) == 2
     assert "no calibration images" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
 
 
-def test_cli_extract_with_healing_records_it_and_rebuilds_the_slice_before_healing(tiny_data, parent_dir, tmp_path, capsys):
+def test_cli_extract_with_healing_records_it_and_rebuilds_the_slice_before_healing(
+    tiny_data, parent_dir, tmp_path, capsys
+):
     common = ["--data", str(tiny_data), "--task", "a", "--policy", "top_n", "--batch-size", "4"]
     assert main(["extract", str(parent_dir), *common, "--out", str(tmp_path / "plain")]) == 0
     assert main(["extract", str(parent_dir), *common, "--heal-steps", "5", "--out", str(tmp_path / "healed")]) == 0
@@ -173,31 +259,85 @@ def test_cli_extract_with_healing_records_it_and_rebuilds_the_slice_before_heali
     plain = (tmp_path / "plain" / "model.safetensors").read_bytes()
     healed = (tmp_path / "healed" / "model.safetensors").read_bytes()
     assert (healed == plain) == info.healed["restored"]  # healing changed the weights unless it was undone
-    assert main(["extract", "--from-card", str(tmp_path / "healed"), "--model", str(parent_dir),
-                 "--out", str(tmp_path / "rebuilt")]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--from-card",
+                str(tmp_path / "healed"),
+                "--model",
+                str(parent_dir),
+                "--out",
+                str(tmp_path / "rebuilt"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "weights identical to the card's slice: yes" in out and "holds the slice before healing" in out
     assert (tmp_path / "rebuilt" / "model.safetensors").read_bytes() == plain
     assert main(["extract", str(parent_dir), *common, "--heal-steps", "-1", "--out", str(tmp_path / "bad")]) == 2
     assert "--heal-steps must be 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     # the whole backbone: the command and the card say so, and the default rate follows
-    assert main(["extract", str(parent_dir), *common, "--heal-steps", "3", "--heal-train", "all",
-                 "--out", str(tmp_path / "all")]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(parent_dir),
+                *common,
+                "--heal-steps",
+                "3",
+                "--heal-train",
+                "all",
+                "--out",
+                str(tmp_path / "all"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     card = (tmp_path / "all" / "README.md").read_text()
     info = read_card_selection(tmp_path / "all")
     assert "--heal-train all" in card and "other backbone tensors" in card
     assert info.healed["train"] == ["routers", "norms", "biases", "weights"] and info.healed["lr"] == 3e-4
     assert info.healed["batch_size"] == 32  # heal_submodel's default
-    assert main(["extract", str(parent_dir), *common, "--heal-steps", "2", "--heal-batch-size", "4",
-                 "--out", str(tmp_path / "b4")]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(parent_dir),
+                *common,
+                "--heal-steps",
+                "2",
+                "--heal-batch-size",
+                "4",
+                "--out",
+                str(tmp_path / "b4"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert "--heal-batch-size 4" in (tmp_path / "b4" / "README.md").read_text()
     assert read_card_selection(tmp_path / "b4").healed["batch_size"] == 4
     assert main(["extract", str(parent_dir), *common, "--heal-batch-size", "4", "--out", str(tmp_path / "bad4")]) == 2
     assert "add --heal-steps" in capsys.readouterr().err and not (tmp_path / "bad4").exists()
-    assert main(["extract", str(parent_dir), *common, "--heal-steps", "3", "--heal-train", "routers,matrices",
-                 "--out", str(tmp_path / "bad2")]) == 2
+    assert (
+        main(
+            [
+                "extract",
+                str(parent_dir),
+                *common,
+                "--heal-steps",
+                "3",
+                "--heal-train",
+                "routers,matrices",
+                "--out",
+                str(tmp_path / "bad2"),
+            ]
+        )
+        == 2
+    )
     assert "--heal-train 'routers,matrices'" in capsys.readouterr().err and not (tmp_path / "bad2").exists()
     assert main(["extract", str(parent_dir), *common, "--heal-train", "all", "--out", str(tmp_path / "bad3")]) == 2
     assert "add --heal-steps" in capsys.readouterr().err and not (tmp_path / "bad3").exists()

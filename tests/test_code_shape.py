@@ -24,7 +24,9 @@ def test_functions_stay_short():
         for node in ast.walk(ast.parse("\n".join(lines))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _body_lines(node) > LIMIT:
                 first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
-                said = " ".join(lines[max(first - 2, 0):node.lineno])
+                said = " ".join(lines[max(first - 2, 0) : node.lineno])
                 if "# long:" not in said:
-                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({_body_lines(node)} lines)")
+                    long.append(
+                        f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({_body_lines(node)} lines)"
+                    )
     assert not long, "functions over ~80 lines without a '# long: <reason>' comment:\n" + "\n".join(long)

@@ -104,9 +104,16 @@ def test_freeze_old_tasks_leaves_only_the_new_tasks_tensors_trainable(images):
     for name in trainable:
         assert ".c." in name or name.endswith(".c") or ".extra_experts.0." in name, name
     frozen = [n for n, p in grown.named_parameters() if not p.requires_grad]
-    for must_freeze in ("embeddings.projection.weight", "layers.0.attention.k_proj.weight", "layers.1.attention.q_proj.weight",
-                        "layers.1.mlp.experts.up_proj", "layers.0.attention.router.routers.a.weight", "heads.b.classifier.weight",
-                        "task_embeddings.a", "moe_vit.layernorm.weight"):
+    for must_freeze in (
+        "embeddings.projection.weight",
+        "layers.0.attention.k_proj.weight",
+        "layers.1.attention.q_proj.weight",
+        "layers.1.mlp.experts.up_proj",
+        "layers.0.attention.router.routers.a.weight",
+        "heads.b.classifier.weight",
+        "task_embeddings.a",
+        "moe_vit.layernorm.weight",
+    ):
         assert any(n.endswith(must_freeze) for n in frozen), must_freeze
     optimizer = trainable_optimizer(grown, weight_decay=0.1)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -156,7 +163,10 @@ def test_grown_model_on_the_accelerator_code_path(images, monkeypatch):
         grown.zero_grad(set_to_none=True)
         loss = grown(images, labels=labels, task="c").loss
         loss.backward()
-        results[accelerator] = (loss.detach(), {n: p.grad.clone() for n, p in grown.named_parameters() if p.grad is not None})
+        results[accelerator] = (
+            loss.detach(),
+            {n: p.grad.clone() for n, p in grown.named_parameters() if p.grad is not None},
+        )
     torch.testing.assert_close(results[True][0], results[False][0])
     assert results[True][1].keys() == results[False][1].keys()
     assert any("extra_experts" in n for n in results[True][1])  # the second group is reached and trained
@@ -173,7 +183,9 @@ def test_growing_twice_keeps_every_earlier_task_identical(images):
     before = task_outputs(model, images, ["a", "b"])
     grown = train_steps(add_task(model, "c", labels=4, data=images), "c", images, steps=2)
     before_c = task_outputs(grown, images, ["c"])
-    twice = add_task(grown, "d", labels=5, new_attn_experts=1, new_mlp_experts=[0, 2, 0, 0], source_task="c", data=images)
+    twice = add_task(
+        grown, "d", labels=5, new_attn_experts=1, new_mlp_experts=[0, 2, 0, 0], source_task="c", data=images
+    )
     assert twice.config.attn_expert_groups[0] == [6, 2, 1] and twice.config.mlp_expert_groups[1] == [8, 2, 2]
     assert twice.config.mlp_expert_groups[3] == [8, 2] and twice.config.task_router_sizes["c"]["mlp"] == [0, 10, 0, 10]
     trainable = freeze_old_tasks(twice, "d")
@@ -356,8 +368,12 @@ def test_multitask_model_keeps_detection_and_classification_predictions_identica
 
     torch.manual_seed(0)
     config = MoEViTConfig.from_preset(
-        "tiny", tasks=["cls", "det"], task_types={"cls": "classification", "det": "detection"},
-        task_labels={"cls": ["a", "b"], "det": ["digit"]}, head_configs={"det": {"channels": 16, "num_convs": 1}})
+        "tiny",
+        tasks=["cls", "det"],
+        task_types={"cls": "classification", "det": "detection"},
+        task_labels={"cls": ["a", "b"], "det": ["digit"]},
+        head_configs={"det": {"channels": 16, "num_convs": 1}},
+    )
     model = trained_like(MoEViTForMultiTask(config))
 
     def predictions(m):
@@ -391,16 +407,30 @@ def test_continual_recipe_end_to_end(tmp_path, monkeypatch, capsys):
     import json
     from pathlib import Path
 
-    from moe_adapt.cli import main
     from moe_adapt.adaptation.continual import load_continual_config
+    from moe_adapt.cli import main
 
     monkeypatch.setenv("MOE_ADAPT_DATA", str(tmp_path / "data"))
     root = Path(__file__).resolve().parents[1]
     tiny_classifier().save_pretrained(tmp_path / "model")
-    code = main(["continual", "--config", str(root / "recipes" / "configs" / "continual.yaml"),
-                 "--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "out"), "train.max_steps=4",
-                 "batch_size=16", "max_train_images=64", "max_eval_images=32", "calibration_images=32",
-                 "check_images=16", "train.log_every=0"])
+    code = main(
+        [
+            "continual",
+            "--config",
+            str(root / "recipes" / "configs" / "continual.yaml"),
+            "--model",
+            str(tmp_path / "model"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "train.max_steps=4",
+            "batch_size=16",
+            "max_train_images=64",
+            "max_eval_images=32",
+            "calibration_images=32",
+            "check_images=16",
+            "train.log_every=0",
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["old_tasks_identical"] and summary["old_task_max_abs_change"] == {"a": 0.0, "b": 0.0}
@@ -411,7 +441,9 @@ def test_continual_recipe_end_to_end(tmp_path, monkeypatch, capsys):
         load_continual_config(None, ["model=x", "stepz=3"])
     with pytest.raises(ValueError, match=r"optimizer: unknown key\(s\) \['rl'\]; valid keys: .*'lr'"):
         load_continual_config(None, ["model=x", "optimizer.rl=3"])
-    assert load_continual_config(None, ["model=x", "optimizer.lr=0.1"]).optimizer.weight_decay == 0.3  # the recipe's default kept
+    assert (
+        load_continual_config(None, ["model=x", "optimizer.lr=0.1"]).optimizer.weight_decay == 0.3
+    )  # the recipe's default kept
 
 
 # ------------------------------------------------------------------------------- the default path is the safe one
@@ -451,12 +483,25 @@ def test_add_task_alone_protects_old_tasks_under_transformers_trainer(images, tm
     rows = [{"pixel_values": x, "labels": torch.tensor(i % 4)} for i, x in enumerate(images)]
 
     def collate(items):
-        return {"pixel_values": torch.stack([r["pixel_values"] for r in items]),
-                "labels": torch.stack([r["labels"] for r in items]), "task": "c"}
+        return {
+            "pixel_values": torch.stack([r["pixel_values"] for r in items]),
+            "labels": torch.stack([r["labels"] for r in items]),
+            "task": "c",
+        }
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=3, learning_rate=1e-2,
-                             weight_decay=0.1, report_to=[], save_strategy="no", logging_strategy="no",
-                             use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=3,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
     Trainer(model=grown, args=args, train_dataset=rows, data_collator=collate).train()
     after = task_outputs(grown.eval(), images, ["a", "b"])
     assert outputs_identical(before, after), max_output_change(before, after)

@@ -188,9 +188,33 @@ def test_cli_extract_keeps_the_union_of_several_tasks(grown_fashion_model, mini_
     from moe_adapt.cli import main
 
     out = tmp_path / "combined"
-    rc = main(["extract", str(grown_fashion_model), "--data", str(mini_data_dir), "--task", "fashion", "--task", "shirts",
-               "--dataset", "shirts=fashion", "--policy", "threshold", "--threshold", "0", "--max-images", "16",
-               "--verify-images", "16", "--batch-size", "16", "--no-norms", "--out", str(out)])
+    rc = main(
+        [
+            "extract",
+            str(grown_fashion_model),
+            "--data",
+            str(mini_data_dir),
+            "--task",
+            "fashion",
+            "--task",
+            "shirts",
+            "--dataset",
+            "shirts=fashion",
+            "--policy",
+            "threshold",
+            "--threshold",
+            "0",
+            "--max-images",
+            "16",
+            "--verify-images",
+            "16",
+            "--batch-size",
+            "16",
+            "--no-norms",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     sub = MoEViTForImageClassification.from_pretrained(out)
     assert sub.config.tasks == ["fashion", "shirts"] and set(sub.heads) == {"fashion", "shirts"}
@@ -235,9 +259,28 @@ def test_cli_inspect_budget_writes_the_curve(grown_fashion_model, mini_data_dir,
     from moe_adapt.cli import main
 
     out = tmp_path / "inspect"
-    rc = main(["inspect", str(grown_fashion_model), "--data", str(mini_data_dir), "--task", "shirts",
-               "--dataset", "shirts=fashion", "--max-images", "16", "--batch-size", "16", "--no-norms",
-               "--budget", "--budget-top-k", "1,2:1,2,6:8", "--out", str(out)])
+    rc = main(
+        [
+            "inspect",
+            str(grown_fashion_model),
+            "--data",
+            str(mini_data_dir),
+            "--task",
+            "shirts",
+            "--dataset",
+            "shirts=fashion",
+            "--max-images",
+            "16",
+            "--batch-size",
+            "16",
+            "--no-norms",
+            "--budget",
+            "--budget-top-k",
+            "1,2:1,2,6:8",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     curve = json.loads((out / "budget_shirts.json").read_text())
     assert curve["metric_name"] == "accuracy" and len(curve["points"]) == 4
@@ -270,7 +313,11 @@ def test_bad_routing_is_a_clear_error_in_forward_and_set_routing(model, images, 
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(top_k=0), "between 1 and"), (dict(top_k=9), "between 1 and"), (dict(top_k={"atn": 1}), "'attn' and/or 'mlp'")],
+    [
+        (dict(top_k=0), "between 1 and"),
+        (dict(top_k=9), "between 1 and"),
+        (dict(top_k={"atn": 1}), "'attn' and/or 'mlp'"),
+    ],
 )
 def test_bad_routing_is_a_clear_error_in_the_flop_counter(model, kwargs, message):
     with pytest.raises(ValueError, match=message):

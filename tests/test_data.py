@@ -31,8 +31,7 @@ def _png(path, array):
     Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
 
 
-def _coco(tmp_path, boxes_per_image, sizes=((40, 30), (40, 30)), categories=((5, "cat"), (9, "dog")),
-          skip_files=()):
+def _coco(tmp_path, boxes_per_image, sizes=((40, 30), (40, 30)), categories=((5, "cat"), (9, "dog")), skip_files=()):
     """A COCO layout: images/<split>/ + annotations/instances_train.json; boxes as [x, y, w, h, cat_id, crowd]."""
     root = tmp_path / "coco"
     coco = {"images": [], "annotations": [], "categories": [{"id": i, "name": n} for i, n in categories]}
@@ -42,8 +41,15 @@ def _coco(tmp_path, boxes_per_image, sizes=((40, 30), (40, 30)), categories=((5,
             _png(root / "images" / "train" / name, np.full((h, w, 3), 40 * k, dtype=np.uint8))
         coco["images"].append({"id": 100 + k, "file_name": name, "width": w, "height": h})
         for x, y, bw, bh, cat, crowd in boxes:
-            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": 100 + k,
-                                        "bbox": [x, y, bw, bh], "category_id": cat, "iscrowd": crowd})
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": 100 + k,
+                    "bbox": [x, y, bw, bh],
+                    "category_id": cat,
+                    "iscrowd": crowd,
+                }
+            )
     (root / "annotations").mkdir(parents=True)
     (root / "annotations" / "instances_train.json").write_text(json.dumps(coco))
     return {"name": "coco-toy", "task_type": "detection", "format": "coco", "path": str(root)}
@@ -57,8 +63,14 @@ def _ade(tmp_path, masks, image_size=(8, 6), stems=None):
         _png(root / "images" / "training" / f"{stem}.png", np.full((*image_size, 3), 10 * k))
         if mask is not None:
             _png(root / "annotations" / "training" / f"{stem}.png", mask)
-    return {"name": "ade-toy", "task_type": "semantic_segmentation", "format": "ade20k", "path": str(root),
-            "split": "training", "label_names": ["wall", "floor", "sky"]}
+    return {
+        "name": "ade-toy",
+        "task_type": "semantic_segmentation",
+        "format": "ade20k",
+        "path": str(root),
+        "split": "training",
+        "label_names": ["wall", "floor", "sky"],
+    }
 
 
 def _imagefolder(tmp_path, layout):
@@ -76,20 +88,23 @@ def _imagefolder(tmp_path, layout):
 GOOD = {"name": "t", "task_type": "classification", "format": "imagefolder", "path": "x"}
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"task_type": "regression"}, "task_type"),
-    ({"format": "coco"}, "format"),
-    ({"image_size": -3}, "image_size"),
-    ({"image_size": True}, "image_size"),
-    ({"skip_bad": "yes"}, "skip_bad"),
-    ({"label_names": ["a", "a"]}, "label_names"),
-    ({"label_names": "abc"}, "label_names"),
-    ({"reduce_labels": True}, "reduce_labels"),
-    ({"pth": "typo"}, "pth"),
-    ({"path": None}, "path"),
-    ({"task_type": "semantic_segmentation", "format": "ade20k"}, "label_names"),
-    ({"task_type": "detection", "format": "hf", "bbox_format": "cxcywh"}, "bbox_format"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"task_type": "regression"}, "task_type"),
+        ({"format": "coco"}, "format"),
+        ({"image_size": -3}, "image_size"),
+        ({"image_size": True}, "image_size"),
+        ({"skip_bad": "yes"}, "skip_bad"),
+        ({"label_names": ["a", "a"]}, "label_names"),
+        ({"label_names": "abc"}, "label_names"),
+        ({"reduce_labels": True}, "reduce_labels"),
+        ({"pth": "typo"}, "pth"),
+        ({"path": None}, "path"),
+        ({"task_type": "semantic_segmentation", "format": "ade20k"}, "label_names"),
+        ({"task_type": "detection", "format": "hf", "bbox_format": "cxcywh"}, "bbox_format"),
+    ],
+)
 def test_spec_from_dict_names_the_bad_field(change, field):
     with pytest.raises(ValueError, match=field):
         DatasetSpec.from_dict({**GOOD, **change})
@@ -169,8 +184,11 @@ def test_mini_segmentation_masks_cover_every_item_pixel(mini_specs):
 
 
 def test_dataloader_batches_each_mini_task(mini_specs):
-    for name, batch_shape in (("fashion", (4, 3, 32, 32)), ("digits-det", (4, 3, 64, 64)),
-                              ("fashion-seg", (4, 3, 64, 64))):
+    for name, batch_shape in (
+        ("fashion", (4, 3, 32, 32)),
+        ("digits-det", (4, 3, 64, 64)),
+        ("fashion-seg", (4, 3, 64, 64)),
+    ):
         ds = load_task_dataset(mini_specs[name], transform="train")
         batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_fn_for(ds.task_type))))
         assert batch["pixel_values"].shape == batch_shape
@@ -190,10 +208,12 @@ def test_hf_image_label_dataset_from_disk(tmp_path):
     rgba = Image.fromarray(np.full((6, 4, 4), 100, dtype=np.uint8), mode="RGBA")
     rgb = Image.fromarray(np.zeros((3, 3, 3), dtype=np.uint8))
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
-    dd = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"image": [gray, rgba], "label": [2, 0]}, features=features),
-        "validation": datasets.Dataset.from_dict({"image": [rgb], "label": [1]}, features=features),
-    })
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"image": [gray, rgba], "label": [2, 0]}, features=features),
+            "validation": datasets.Dataset.from_dict({"image": [rgb], "label": [1]}, features=features),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "imnet"))
     spec = {"name": "imnet", "task_type": "classification", "format": "hf", "path": str(tmp_path / "imnet")}
     ds = load_task_dataset(spec, transform=build_transforms("classification", None, False, normalize=False))
@@ -217,10 +237,13 @@ def test_imagefolder_label_names_are_shared_by_all_splits(tmp_path):
 
 
 def test_coco_layout_maps_categories_and_drops_crowd(tmp_path):
-    spec = _coco(tmp_path, [
-        [(2, 3, 10, 5, 9, 0), (0, 0, 4, 4, 5, 1)],  # the second one is a crowd region
-        [(1.5, 2.5, 8, 20, 5, 0)],
-    ])
+    spec = _coco(
+        tmp_path,
+        [
+            [(2, 3, 10, 5, 9, 0), (0, 0, 4, 4, 5, 1)],  # the second one is a crowd region
+            [(1.5, 2.5, 8, 20, 5, 0)],
+        ],
+    )
     ds = load_task_dataset(spec, transform=build_transforms("detection", None, False))
     assert ds.label_names == ["cat", "dog"]
     t0, t1 = ds[0]["labels"], ds[1]["labels"]
@@ -236,12 +259,16 @@ def test_coco_layout_maps_categories_and_drops_crowd(tmp_path):
 def test_hf_objects_detection_dataset(tmp_path):
     import datasets
 
-    features = datasets.Features({
-        "image": datasets.Image(),
-        "image_id": datasets.Value("int64"),
-        "objects": {"bbox": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
-                    "category": datasets.Sequence(datasets.ClassLabel(names=["person", "car"]))},
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "image_id": datasets.Value("int64"),
+            "objects": {
+                "bbox": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
+                "category": datasets.Sequence(datasets.ClassLabel(names=["person", "car"])),
+            },
+        }
+    )
     images = [Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)), Image.fromarray(np.zeros((10, 10), np.uint8))]
     objects = [{"bbox": [[1, 2, 3, 4], [10, 5, 20, 15]], "category": [1, 0]}, {"bbox": [], "category": []}]
     ds = datasets.Dataset.from_dict({"image": images, "image_id": [7, 8], "objects": objects}, features=features)
@@ -258,8 +285,9 @@ def test_hf_objects_detection_dataset(tmp_path):
 def test_ade20k_layout_with_reduce_labels(tmp_path):
     mask = np.array([[0, 1, 2, 3, 255, 1]] * 8, dtype=np.uint8)
     spec = _ade(tmp_path, [mask, mask])
-    ds = load_task_dataset({**spec, "reduce_labels": True}, transform=build_transforms("semantic_segmentation",
-                                                                                      None, False))
+    ds = load_task_dataset(
+        {**spec, "reduce_labels": True}, transform=build_transforms("semantic_segmentation", None, False)
+    )
     assert ds[0]["labels"][0].tolist() == [255, 0, 1, 2, 255, 0]
     plain = load_task_dataset({**spec, "label_names": ["other", "wall", "floor", "sky"]}, "train")  # train→training
     assert plain[1]["labels"][0].tolist() == [0, 1, 2, 3, 255, 1]
@@ -270,11 +298,19 @@ def test_hf_segmentation_dataset(tmp_path):
 
     features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
     mask = Image.fromarray(np.array([[1, 2], [0, 1]], dtype=np.uint8))
-    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(np.zeros((2, 2, 3), np.uint8))],
-                                     "annotation": [mask]}, features=features)
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(np.zeros((2, 2, 3), np.uint8))], "annotation": [mask]}, features=features
+    )
     datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "sp150"))
-    spec = {"name": "sp", "task_type": "semantic_segmentation", "format": "hf", "path": str(tmp_path / "sp150"),
-            "split": "validation", "label_names": ["wall", "floor"], "reduce_labels": True}
+    spec = {
+        "name": "sp",
+        "task_type": "semantic_segmentation",
+        "format": "hf",
+        "path": str(tmp_path / "sp150"),
+        "split": "validation",
+        "label_names": ["wall", "floor"],
+        "reduce_labels": True,
+    }
     assert load_task_dataset(spec)[0]["labels"].tolist() == [[0, 1], [255, 0]]
 
 
@@ -294,12 +330,18 @@ def _bad_label_range(tmp_path):
     import datasets
 
     im = Image.fromarray(np.zeros((3, 3), np.uint8))
-    ds = datasets.Dataset.from_dict({"image": [im] * 3, "label": [0, 7, 1]},
-                                    features=datasets.Features({"image": datasets.Image(),
-                                                                "label": datasets.Value("int64")}))
+    ds = datasets.Dataset.from_dict(
+        {"image": [im] * 3, "label": [0, 7, 1]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hf"))
-    spec = {"name": "hf-toy", "task_type": "classification", "format": "hf", "path": str(tmp_path / "hf"),
-            "label_names": ["a", "b"]}
+    spec = {
+        "name": "hf-toy",
+        "task_type": "classification",
+        "format": "hf",
+        "path": str(tmp_path / "hf"),
+        "label_names": ["a", "b"],
+    }
     return spec, "row 1", "label 7 is out of range 0..1", 2
 
 
@@ -338,10 +380,20 @@ def _bad_missing_mask(tmp_path):
     return spec, "images/training/ADE_0001.png", "label mask annotations/training/ADE_0001.png does not exist", 1
 
 
-@pytest.mark.parametrize("make_bad", [
-    _bad_unreadable, _bad_label_range, _bad_missing_image, _bad_box_outside, _bad_box_size, _bad_category,
-    _bad_mask_size, _bad_mask_value, _bad_missing_mask,
-])
+@pytest.mark.parametrize(
+    "make_bad",
+    [
+        _bad_unreadable,
+        _bad_label_range,
+        _bad_missing_image,
+        _bad_box_outside,
+        _bad_box_size,
+        _bad_category,
+        _bad_mask_size,
+        _bad_mask_value,
+        _bad_missing_mask,
+    ],
+)
 def test_bad_sample_raises_naming_it_or_is_skipped(tmp_path, make_bad):
     spec, sample, problem, good = make_bad(tmp_path)
     with pytest.raises(BadSampleError, match=problem) as err:
@@ -377,8 +429,12 @@ def _square_sample(h=48, w=64, box=(10, 8, 30, 28)):
     x1, y1, x2, y2 = box
     image[:, y1:y2, x1:x2] = 1.0
     mask[y1:y2, x1:x2] = 1
-    return {"image": image, "mask": mask, "boxes": torch.tensor([box], dtype=torch.float32),
-            "class_labels": torch.tensor([4])}
+    return {
+        "image": image,
+        "mask": mask,
+        "boxes": torch.tensor([box], dtype=torch.float32),
+        "class_labels": torch.tensor([4]),
+    }
 
 
 def test_hflip_twice_is_identity_and_moves_the_box_with_the_object():
@@ -437,7 +493,8 @@ def test_transforms_are_deterministic_given_a_generator():
 
 def test_eval_transform_resizes_and_normalises():
     out = build_transforms("semantic_segmentation", (24, 32), train=False, mean=(0.5, 0, 0), std=(0.5, 1, 2))(
-        _square_sample())
+        _square_sample()
+    )
     assert out["image"].shape == (3, 24, 32) and out["mask"].shape == (24, 32)
     assert out["image"][0].min() == -1 and out["image"][0].max() == 1 and out["image"][2].max() == 0.5
     assert out["boxes"].tolist() == [[5, 4, 15, 14]]
@@ -448,10 +505,12 @@ def test_eval_transform_resizes_and_normalises():
 
 def test_collators_pad_to_the_batch():
     a, b = torch.ones(3, 4, 5), torch.ones(3, 6, 3)
-    seg = collate_fn_for("semantic_segmentation")([
-        {"pixel_values": a, "labels": torch.zeros(4, 5, dtype=torch.long)},
-        {"pixel_values": b, "labels": torch.ones(6, 3, dtype=torch.long)},
-    ])
+    seg = collate_fn_for("semantic_segmentation")(
+        [
+            {"pixel_values": a, "labels": torch.zeros(4, 5, dtype=torch.long)},
+            {"pixel_values": b, "labels": torch.ones(6, 3, dtype=torch.long)},
+        ]
+    )
     assert seg["pixel_values"].shape == (2, 3, 6, 5) and seg["labels"].shape == (2, 6, 5)
     assert seg["labels"][0, 4:].eq(255).all() and seg["labels"][1, :, 3:].eq(255).all()
     assert seg["pixel_values"][1, :, :, 3:].eq(0).all() and seg["labels"][1, :, :3].eq(1).all()
@@ -460,8 +519,9 @@ def test_collators_pad_to_the_batch():
     assert cls["pixel_values"].shape == (2, 3, 4, 5) and cls["labels"].tolist() == [3, 1]
 
     targets = [{"boxes": torch.zeros(0, 4)}, {"boxes": torch.ones(2, 4)}]
-    det = collate_fn_for("detection")([{"pixel_values": a, "labels": targets[0]},
-                                      {"pixel_values": b, "labels": targets[1]}])
+    det = collate_fn_for("detection")(
+        [{"pixel_values": a, "labels": targets[0]}, {"pixel_values": b, "labels": targets[1]}]
+    )
     assert det["pixel_values"].shape == (2, 3, 6, 5) and det["labels"] == targets
     with pytest.raises(ValueError, match="unknown task_type 'depth'"):
         collate_fn_for("depth")

@@ -84,10 +84,23 @@ def launch(cmd: list[str], out: Path) -> list[dict]:
     """Run the worker under `cmd` (a 2-process launcher) and return each rank's report."""
     script = out / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", MPLBACKEND="Agg",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([*cmd, str(script), str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        OMP_WAIT_POLICY="PASSIVE",
+        HF_HUB_OFFLINE="1",
+        MPLBACKEND="Agg",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.Popen(
+        [*cmd, str(script), str(out)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -116,8 +129,24 @@ def test_ddp_two_processes(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_two_processes(tmp_path):
-    ranks = launch([str(BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "--use_fsdp", "--fsdp_version", "2"], tmp_path)
+    ranks = launch(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--use_fsdp",
+            "--fsdp_version",
+            "2",
+        ],
+        tmp_path,
+    )
     assert ranks[0]["fsdp"]  # the model's parameters were sharded (DTensors), each rank holding its part
     check_same_weights_and_exact_resume(ranks)
     shards = sorted(p.name for p in (tmp_path / "checkpoints" / "checkpoint_0" / "fsdp").iterdir())

@@ -33,10 +33,14 @@ def tiny_model(mini_specs, seed: int = 0) -> MoEViTForMultiTask:
     too: some then overlap a digit at IoU >= 0.5 and the metric has matches to count."""
     torch.manual_seed(seed)
     config = MoEViTConfig.from_preset(
-        "tiny", tasks=list(TASKS), task_types=TASKS,
+        "tiny",
+        tasks=list(TASKS),
+        task_types=TASKS,
         task_labels={t: list(mini_specs[t].label_names) for t in TASKS},
-        head_configs={"digits-det": {"channels": 16, "num_convs": 1, "prior_prob": 0.3},
-                      "fashion-seg": {"channels": 16}},
+        head_configs={
+            "digits-det": {"channels": 16, "num_convs": 1, "prior_prob": 0.3},
+            "fashion-seg": {"channels": 16},
+        },
     )
     model = trained_like(MoEViTForMultiTask(config), seed=seed)
     torch.nn.init.zeros_(model.heads["digits-det"].cls_logits.weight)
@@ -117,9 +121,13 @@ def test_detection_equals_coco_map_of_the_predictions_on_original_images(model, 
     for i, (pred, item) in enumerate(zip(preds, items)):
         target = item["labels"]
         boxes = scale_boxes(pred["boxes"], target["size"], target["orig_size"])  # → the 64-pixel original
-        coco.add(prediction={"boxes": boxes.numpy(), "scores": pred["scores"].numpy(), "labels": pred["labels"].numpy()},
-                 reference={"boxes": original[i]["labels"]["boxes"].numpy(),
-                            "labels": original[i]["labels"]["class_labels"].numpy()})
+        coco.add(
+            prediction={"boxes": boxes.numpy(), "scores": pred["scores"].numpy(), "labels": pred["labels"].numpy()},
+            reference={
+                "boxes": original[i]["labels"]["boxes"].numpy(),
+                "labels": original[i]["labels"]["class_labels"].numpy(),
+            },
+        )
     expected = coco.compute()
     result = evaluate(model, loader(spec, batch_size), "digits-det")
     assert result.primary == "map" and set(result) == set(expected)
@@ -145,7 +153,9 @@ def test_train_mode_is_restored_module_by_module(mini_specs):
     model = tiny_model(mini_specs).train()
     model.heads["fashion"].eval()  # a caller's frozen part stays as it was
     seen = []
-    handle = model.moe_vit.register_forward_hook(lambda m, args, out: seen.append((m.training, torch.is_inference_mode_enabled())))
+    handle = model.moe_vit.register_forward_hook(
+        lambda m, args, out: seen.append((m.training, torch.is_inference_mode_enabled()))
+    )
     try:
         evaluate(model, loader(mini_specs["fashion"], 4), "fashion")
     finally:
@@ -159,7 +169,9 @@ def test_train_mode_is_restored_module_by_module(mini_specs):
 
 
 def test_wrong_task_names_it_and_the_valid_tasks(model, mini_specs):
-    with pytest.raises(ValueError, match=r"has no task 'fashoin'; its tasks are \['fashion', 'digits-det', 'fashion-seg'\]"):
+    with pytest.raises(
+        ValueError, match=r"has no task 'fashoin'; its tasks are \['fashion', 'digits-det', 'fashion-seg'\]"
+    ):
         evaluate(model, loader(mini_specs["fashion"], 4), "fashoin")
 
 
@@ -262,12 +274,29 @@ def test_two_processes_gather_every_sample_once(model, mini_data_dir, mini_specs
     `gather_for_metrics` drops; each rank reports the single-process metric over all 11."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", MPLBACKEND="Agg",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(mini_data_dir / "specs.yaml"), str(tmp_path), str(Path(__file__).parent)]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        OMP_WAIT_POLICY="PASSIVE",
+        HF_HUB_OFFLINE="1",
+        MPLBACKEND="Agg",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(mini_data_dir / "specs.yaml"),
+        str(tmp_path),
+        str(Path(__file__).parent),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:

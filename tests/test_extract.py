@@ -73,6 +73,7 @@ def test_dense_collapse_runs_the_fused_path(images):
     def counter(key):
         def hook(module, args, _):
             calls[key] += args[1].shape[-1] < module.num_experts  # k < E: routed; k = E: the fused dense path
+
         return hook
 
     # the routed path dispatches tokens to experts; every expert chosen, the experts run as one fused dense layer
@@ -146,11 +147,16 @@ def test_only_the_chosen_tasks_modules_are_kept(images):
 def test_expert_groups_task_router_sizes_and_slices_of_slices(images):
     """A grown parent: experts in two groups, task b routing over the first 4 attention / 6 MLP experts only."""
     model = make_model(
-        attn_expert_groups=[[4, 2], [], [4, 2], []], mlp_expert_groups=[[], [6, 2], [], [6, 2]],
+        attn_expert_groups=[[4, 2], [], [4, 2], []],
+        mlp_expert_groups=[[], [6, 2], [], [6, 2]],
         task_router_sizes={"b": {"attn": [4, 0, 4, 0], "mlp": [0, 6, 0, 6]}},
     )
-    experts = {"layers.0.attn": [1, 2, 3, 5], "layers.1.mlp": [0, 4, 5, 6, 7],
-               "layers.2.attn": [0, 2, 3, 4], "layers.3.mlp": [2, 4, 5, 7]}
+    experts = {
+        "layers.0.attn": [1, 2, 3, 5],
+        "layers.1.mlp": [0, 4, 5, 6, 7],
+        "layers.2.attn": [0, 2, 3, 4],
+        "layers.3.mlp": [2, 4, 5, 7],
+    }
     sel = ExpertSelection(experts=experts, tasks=["a", "b"], model=model_signature(model.config))
     sub = extract_submodel(model, sel)
     assert sub.config.task_router_sizes == {"b": {"attn": [3, 0, 3, 0], "mlp": [0, 3, 0, 3]}}
@@ -163,9 +169,15 @@ def test_expert_groups_task_router_sizes_and_slices_of_slices(images):
     subsub = extract_submodel(sub, ExpertSelection(experts=last_two, tasks=["a"], model=model_signature(sub.config)))
     assert subsub.config.parent_expert_ids["mlp"][1] == [6, 7]
     assert subsub.config.parent_expert_ids["attn"][2] == [3, 4]
-    ref = model(images, task="a", expert_mask=ExpertSelection(
-        experts={n: subsub.config.parent_expert_ids[n.rsplit(".", 1)[1]][int(n.split(".")[1])] for n in experts},
-        tasks=["a"], model=model_signature(model.config)).expert_mask(model.config, "a")).logits
+    ref = model(
+        images,
+        task="a",
+        expert_mask=ExpertSelection(
+            experts={n: subsub.config.parent_expert_ids[n.rsplit(".", 1)[1]][int(n.split(".")[1])] for n in experts},
+            tasks=["a"],
+            model=model_signature(model.config),
+        ).expert_mask(model.config, "a"),
+    ).logits
     torch.testing.assert_close(subsub(images, task="a").logits, ref, atol=1e-5, rtol=1e-5)
     report = verify_submodel(sub, subsub, [images])
     assert report.kept_experts["layers.1.mlp"] == [2, 5]
@@ -175,8 +187,12 @@ def test_expert_groups_task_router_sizes_and_slices_of_slices(images):
 def test_task_reaching_exactly_k_of_more_kept_experts(images):
     """Task b reaches only k of a layer's kept experts (fused dense path over the first k)."""
     model = make_model(task_router_sizes={"b": {"attn": [4, 0, 4, 0], "mlp": [0, 6, 0, 6]}})
-    experts = {"layers.0.attn": [1, 3, 4, 5], "layers.1.mlp": [0, 5, 6, 7],
-               "layers.2.attn": [0, 2, 4, 5], "layers.3.mlp": [2, 4, 6, 7]}
+    experts = {
+        "layers.0.attn": [1, 3, 4, 5],
+        "layers.1.mlp": [0, 5, 6, 7],
+        "layers.2.attn": [0, 2, 4, 5],
+        "layers.3.mlp": [2, 4, 6, 7],
+    }
     sel = ExpertSelection(experts=experts, tasks=["a", "b"], model=model_signature(model.config))
     sub = extract_submodel(model, sel)
     ref = model(images, task="b", expert_mask=sel.expert_mask(model.config, "b")).logits
@@ -201,8 +217,10 @@ def test_verification_report(tmp_path, images):
     from moe_adapt.cli.extract import kept_line  # what `moe-adapt extract` prints last: the shares kept
 
     m = t["metric"]
-    assert kept_line(report) == (f"slice: {100 * report.params['ratio']:.1f}% of the parameters; a keeps "
-                                 f"{100 * m['submodel'] / m['parent']:.1f}% of its {m['name']}")
+    assert kept_line(report) == (
+        f"slice: {100 * report.params['ratio']:.1f}% of the parameters; a keeps "
+        f"{100 * m['submodel'] / m['parent']:.1f}% of its {m['name']}"
+    )
 
 
 def test_bad_input_gives_clear_errors(images):
@@ -237,7 +255,8 @@ def test_multitask_model_with_detection_and_segmentation_heads(tmp_path, images)
     from moe_adapt.models.moe_vit import TASK_MODEL_CLASSES, MoEViTForMultiTask
 
     config = MoEViTConfig.from_preset(
-        "tiny", tasks=["cls", "det", "seg"],
+        "tiny",
+        tasks=["cls", "det", "seg"],
         task_types={"cls": "classification", "det": "detection", "seg": "semantic_segmentation"},
         task_labels={"cls": ["a", "b"], "det": ["digit"], "seg": ["bg", "fg"]},
         head_configs={"det": {"channels": 16, "num_convs": 1}, "seg": {"channels": 16}},

@@ -57,9 +57,16 @@ def digits_root(tmp_path_factory):
 
 def run_config(parent_dir, digits_root, out, **kw) -> FinetuneConfig:
     base = dict(
-        model=str(parent_dir), dataset={"builtin": "digits", "root": str(digits_root)}, output_dir=str(out),
-        batch_size=16, calibration_images=32, max_train_images=64, max_eval_images=32,
-        selection={"policy": "top_n"}, lora={"r": 2}, train=TrainConfig(max_steps=4, log_every=0),
+        model=str(parent_dir),
+        dataset={"builtin": "digits", "root": str(digits_root)},
+        output_dir=str(out),
+        batch_size=16,
+        calibration_images=32,
+        max_train_images=64,
+        max_eval_images=32,
+        selection={"policy": "top_n"},
+        lora={"r": 2},
+        train=TrainConfig(max_steps=4, log_every=0),
     )
     if "lr" in kw:
         base["optimizer"] = OptimizerConfig(lr=kw.pop("lr"), warmup_ratio=0.05)
@@ -115,8 +122,9 @@ def test_lora_mode_end_to_end_saves_adapter_and_merged(parent_dir, digits_root, 
     assert type(merged) is MoEViTForImageClassification and merged.config.tasks == ["digits"]
     assert merged.config.attn_experts == [2, 0, 2, 0] and merged.config.mlp_experts == [0, 2, 0, 2]  # sliced
     # the adapter reloads onto base/ and matches the merged model
-    peft_model = load_lora(MoEViTForImageClassification.from_pretrained(tmp_path / "run" / "base"),
-                           tmp_path / "run" / "adapter")
+    peft_model = load_lora(
+        MoEViTForImageClassification.from_pretrained(tmp_path / "run" / "base"), tmp_path / "run" / "adapter"
+    )
     assert isinstance(peft_model, PeftModel)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -132,8 +140,11 @@ def test_router_and_full_modes(parent_dir, digits_root, tmp_path, mode):
             return self.baseline_mb + 5.0
 
     parent = MoEViTForImageClassification.from_pretrained(parent_dir)
-    result = finetune(run_config(parent_dir, digits_root, tmp_path / mode, mode=mode, slice=False), verbose=False,
-                      memory=FivePastBaseline if mode == "full" else None)
+    result = finetune(
+        run_config(parent_dir, digits_root, tmp_path / mode, mode=mode, slice=False),
+        verbose=False,
+        memory=FivePastBaseline if mode == "full" else None,
+    )
     model = result.model
     if mode == "full":
         assert result.report.peak_memory_above_baseline_mb == pytest.approx(5.0)
@@ -141,8 +152,9 @@ def test_router_and_full_modes(parent_dir, digits_root, tmp_path, mode):
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable and all("router.routers.digits" in n or n.startswith("heads.digits") for n in trainable)
         # the frozen backbone did not move
-        torch.testing.assert_close(model.moe_vit.layers[1].mlp.experts.up_proj,
-                                   parent.moe_vit.layers[1].mlp.experts.up_proj, atol=0, rtol=0)
+        torch.testing.assert_close(
+            model.moe_vit.layers[1].mlp.experts.up_proj, parent.moe_vit.layers[1].mlp.experts.up_proj, atol=0, rtol=0
+        )
     else:
         assert result.report.trainable_params == result.report.total_params
     assert model.config.mlp_experts == parent.config.mlp_experts  # slice: false keeps every expert
@@ -152,9 +164,15 @@ def test_router_and_full_modes(parent_dir, digits_root, tmp_path, mode):
 
 def test_recipe_runs_from_yaml(parent_dir, digits_root, tmp_path):
     config = {
-        "model": str(parent_dir), "dataset": {"builtin": "digits", "root": str(digits_root)},
-        "output_dir": str(tmp_path / "recipe"), "batch_size": 8, "calibration_images": 16,
-        "max_train_images": 32, "max_eval_images": 16, "lora": {"r": 2}, "selection": {"policy": "top_n"},
+        "model": str(parent_dir),
+        "dataset": {"builtin": "digits", "root": str(digits_root)},
+        "output_dir": str(tmp_path / "recipe"),
+        "batch_size": 8,
+        "calibration_images": 16,
+        "max_train_images": 32,
+        "max_eval_images": 16,
+        "lora": {"r": 2},
+        "selection": {"policy": "top_n"},
         "train": {"max_steps": 3, "log_every": 1},
     }
     path = tmp_path / "ft.yaml"
@@ -162,8 +180,22 @@ def test_recipe_runs_from_yaml(parent_dir, digits_root, tmp_path):
     spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    recipe.main(["--config", str(path), "--merge", "--source-task", "a", "--validation-fraction", "0.25",
-                 "--lr", "0.02", "--head-lr", "0.05", "train.max_steps=2"])
+    recipe.main(
+        [
+            "--config",
+            str(path),
+            "--merge",
+            "--source-task",
+            "a",
+            "--validation-fraction",
+            "0.25",
+            "--lr",
+            "0.02",
+            "--head-lr",
+            "0.05",
+            "train.max_steps=2",
+        ]
+    )
     saved = json.loads((tmp_path / "recipe" / "report.json").read_text())
     assert saved["extra"]["source_task"] == "a" and (tmp_path / "recipe" / "merged" / "config.json").is_file()
     assert (saved["extra"]["lr"], saved["extra"]["head_lr"]) == (0.02, 0.05)
@@ -212,8 +244,11 @@ def test_attach_task_to_a_multitask_model_with_head_options():
     from moe_adapt.adaptation.finetune import attach_task
 
     config = MoEViTConfig.from_preset(
-        "tiny", tasks=["cls", "det"], task_types={"det": "detection"},
-        task_labels={"cls": ["a", "b"], "det": ["x"]}, head_configs={"det": {"channels": 16, "scales": [1]}},
+        "tiny",
+        tasks=["cls", "det"],
+        task_types={"det": "detection"},
+        task_labels={"cls": ["a", "b"], "det": ["x"]},
+        head_configs={"det": {"channels": 16, "scales": [1]}},
     )
     model = MoEViTForMultiTask(config).eval()
     new = attach_task(model, "det", "digits", [str(i) for i in range(10)])
@@ -250,7 +285,8 @@ def test_head_lr_is_the_rate_of_the_new_tasks_tensors():
     def tiny(task):
         torch.manual_seed(0)
         return MoEViTForImageClassification(
-            MoEViTConfig.from_preset("tiny", tasks=[task], task_labels={task: list("abc")}))
+            MoEViTConfig.from_preset("tiny", tasks=[task], task_labels={task: list("abc")})
+        )
 
     lora = apply_lora(tiny("new"), lora_config(tiny("new"), r=2, verbose=False), verbose=False)
     trainable, moved = moved_after_training(lora, "new")
@@ -377,8 +413,9 @@ def test_memory_meter_reports_the_peak_torch_or_the_os_gives():
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         del block
     assert meter.peak_mb >= meter.baseline_mb and meter.above_baseline_mb >= 0
-    common = dict(model=model, task="t", name="t", mode="full", images_per_s=1.0, memory=meter, metric_name="accuracy",
-                  metric=0.5)
+    common = dict(
+        model=model, task="t", name="t", mode="full", images_per_s=1.0, memory=meter, metric_name="accuracy", metric=0.5
+    )
     report = efficiency_report(**common)
     assert report.memory_kind == "max_rss" and report.peak_memory_mb == meter.peak_mb
     assert "peak memory (max_rss)" in report.to_console()

@@ -46,7 +46,9 @@ def test_moe_vit_flops_match_the_formula():
 
 def test_router_sizes_heads_and_slices():
     config = MoEViTConfig.from_preset(
-        "tiny", tasks=["a", "b"], task_labels={"a": list("xyz"), "b": list("uv")},
+        "tiny",
+        tasks=["a", "b"],
+        task_labels={"a": list("xyz"), "b": list("uv")},
         task_router_sizes={"b": {"attn": [4, 0, 4, 0], "mlp": [0, 8, 0, 8]}},
     )
     assert flops_per_image(config, "a")["router"] - flops_per_image(config, "b")["router"] == 2 * (2 * N * D * 2)
@@ -62,8 +64,14 @@ def test_router_sizes_heads_and_slices():
 
 
 def test_dense_vit_and_all_dense_moe_config_agree():
-    vit_config = ViTConfig(hidden_size=D, num_hidden_layers=4, num_attention_heads=4, intermediate_size=I_DENSE,
-                           image_size=32, patch_size=8)
+    vit_config = ViTConfig(
+        hidden_size=D,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=I_DENSE,
+        image_size=32,
+        patch_size=8,
+    )
     dense = MoEViTConfig.from_preset("tiny", tasks=["a"], attn_experts=0, mlp_experts=0)
     f_vit = flops_per_image(ViTModel(vit_config, add_pooling_layer=False))
     assert f_vit["total"] == flops_per_image(dense)["total"] == flops_per_image(vit_config)["total"]
@@ -75,8 +83,15 @@ def test_vit_with_wider_heads_is_counted_per_layer():
     head size, is counted layer by layer from its modules, not from the config alone."""
     from transformers.models.vit.modeling_vit import ViTAttention
 
-    vit_config = ViTConfig(hidden_size=D, num_hidden_layers=4, num_attention_heads=4, intermediate_size=I_DENSE,
-                           image_size=32, patch_size=8, head_dim=2 * D // 4)
+    vit_config = ViTConfig(
+        hidden_size=D,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=I_DENSE,
+        image_size=32,
+        patch_size=8,
+        head_dim=2 * D // 4,
+    )
     vit = ViTModel(vit_config, add_pooling_layer=False)
     wide = 4 * 2 * N * D * (2 * D) + 2 * 2 * N * N * (2 * D)
     assert flops_per_image(vit_config)["attention"] == flops_per_image(vit)["attention"] == 4 * wide

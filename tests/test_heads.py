@@ -24,9 +24,15 @@ TASK_TYPES = {"cls": "classification", "det": "detection", "seg": "semantic_segm
 
 def tiny_config(**heads) -> MoEViTConfig:
     return MoEViTConfig.from_preset(
-        "tiny", tasks=list(TASK_TYPES), task_types=TASK_TYPES,
+        "tiny",
+        tasks=list(TASK_TYPES),
+        task_types=TASK_TYPES,
         task_labels={"cls": ["a", "b", "c"], "det": ["x", "y"], "seg": ["bg", "fg"]},
-        head_configs={"det": {"channels": 16, "num_convs": 1, "scales": [2, 1]}, "seg": {"channels": 16, "pool_scales": [1, 2]}, **heads},
+        head_configs={
+            "det": {"channels": 16, "num_convs": 1, "scales": [2, 1]},
+            "seg": {"channels": 16, "pool_scales": [1, 2]},
+            **heads,
+        },
     )
 
 
@@ -82,9 +88,16 @@ def test_fcos_postprocess_rescales_to_original_size_and_feeds_coco_map():
     assert len(preds) == 1 and set(preds[0]) == {"boxes", "scores", "labels"}
     assert preds[0]["labels"].tolist() == [1, 0]
     assert torch.allclose(preds[0]["boxes"][0], torch.tensor([4.0, 4.0, 20.0, 24.0]))  # ×2 to the original
-    refs = detection_references([{"boxes": torch.tensor([[2.0, 2.0, 10.0, 12.0], [20, 20, 30, 30]]),
-                                  "class_labels": torch.tensor([1, 0]), "size": torch.tensor([32, 32]),
-                                  "orig_size": torch.tensor([64, 64])}])
+    refs = detection_references(
+        [
+            {
+                "boxes": torch.tensor([[2.0, 2.0, 10.0, 12.0], [20, 20, 30, 30]]),
+                "class_labels": torch.tensor([1, 0]),
+                "size": torch.tensor([32, 32]),
+                "orig_size": torch.tensor([64, 64]),
+            }
+        ]
+    )
     result = metrics.load("coco_map").compute(
         predictions=[{k: v.tolist() for k, v in p.items()} for p in preds],
         references=[{k: v.tolist() for k, v in r.items()} for r in refs],
@@ -97,11 +110,17 @@ def test_fcos_postprocess_rescales_to_original_size_and_feeds_coco_map():
 def tiny_batches():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 32, 32, generator=g)
-    boxes = [torch.tensor([[4.0, 4.0, 20.0, 22.0]]), torch.tensor([[10.0, 2.0, 30.0, 14.0], [2, 18, 12, 30]]),
-             torch.tensor([[0.0, 0.0, 16.0, 16.0]]), torch.zeros(0, 4)]
+    boxes = [
+        torch.tensor([[4.0, 4.0, 20.0, 22.0]]),
+        torch.tensor([[10.0, 2.0, 30.0, 14.0], [2, 18, 12, 30]]),
+        torch.tensor([[0.0, 0.0, 16.0, 16.0]]),
+        torch.zeros(0, 4),
+    ]
     classes = [torch.tensor([0]), torch.tensor([1, 0]), torch.tensor([1]), torch.zeros(0, dtype=torch.long)]
-    det = [{"boxes": b, "class_labels": c, "size": torch.tensor([32, 32]), "orig_size": torch.tensor([48, 48])}
-           for b, c in zip(boxes, classes)]
+    det = [
+        {"boxes": b, "class_labels": c, "size": torch.tensor([32, 32]), "orig_size": torch.tensor([48, 48])}
+        for b, c in zip(boxes, classes)
+    ]
     seg = torch.zeros(4, 32, 32, dtype=torch.long)
     for i, (top, left) in enumerate([(4, 4), (8, 16), (16, 2), (12, 12)]):
         seg[i, top : top + 14, left : left + 14] = 1
@@ -150,7 +169,9 @@ def test_postprocess_formats_are_what_the_metrics_take(tiny_batches):
     masks = model.postprocess(model(x, task="seg"), target_sizes=[(40, 36)] * 4)
     assert [tuple(m.shape) for m in masks] == [(40, 36)] * 4 and masks[0].dtype == torch.long
     full = model.postprocess(model(x, task="seg"))
-    miou = metrics.load("mean_iou", num_labels=2).compute(predictions=[m.numpy() for m in full], references=[m.numpy() for m in seg])
+    miou = metrics.load("mean_iou", num_labels=2).compute(
+        predictions=[m.numpy() for m in full], references=[m.numpy() for m in seg]
+    )
     assert 0 <= miou["mean_iou"] <= 1
 
 
@@ -168,8 +189,12 @@ def test_dense_heads_run_on_a_single_image_in_train_and_eval_mode(channels):
     """The pyramid pooling module's 1-bin stage normalises a 1×1 map: with one channel per GroupNorm group that is a
     single value, which PyTorch refuses for one image (and would turn into the bias for any batch)."""
     torch.manual_seed(0)
-    model = MoEViTForMultiTask(tiny_config(seg={"channels": channels, "pool_scales": [1, 2]},
-                                           det={"channels": channels, "num_convs": 1, "scales": [1, 0.25]}))
+    model = MoEViTForMultiTask(
+        tiny_config(
+            seg={"channels": channels, "pool_scales": [1, 2]},
+            det={"channels": channels, "num_convs": 1, "scales": [1, 0.25]},
+        )
+    )
     x = torch.randn(1, 3, 32, 32)
     for training in (True, False):
         model.train(training)

@@ -42,10 +42,14 @@ def test_heal_fits_routers_norms_biases_only_and_brings_the_slice_closer(calib):
     flags = {n: p.requires_grad for n, p in sub.named_parameters()}
     x = calib[0]
     with torch.no_grad():
-        gap_before = (sub.moe_vit(x, task="a").last_hidden_state - parent.moe_vit(x, task="a").last_hidden_state).pow(2).mean()
+        gap_before = (
+            (sub.moe_vit(x, task="a").last_hidden_state - parent.moe_vit(x, task="a").last_hidden_state).pow(2).mean()
+        )
     report = heal_submodel(parent, sub, calib, steps=60, lr=1e-2, batch_size=16)
     with torch.no_grad():
-        gap_after = (sub.moe_vit(x, task="a").last_hidden_state - parent.moe_vit(x, task="a").last_hidden_state).pow(2).mean()
+        gap_after = (
+            (sub.moe_vit(x, task="a").last_hidden_state - parent.moe_vit(x, task="a").last_hidden_state).pow(2).mean()
+        )
     assert 0 < report.loss_after < report.loss_before
     assert gap_after < gap_before  # measured independently of the report
     trained = healable_parameters(sub.moe_vit)
@@ -55,7 +59,9 @@ def test_heal_fits_routers_norms_biases_only_and_brings_the_slice_closer(calib):
     assert any(".router.routers." in n for n in changed) and any("layernorm" in n for n in changed)
     assert not any(n.startswith("heads") for n in changed)  # heads stay
     assert all(n.endswith("bias") or "layernorm" in n or ".router.routers." in n for n in changed)  # no matrix moved
-    assert {n: p.requires_grad for n, p in sub.named_parameters()} == flags and all(p.grad is None for p in sub.parameters())
+    assert {n: p.requires_grad for n, p in sub.named_parameters()} == flags and all(
+        p.grad is None for p in sub.parameters()
+    )
     assert not sub.training and report.images == {"a": 32} and not report.restored
 
 
@@ -87,7 +93,9 @@ def test_heal_weights_distills_the_whole_backbone_closer_than_the_small_groups(c
     small, whole = k_slice(parent, calib), k_slice(parent, calib)
     before = {n: p.detach().clone() for n, p in whole.named_parameters()}
     r_small = heal_submodel(parent, small, calib, steps=40, batch_size=16)
-    r_whole = heal_submodel(parent, whole, calib, steps=40, batch_size=16, train=["routers", "norms", "biases", "weights"])
+    r_whole = heal_submodel(
+        parent, whole, calib, steps=40, batch_size=16, train=["routers", "norms", "biases", "weights"]
+    )
     assert r_small.lr == 3e-3 and r_whole.lr == 3e-4 and not r_whole.restored
     assert r_whole.trained_params == sum(p.numel() for p in whole.moe_vit.parameters())
     changed = {n for n, p in whole.named_parameters() if not torch.equal(p, before[n])}

@@ -102,7 +102,9 @@ def test_segmented_linear_idle_experts_and_frozen_weights(out_dim):
     out = plan.combine(segmented_linear(x, plan.sorted_tokens, w_frozen, None, plan.bounds), torch.ones(5, 2))
     out.sum().backward()  # stride-0 incoming gradient
     assert w_frozen.grad is None and x.grad is not None
-    torch.testing.assert_close(x.grad, torch.stack([sum(w[e].detach().sum(0) for e in row) for row in indices.tolist()]))
+    torch.testing.assert_close(
+        x.grad, torch.stack([sum(w[e].detach().sum(0) for e in row) for row in indices.tolist()])
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -168,8 +170,14 @@ def test_segmented_mlp_experts_idle_expert_frozen_weights_and_activation():
             y = experts(x, idx, w)
             y.sum().backward()  # stride-0 incoming gradient
             assert experts.down_proj.grad is None
-            results[impl] = (y.detach(), x.grad, w.grad, experts.up_proj.grad, experts.up_proj_bias.grad,
-                             experts.down_proj_bias.grad)
+            results[impl] = (
+                y.detach(),
+                x.grad,
+                w.grad,
+                experts.up_proj.grad,
+                experts.up_proj_bias.grad,
+                experts.down_proj_bias.grad,
+            )
         for impl in BACKENDS:
             for got, want in zip(results[impl], results["eager"]):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=impl)
@@ -264,8 +272,11 @@ def test_fused_dense_experts_match_the_plain_computation(act):
     y = experts(x, order, gates.gather(1, order))
     act_fn = torch.nn.functional.gelu if act == "gelu" else torch.nn.functional.silu
     ref = sum(
-        gates[:, e, None] * ((act_fn(x @ experts.up_proj[e].T + experts.up_proj_bias[e])) @ experts.down_proj[e].T
-                             + experts.down_proj_bias[e])
+        gates[:, e, None]
+        * (
+            (act_fn(x @ experts.up_proj[e].T + experts.up_proj_bias[e])) @ experts.down_proj[e].T
+            + experts.down_proj_bias[e]
+        )
         for e in range(3)
     )
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

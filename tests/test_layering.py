@@ -40,8 +40,11 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                mod = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else [])) \
-                    if node.level else node.module or ""
+                mod = (
+                    ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
+                    if node.level
+                    else node.module or ""
+                )
                 subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in found]
                 targets = subs or [mod]
             else:

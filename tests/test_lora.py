@@ -76,14 +76,18 @@ def test_lora_config_mlp_experts_only_trains_them_and_leaves_attention_alone():
         model = tiny_model(dense_slice=dense_slice)
         cfg = lora_config(model, r=2, include_attention=False, verbose=False, init_lora_weights=False)
         assert sorted(cfg.target_parameters) == sorted(
-            f"moe_vit.layers.{i}.mlp.experts.{p}" for i in (1, 3) for p in ("up_proj", "down_proj"))
+            f"moe_vit.layers.{i}.mlp.experts.{p}" for i in (1, 3) for p in ("up_proj", "down_proj")
+        )
         assert not cfg.target_modules
         peft_model = apply_lora(model, cfg, verbose=False)
         factors = {n: p for n, p in peft_model.named_parameters() if ".lora_" in n}
         assert factors and all(".mlp.experts." in n for n in factors)
         # the attention layers' own tensors (their routers are the task's and train whole, as in every LoRA mode)
-        attention = {n: p.detach().clone() for n, p in peft_model.named_parameters()
-                     if ".attention." in n and ".router." not in n}
+        attention = {
+            n: p.detach().clone()
+            for n, p in peft_model.named_parameters()
+            if ".attention." in n and ".router." not in n
+        }
         assert any(".attention.experts." in n for n in attention) and any("k_proj" in n for n in attention)
         assert not any(p.requires_grad for n, p in peft_model.named_parameters() if n in attention)
         before = {n: p.detach().clone() for n, p in factors.items()}
@@ -122,7 +126,9 @@ def test_gradients_reach_expert_lora_and_frozen_tensors_stay(impl, dense_slice):
         y = peft_model(pixels(seed=step), task="new").logits
         y.sum().backward()
         if step == 0:
-            missing = [n for n, p in peft_model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+            missing = [
+                n for n, p in peft_model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+            ]
             assert not missing, f"no gradient reached {missing}"
         optimizer.step()
         optimizer.zero_grad()
@@ -141,8 +147,11 @@ def test_lora_changes_the_output_of_every_expert_path():
         model = tiny_model(dense_slice=dense_slice).eval()
         x = pixels()
         ref = model(x).logits
-        peft_model = apply_lora(model, lora_config(model, r=2, verbose=False, init_lora_weights=False,
-                                                   include_attention=True), verbose=False)
+        peft_model = apply_lora(
+            model,
+            lora_config(model, r=2, verbose=False, init_lora_weights=False, include_attention=True),
+            verbose=False,
+        )
         for wrapper in [m for m in peft_model.modules() if isinstance(m, ParamWrapper)]:
             with torch.no_grad():
                 before = peft_model(x).logits
@@ -259,8 +268,11 @@ def test_train_norms_trains_saves_and_merges_the_layernorms(tmp_path):
     norms = [f"moe_vit.{n}" for n, m in model.moe_vit.named_modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(norms) == 2 * model.config.num_hidden_layers + 1
     peft_model = apply_lora(model, lora_config(model, r=2, train_norms=True, verbose=False), verbose=False)
-    wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
-               if isinstance(m, ModulesToSaveWrapper)}
+    wrapped = {
+        n.removeprefix("base_model.model.")
+        for n, m in peft_model.named_modules()
+        if isinstance(m, ModulesToSaveWrapper)
+    }
     assert set(norms) <= wrapped
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert all(any(n in t and "modules_to_save" in t for t in trainable) for n in norms)
@@ -320,15 +332,24 @@ def test_patch_embedding_lora_trains_saves_and_merges(tmp_path):
         torch.testing.assert_close(loaded(x).logits, expected, atol=1e-6, rtol=0)
         torch.testing.assert_close(merge_lora(loaded)(x).logits, expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="embeddings.projection"):
-        lora_config(tiny_model(), r=10_000, include_patch_embedding=True, include_experts=False,
-                    include_attention=False, include_mlp=False, verbose=False)
+        lora_config(
+            tiny_model(),
+            r=10_000,
+            include_patch_embedding=True,
+            include_experts=False,
+            include_attention=False,
+            include_mlp=False,
+            verbose=False,
+        )
 
 
 def test_import_moe_adapt_does_not_load_peft_until_lora_is_used():
     import subprocess
     import sys
 
-    code = ("import sys, moe_adapt; assert 'peft' not in sys.modules, 'peft loaded'; "
-            "from moe_adapt import lora_config, add_task, extract_submodel; assert 'peft' in sys.modules")
+    code = (
+        "import sys, moe_adapt; assert 'peft' not in sys.modules, 'peft loaded'; "
+        "from moe_adapt import lora_config, add_task, extract_submodel; assert 'peft' in sys.modules"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -34,7 +34,8 @@ def test_mean_iou_hand_computed_with_ignore_and_absent_class():
     # valid pixels (ref != 255): pred [0, 1, 1], ref [0, 1, 0]
     # class 0: inter 1, union 2 → 0.5; class 1: inter 1, union 2 → 0.5; class 2: absent → NaN, left out
     out = metrics.load("mean_iou", num_labels=3).compute(
-        predictions=[np.array([[0, 1], [1, 1]])], references=[np.array([[0, 1], [255, 0]])])
+        predictions=[np.array([[0, 1], [1, 1]])], references=[np.array([[0, 1], [255, 0]])]
+    )
     assert out["mean_iou"] == pytest.approx(0.5)
     assert out["overall_accuracy"] == pytest.approx(2 / 3)
     np.testing.assert_allclose(out["per_category_iou"], [0.5, 0.5, np.nan])
@@ -60,8 +61,7 @@ def test_mean_iou_predicted_class_absent_from_reference_counts_as_zero():
 
 
 def test_mean_iou_custom_ignore_index_and_all_ignored():
-    out = metrics.load("mean_iou", num_labels=2).compute(
-        predictions=[[[1, 1]]], references=[[[0, 1]]], ignore_index=0)
+    out = metrics.load("mean_iou", num_labels=2).compute(predictions=[[[1, 1]]], references=[[[0, 1]]], ignore_index=0)
     assert out["mean_iou"] == 1.0 and out["overall_accuracy"] == 1.0
     out = metrics.load("mean_iou", num_labels=2).compute(predictions=[[[1, 1]]], references=[[[255, 255]]])
     assert math.isnan(out["mean_iou"]) and math.isnan(out["overall_accuracy"])
@@ -99,8 +99,9 @@ def test_coco_map_perfect_predictions():
 
 def test_coco_map_iou_062_counts_at_three_of_ten_thresholds():
     # IoU = (100 * 62) / (100 * 100) = 0.62: a match at thresholds 0.50, 0.55, 0.60 only → mAP = 3 / 10
-    out = metrics.load("coco_map").compute(predictions=[_pred([[0, 0, 100, 62]], [0.8], [3])],
-                                           references=[_ref([[0, 0, 100, 100]], [3])])
+    out = metrics.load("coco_map").compute(
+        predictions=[_pred([[0, 0, 100, 62]], [0.8], [3])], references=[_ref([[0, 0, 100, 100]], [3])]
+    )
     assert out["map"] == pytest.approx(0.3)
     assert out["map_50"] == pytest.approx(1.0) and out["map_75"] == 0.0
     assert out["map_large"] == pytest.approx(0.3) and out["map_small"] == -1.0  # area 10000 > 96²
@@ -110,7 +111,8 @@ def test_coco_map_false_positive_ranked_first_halves_precision():
     # ranked: FP (0.9) then TP (0.8) → precision 1/2 at every recall level → AP = 0.5
     out = metrics.load("coco_map").compute(
         predictions=[_pred([[50, 50, 60, 60], [0, 0, 10, 10]], [0.9, 0.8], [0, 0])],
-        references=[_ref([[0, 0, 10, 10]], [0])])
+        references=[_ref([[0, 0, 10, 10]], [0])],
+    )
     assert out["map"] == pytest.approx(0.5) and out["map_small"] == pytest.approx(0.5)
     assert out["mar_1"] == 0.0 and out["mar_10"] == pytest.approx(1.0)
 
@@ -120,7 +122,8 @@ def test_coco_map_empty_predictions_and_wrong_labels_score_zero():
     empty = metrics.load("coco_map").compute(predictions=[_pred([], [], []), _pred([], [], [])], references=refs)
     assert empty["map"] == 0.0 and empty["mar_100"] == 0.0
     wrong = metrics.load("coco_map").compute(
-        predictions=[_pred([[0, 0, 10, 10]], [0.9], [1]), _pred([], [], [])], references=refs)
+        predictions=[_pred([[0, 0, 10, 10]], [0.9], [1]), _pred([], [], [])], references=refs
+    )
     assert wrong["map"] == 0.0
 
 
@@ -137,8 +140,9 @@ def test_coco_map_classes_absent_from_an_image_and_per_class():
 
 def test_coco_map_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="image 0: 1 predicted boxes, 2 scores and 1 labels"):
-        metrics.load("coco_map").compute(predictions=[_pred([[0, 0, 1, 1]], [0.1, 0.2], [0])],
-                                         references=[_ref([], [])])
+        metrics.load("coco_map").compute(
+            predictions=[_pred([[0, 0, 1, 1]], [0.1, 0.2], [0])], references=[_ref([], [])]
+        )
 
 
 def test_coco_map_on_loader_targets_mapped_back_to_the_original_size(mini_specs):
@@ -150,7 +154,9 @@ def test_coco_map_on_loader_targets_mapped_back_to_the_original_size(mini_specs)
     for i in range(20):
         t, ref = resized[i]["labels"], original[i]["labels"]
         boxes = scale_boxes(t["boxes"], t["size"], t["orig_size"])
-        coco.add(prediction=_pred(boxes.numpy(), np.linspace(1, 0.5, len(boxes)), t["class_labels"]),
-                 reference=_ref(ref["boxes"], ref["class_labels"]))
+        coco.add(
+            prediction=_pred(boxes.numpy(), np.linspace(1, 0.5, len(boxes)), t["class_labels"]),
+            reference=_ref(ref["boxes"], ref["class_labels"]),
+        )
     out = coco.compute()
     assert out["map"] == pytest.approx(1.0)

@@ -15,8 +15,11 @@ from moe_adapt.data.mini import SIZES, build_mini_benchmark, load_fashion_mnist
 
 
 def _file_hashes(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _cli(argv):
@@ -40,22 +43,36 @@ def test_same_seed_same_bytes_other_seed_other_bytes(mini_data_dir, tmp_path):
 
 def test_splits_share_no_source_image(mini_data_dir):
     fashion = mini_data_dir / "fashion"
-    pixels = {split: {np.asarray(Image.open(p)).tobytes() for p in (fashion / split).rglob("*.png")}
-              for split in ("train", "test")}
+    pixels = {
+        split: {np.asarray(Image.open(p)).tobytes() for p in (fashion / split).rglob("*.png")}
+        for split in ("train", "test")
+    }
     assert len(pixels["train"]) == SIZES[True]["fashion"][0] and len(pixels["test"]) == SIZES[True]["fashion"][1]
     assert not pixels["train"] & pixels["test"]
 
     sources = json.loads((mini_data_dir / "manifest.json").read_text())["sources"]
-    for task, (train_dir, eval_dir) in {"digits-det": ("train/", "test/"),
-                                        "fashion-seg": ("images/training/", "images/validation/")}.items():
+    for task, (train_dir, eval_dir) in {
+        "digits-det": ("train/", "test/"),
+        "fashion-seg": ("images/training/", "images/validation/"),
+    }.items():
         train = {s for f, ids in sources[task].items() if f.startswith(train_dir) for s in ids}
         test = {s for f, ids in sources[task].items() if f.startswith(eval_dir) for s in ids}
         assert train and test and not train & test, task
     # all eval images of every task come from Fashion-MNIST's t10k or the held-out digits, never the train pool
-    fashion_train = {s for task in ("fashion", "fashion-seg") for f, ids in sources[task].items()
-                     if f.startswith(("train/", "images/training/")) for s in ids}
-    fashion_eval = {s for task in ("fashion", "fashion-seg") for f, ids in sources[task].items()
-                    if f.startswith(("test/", "images/validation/")) for s in ids}
+    fashion_train = {
+        s
+        for task in ("fashion", "fashion-seg")
+        for f, ids in sources[task].items()
+        if f.startswith(("train/", "images/training/"))
+        for s in ids
+    }
+    fashion_eval = {
+        s
+        for task in ("fashion", "fashion-seg")
+        for f, ids in sources[task].items()
+        if f.startswith(("test/", "images/validation/"))
+        for s in ids
+    }
     assert all(s.startswith("fashion-mnist/train/") for s in fashion_train)
     assert all(s.startswith("fashion-mnist/test/") for s in fashion_eval)
 
@@ -99,8 +116,9 @@ def test_missing_fashion_mnist_says_how_to_install(tmp_path):
 def test_cli_show_draws_a_grid(mini_data_dir, tmp_path, capsys):
     for task in ("fashion", "digits-det", "fashion-seg"):
         out = tmp_path / f"{task}.png"
-        assert _cli(["data", "show", str(mini_data_dir), "--task", task, "--out", str(out), "--n", "4",
-                     "--augment"]) == 0
+        assert (
+            _cli(["data", "show", str(mini_data_dir), "--task", task, "--out", str(out), "--n", "4", "--augment"]) == 0
+        )
         with Image.open(out) as im:
             assert im.format == "PNG" and im.width > 200 and im.height > 200
     assert _cli(["data", "show", str(mini_data_dir), "--task", "nope", "--out", str(tmp_path / "x.png")]) == 1

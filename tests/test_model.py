@@ -38,7 +38,10 @@ def test_presets_follow_mod_squad_layout():
     with pytest.raises(UnknownConfigFieldError, match="'mi_loss_wieght' \\(did you mean 'mi_loss_weight'\\?\\)") as err:
         MoEViTConfig.from_preset("tiny", tasks=["a"], mi_loss_wieght=0.5, attn_topk=2)
     assert err.value.fields == ["attn_topk", "mi_loss_wieght"] and isinstance(err.value, ValueError)
-    assert MoEViTConfig.from_preset("tiny", tasks=["a"], num_labels=7, experts_implementation="eager").mi_loss_weight == 0.005
+    assert (
+        MoEViTConfig.from_preset("tiny", tasks=["a"], num_labels=7, experts_implementation="eager").mi_loss_weight
+        == 0.005
+    )
 
 
 @pytest.mark.parametrize(
@@ -65,13 +68,29 @@ def test_moe_layers_name_index_and_kind_and_parse_back():
     # a layout with an attention-only, a dense, a both-MoE and an MLP-only block, in forward order
     config = tiny(attn_experts=[6, 0, 4, 0], mlp_experts=[0, 0, 8, 5])
     assert config.moe_layers() == [
-        ("layers.0.attn", 0, "attn"), ("layers.2.attn", 2, "attn"), ("layers.2.mlp", 2, "mlp"), ("layers.3.mlp", 3, "mlp"),
+        ("layers.0.attn", 0, "attn"),
+        ("layers.2.attn", 2, "attn"),
+        ("layers.2.mlp", 2, "mlp"),
+        ("layers.3.mlp", 3, "mlp"),
     ]
     assert config.moe_layer_names() == [name for name, _, _ in config.moe_layers()]
     assert list(MoEViTModel(config).moe_layers()) == config.moe_layer_names()
-    assert [parse_moe_layer_name(n) for n in config.moe_layer_names()] == [(0, "attn"), (2, "attn"), (2, "mlp"), (3, "mlp")]
+    assert [parse_moe_layer_name(n) for n in config.moe_layer_names()] == [
+        (0, "attn"),
+        (2, "attn"),
+        (2, "mlp"),
+        (3, "mlp"),
+    ]
     assert parse_moe_layer_name("layers.11.mlp") == (11, "mlp")
-    for bad in ("layers.x.mlp", "layers.1.ffn", "blocks.1.mlp", "layers.1", "layers.-1.attn", "layers.1.mlp.experts", 3):
+    for bad in (
+        "layers.x.mlp",
+        "layers.1.ffn",
+        "blocks.1.mlp",
+        "layers.1",
+        "layers.-1.attn",
+        "layers.1.mlp.experts",
+        3,
+    ):
         with pytest.raises(ValueError, match=f"{bad!r} is not a MoE layer name"):
             parse_moe_layer_name(bad)
 
@@ -171,7 +190,9 @@ def test_backends_agree_on_outputs_and_gradients(layout, accelerator_path, monke
     # at init), and so none to the layers whose backward is compared
     results = {}
     for impl in BACKENDS:
-        model = MoEViTModel(MoEViTConfig.from_preset("tiny", tasks=["a", "b"], layout=layout, experts_implementation=impl))
+        model = MoEViTModel(
+            MoEViTConfig.from_preset("tiny", tasks=["a", "b"], layout=layout, experts_implementation=impl)
+        )
         model.load_state_dict(state)
         assert model.config._experts_implementation == impl
         y = model(x, task="b").last_hidden_state
@@ -275,7 +296,8 @@ def test_lora_reaches_fused_expert_tensors(kind, tensors, impl):
     layers = (1, 3) if kind == "mlp" else (0, 2)  # the tiny preset's MoE blocks
     wrapped = {
         (name.split(".experts")[0].removeprefix("base_model.model."), m.parameter_name)
-        for name, m in peft_model.named_modules() if hasattr(m, "parameter_name")
+        for name, m in peft_model.named_modules()
+        if hasattr(m, "parameter_name")
     }
     assert wrapped == {(f"layers.{i}.{kind}", t) for i in layers for t in tensors}
     y = peft_model(x, task="a").last_hidden_state
@@ -402,7 +424,9 @@ def test_backbone_upernet_and_detr_train_and_round_trip(tmp_path):
 
     x = torch.randn(2, 3, 32, 32)
     upernet = UperNetForSemanticSegmentation(
-        UperNetConfig(backbone_config=cfg, num_labels=5, hidden_size=32, auxiliary_in_channels=32, auxiliary_channels=16)
+        UperNetConfig(
+            backbone_config=cfg, num_labels=5, hidden_size=32, auxiliary_in_channels=32, auxiliary_channels=16
+        )
     )
     out = upernet(pixel_values=x, labels=torch.randint(0, 5, (2, 32, 32)))
     out.loss.backward()
@@ -415,9 +439,18 @@ def test_backbone_upernet_and_detr_train_and_round_trip(tmp_path):
     det_cfg = tiny(tasks=["det"], out_indices=[4], backbone_fpn=False)
     detr = DetrForObjectDetection(
         DetrConfig(
-            backbone_config=det_cfg, use_timm_backbone=False, use_pretrained_backbone=False, num_queries=5,
-            d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32,
-            encoder_attention_heads=2, decoder_attention_heads=2, num_labels=3,
+            backbone_config=det_cfg,
+            use_timm_backbone=False,
+            use_pretrained_backbone=False,
+            num_queries=5,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            num_labels=3,
         )
     )
     labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])} for _ in range(2)]
@@ -433,7 +466,8 @@ def test_backbone_upernet_and_detr_train_and_round_trip(tmp_path):
     placement |= {f"backbone.moe_vit.layers.{i}": "disk" if i == 1 else "cpu" for i in range(4)}
     placement |= {"backbone.fpn": "cpu", "decode_head": "cpu", "auxiliary_head": "cpu"}
     offloaded = UperNetForSemanticSegmentation.from_pretrained(
-        tmp_path / "upernet", device_map=placement, offload_folder=str(tmp_path / "off")).eval()
+        tmp_path / "upernet", device_map=placement, offload_folder=str(tmp_path / "off")
+    ).eval()
     assert offloaded.backbone.moe_vit.layers[1].mlp.experts.up_proj.is_meta
     torch.testing.assert_close(offloaded(pixel_values=x).logits, upernet(pixel_values=x).logits)
 
@@ -464,7 +498,9 @@ def test_mi_loss_through_upernet_reaches_the_backbone_routers():
     torch.manual_seed(0)
     cfg = tiny(tasks=["seg"], out_indices=[1, 2, 3, 4], backbone_output_router_probs=True, balance_loss_weight=0.1)
     upernet = UperNetForSemanticSegmentation(
-        UperNetConfig(backbone_config=cfg, num_labels=5, hidden_size=32, auxiliary_in_channels=32, auxiliary_channels=16)
+        UperNetConfig(
+            backbone_config=cfg, num_labels=5, hidden_size=32, auxiliary_in_channels=32, auxiliary_channels=16
+        )
     )
     seen = []
     upernet.backbone.register_forward_hook(lambda module, args, out: seen.append(out))
@@ -518,31 +554,62 @@ def test_heads_load_by_transformers_rules_while_the_backbone_stays_strict(tmp_pa
         MoEViTForImageClassification.from_pretrained(tmp_path / "base", strict=True)
     # a new label set: the head's shape disagrees -> transformers' error, or a new head when asked for
     relabelled = tiny(task_labels={"a": ["x", "y", "z", "w"], "b": ["p", "q", "r"]})
-    with pytest.raises(ValueError, match=r"heads\.a\.classifier\.weight: checkpoint \[2, 32\] vs config \[4, 32\]\)\. For a new label set, pass ignore_mismatched_sizes=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"heads\.a\.classifier\.weight: checkpoint \[2, 32\] vs config \[4, 32\]\)\. For a new label set, pass ignore_mismatched_sizes=True",
+    ):
         MoEViTForImageClassification.from_pretrained(tmp_path / "clf", config=relabelled)
-    four = MoEViTForImageClassification.from_pretrained(tmp_path / "clf", config=relabelled, ignore_mismatched_sizes=True)
-    assert four.heads["a"].classifier.weight.shape[0] == 4 and torch.equal(four.heads["b"].classifier.weight, clf.heads["b"].classifier.weight)
+    four = MoEViTForImageClassification.from_pretrained(
+        tmp_path / "clf", config=relabelled, ignore_mismatched_sizes=True
+    )
+    assert four.heads["a"].classifier.weight.shape[0] == 4 and torch.equal(
+        four.heads["b"].classifier.weight, clf.heads["b"].classifier.weight
+    )
     # a base checkpoint with more layers than the config: the extra backbone tensors are an error for task models
     # too (transformers reports them without the moe_vit. prefix)
-    two_layers = tiny(task_labels={"a": ["x", "y"], "b": ["p", "q", "r"]}, num_hidden_layers=2,
-                      attn_experts=[6, 0], mlp_experts=[0, 8])
+    two_layers = tiny(
+        task_labels={"a": ["x", "y"], "b": ["p", "q", "r"]},
+        num_hidden_layers=2,
+        attn_experts=[6, 0],
+        mlp_experts=[0, 8],
+    )
     for cls in (MoEViTModel, MoEViTForImageClassification):
         with pytest.raises(ValueError, match=r"unexpected keys: .*layers\.2\."):
             cls.from_pretrained(tmp_path / "base", config=two_layers)
     # offloading: accelerate's hooks load each submodule's tensors at its own forward, so a dense or MoE layer, or
     # the task embeddings, offloaded to disk compute as in memory
-    placement = {"moe_vit.embeddings": "cpu", "moe_vit.task_embeddings": "cpu", "moe_vit.layers.0": "cpu",
-                 "moe_vit.layers.1": "cpu", "moe_vit.layers.2": "cpu", "moe_vit.layers.3": "cpu",
-                 "moe_vit.layernorm": "cpu", "heads": "cpu"}
+    placement = {
+        "moe_vit.embeddings": "cpu",
+        "moe_vit.task_embeddings": "cpu",
+        "moe_vit.layers.0": "cpu",
+        "moe_vit.layers.1": "cpu",
+        "moe_vit.layers.2": "cpu",
+        "moe_vit.layers.3": "cpu",
+        "moe_vit.layernorm": "cpu",
+        "heads": "cpu",
+    }
     split = {k: v for k, v in placement.items() if k != "moe_vit.layers.1"} | {
-        "moe_vit.layers.1.attention": "disk", "moe_vit.layers.1.layernorm_before": "cpu",
-        "moe_vit.layers.1.layernorm_after": "cpu", "moe_vit.layers.1.mlp": "cpu"}
-    for i, device_map in enumerate((split, placement | {"moe_vit.layers.1": "disk", "moe_vit.layers.2": "disk"},
-                                    placement | {"moe_vit.task_embeddings": "disk"})):
+        "moe_vit.layers.1.attention": "disk",
+        "moe_vit.layers.1.layernorm_before": "cpu",
+        "moe_vit.layers.1.layernorm_after": "cpu",
+        "moe_vit.layers.1.mlp": "cpu",
+    }
+    for i, device_map in enumerate(
+        (
+            split,
+            placement | {"moe_vit.layers.1": "disk", "moe_vit.layers.2": "disk"},
+            placement | {"moe_vit.task_embeddings": "disk"},
+        )
+    ):
         off = MoEViTForImageClassification.from_pretrained(
-            tmp_path / "clf", offload_folder=str(tmp_path / f"off{i}"), device_map=device_map).eval()
+            tmp_path / "clf", offload_folder=str(tmp_path / f"off{i}"), device_map=device_map
+        ).eval()
         torch.testing.assert_close(off(x, task="a").logits, clf(x, task="a").logits)
-    assert MoEViTForImageClassification.from_pretrained(tmp_path / "clf", device_map="meta").moe_vit.layers[1].mlp.experts.up_proj.is_meta
+    assert (
+        MoEViTForImageClassification.from_pretrained(tmp_path / "clf", device_map="meta")
+        .moe_vit.layers[1]
+        .mlp.experts.up_proj.is_meta
+    )
     # ...but never for the backbone: a missing expert tensor stays an error for every class
     drop_tensor(tmp_path / "clf", "layers.1.mlp.experts.down_proj")
     for cls in (MoEViTForImageClassification, MoEViTModel):
@@ -555,7 +622,9 @@ def test_from_dense_reproduces_vit_for_every_task(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
     torch.manual_seed(0)
-    vit_cfg = ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
+    vit_cfg = ViTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8
+    )
     vit = ViTModel(vit_cfg, add_pooling_layer=False).eval()
     x = torch.randn(2, 3, 32, 32)
     ref = vit(x).last_hidden_state
@@ -582,8 +651,17 @@ def test_from_dense_can_upcycle_attention_into_a_mixture_of_heads():
 
     torch.manual_seed(0)
     heads, h = 4, 8
-    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=heads, intermediate_size=64,
-                             image_size=32, patch_size=8), add_pooling_layer=False).eval()
+    vit = ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=heads,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        ),
+        add_pooling_layer=False,
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
     moe = MoEViTModel.from_dense(vit, tasks=["a", "b"], num_experts=4, top_k=2, attn_experts=heads).eval()
     assert moe.config.attn_experts == [4, 0, 4, 0] and moe.config.attn_top_k == heads
@@ -643,7 +721,9 @@ def test_checkpoint_disagreeing_with_config_is_an_error_naming_the_tensor(tmp_pa
     config = json.loads((tmp_path / "config.json").read_text())
     config["mlp_experts"] = [0, 8, 0, 4]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"layers\.3\.mlp\.experts\.up_proj: checkpoint \[8, 64, 32\] vs config \[4, 64, 32\]"):
+    with pytest.raises(
+        ValueError, match=r"layers\.3\.mlp\.experts\.up_proj: checkpoint \[8, 64, 32\] vs config \[4, 64, 32\]"
+    ):
         MoEViTModel.from_pretrained(tmp_path)
 
 
@@ -748,8 +828,9 @@ def _mi_ranks_worker(rank: int, init_file: str, out_dir: str) -> None:
 
     from moe_adapt import MutualInformationLoss
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         mi = MutualInformationLoss(num_tasks=3, weight=1.0)
         blocks = _mi_step_blocks(rank)
@@ -771,10 +852,16 @@ def _mi_ranks_worker(rank: int, init_file: str, out_dir: str) -> None:
             frozen.accumulate([p.detach() if rank == 0 else p for p in probs], task)
         frozen_loss = frozen.compute()
         frozen_loss.backward()
-        torch.save({"loss": loss.detach(), "grads": [[p.grad for p in probs] for _, probs in blocks],
-                    "idle_loss": idle_loss.detach(), "idle_grads": [[p.grad for p in probs] for _, probs in idle],
-                    "frozen_loss": frozen_loss.detach()},
-                   f"{out_dir}/mi{rank}.pt")
+        torch.save(
+            {
+                "loss": loss.detach(),
+                "grads": [[p.grad for p in probs] for _, probs in blocks],
+                "idle_loss": idle_loss.detach(),
+                "idle_grads": [[p.grad for p in probs] for _, probs in idle],
+                "frozen_loss": frozen_loss.detach(),
+            },
+            f"{out_dir}/mi{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 

@@ -15,9 +15,14 @@ TASK_TYPES = {"cls": "classification", "det": "detection", "seg": "semantic_segm
 
 def make_config(**kwargs) -> MoEViTConfig:
     return MoEViTConfig.from_preset(
-        "tiny", tasks=list(TASK_TYPES), task_types=TASK_TYPES,
+        "tiny",
+        tasks=list(TASK_TYPES),
+        task_types=TASK_TYPES,
         task_labels={"cls": ["a", "b", "c"], "det": ["x", "y"], "seg": ["bg", "fg", "edge"]},
-        head_configs={"det": {"channels": 16, "num_convs": 1, "scales": [2, 1]}, "seg": {"channels": 16, "pool_scales": [1, 2]}},
+        head_configs={
+            "det": {"channels": 16, "num_convs": 1, "scales": [2, 1]},
+            "seg": {"channels": 16, "pool_scales": [1, 2]},
+        },
         **kwargs,
     )
 
@@ -25,8 +30,10 @@ def make_config(**kwargs) -> MoEViTConfig:
 def batches():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 32, 32, generator=g)
-    det = [{"boxes": torch.tensor([[2.0, 3.0, 20.0, 25.0]]), "class_labels": torch.tensor([1])},
-           {"boxes": torch.zeros(0, 4), "class_labels": torch.zeros(0, dtype=torch.long)}]
+    det = [
+        {"boxes": torch.tensor([[2.0, 3.0, 20.0, 25.0]]), "class_labels": torch.tensor([1])},
+        {"boxes": torch.zeros(0, 4), "class_labels": torch.zeros(0, dtype=torch.long)},
+    ]
     return {
         "cls": {"pixel_values": x, "labels": torch.tensor([0, 2])},
         "det": {"pixel_values": x, "labels": det},
@@ -111,7 +118,9 @@ def test_heads_missing_from_a_checkpoint_get_their_own_initialisation(model, tmp
                 constant += 1
     assert constant >= 6
     prior = -math.log((1 - 0.01) / 0.01)
-    assert torch.allclose(loaded.heads["det"].cls_logits.bias, torch.full_like(loaded.heads["det"].cls_logits.bias, prior))
+    assert torch.allclose(
+        loaded.heads["det"].cls_logits.bias, torch.full_like(loaded.heads["det"].cls_logits.bias, prior)
+    )
     data = batches()
     for task in TASK_TYPES:
         out = loaded(**data[task], task=task)
@@ -124,8 +133,12 @@ def test_heads_missing_from_a_checkpoint_get_their_own_initialisation(model, tmp
     relabelled = make_config()
     relabelled.task_labels["cls"] = ["a", "b", "c", "d", "e"]
     five = MoEViTForMultiTask.from_pretrained(tmp_path / "full", config=relabelled, ignore_mismatched_sizes=True).eval()
-    assert five.heads["cls"].classifier.weight.shape[0] == 5 and torch.isfinite(five.heads["cls"].classifier.weight).all()
-    assert torch.equal(five.heads["seg"].state_dict()["classifier.weight"], model.heads["seg"].state_dict()["classifier.weight"])
+    assert (
+        five.heads["cls"].classifier.weight.shape[0] == 5 and torch.isfinite(five.heads["cls"].classifier.weight).all()
+    )
+    assert torch.equal(
+        five.heads["seg"].state_dict()["classifier.weight"], model.heads["seg"].state_dict()["classifier.weight"]
+    )
     assert torch.isfinite(five(**data["cls"], task="cls").logits).all()
 
 
@@ -161,7 +174,12 @@ def test_objective_gives_every_parameter_a_gradient_and_mi_spans_the_step():
         joint = None
         for task in ("cls", "seg"):
             probs = model(data[task]["pixel_values"], task=task, output_router_probs=True).router_probs
-            rows = [torch.zeros(3, p.shape[-1]).index_copy(0, torch.tensor([model.config.task_index(task)]), p.sum(0, keepdim=True)) for p in probs]
+            rows = [
+                torch.zeros(3, p.shape[-1]).index_copy(
+                    0, torch.tensor([model.config.task_index(task)]), p.sum(0, keepdim=True)
+                )
+                for p in probs
+            ]
             joint = rows if joint is None else [a + b for a, b in zip(joint, rows)]
         expected = 0.01 * sum(mutual_information_loss(m) for m in joint)
     assert float(out["mi_loss"]) == pytest.approx(float(expected), rel=1e-5)

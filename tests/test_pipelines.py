@@ -32,14 +32,24 @@ from moe_adapt.surgery import extract_submodel
 TYPES = {"cls": "classification", "det": "detection", "seg": "semantic_segmentation"}
 LABELS = {"cls": ["cat", "dog", "owl"], "det": ["one", "two"], "seg": ["ground", "sky", "edge"]}
 SIZES = [(40, 50), (32, 32), (77, 31)]  # (width, height) of the PIL images
-TASK_CLASSES = {"cls": MoEViTForImageClassification, "det": MoEViTForObjectDetection, "seg": MoEViTForSemanticSegmentation}
+TASK_CLASSES = {
+    "cls": MoEViTForImageClassification,
+    "det": MoEViTForObjectDetection,
+    "seg": MoEViTForSemanticSegmentation,
+}
 
 
 def parent_model(seed=0) -> MoEViTForMultiTask:
     torch.manual_seed(seed)
     config = MoEViTConfig.from_preset(
-        "tiny", tasks=list(TYPES), task_types=TYPES, task_labels=LABELS,
-        head_configs={"det": {"channels": 16, "num_convs": 1, "scales": [2, 1]}, "seg": {"channels": 16, "pool_scales": [1, 2]}},
+        "tiny",
+        tasks=list(TYPES),
+        task_types=TYPES,
+        task_labels=LABELS,
+        head_configs={
+            "det": {"channels": 16, "num_convs": 1, "scales": [2, 1]},
+            "seg": {"channels": 16, "pool_scales": [1, 2]},
+        },
     )
     model = trained_like(MoEViTForMultiTask(config), seed)
     with torch.no_grad():  # detection scores spread over (0, 1), so that some clear any threshold
@@ -101,12 +111,17 @@ FRESH_PROCESS = textwrap.dedent(
 
 def run_fresh(paths: dict) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(paths), json.dumps(SIZES)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, json.dumps(paths), json.dumps(SIZES)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "is not supported for" not in proc.stderr  # transformers' pipelines accept the classes without a warning
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 @torch.no_grad()
@@ -212,7 +227,6 @@ def test_every_slice_exports_with_a_dynamic_batch_and_eager_outputs(saved, keep)
                     torch.testing.assert_close(got[field], want[field], atol=1e-5, rtol=1e-5, msg=f"{task} {field}")
 
 
-
 def test_a_task_model_leaves_a_shared_config_as_it_was():
     config = parent_model().config
     before = dict(config.id2label)
@@ -235,7 +249,9 @@ def test_old_classifier_heads_are_refused_with_their_own_message(saved, tmp_path
     old["classifiers.cls.weight"] = state["heads.cls.classifier.weight"]
     old["classifiers.cls.bias"] = state["heads.cls.classifier.bias"]
     save_file(old, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"classification heads in the layout of moe_adapt before 0\.2 \(classifiers\.cls"):
+    with pytest.raises(
+        ValueError, match=r"classification heads in the layout of moe_adapt before 0\.2 \(classifiers\.cls"
+    ):
         MoEViTForImageClassification.from_pretrained(folder)
 
 
@@ -245,4 +261,6 @@ def test_trainer_scales_our_losses_itself(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    assert Trainer(model=MoEViTForImageClassification(parent_model().config), args=args).model_accepts_loss_kwargs is False
+    assert (
+        Trainer(model=MoEViTForImageClassification(parent_model().config), args=args).model_accepts_loss_kwargs is False
+    )

@@ -31,15 +31,30 @@ def tiny_recipe(specs_dir: Path, out: Path, **train) -> dict:
         "model": {"preset": "tiny", "overrides": {"mi_loss_weight": 0.01}},
         "tasks": {
             "fashion": {"batch_size": 4, "eval_max_samples": 8},
-            "digits-det": {"batch_size": 2, "image_size": 32, "eval_max_samples": 4,
-                           "head": {"channels": 8, "num_convs": 1, "scales": [1]}},
-            "fashion-seg": {"batch_size": 2, "image_size": 32, "eval_max_samples": 4,
-                            "head": {"channels": 8, "scales": [2, 1], "pool_scales": [1]}},
+            "digits-det": {
+                "batch_size": 2,
+                "image_size": 32,
+                "eval_max_samples": 4,
+                "head": {"channels": 8, "num_convs": 1, "scales": [1]},
+            },
+            "fashion-seg": {
+                "batch_size": 2,
+                "image_size": 32,
+                "eval_max_samples": 4,
+                "head": {"channels": 8, "scales": [2, 1], "pool_scales": [1]},
+            },
         },
         "sampling": {"strategy": "all_tasks"},
         "loss_weighting": "uncertainty",
         "optimizer": {"lr": 1e-3, "warmup_steps": 1},
-        "train": {"max_steps": 4, "log_every": 1, "progress_bar": False, "usage_max_batches": 1, "num_threads": 1, **train},
+        "train": {
+            "max_steps": 4,
+            "log_every": 1,
+            "progress_bar": False,
+            "usage_max_batches": 1,
+            "num_threads": 1,
+            **train,
+        },
     }
 
 
@@ -55,7 +70,9 @@ def test_config_files_parse_and_build_their_model(name):
     assert set(model.heads) == set(config.tasks)
     n = sum(p.numel() for p in model.parameters())
     if name == "vit-s":
-        assert model_config.hidden_size == 384 and model_config.attn_experts[0] == 15 and model_config.mlp_experts[1] == 16
+        assert (
+            model_config.hidden_size == 384 and model_config.attn_experts[0] == 15 and model_config.mlp_experts[1] == 16
+        )
         assert [len(model_config.task_labels[t]) for t in config.tasks] == [1000, 80, 150]
     if name == "vit-b":
         assert model_config.hidden_size == 768 and model_config.attn_experts[0] == 24 and n > 100e6
@@ -78,9 +95,14 @@ def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="tasks.fashion: unknown key.*'batchsize'"):
         PretrainConfig.from_dict({"data": {"mini": {"out": "x"}}, "tasks": {"fashion": {"batchsize": 2}}})
     with pytest.raises(ValueError, match="sampling.strategy='random'"):
-        PretrainConfig.from_dict({"data": {"mini": {"out": "x"}}, "tasks": {"f": {}}, "sampling": {"strategy": "random"}})
+        PretrainConfig.from_dict(
+            {"data": {"mini": {"out": "x"}}, "tasks": {"f": {}}, "sampling": {"strategy": "random"}}
+        )
     misspelt = load_pretrain_config(CONFIGS / "mini.yaml", ["model.overrides={mi_loss_wieght: 0.05}"])
-    with pytest.raises(ValueError, match=r"model.overrides of the recipe \(preset 'mini'.*'mi_loss_wieght' \(did you mean 'mi_loss_weight'"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.overrides of the recipe \(preset 'mini'.*'mi_loss_wieght' \(did you mean 'mi_loss_weight'",
+    ):
         build_model_config(misspelt)
     overridden = load_pretrain_config(CONFIGS / "mini.yaml", ["train.max_steps=7", "sampling.strategy=temperature"])
     assert overridden.train.max_steps == 7 and overridden.sampling.strategy == "temperature"
@@ -91,15 +113,25 @@ def test_config_errors_name_the_key():
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(mini_data_dir, tmp_path):
     full = pretrain(PretrainConfig.from_dict(tiny_recipe(mini_data_dir, tmp_path / "full", save_every=2)))
     out = tmp_path / "full"
-    for artefact in ("model/config.json", "model/model.safetensors", "model/preprocessor_config.json", "metrics.json",
-                     "expert_usage.png", "usage/fashion.json", "usage/digits-det.json", "checkpoints/checkpoint_0/custom_checkpoint_0.pkl"):
+    for artefact in (
+        "model/config.json",
+        "model/model.safetensors",
+        "model/preprocessor_config.json",
+        "metrics.json",
+        "expert_usage.png",
+        "usage/fashion.json",
+        "usage/digits-det.json",
+        "checkpoints/checkpoint_0/custom_checkpoint_0.pkl",
+    ):
         assert (out / artefact).is_file(), artefact
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["primary"]) == {"fashion", "digits-det", "fashion-seg"} and metrics["steps"] == 4
 
     # "Interrupted" after step 2: a second run in another folder resumes from the step-2 checkpoint.
-    resumed = pretrain(PretrainConfig.from_dict(tiny_recipe(mini_data_dir, tmp_path / "resumed")),
-                       resume=str(out / "checkpoints" / "checkpoint_0"))
+    resumed = pretrain(
+        PretrainConfig.from_dict(tiny_recipe(mini_data_dir, tmp_path / "resumed")),
+        resume=str(out / "checkpoints" / "checkpoint_0"),
+    )
     assert resumed["steps_this_run"] == 2
     a, b = full["model"].state_dict(), resumed["model"].state_dict()
     assert a.keys() == b.keys()
@@ -135,7 +167,9 @@ def test_a_failing_final_evaluation_leaves_the_trained_model_saved(mini_data_dir
         pretrain(PretrainConfig.from_dict(tiny_recipe(mini_data_dir, out, max_steps=2)))
     state = MoEViTForMultiTask.from_pretrained(out / "model").state_dict()
     assert trained and state.keys() == trained.keys()
-    assert all(torch.equal(state[k], trained[k]) for k in state), [k for k in state if not torch.equal(state[k], trained[k])][:5]
+    assert all(torch.equal(state[k], trained[k]) for k in state), [
+        k for k in state if not torch.equal(state[k], trained[k])
+    ][:5]
     assert not (out / "metrics.json").exists()
 
 
@@ -184,10 +218,20 @@ def test_two_process_gloo_run_keeps_ranks_identical_and_all_reduces_mi(mini_data
     recipe = tiny_recipe(mini_data_dir, tmp_path / "run", max_steps=3)
     recipe["sampling"] = {"strategy": "proportional", "micro_batches_per_step": 2}  # steps that leave a task out
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), json.dumps(recipe), str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        json.dumps(recipe),
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -219,12 +263,20 @@ def test_readme_torchrun_command_exits_zero_on_every_rank(mini_data_dir, tmp_pat
     cmd = readme_command("torchrun --nproc_per_node 2 recipes/pretrain.py")
     assert cmd[:2] == ["torchrun", "--nproc_per_node"]
     cmd[0] = str(Path(sys.executable).with_name("torchrun"))
-    cmd += [f"output_dir={tmp_path / 'run'}", f"data.mini.out={mini_data_dir}", "data.mini.small=true",
-            "train.max_steps=2", "train.max_minutes=null", "train.progress_bar=false", "train.num_threads=1"]
+    cmd += [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.mini.out={mini_data_dir}",
+        "data.mini.small=true",
+        "train.max_steps=2",
+        "train.max_minutes=null",
+        "train.progress_bar=false",
+        "train.num_threads=1",
+    ]
     cmd += [f"tasks.{t}.eval_max_samples=8" for t in ("fashion", "digits-det", "fashion-seg")]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:

@@ -12,7 +12,7 @@ HUB_VIT = "google/vit-base-patch16-224-in21k"
 def model_snippets() -> list[str]:
     """The python blocks of the README's model section ("The model in five lines" up to the workflow)."""
     text = README.read_text()
-    section = text[text.index("## The model in five lines"): text.index("## The workflow")]
+    section = text[text.index("## The model in five lines") : text.index("## The workflow")]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
@@ -23,8 +23,17 @@ def test_readme_model_snippets_run_as_written(tmp_path, monkeypatch):
     assert len(blocks) == 4, "the model section's python blocks changed: update this test"
     # the one thing that cannot run offline is the Hub download: a small local ViT stands in for it
     vit_dir = tmp_path / "vit"
-    ViTModel(ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=12, intermediate_size=96,
-                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(vit_dir)
+    ViTModel(
+        ViTConfig(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=12,
+            intermediate_size=96,
+            image_size=32,
+            patch_size=8,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(vit_dir)
     assert sum(HUB_VIT in b for b in blocks) == 1
     blocks = [b.replace(HUB_VIT, str(vit_dir)) for b in blocks]
     monkeypatch.chdir(tmp_path)  # the snippets save "my-moe" into the working directory

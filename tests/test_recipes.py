@@ -16,19 +16,37 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
 
 CASES = {
-    "pretrain unknown key": ("pretrain", ["--config", f"{CONFIGS}/mini.yaml", "train.stpes=3"],
-                             "pretrain.py: error: .*train: unknown key.*'stpes'.*max_steps"),
+    "pretrain unknown key": (
+        "pretrain",
+        ["--config", f"{CONFIGS}/mini.yaml", "train.stpes=3"],
+        "pretrain.py: error: .*train: unknown key.*'stpes'.*max_steps",
+    ),
     "pretrain missing config": ("pretrain", ["--config", "no/such.yaml"], "pretrain.py: error: .*no/such.yaml"),
-    "finetune missing model": ("finetune", ["--config", f"{CONFIGS}/finetune_digits.yaml", "--model", "/no/such/model"],
-                               "finetune.py: error: /no/such/model: no such model folder"),
-    "finetune missing dataset": ("finetune", ["--config", f"{CONFIGS}/finetune_digits.yaml", "--model", "MODEL",
-                                              "--dataset", "/no/such/spec.json"], "finetune.py: error: .*/no/such/spec.json"),
-    "continual unknown key": ("continual", ["--config", f"{CONFIGS}/continual.yaml", "--model", "MODEL", "train.stpes=3"],
-                              "continual.py: error: .*train: unknown key.*'stpes'.*'max_steps'"),
-    "finetune unknown key": ("finetune", ["--config", f"{CONFIGS}/finetune_digits.yaml", "--model", "MODEL", "optimizer.rl=1"],
-                             "finetune.py: error: .*optimizer: unknown key.*'rl'.*'lr'"),
-    "extract missing model": ("moe-adapt", ["extract", "/no/such/model", "--task", "a", "--out", "OUT"],
-                              "moe-adapt extract: error: /no/such/model: no such model folder"),
+    "finetune missing model": (
+        "finetune",
+        ["--config", f"{CONFIGS}/finetune_digits.yaml", "--model", "/no/such/model"],
+        "finetune.py: error: /no/such/model: no such model folder",
+    ),
+    "finetune missing dataset": (
+        "finetune",
+        ["--config", f"{CONFIGS}/finetune_digits.yaml", "--model", "MODEL", "--dataset", "/no/such/spec.json"],
+        "finetune.py: error: .*/no/such/spec.json",
+    ),
+    "continual unknown key": (
+        "continual",
+        ["--config", f"{CONFIGS}/continual.yaml", "--model", "MODEL", "train.stpes=3"],
+        "continual.py: error: .*train: unknown key.*'stpes'.*'max_steps'",
+    ),
+    "finetune unknown key": (
+        "finetune",
+        ["--config", f"{CONFIGS}/finetune_digits.yaml", "--model", "MODEL", "optimizer.rl=1"],
+        "finetune.py: error: .*optimizer: unknown key.*'rl'.*'lr'",
+    ),
+    "extract missing model": (
+        "moe-adapt",
+        ["extract", "/no/such/model", "--task", "a", "--out", "OUT"],
+        "moe-adapt extract: error: /no/such/model: no such model folder",
+    ),
 }
 
 
@@ -83,8 +101,9 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 def test_a_recipe_process_exits_2_with_one_line(tmp_path):
     """The same through a real process, as a user's shell sees it."""
     cmd = [sys.executable, str(ROOT / "recipes/pretrain.py"), "--config", str(CONFIGS / "mini.yaml"), "train.stpes=3"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.strip()][-1].startswith("pretrain.py: error: ")
 

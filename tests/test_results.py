@@ -33,8 +33,13 @@ def _bench(tmp_path, line: dict, status: int = 0) -> list[str]:
 def test_record_keeps_json_and_renders_both_documents(results, tmp_path):
     res, docs, readme = _paths(tmp_path)
     res.mkdir()
-    line = {"device": "cpu (x86_64, 1 threads)", "dtype": "float32", "tokens": 1576, "best_vs_dense": 1.287,
-            "vit_s_train_vs_dense": 0.751}
+    line = {
+        "device": "cpu (x86_64, 1 threads)",
+        "dtype": "float32",
+        "tokens": 1576,
+        "best_vs_dense": 1.287,
+        "vit_s_train_vs_dense": 0.751,
+    }
     path = results.record(_bench(tmp_path, line), results=res, docs=docs, readme=readme)
     assert path == res / "moe_layer.jsonl"
     stored = [json.loads(x) for x in path.read_text().splitlines()]

@@ -31,8 +31,9 @@ def test_concentration_is_zero_iff_every_token_spreads_evenly_over_the_tasks_top
     assert routing_concentration_loss(*stats([split]), top_k=2).item() > 0.5
     # tasks weigh the same whatever their token counts; a task without tokens is left out
     m, logs, n = stats([on_two, even[:1]])
-    both = routing_concentration_loss(torch.cat([m, torch.zeros(1, 4)]), torch.cat([logs, torch.zeros(1, 4)]),
-                                      torch.cat([n, torch.zeros(1)]), top_k=2)
+    both = routing_concentration_loss(
+        torch.cat([m, torch.zeros(1, 4)]), torch.cat([logs, torch.zeros(1, 4)]), torch.cat([n, torch.zeros(1)]), top_k=2
+    )
     assert both.item() == pytest.approx(math.log(2) / 2, rel=1e-4)
     assert routing_concentration_loss(*stats([even]), top_k=4).item() == 0.0  # nothing to leave out
 
@@ -57,13 +58,17 @@ def test_mutual_information_loss_adds_the_term_with_its_weight_and_top_k_from_th
     for t, p in probs.items():
         mi.accumulate(p, t)
     layers = [stats([probs[0][i], probs[1][i]]) for i in range(len(mi.num_experts))]
-    want = sum(0.1 * mutual_information_loss(s[0]) + 0.3 * routing_concentration_loss(*s, top_k=k)
-               for s, k in zip(layers, mi.top_k))
+    want = sum(
+        0.1 * mutual_information_loss(s[0]) + 0.3 * routing_concentration_loss(*s, top_k=k)
+        for s, k in zip(layers, mi.top_k)
+    )
     assert mi.compute().item() == pytest.approx(want.item(), rel=1e-5)
     off = MutualInformationLoss.from_config(MoEViTConfig.from_preset("tiny", tasks=["a", "b"], mi_loss_weight=0.1))
     for t, p in probs.items():
         off.accumulate(p, t)
-    assert off.compute().item() == pytest.approx(sum(0.1 * mutual_information_loss(s[0]) for s in layers).item(), rel=1e-5)
+    assert off.compute().item() == pytest.approx(
+        sum(0.1 * mutual_information_loss(s[0]) for s in layers).item(), rel=1e-5
+    )
     assert MoEViTConfig(tasks=["a"]).routing_concentration_weight == 0.0
     with pytest.raises(ValueError, match="top_k"):
         MutualInformationLoss(num_tasks=2, concentration=0.1)

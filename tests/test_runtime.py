@@ -88,8 +88,12 @@ def test_keep_freed_memory_rejects_bad_thresholds():
 def test_the_library_holds_no_benchmark_plumbing():
     """Allocator settings, /proc reads and load-average thread picking live in benchmarks/ (issue 27 item 6)."""
     pattern = re.compile(r"malloc|LD_PRELOAD|clear_refs|mallopt|/proc/|getloadavg")
-    hits = [f"{path.relative_to(ROOT)}:{n}" for path in sorted((ROOT / "moe_adapt").rglob("*.py"))
-            for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    hits = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted((ROOT / "moe_adapt").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not hits, hits
     assert "keep_freed_memory" not in moe_adapt.__all__ and not hasattr(moe_adapt, "keep_freed_memory")
     assert not (ROOT / "moe_adapt" / "runtime.py").exists()
@@ -195,6 +199,9 @@ def test_preload_env_puts_the_allocator_first_or_names_the_package(monkeypatch):
             assert env["LD_PRELOAD"] == "/opt/other.so"  # a copy: the caller's mapping is unchanged
             assert preload_env(kind, {})["LD_PRELOAD"] == path
     monkeypatch.setattr(measure, "find_malloc_library", lambda kind: None)  # as on a machine without them
-    with pytest.raises(FileNotFoundError, match=r"no tcmalloc library found \(Debian/Ubuntu: apt-get install "
-                                                r"libtcmalloc-minimal4; conda: conda install -c conda-forge gperftools"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no tcmalloc library found \(Debian/Ubuntu: apt-get install "
+        r"libtcmalloc-minimal4; conda: conda install -c conda-forge gperftools",
+    ):
         preload_env("tcmalloc")

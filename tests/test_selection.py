@@ -23,10 +23,15 @@ def make_usage(task="a", counts=None, mass=None, reap=None) -> ExpertUsage:
 
     counts = per_layer(counts, [500, 20, 900, 40, 30, 10, 300, 200])
     return ExpertUsage(
-        task=task, layers=layers, top_k=dict.fromkeys(layers, 2), token_count=counts,
+        task=task,
+        layers=layers,
+        top_k=dict.fromkeys(layers, 2),
+        token_count=counts,
         gate_mass=per_layer(mass, [300, 50, 400, 100, 20, 30, 60, 40]),
         reap_sum=per_layer(reap, [500, 20, 900, 4000, 30, 10, 300, 200]),
-        num_tokens=TOKENS, num_images=10, model=model_signature(CONFIG),
+        num_tokens=TOKENS,
+        num_images=10,
+        model=model_signature(CONFIG),
     )
 
 

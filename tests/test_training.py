@@ -99,7 +99,10 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert lrs[0][0] == 0 and lrs[5][0] == pytest.approx(5e-4) and lrs[10][0] == pytest.approx(1e-3)
     assert lrs[60][0] == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2) and lrs[109][0] == pytest.approx(1e-5, abs=1e-6)
     assert lrs[60][1] == pytest.approx(10 * lrs[60][0])  # the second group keeps its 10x rate
-    assert OptimizerConfig(warmup_ratio=0.1).warmup(50) == 5 and OptimizerConfig(warmup_steps=3, warmup_ratio=0.1).warmup(50) == 3
+    assert (
+        OptimizerConfig(warmup_ratio=0.1).warmup(50) == 5
+        and OptimizerConfig(warmup_steps=3, warmup_ratio=0.1).warmup(50) == 3
+    )
     with pytest.raises(ValueError, match="optimizer.scheduler='cosin'.*cosine_with_min_lr"):
         OptimizerConfig(scheduler="cosin")
 
@@ -107,7 +110,9 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 def test_parameter_groups_leave_routers_norms_and_biases_undecayed():
     from moe_adapt import MoEViTConfig, MoEViTForMultiTask
 
-    model = MoEViTForMultiTask(MoEViTConfig.from_preset("tiny", tasks=["a", "b"], task_labels={"a": ["x", "y"], "b": ["x", "y"]}))
+    model = MoEViTForMultiTask(
+        MoEViTConfig.from_preset("tiny", tasks=["a", "b"], task_labels={"a": ["x", "y"], "b": ["x", "y"]})
+    )
     decay, rest = parameter_groups(model, 0.05)
     model.requires_grad_(False)
     assert parameter_groups(model, 0.05) == []  # frozen tensors are left out (and empty groups with them)
@@ -152,8 +157,15 @@ def test_normalized_mi_is_zero_for_shared_and_one_for_disjoint_experts():
 
     def usage(task, mass):
         mass = torch.tensor(mass, dtype=torch.float64)
-        return ExpertUsage(task=task, layers=["layers.1.mlp"], top_k={"layers.1.mlp": 1}, token_count={"layers.1.mlp": mass},
-                           gate_mass={"layers.1.mlp": mass}, reap_sum={"layers.1.mlp": mass}, num_tokens=10)
+        return ExpertUsage(
+            task=task,
+            layers=["layers.1.mlp"],
+            top_k={"layers.1.mlp": 1},
+            token_count={"layers.1.mlp": mass},
+            gate_mass={"layers.1.mlp": mass},
+            reap_sum={"layers.1.mlp": mass},
+            num_tokens=10,
+        )
 
     shared = {"a": usage("a", [5.0, 5.0]), "b": usage("b", [2.0, 2.0])}
     disjoint = {"a": usage("a", [5.0, 0.0]), "b": usage("b", [0.0, 3.0])}
@@ -203,9 +215,17 @@ def test_a_compiled_train_step_equals_the_eager_one():
         # SGD: the update is the gradient times lr, so the weights compare the gradients (Adam's first step,
         # lr x sign(g), would turn rounding noise in a near-zero gradient into a full step)
         optimizer = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr)
-        result = train_loop(model, optimizer, build_scheduler(optimizer, opt_cfg, 1), lambda start: iter([batch]),
-                            lambda m, b: m(pixel_values=b[0], labels=b[1], task="a", return_dict=True).loss,
-                            accelerator, max_steps=1, seed=0, progress_bar=False)
+        result = train_loop(
+            model,
+            optimizer,
+            build_scheduler(optimizer, opt_cfg, 1),
+            lambda start: iter([batch]),
+            lambda m, b: m(pixel_values=b[0], labels=b[1], task="a", return_dict=True).loss,
+            accelerator,
+            max_steps=1,
+            seed=0,
+            progress_bar=False,
+        )
         runs[compiled] = (result.losses[0], dict(accelerator.unwrap_model(result.model).named_parameters()))
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
     eager, compiled = runs[False][1], runs[True][1]
@@ -237,9 +257,18 @@ def test_resume_latest_continues_from_the_newest_checkpoint_and_accelerate_keeps
             for s in range(start, max_steps):
                 yield torch.full((2, 3), float(s))
 
-        return train_loop(model, optimizer, build_scheduler(optimizer, OptimizerConfig(lr=0.1), 5), batches_from,
-                          lambda m, x: m(x).square().mean(), accelerator, max_steps=max_steps, resume=resume,
-                          save_every=1, progress_bar=False)
+        return train_loop(
+            model,
+            optimizer,
+            build_scheduler(optimizer, OptimizerConfig(lr=0.1), 5),
+            batches_from,
+            lambda m, x: m(x).square().mean(),
+            accelerator,
+            max_steps=max_steps,
+            resume=resume,
+            save_every=1,
+            progress_bar=False,
+        )
 
     first = run(3)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint_1", "checkpoint_2"]  # total_limit 2

@@ -86,7 +86,9 @@ def test_merge_equals_one_pass_and_json_round_trip(tmp_path):
     model = random_model()
     x1, x2 = torch.randn(3, 3, 32, 32), torch.randn(2, 3, 32, 32)
     whole = collect_expert_usage(model, [x1, x2], task="b")
-    merged = ExpertUsage.merge([collect_expert_usage(model, [x1], task="b"), collect_expert_usage(model, [x2], task="b")])
+    merged = ExpertUsage.merge(
+        [collect_expert_usage(model, [x1], task="b"), collect_expert_usage(model, [x2], task="b")]
+    )
     assert merged.num_tokens == whole.num_tokens and merged.num_images == 5
     for name in whole.layers:
         for attr in ("token_count", "gate_mass", "reap_sum"):
@@ -174,13 +176,26 @@ def test_offloaded_moe_layers_are_refused_where_their_tensors_are_read(tmp_path)
     from accelerate import dispatch_model
 
     torch.manual_seed(0)
-    model = MoEViTForImageClassification(MoEViTConfig.from_preset("tiny", tasks=["a"], task_labels={"a": ["x", "y"]})).eval()
+    model = MoEViTForImageClassification(
+        MoEViTConfig.from_preset("tiny", tasks=["a"], task_labels={"a": ["x", "y"]})
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
     ref = model(x, task="a").logits
-    placement = {"moe_vit.embeddings": "cpu", "moe_vit.task_embeddings": "cpu", "moe_vit.layers.0": "cpu",
-                 "moe_vit.layers.1": "disk", "moe_vit.layers.2": "cpu", "moe_vit.layers.3": "cpu",
-                 "moe_vit.layernorm": "cpu", "heads": "cpu"}
-    preloaded = dispatch_model(model, placement, offload_dir=str(tmp_path / "a"), preload_module_classes=["MoEViTSparseMLP"])
+    placement = {
+        "moe_vit.embeddings": "cpu",
+        "moe_vit.task_embeddings": "cpu",
+        "moe_vit.layers.0": "cpu",
+        "moe_vit.layers.1": "disk",
+        "moe_vit.layers.2": "cpu",
+        "moe_vit.layers.3": "cpu",
+        "moe_vit.layernorm": "cpu",
+        "heads": "cpu",
+    }
+    preloaded = dispatch_model(
+        model, placement, offload_dir=str(tmp_path / "a"), preload_module_classes=["MoEViTSparseMLP"]
+    )
     assert torch.equal(preloaded(x, task="a").logits, ref)
-    with pytest.raises(ValueError, match=r"A MoE layer's experts \(read for their output norms\) is on the meta device"):
+    with pytest.raises(
+        ValueError, match=r"A MoE layer's experts \(read for their output norms\) is on the meta device"
+    ):
         collect_expert_usage(preloaded, [x], task="a")

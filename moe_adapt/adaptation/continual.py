@@ -50,8 +50,9 @@ def run_continual(cfg: ContinualConfig) -> dict:
     model = load_model(cfg.model).eval()
     config = find_backbone(model)[0].config
     image_size = cfg.image_size or config.image_size
-    data_cfg = FinetuneConfig(model=None, dataset=cfg.dataset, max_train_images=cfg.max_train_images,
-                              max_eval_images=cfg.max_eval_images)
+    data_cfg = FinetuneConfig(
+        model=None, dataset=cfg.dataset, max_train_images=cfg.max_train_images, max_eval_images=cfg.max_eval_images
+    )
     spec, train_set, eval_set, labels = load_downstream_data(data_cfg, image_size)
     task = cfg.task_name or spec.name
     calib = train_set.pixel_values[: cfg.calibration_images].split(64)
@@ -59,32 +60,60 @@ def run_continual(cfg: ContinualConfig) -> dict:
     say(f"source task {source!r} (routing entropy: {', '.join(f'{t} {h:.3f}' for t, h in entropies.items())})")
 
     params_before = count_parameters(model)["total"]
-    grown = add_task(model, task, "classification", labels, new_attn_experts=cfg.new_attn_experts,
-                     new_mlp_experts=cfg.new_mlp_experts, init=cfg.init, source_task=source, data=calib)
+    grown = add_task(
+        model,
+        task,
+        "classification",
+        labels,
+        new_attn_experts=cfg.new_attn_experts,
+        new_mlp_experts=cfg.new_mlp_experts,
+        init=cfg.init,
+        source_task=source,
+        data=calib,
+    )
     del model
     params_after = count_parameters(grown)["total"]
-    say(f"grown by {task!r}: {params_after - params_before:,} parameters added "
+    say(
+        f"grown by {task!r}: {params_after - params_before:,} parameters added "
         f"({(params_after - params_before) / params_before:.1%}); experts per layer: attn {grown.config.attn_experts}, "
-        f"mlp {grown.config.mlp_experts}")
+        f"mlp {grown.config.mlp_experts}"
+    )
 
     check = eval_set.pixel_values[: cfg.check_images]
-    result = learn_new_task(compile_model(grown, cfg.train), task, train_set, check, steps=cfg.train.max_steps,
-                            batch_size=cfg.batch_size, seed=cfg.seed, log_every=cfg.train.log_every,
-                            accelerator=accelerator, optimizer=cfg.optimizer)
+    result = learn_new_task(
+        compile_model(grown, cfg.train),
+        task,
+        train_set,
+        check,
+        steps=cfg.train.max_steps,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        log_every=cfg.train.log_every,
+        accelerator=accelerator,
+        optimizer=cfg.optimizer,
+    )
     grown = result.model
     out = Path(cfg.output_dir) if cfg.output_dir else None
     if out is not None and accelerator.is_main_process:  # saved before any evaluation, which then cannot lose it
         grown.save_pretrained(out / "model")  # written atomically
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=128, collate_fn=collate_fn_for("classification"))
     accuracy = evaluate(grown, eval_loader, task)["accuracy"]
-    say(f"{task}: accuracy {accuracy:.4f}; old tasks bit-identical: {result.old_tasks_identical} "
-        f"(max |logit change| {max(result.old_task_change.values(), default=0.0)})")
+    say(
+        f"{task}: accuracy {accuracy:.4f}; old tasks bit-identical: {result.old_tasks_identical} "
+        f"(max |logit change| {max(result.old_task_change.values(), default=0.0)})"
+    )
 
-    summary = {"task": task, "source_task": source, "accuracy": accuracy, "params_before": params_before,
-               "params_added": params_after - params_before,
-               "params_added_ratio": (params_after - params_before) / params_before,
-               "trained_tensors": len(result.trainable), "old_tasks_identical": result.old_tasks_identical,
-               "old_task_max_abs_change": result.old_task_change}
+    summary = {
+        "task": task,
+        "source_task": source,
+        "accuracy": accuracy,
+        "params_before": params_before,
+        "params_added": params_after - params_before,
+        "params_added_ratio": (params_after - params_before) / params_before,
+        "trained_tensors": len(result.trainable),
+        "old_tasks_identical": result.old_tasks_identical,
+        "old_task_max_abs_change": result.old_task_change,
+    }
     if cfg.budget:
         curve = budget_curve(grown, task, eval_loader, image_size=image_size)
         summary["budget"] = [{"top_k": p.top_k, "gflops": p.gflops, "accuracy": p.metric} for p in curve.points]

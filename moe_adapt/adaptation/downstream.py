@@ -43,7 +43,7 @@ TEXTURE_CROP, TEXTURE_TRAIN_PER_CLASS, TEXTURE_TEST_PER_CLASS, TEXTURE_TRAIN_ROW
 BUILTIN_DOWNSTREAM = {
     "digits": "scikit-learn digits: 1,797 8x8 handwritten digits (UCI), 10 classes, 1347 train / 450 test",
     "textures": "scikit-image sample photos: 48x48 crops of brick, grass, gravel, moon, cell, coins; "
-                "6 classes, 1200 train / 360 test from disjoint rows",
+    "6 classes, 1200 train / 360 test from disjoint rows",
 }
 # Bumped when a set's content changes, so an old cache is rebuilt.
 _VERSION = 1
@@ -83,11 +83,12 @@ def _textures() -> dict[str, list[tuple[np.ndarray, int]]]:
         h, w = photo.shape
         cut = int(TEXTURE_TRAIN_ROWS * h)
         for split, (top, bottom, n) in {
-            "train": (0, cut, TEXTURE_TRAIN_PER_CLASS), "test": (cut, h, TEXTURE_TEST_PER_CLASS)
+            "train": (0, cut, TEXTURE_TRAIN_PER_CLASS),
+            "test": (cut, h, TEXTURE_TEST_PER_CLASS),
         }.items():
             ys = rng.integers(top, bottom - s + 1, size=n)
             xs = rng.integers(0, w - s + 1, size=n)
-            out[split] += [(photo[y:y + s, x:x + s].copy(), c) for y, x in zip(ys, xs)]
+            out[split] += [(photo[y : y + s, x : x + s].copy(), c) for y, x in zip(ys, xs)]
     return out
 
 
@@ -105,7 +106,9 @@ def _write_imagefolder(target: Path, splits: dict, classes: list[str], name: str
         (tmp / "manifest.json").write_text(json.dumps({"name": name, "version": _VERSION, "counts": counts}))
 
 
-def builtin_downstream_spec(name: str, root: str | os.PathLike | None = None, image_size: int | None = None) -> DatasetSpec:
+def builtin_downstream_spec(
+    name: str, root: str | os.PathLike | None = None, image_size: int | None = None
+) -> DatasetSpec:
     """Write built-in set `name` (once) under `root` and return its `DatasetSpec` (train split `train`, eval split
     `test`). Raises `ValueError` for an unknown name."""
     if name not in _BUILDERS:
@@ -118,12 +121,20 @@ def builtin_downstream_spec(name: str, root: str | os.PathLike | None = None, im
     if not fresh:
         _write_imagefolder(target, build(), classes, name)
     return DatasetSpec(
-        name=name, task_type="classification", format="imagefolder", path=str(target), split="train",
-        eval_split="test", label_names=list(classes), image_size=image_size,
+        name=name,
+        task_type="classification",
+        format="imagefolder",
+        path=str(target),
+        split="train",
+        eval_split="test",
+        label_names=list(classes),
+        image_size=image_size,
     )
 
 
-def resolve_dataset_spec(value: Any, image_size: int | None = None, base_dir: str | os.PathLike | None = None) -> DatasetSpec:
+def resolve_dataset_spec(
+    value: Any, image_size: int | None = None, base_dir: str | os.PathLike | None = None
+) -> DatasetSpec:
     """A recipe's `dataset:` entry → `DatasetSpec`: `"builtin:<name>"`, `{"builtin": name, "image_size": ...,
     "root": ...}`, a spec dict (see `moe_adapt.data.specs`) or a `DatasetSpec`. `image_size` fills a spec that
     gives none (the model's input size)."""
@@ -139,8 +150,12 @@ def resolve_dataset_spec(value: Any, image_size: int | None = None, base_dir: st
     elif isinstance(value, Mapping) and "builtin" in value:
         extra = sorted(set(value) - {"builtin", "image_size", "root"})
         if extra:
-            raise ValueError(f"dataset {dict(value)!r}: a built-in set takes only builtin, image_size and root; got {extra}.")
-        spec = builtin_downstream_spec(value["builtin"], root=value.get("root"), image_size=value.get("image_size", image_size))
+            raise ValueError(
+                f"dataset {dict(value)!r}: a built-in set takes only builtin, image_size and root; got {extra}."
+            )
+        spec = builtin_downstream_spec(
+            value["builtin"], root=value.get("root"), image_size=value.get("image_size", image_size)
+        )
     elif isinstance(value, Mapping):
         spec = DatasetSpec.from_dict(value, base_dir=base_dir)
     else:

@@ -259,7 +259,9 @@ def attach_task(
     if task_type == "classification" and isinstance(heads, nn.ModuleDict) and task in heads:
         old_head = heads[task]
         if not isinstance(old_head, ClassificationHead):
-            raise ValueError(f"The model's task {task!r} is not a classification task; give the new task another name (task_name).")
+            raise ValueError(
+                f"The model's task {task!r} is not a classification task; give the new task another name (task_name)."
+            )
         if old_head.classifier.out_features != len(label_names):
             raise ValueError(
                 f"The dataset has {len(label_names)} classes but the model's head for task {task!r} has "
@@ -344,7 +346,9 @@ def choose_source_task(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def prepare_for_mode(model: nn.Module, mode: str, task: str, lora: Mapping | None = None, verbose: bool = True) -> nn.Module:
+def prepare_for_mode(
+    model: nn.Module, mode: str, task: str, lora: Mapping | None = None, verbose: bool = True
+) -> nn.Module:
     """Set what trains: `lora` → a peft model (`lora_config(model, tasks=[task], **lora)`); `router` → only `task`'s
     routers and head; `full` → everything. Returns the model to train."""
     if mode == "lora":
@@ -407,8 +411,10 @@ def _seeded_order(n: int, limit: int | None = None) -> list[int]:
 
 def _cache_items(dataset, indices: list[int]) -> InMemoryDataset:
     items = [dataset[i] for i in indices]
-    return InMemoryDataset(torch.stack([it["pixel_values"] for it in items]),
-                           torch.tensor([int(it["labels"]) for it in items], dtype=torch.long))
+    return InMemoryDataset(
+        torch.stack([it["pixel_values"] for it in items]),
+        torch.tensor([int(it["labels"]) for it in items], dtype=torch.long),
+    )
 
 
 def _cache(dataset, limit: int | None) -> InMemoryDataset:
@@ -436,10 +442,14 @@ def _hold_out_validation(spec, train_raw, cfg: FinetuneConfig):
     pool = _seeded_order(len(train_raw), cfg.max_train_images)
     n, n_val = len(pool), round(len(pool) * cfg.validation_fraction)
     if not 1 <= n_val < n:
-        raise ValueError(f"validation_fraction={cfg.validation_fraction!r} of dataset {spec.name!r}'s {n} training "
-                         f"images leaves {n_val} for validation and {n - n_val} for training: both need at least one.")
+        raise ValueError(
+            f"validation_fraction={cfg.validation_fraction!r} of dataset {spec.name!r}'s {n} training "
+            f"images leaves {n_val} for validation and {n - n_val} for training: both need at least one."
+        )
     held = pool[:n_val][: cfg.max_eval_images or None]
-    return _train_images(train_raw, pool[n_val:], cfg.augment), _cache_items(_unaugmented(spec, train_raw, cfg.augment), held)
+    return _train_images(train_raw, pool[n_val:], cfg.augment), _cache_items(
+        _unaugmented(spec, train_raw, cfg.augment), held
+    )
 
 
 def load_downstream_data(cfg: FinetuneConfig, image_size: int):
@@ -475,9 +485,13 @@ def load_downstream_data(cfg: FinetuneConfig, image_size: int):
         eval_set = InMemoryDataset(full.pixel_values[:n_eval], full.labels[:n_eval])
         train_set = InMemoryDataset(full.pixel_values[n_eval:], full.labels[n_eval:])
         if cfg.max_eval_images:
-            eval_set = InMemoryDataset(eval_set.pixel_values[: cfg.max_eval_images], eval_set.labels[: cfg.max_eval_images])
+            eval_set = InMemoryDataset(
+                eval_set.pixel_values[: cfg.max_eval_images], eval_set.labels[: cfg.max_eval_images]
+            )
         if cfg.max_train_images:
-            train_set = InMemoryDataset(train_set.pixel_values[: cfg.max_train_images], train_set.labels[: cfg.max_train_images])
+            train_set = InMemoryDataset(
+                train_set.pixel_values[: cfg.max_train_images], train_set.labels[: cfg.max_train_images]
+            )
     for name, ds in (("train", train_set), ("eval", eval_set)):
         if isinstance(ds, InMemoryDataset) and len(ds) and (ds.labels.min() < 0 or ds.labels.max() >= len(label_names)):
             raise ValueError(
@@ -545,10 +559,18 @@ def lr_groups(model: nn.Module, task: str, lr: float, head_lr: float | None) -> 
     else:
         fast = _task_parameter_ids(model, task) & {id(p) for _, p in named}
         if not fast:
-            raise ValueError(f"head_lr={head_lr} is given, but the model has no trainable tensor of task {task!r} "
-                             f"(in {', '.join(TASK_CONTAINERS)}) to train at it.")
-    return [g for g in ({"params": [p for _, p in named if id(p) not in fast], "lr": lr},
-                        {"params": [p for _, p in named if id(p) in fast], "lr": head_lr}) if g["params"]]
+            raise ValueError(
+                f"head_lr={head_lr} is given, but the model has no trainable tensor of task {task!r} "
+                f"(in {', '.join(TASK_CONTAINERS)}) to train at it."
+            )
+    return [
+        g
+        for g in (
+            {"params": [p for _, p in named if id(p) not in fast], "lr": lr},
+            {"params": [p for _, p in named if id(p) in fast], "lr": head_lr},
+        )
+        if g["params"]
+    ]
 
 
 def train(
@@ -573,13 +595,25 @@ def train(
     steps of shuffled `batch_size`-image batches. Returns (prepared model, throughput, losses)."""
     accelerator = accelerator or make_accelerator(TrainConfig(max_steps=steps))
     opt_cfg = optimizer or OptimizerConfig(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
-    opt = adamw(lr_groups(model, task, lr, head_lr), accelerator.device, lr=lr, weight_decay=opt_cfg.weight_decay,
-                betas=opt_cfg.betas, eps=opt_cfg.eps)
+    opt = adamw(
+        lr_groups(model, task, lr, head_lr),
+        accelerator.device,
+        lr=lr,
+        weight_decay=opt_cfg.weight_decay,
+        betas=opt_cfg.betas,
+        eps=opt_cfg.eps,
+    )
     scheduler = build_scheduler(opt, opt_cfg, steps)
-    loader = accelerator.prepare(torch.utils.data.DataLoader(
-        train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) >= batch_size,
-        collate_fn=collate_fn_for("classification"), generator=torch.Generator().manual_seed(seed),
-    ))
+    loader = accelerator.prepare(
+        torch.utils.data.DataLoader(
+            train_set,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=len(train_set) >= batch_size,
+            collate_fn=collate_fn_for("classification"),
+            generator=torch.Generator().manual_seed(seed),
+        )
+    )
     speed, saved, first = Throughput(warmup=1), SavedTensorMeter(model), [True]
 
     def loss_fn(m, batch):
@@ -595,9 +629,21 @@ def train(
 
     model.train()
     with memory.track() if memory is not None else contextlib.nullcontext(), speed:
-        result = train_loop(model, opt, scheduler, lambda start: repeat_loader(loader, start), loss_fn, accelerator,
-                            max_steps=steps, seed=seed, max_grad_norm=opt_cfg.max_grad_norm, log_every=log_every,
-                            on_step=on_step, progress_bar=False, desc=f"finetune {task}")
+        result = train_loop(
+            model,
+            opt,
+            scheduler,
+            lambda start: repeat_loader(loader, start),
+            loss_fn,
+            accelerator,
+            max_steps=steps,
+            seed=seed,
+            max_grad_norm=opt_cfg.max_grad_norm,
+            log_every=log_every,
+            on_step=on_step,
+            progress_bar=False,
+            desc=f"finetune {task}",
+        )
     return result.model, speed, result.losses
 
 
@@ -635,8 +681,11 @@ def _new_task_model(cfg: FinetuneConfig, parent: nn.Module, train_set, task: str
 
     calib = _calibration_batches(train_set, cfg.calibration_images, cfg.eval_batch_size)
     source, usages, entropies = choose_source_task(parent, calib, cfg.source_task)
-    say(f"source task: {source!r} (routing entropy per task: "
-        + ", ".join(f"{t} {h:.3f}" for t, h in entropies.items()) + ")")
+    say(
+        f"source task: {source!r} (routing entropy per task: "
+        + ", ".join(f"{t} {h:.3f}" for t, h in entropies.items())
+        + ")"
+    )
     selection = None
     if cfg.slice:
         selection = select_experts(usages[source], **dict(cfg.selection))
@@ -651,8 +700,9 @@ def _new_task_model(cfg: FinetuneConfig, parent: nn.Module, train_set, task: str
     return model, source, entropies, selection
 
 
-def finetune(cfg: FinetuneConfig, verbose: bool = True,
-             memory: MemoryMeter | type[MemoryMeter] | None = None) -> FinetuneResult:
+def finetune(
+    cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | type[MemoryMeter] | None = None
+) -> FinetuneResult:
     """Run the whole path (see the module docstring); returns a `FinetuneResult` and writes `cfg.output_dir`.
 
     `memory`: how the report's peak memory is measured: a `MemoryMeter` (its baseline already taken), or a
@@ -688,31 +738,60 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True,
     model = prepare_for_mode(model, cfg.mode, task, cfg.lora, verbose=verbose and accelerator.is_main_process)
     model = compile_model(model, cfg.train)
     trained, speed, losses = train(
-        model, train_set, task, cfg.train.max_steps, cfg.batch_size, cfg.learning_rate, seed=cfg.seed,
-        log_every=cfg.train.log_every if verbose else 0, accelerator=accelerator, memory=memory,
-        head_lr=cfg.whole_module_learning_rate, optimizer=cfg.optimizer,
+        model,
+        train_set,
+        task,
+        cfg.train.max_steps,
+        cfg.batch_size,
+        cfg.learning_rate,
+        seed=cfg.seed,
+        log_every=cfg.train.log_every if verbose else 0,
+        accelerator=accelerator,
+        memory=memory,
+        head_lr=cfg.whole_module_learning_rate,
+        optimizer=cfg.optimizer,
     )
     model = accelerator.unwrap_model(trained)
-    if out_dir is not None and accelerator.is_main_process:  # the trained weights first: a failing evaluation keeps them
+    if (
+        out_dir is not None and accelerator.is_main_process
+    ):  # the trained weights first: a failing evaluation keeps them
         if cfg.mode == "lora":
             files["adapter"] = _save_dir(model, out_dir / "adapter")
         else:
             files["model"] = _save_dir(model, out_dir / "model")
     accelerator.wait_for_everyone()
-    eval_loader = accelerator.prepare(torch.utils.data.DataLoader(
-        eval_set, batch_size=cfg.eval_batch_size, collate_fn=collate_fn_for("classification")))
+    eval_loader = accelerator.prepare(
+        torch.utils.data.DataLoader(
+            eval_set, batch_size=cfg.eval_batch_size, collate_fn=collate_fn_for("classification")
+        )
+    )
     accuracy = evaluate(trained, eval_loader, task, accelerator=accelerator)["accuracy"]
     report = efficiency_report(
-        model, task, name=f"{task} <- {source}" + (" (sliced)" if cfg.slice else ""), mode=cfg.mode,
-        images_per_s=speed.images_per_s, memory=memory, metric_name="accuracy", metric=accuracy, flops=flops,
-        train_state_mb=speed.train_state_mb, images_per_cpu_s=speed.images_per_cpu_s,
-        train_steps=cfg.train.max_steps, batch_size=cfg.batch_size, device=str(accelerator.device),
-        extra={"source_task": source, "routing_entropy": {t: round(h, 4) for t, h in entropies.items()},
-               "experts_kept": None if selection is None else {n: len(v) for n, v in selection.experts.items()},
-               "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4), "train_images": len(train_set),
-               "eval_images": len(eval_set),
-               "evaluated_on": evaluated_on(cfg.validation_fraction),
-               "lr": cfg.learning_rate, "head_lr": cfg.whole_module_learning_rate},
+        model,
+        task,
+        name=f"{task} <- {source}" + (" (sliced)" if cfg.slice else ""),
+        mode=cfg.mode,
+        images_per_s=speed.images_per_s,
+        memory=memory,
+        metric_name="accuracy",
+        metric=accuracy,
+        flops=flops,
+        train_state_mb=speed.train_state_mb,
+        images_per_cpu_s=speed.images_per_cpu_s,
+        train_steps=cfg.train.max_steps,
+        batch_size=cfg.batch_size,
+        device=str(accelerator.device),
+        extra={
+            "source_task": source,
+            "routing_entropy": {t: round(h, 4) for t, h in entropies.items()},
+            "experts_kept": None if selection is None else {n: len(v) for n, v in selection.experts.items()},
+            "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+            "train_images": len(train_set),
+            "eval_images": len(eval_set),
+            "evaluated_on": evaluated_on(cfg.validation_fraction),
+            "lr": cfg.learning_rate,
+            "head_lr": cfg.whole_module_learning_rate,
+        },
     )
     if accelerator.is_main_process:
         say(report.to_console())
@@ -725,8 +804,9 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True,
             files["report"] = str(report.save(out_dir / "report.json"))
             atomic_write_text(out_dir / "finetune_config.json", json.dumps(_jsonable(cfg), indent=2))
     accelerator.wait_for_everyone()
-    return FinetuneResult(model=model, report=report, task=task, source_task=source, selection=selection,
-                          entropies=entropies, files=files)
+    return FinetuneResult(
+        model=model, report=report, task=task, source_task=source, selection=selection, entropies=entropies, files=files
+    )
 
 
 def _jsonable(cfg: FinetuneConfig) -> dict:

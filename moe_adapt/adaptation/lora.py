@@ -168,8 +168,9 @@ def _check_rank(r: int, params: dict, modules: dict) -> None:
             )
 
 
-def _modules_to_save(model: nn.Module, backbone: nn.Module, prefix: str, tasks, train_head: bool,
-                     train_router: bool, train_norms: bool) -> list[str]:
+def _modules_to_save(
+    model: nn.Module, backbone: nn.Module, prefix: str, tasks, train_head: bool, train_router: bool, train_norms: bool
+) -> list[str]:
     """The names `lora_config` puts in `modules_to_save`: the backbone's LayerNorms (with `train_norms`), then per
     task its head and routers, each name once."""
     task_list = _tasks_of(model, tasks)
@@ -257,8 +258,10 @@ def lora_config(
     modules = dict(linears)  # target_modules: the Linear layers, and the patch embedding's conv if asked
     if include_patch_embedding:
         conv = backbone.embeddings.projection
-        modules[prefix + "embeddings.projection"] = (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1],
-                                                     conv.out_channels)
+        modules[prefix + "embeddings.projection"] = (
+            conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1],
+            conv.out_channels,
+        )
     if not params and not modules:
         raise ValueError(
             "lora_config selected no target: the model has no layer matching include_attention="
@@ -307,7 +310,9 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, verbose: bool
     if verbose:
         trainable, _ = peft_model.get_nb_trainable_parameters()
         total = count_model_parameters(peft_model)
-        print(f"LoRA applied: trainable params {trainable:,} of {total:,} model params ({100 * trainable / total:.2f}%)")
+        print(
+            f"LoRA applied: trainable params {trainable:,} of {total:,} model params ({100 * trainable / total:.2f}%)"
+        )
     return peft_model
 
 

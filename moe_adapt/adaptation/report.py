@@ -213,7 +213,14 @@ class EfficiencyReport:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["trainable_fraction"] = round(self.trainable_fraction, 6)
-        for key in ("train_images_per_s", "train_images_per_cpu_s", "peak_memory_mb", "peak_memory_above_baseline_mb", "train_state_mb", "metric"):
+        for key in (
+            "train_images_per_s",
+            "train_images_per_cpu_s",
+            "peak_memory_mb",
+            "peak_memory_above_baseline_mb",
+            "train_state_mb",
+            "metric",
+        ):
             if out[key] is not None:
                 out[key] = round(float(out[key]), 4)
         return out
@@ -233,10 +240,18 @@ class EfficiencyReport:
             ("run", f"{self.name} ({self.mode})"),
             ("trainable params", f"{self.trainable_params:,} ({100 * self.trainable_fraction:.2f}%)"),
             ("total params", f"{self.total_params:,}"),
-            ("FLOPs / image", num(self.flops_per_image, "{:,.0f}") + (
-                "" if self.flops_per_image is None else f" ({self.flops_per_image / 1e9:.4f} GFLOPs)")),
-            ("train images/s", num(self.train_images_per_s, "{:.1f}") + " wall, "
-             + num(self.train_images_per_cpu_s, "{:.1f}") + " per CPU-second"),
+            (
+                "FLOPs / image",
+                num(self.flops_per_image, "{:,.0f}")
+                + ("" if self.flops_per_image is None else f" ({self.flops_per_image / 1e9:.4f} GFLOPs)"),
+            ),
+            (
+                "train images/s",
+                num(self.train_images_per_s, "{:.1f}")
+                + " wall, "
+                + num(self.train_images_per_cpu_s, "{:.1f}")
+                + " per CPU-second",
+            ),
             (f"peak memory ({kind})", mem),
             ("train state", num(self.train_state_mb, "{:.1f} MiB") + " (weights, grads, optimizer, activations)"),
             (self.metric_name or "metric", num(self.metric, "{:.4f}")),
@@ -261,8 +276,9 @@ def model_flops(model: nn.Module, task: str | None = None, image_size: int | Non
 
         return int(flops_per_image(base, task=task, image_size=image_size)["total"])
     except Exception as err:  # noqa: BLE001 - a report without FLOPs beats a crash after training
-        warnings.warn(f"FLOPs per image could not be counted ({type(err).__name__}: {err}); reported as null.",
-                      stacklevel=2)
+        warnings.warn(
+            f"FLOPs per image could not be counted ({type(err).__name__}: {err}); reported as null.", stacklevel=2
+        )
         return None
 
 

@@ -29,7 +29,12 @@ from ..metrics import evaluate as evaluate_metric
 from ..models.moe_vit import find_backbone
 
 __all__ = [
-    "BudgetCurve", "BudgetPoint", "budget_curve", "budget_from_args", "default_top_k_sweep", "parse_top_k_list",
+    "BudgetCurve",
+    "BudgetPoint",
+    "budget_curve",
+    "budget_from_args",
+    "default_top_k_sweep",
+    "parse_top_k_list",
     "plot_budget_curve",
 ]
 
@@ -55,8 +60,13 @@ class BudgetCurve:
     image_size: list[int] | None = None
 
     def to_dict(self) -> dict:
-        return {"format": "moe_adapt.budget_curve", "task": self.task, "metric_name": self.metric_name,
-                "image_size": self.image_size, "points": [asdict(p) for p in self.points]}
+        return {
+            "format": "moe_adapt.budget_curve",
+            "task": self.task,
+            "metric_name": self.metric_name,
+            "image_size": self.image_size,
+            "points": [asdict(p) for p in self.points],
+        }
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -137,7 +147,9 @@ def budget_curve(
     backbone, _ = find_backbone(model)
     config = backbone.config
     task = config.tasks[config.task_index(task)]
-    settings = [_as_setting(k, config, task) for k in (top_ks if top_ks is not None else default_top_k_sweep(config, task))]
+    settings = [
+        _as_setting(k, config, task) for k in (top_ks if top_ks is not None else default_top_k_sweep(config, task))
+    ]
     if not settings:
         raise ValueError("budget_curve needs at least one top-k setting.")
     for setting in settings:
@@ -154,22 +166,32 @@ def budget_curve(
                 result = evaluate_metric(model, evaluate, task)
                 value, metric_name = result.score, metric_name or result.primary
             flops = flops_per_image(model, task=task, image_size=image_size, top_k=setting)
-            points.append(BudgetPoint(top_k=setting, flops=int(flops["total"]), gflops=float(flops["gflops"]),
-                                      metric=value, is_default=setting == default))
+            points.append(
+                BudgetPoint(
+                    top_k=setting,
+                    flops=int(flops["total"]),
+                    gflops=float(flops["gflops"]),
+                    metric=value,
+                    is_default=setting == default,
+                )
+            )
     finally:
         backbone.set_routing(task)
         if previous is not None:
             backbone.set_routing(task, **previous)
     points.sort(key=lambda p: (p.flops, sorted(p.top_k.items())))
-    return BudgetCurve(task=task, metric_name=metric_name or "metric", points=points,
-                       image_size=list(flops["image_size"]))
+    return BudgetCurve(
+        task=task, metric_name=metric_name or "metric", points=points, image_size=list(flops["image_size"])
+    )
 
 
 def _label(top_k: Mapping[str, int]) -> str:
     return "/".join(f"{kind} {k}" for kind, k in top_k.items())
 
 
-def plot_budget_curve(curves: BudgetCurve | Sequence[BudgetCurve], path: str | os.PathLike, title: str | None = None) -> Path:
+def plot_budget_curve(
+    curves: BudgetCurve | Sequence[BudgetCurve], path: str | os.PathLike, title: str | None = None
+) -> Path:
     """Draw metric against GFLOPs per image (one line per curve, points labelled with their top-k as `attn/mlp`, the
     default setting circled) to a PNG at `path` (written to a temporary name, then renamed)."""
     import matplotlib
@@ -187,8 +209,13 @@ def plot_budget_curve(curves: BudgetCurve | Sequence[BudgetCurve], path: str | o
         last = None
         for p in curve.points:  # label the points far enough apart to read (and always the trained setting)
             if p.is_default or last is None or p.gflops - last >= 0.1 * span:
-                ax.annotate("/".join(str(k) for k in p.top_k.values()), (p.gflops, p.metric),
-                            textcoords="offset points", xytext=(3, -11), fontsize=8)
+                ax.annotate(
+                    "/".join(str(k) for k in p.top_k.values()),
+                    (p.gflops, p.metric),
+                    textcoords="offset points",
+                    xytext=(3, -11),
+                    fontsize=8,
+                )
                 last = p.gflops
             if p.is_default:
                 ax.scatter([p.gflops], [p.metric], s=140, facecolors="none", edgecolors="black", zorder=3)
@@ -220,7 +247,9 @@ def parse_top_k_list(text: str | None) -> list[int | dict[str, int]] | None:
             else:
                 out.append(int(item))
         except ValueError:
-            raise ValueError(f"--budget-top-k: {item!r} is not K or ATTN_K:MLP_K (e.g. '1,2,4' or '2:1,4:2').") from None
+            raise ValueError(
+                f"--budget-top-k: {item!r} is not K or ATTN_K:MLP_K (e.g. '1,2,4' or '2:1,4:2')."
+            ) from None
     return out
 
 
@@ -234,14 +263,22 @@ def budget_from_args(model: nn.Module, args, out: Path, datasets: Mapping[str, s
     top_ks = parse_top_k_list(getattr(args, "budget_top_k", None))
     curves, written = [], []
     for task in args.task:
-        loader = calibration_loader(args.data, task, split="eval", dataset=names.get(task),
-                                    batch_size=args.batch_size, max_images=args.max_images)
+        loader = calibration_loader(
+            args.data,
+            task,
+            split="eval",
+            dataset=names.get(task),
+            batch_size=args.batch_size,
+            max_images=args.max_images,
+        )
         curve = budget_curve(model, task, loader, top_ks=top_ks)
         curves.append(curve)
         print(f"\nbudget of {task} ({curve.metric_name} on up to {args.max_images} eval images):")
         for p in curve.points:
             mark = "  (trained top-k)" if p.is_default else ""
-            print(f"  {_label(p.top_k):<16} {p.gflops * 1e3:9.3f} MFLOPs/image  {curve.metric_name} {p.metric:.4f}{mark}")
+            print(
+                f"  {_label(p.top_k):<16} {p.gflops * 1e3:9.3f} MFLOPs/image  {curve.metric_name} {p.metric:.4f}{mark}"
+            )
         written.append(curve.save(out / f"budget_{task}.json"))
     written.append(plot_budget_curve(curves, out / "budget.png"))
     return written

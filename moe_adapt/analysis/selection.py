@@ -99,7 +99,9 @@ class ExpertSelection:
         for name, ids in self.experts.items():
             k, size = self.top_k(name), self.layer_size(name)
             if ids and (ids[0] < 0 or ids[-1] >= size):
-                raise ValueError(f"Selection for {name} keeps expert ids {ids}, but that layer has experts 0..{size - 1}.")
+                raise ValueError(
+                    f"Selection for {name} keeps expert ids {ids}, but that layer has experts 0..{size - 1}."
+                )
             if len(ids) < k:
                 raise ValueError(
                     f"Selection keeps {len(ids)} expert(s) in {name} ({ids}), fewer than its top_k={k}: a sliced layer "
@@ -151,19 +153,31 @@ class ExpertSelection:
         first = selections[0]
         for s in selections[1:]:
             if s.model != first.model:
-                raise ValueError("Cannot combine selections made for different models (their layer or expert counts differ).")
+                raise ValueError(
+                    "Cannot combine selections made for different models (their layer or expert counts differ)."
+                )
         experts = {n: sorted(set().union(*(s.experts[n] for s in selections))) for n in first.layers}
         tasks = [t for s in selections for t in s.tasks]
-        return cls(experts=experts, tasks=tasks, model=dict(first.model),
-                   policy={"policy": "union", "of": [s.policy for s in selections]})
+        return cls(
+            experts=experts,
+            tasks=tasks,
+            model=dict(first.model),
+            policy={"policy": "union", "of": [s.policy for s in selections]},
+        )
 
     def __or__(self, other: ExpertSelection) -> ExpertSelection:
         return ExpertSelection.union(self, other)
 
     # -- JSON --------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        out = {"format": "moe_adapt.expert_selection", "version": FORMAT_VERSION, "tasks": self.tasks,
-               "model": self.model, "policy": self.policy, "experts": self.experts}
+        out = {
+            "format": "moe_adapt.expert_selection",
+            "version": FORMAT_VERSION,
+            "tasks": self.tasks,
+            "model": self.model,
+            "policy": self.policy,
+            "experts": self.experts,
+        }
         if self.scores is not None:
             out["scores"] = self.scores
         return copy.deepcopy(out)
@@ -173,8 +187,13 @@ class ExpertSelection:
         if not isinstance(data, Mapping) or data.get("format") != "moe_adapt.expert_selection":
             raise ValueError(f"{source} is not an expert selection (expected 'format': 'moe_adapt.expert_selection').")
         try:
-            return cls(experts=dict(data["experts"]), tasks=list(data["tasks"]), model=dict(data["model"]),
-                       policy=dict(data.get("policy", {})), scores=data.get("scores"))
+            return cls(
+                experts=dict(data["experts"]),
+                tasks=list(data["tasks"]),
+                model=dict(data["model"]),
+                policy=dict(data.get("policy", {})),
+                scores=data.get("scores"),
+            )
         except KeyError as err:
             raise ValueError(f"{source} lacks the field {err}.") from err
 

@@ -45,8 +45,15 @@ from ..models.moe_vit.modeling_moe_vit import find_backbone
 CRITERIA = ("frequency", "gate_mass", "reap")
 FORMAT_VERSION = 1
 
-__all__ = ["CRITERIA", "ExpertUsage", "collect_expert_usage", "find_backbone", "iter_pixel_batches",
-           "model_signature", "plot_usage_heatmap"]
+__all__ = [
+    "CRITERIA",
+    "ExpertUsage",
+    "collect_expert_usage",
+    "find_backbone",
+    "iter_pixel_batches",
+    "model_signature",
+    "plot_usage_heatmap",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,9 +184,14 @@ class ExpertUsage:
             return {n: sum(getattr(u, attr)[n] for u in usages).clone() for n in first.layers}
 
         return cls(
-            task=first.task, layers=list(first.layers), top_k=dict(first.top_k),
-            token_count=add("token_count"), gate_mass=add("gate_mass"), reap_sum=add("reap_sum"),
-            num_tokens=sum(u.num_tokens for u in usages), num_images=sum(u.num_images for u in usages),
+            task=first.task,
+            layers=list(first.layers),
+            top_k=dict(first.top_k),
+            token_count=add("token_count"),
+            gate_mass=add("gate_mass"),
+            reap_sum=add("reap_sum"),
+            num_tokens=sum(u.num_tokens for u in usages),
+            num_images=sum(u.num_images for u in usages),
             model=dict(first.model),
         )
 
@@ -195,7 +207,9 @@ class ExpertUsage:
             return self
         parts = [self.token_count[n] for n in self.layers] + [self.gate_mass[n] for n in self.layers]
         parts += [self.reap_sum[n] for n in self.layers]
-        flat = torch.cat([p.reshape(-1) for p in parts] + [torch.tensor([self.num_tokens, self.num_images], dtype=torch.float64)])
+        flat = torch.cat(
+            [p.reshape(-1) for p in parts] + [torch.tensor([self.num_tokens, self.num_images], dtype=torch.float64)]
+        )
         backend_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
         flat = flat.to(backend_device)
         dist.all_reduce(flat, group=group)
@@ -239,9 +253,15 @@ class ExpertUsage:
             return {n: torch.tensor(data["layers"][n][key], dtype=torch.float64) for n in layers}
 
         return cls(
-            task=data["task"], layers=layers, top_k={n: int(data["layers"][n]["top_k"]) for n in layers},
-            token_count=tensors("token_count"), gate_mass=tensors("gate_mass"), reap_sum=tensors("reap_sum"),
-            num_tokens=int(data["num_tokens"]), num_images=int(data["num_images"]), model=dict(data.get("model", {})),
+            task=data["task"],
+            layers=layers,
+            top_k={n: int(data["layers"][n]["top_k"]) for n in layers},
+            token_count=tensors("token_count"),
+            gate_mass=tensors("gate_mass"),
+            reap_sum=tensors("reap_sum"),
+            num_tokens=int(data["num_tokens"]),
+            num_images=int(data["num_images"]),
+            model=dict(data.get("model", {})),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -263,8 +283,10 @@ def _expert_tensors(module: nn.Module, names: tuple[str, ...], num: int, referen
     (read outside the layer's forward, so an offloaded layer is an error, as in the forward itself)."""
     groups = [module.experts, *module.extra_experts]
     if any(getattr(g, names[0]).is_meta for g in groups) and not reference.is_meta:
-        raise ValueError("A MoE layer's experts (read for their output norms) is on the meta device: accelerate "
-                         "offloaded it, and collecting usage reads expert tensors outside the experts' forward.")
+        raise ValueError(
+            "A MoE layer's experts (read for their output norms) is on the meta device: accelerate "
+            "offloaded it, and collecting usage reads expert tensors outside the experts' forward."
+        )
     return [torch.cat([getattr(g, n) for g in groups], 0)[:num] for n in names]
 
 
@@ -287,7 +309,9 @@ def expert_output_norms(module: nn.Module, hidden: torch.Tensor, indices: torch.
         attn = F.scaled_dot_product_attention(q, key, value).transpose(1, 2).reshape(b * n, k, h)
         out = plan.project(attn, o_w, o_b, impl, per_slot=True)
     else:
-        up, up_b, down, down_b = _expert_tensors(module, ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias"), num, flat)
+        up, up_b, down, down_b = _expert_tensors(
+            module, ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias"), num, flat
+        )
         act = module.experts.act_fn
         mid = act(plan.project(flat, up, up_b, impl))
         out = plan.project(mid, down, down_b, impl, per_slot=True)
@@ -342,9 +366,11 @@ def collect_expert_usage(
             if output_norms:
                 norms = expert_output_norms(module, hidden, idx)
                 weighted = (route.weights.float() * norms).double().reshape(-1)
-                stats["reap"][name] += torch.zeros(e_t, dtype=torch.float64, device=weighted.device).index_add(
-                    0, idx.reshape(-1), weighted
-                ).cpu()
+                stats["reap"][name] += (
+                    torch.zeros(e_t, dtype=torch.float64, device=weighted.device)
+                    .index_add(0, idx.reshape(-1), weighted)
+                    .cpu()
+                )
 
         return hook
 
@@ -386,9 +412,15 @@ def collect_expert_usage(
     signature = model_signature(config)
     signature["name_or_path"] = getattr(config, "_name_or_path", "") or ""
     return ExpertUsage(
-        task=task, layers=names, top_k={n: top_k.get(n, layers[n].router.top_k) for n in names},
-        token_count=stats["count"], gate_mass=stats["mass"], reap_sum=stats["reap"],
-        num_tokens=num_tokens, num_images=num_images, model=signature,
+        task=task,
+        layers=names,
+        top_k={n: top_k.get(n, layers[n].router.top_k) for n in names},
+        token_count=stats["count"],
+        gate_mass=stats["mass"],
+        reap_sum=stats["reap"],
+        num_tokens=num_tokens,
+        num_images=num_images,
+        model=signature,
     )
 
 
@@ -432,7 +464,10 @@ def plot_usage_heatmap(
     max_e = max(u.num_experts(n) for u in usages.values() for n in layers)
     max_name = max(len(t) for t in tasks)
     fig, axes = plt.subplots(
-        nrows, ncols, squeeze=False, layout="constrained",
+        nrows,
+        ncols,
+        squeeze=False,
+        layout="constrained",
         figsize=(max(3.0, 0.4 * max_e + 0.6) * ncols + 0.08 * max_name + 1.2, (0.45 * len(tasks) + 1.5) * nrows + 0.5),
     )
     vmax = max(float(u.scores(criterion, n).max()) for u in usages.values() for n in layers) or 1.0
@@ -455,9 +490,16 @@ def plot_usage_heatmap(
                 for c in range(width):
                     v = float(grid[r, c])
                     if not math.isnan(v):
-                        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                                color="white" if v < 0.6 * vmax else "black")
-    for ax in list(axes.flat)[len(layers):]:
+                        ax.text(
+                            c,
+                            r,
+                            f"{v:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=6,
+                            color="white" if v < 0.6 * vmax else "black",
+                        )
+    for ax in list(axes.flat)[len(layers) :]:
         ax.axis("off")
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9, label=criterion)

@@ -44,7 +44,9 @@ HEAL_TRAIN_DEFAULT = ",".join(DEFAULT_HEAL_GROUPS)
 
 def heal_train_groups(spec: str) -> tuple[str, ...]:
     """`--heal-train`: "all" or comma-separated groups of `HEAL_GROUPS` → the groups (a clear error otherwise)."""
-    groups = HEAL_GROUPS if spec.strip() == "all" else tuple(dict.fromkeys(g.strip() for g in spec.split(",") if g.strip()))
+    groups = (
+        HEAL_GROUPS if spec.strip() == "all" else tuple(dict.fromkeys(g.strip() for g in spec.split(",") if g.strip()))
+    )
     unknown = [g for g in groups if g not in HEAL_GROUPS]
     if unknown or not groups:
         raise ValueError(f"--heal-train {spec!r}: choose 'all' or comma-separated groups of {list(HEAL_GROUPS)}.")
@@ -86,8 +88,20 @@ def command_line(args: argparse.Namespace) -> str:
             parts += ["--heal-lr", str(args.heal_lr)]
         if args.heal_batch_size is not None:
             parts += ["--heal-batch-size", str(args.heal_batch_size)]
-    parts += ["--split", args.split, "--max-images", str(args.max_images), "--verify-split", args.verify_split,
-              "--verify-images", str(args.verify_images), "--batch-size", str(args.batch_size), "--out", args.out]
+    parts += [
+        "--split",
+        args.split,
+        "--max-images",
+        str(args.max_images),
+        "--verify-split",
+        args.verify_split,
+        "--verify-images",
+        str(args.verify_images),
+        "--batch-size",
+        str(args.batch_size),
+        "--out",
+        args.out,
+    ]
     if args.no_norms:
         parts.append("--no-norms")
     return shlex.join(parts)
@@ -109,11 +123,15 @@ def _from_card(args: argparse.Namespace) -> int:
         card = Path(args.from_card)
         shutil.copyfile(card / "README.md" if card.is_dir() else card, stage / "README.md")
     same = info.submodel_fingerprint == weights_fingerprint(sub)
-    print(f"wrote {args.out}: {sum(p.numel() for p in sub.parameters()):,} parameters; "
-          f"weights identical to the card's slice: {'yes' if same else 'not checked' if args.no_check else 'NO'}")
+    print(
+        f"wrote {args.out}: {sum(p.numel() for p in sub.parameters()):,} parameters; "
+        f"weights identical to the card's slice: {'yes' if same else 'not checked' if args.no_check else 'NO'}"
+    )
     if info.healed:
-        print(f"note: the card's model was healed after slicing ({info.healed['steps']} steps on calibration images); "
-              f"{args.out} holds the slice before healing. Re-run the card's command (with --data) to heal it again.")
+        print(
+            f"note: the card's model was healed after slicing ({info.healed['steps']} steps on calibration images); "
+            f"{args.out} holds the slice before healing. Re-run the card's command (with --data) to heal it again."
+        )
     return 0
 
 
@@ -134,15 +152,20 @@ def run(args: argparse.Namespace) -> int:
     if args.heal_steps < 0:
         raise ValueError(f"--heal-steps must be 0 (no healing) or more, got {args.heal_steps}.")
     heal_groups = heal_train_groups(args.heal_train)
-    if not args.heal_steps and (args.heal_train != HEAL_TRAIN_DEFAULT or args.heal_lr is not None
-                                or args.heal_batch_size is not None):
-        raise ValueError("--heal-train, --heal-lr and --heal-batch-size set how a slice is healed; add --heal-steps N "
-                         "(N > 0) to heal it.")
+    if not args.heal_steps and (
+        args.heal_train != HEAL_TRAIN_DEFAULT or args.heal_lr is not None or args.heal_batch_size is not None
+    ):
+        raise ValueError(
+            "--heal-train, --heal-lr and --heal-batch-size set how a slice is healed; add --heal-steps N "
+            "(N > 0) to heal it."
+        )
     if args.heal_batch_size is not None and args.heal_batch_size < 1:
         raise ValueError(f"--heal-batch-size must be at least 1, got {args.heal_batch_size}.")
     with atomic_dir(args.out, overwrite=args.overwrite, hint="pass --overwrite") as stage:
         parent = load_model(args.model)
-        print(f"1/4 collecting expert usage of {args.task} on {args.data} ({args.split}, up to {args.max_images} images)")
+        print(
+            f"1/4 collecting expert usage of {args.task} on {args.data} ({args.split}, up to {args.max_images} images)"
+        )
         calib = {} if args.heal_steps else None  # healing reuses the calibration batches the usage was measured on
         usages = collect_usages(parent, args, keep=calib)
         print(f"2/4 selecting experts: policy {args.policy}")
@@ -159,14 +182,25 @@ def run(args: argparse.Namespace) -> int:
             slice_fingerprint = weights_fingerprint(sub)  # what --from-card rebuilds: the slice before healing
             print(f"    healing toward the parent: {args.heal_steps} steps on the calibration images")
             heal_kw = {} if args.heal_batch_size is None else {"batch_size": args.heal_batch_size}
-            heal = heal_submodel(parent, sub, calib, steps=args.heal_steps, lr=args.heal_lr, train=heal_groups, **heal_kw)
-            print(f"    mean squared difference to the parent {heal.loss_before:.4g} -> {heal.loss_after:.4g}"
-                  + (" (no improvement: kept as sliced)" if heal.restored else ""))
+            heal = heal_submodel(
+                parent, sub, calib, steps=args.heal_steps, lr=args.heal_lr, train=heal_groups, **heal_kw
+            )
+            print(
+                f"    mean squared difference to the parent {heal.loss_before:.4g} -> {heal.loss_after:.4g}"
+                + (" (no improvement: kept as sliced)" if heal.restored else "")
+            )
         sub.save_pretrained(stage)
         print(f"4/4 verifying on {args.verify_split} (up to {args.verify_images} images per task)")
         verify_data = {
-            t: calibration_loader(args.data, t, split=args.verify_split, dataset=names.get(t),
-                                  batch_size=args.batch_size, max_images=args.verify_images, seed=1)
+            t: calibration_loader(
+                args.data,
+                t,
+                split=args.verify_split,
+                dataset=names.get(t),
+                batch_size=args.batch_size,
+                max_images=args.verify_images,
+                seed=1,
+            )
             for t in args.task
         }
         report = verify_submodel(parent, sub, verify_data, progress=True)
@@ -174,12 +208,23 @@ def run(args: argparse.Namespace) -> int:
         selection.save(stage / "selection.json")
         for task, usage in usages.items():
             usage.save(stage / f"usage_{task}.json")
-        plot_usage_heatmap(usages, stage / "usage_heatmap.png", criterion=selection.policy.get("criterion")
-                           or (args.criterion or "frequency"))
+        plot_usage_heatmap(
+            usages,
+            stage / "usage_heatmap.png",
+            criterion=selection.policy.get("criterion") or (args.criterion or "frequency"),
+        )
         datasets = {t: names.get(t, t) for t in args.task}
-        card = build_model_card(sub, selection, report, base_model=args.model, command=command_line(args),
-                                datasets=datasets, parent_fingerprint=weights_fingerprint(parent),
-                                heal=heal.to_dict() if heal else None, slice_fingerprint=slice_fingerprint)
+        card = build_model_card(
+            sub,
+            selection,
+            report,
+            base_model=args.model,
+            command=command_line(args),
+            datasets=datasets,
+            parent_fingerprint=weights_fingerprint(parent),
+            heal=heal.to_dict() if heal else None,
+            slice_fingerprint=slice_fingerprint,
+        )
         card.save(stage / "README.md")
     print()
     print(report.summary())
@@ -191,32 +236,60 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `extract` to the CLI; returns its parser so that other options can be added."""
     parser = subparsers.add_parser(
-        "extract", help="slice a standalone sub-model for some tasks (usage → selection → slice → verify → card)",
+        "extract",
+        help="slice a standalone sub-model for some tasks (usage → selection → slice → verify → card)",
         description="Slice a standalone sub-model that keeps only the experts, routers and heads of some tasks.",
     )
     parser.add_argument("model", nargs="?", metavar="MODEL", help="parent model folder (save_pretrained) or Hub id")
     parser.add_argument("--model", dest="model_opt", metavar="PARENT", help="the parent model (same as MODEL)")
     add_calibration_arguments(parser)
     group = parser.add_argument_group("selection")
-    group.add_argument("--policy", choices=POLICIES, default=DEFAULT_SELECTION["policy"],
-                       help="default: threshold (Mod-Squad's rule); top_n keeps the k experts of largest gate mass per "
-                            "layer (a dense slice)")
+    group.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default=DEFAULT_SELECTION["policy"],
+        help="default: threshold (Mod-Squad's rule); top_n keeps the k experts of largest gate mass per "
+        "layer (a dense slice)",
+    )
     group.add_argument("--n", type=int, help="top_n: experts kept per layer (default: the layer's top-k)")
-    group.add_argument("--threshold", type=float, default=DEFAULT_SELECTION["threshold"],
-                       help="threshold: keep experts above this percentage of the criterion (default 3)")
+    group.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_SELECTION["threshold"],
+        help="threshold: keep experts above this percentage of the criterion (default 3)",
+    )
     group.add_argument("--coverage", type=float, default=0.9, help="coverage: fraction of the criterion to cover")
-    group.add_argument("--criterion", choices=CRITERIA, help="frequency (default for threshold), gate_mass (default for top_n and coverage), reap")
+    group.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        help="frequency (default for threshold), gate_mass (default for top_n and coverage), reap",
+    )
     group = parser.add_argument_group("healing")
-    group.add_argument("--heal-steps", type=int, default=0,
-                       help="fit the slice (the groups of --heal-train) to the parent's outputs on the calibration "
-                            "images for this many steps (default 0: no healing)")
-    group.add_argument("--heal-train", default=HEAL_TRAIN_DEFAULT,
-                       help="comma-separated groups healing fits: routers, norms, biases, weights (every other backbone "
-                            f"tensor), or 'all' (default {HEAL_TRAIN_DEFAULT})")
-    group.add_argument("--heal-lr", type=float, default=None,
-                       help="learning rate of the healing (default 3e-3, or 3e-4 when weights are fitted)")
-    group.add_argument("--heal-batch-size", type=int, default=None,
-                       help="calibration images per healing step (default heal_submodel's: 32)")
+    group.add_argument(
+        "--heal-steps",
+        type=int,
+        default=0,
+        help="fit the slice (the groups of --heal-train) to the parent's outputs on the calibration "
+        "images for this many steps (default 0: no healing)",
+    )
+    group.add_argument(
+        "--heal-train",
+        default=HEAL_TRAIN_DEFAULT,
+        help="comma-separated groups healing fits: routers, norms, biases, weights (every other backbone "
+        f"tensor), or 'all' (default {HEAL_TRAIN_DEFAULT})",
+    )
+    group.add_argument(
+        "--heal-lr",
+        type=float,
+        default=None,
+        help="learning rate of the healing (default 3e-3, or 3e-4 when weights are fitted)",
+    )
+    group.add_argument(
+        "--heal-batch-size",
+        type=int,
+        default=None,
+        help="calibration images per healing step (default heal_submodel's: 32)",
+    )
     group = parser.add_argument_group("verification")
     group.add_argument("--verify-split", default="eval", help="'eval' (default), 'train' or a split name")
     group.add_argument("--verify-images", type=int, default=256, help="verification images per task")

@@ -25,13 +25,21 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration data")
     group.add_argument("--data", metavar="SPEC", help="dataset spec YAML/JSON, or a folder holding specs.yaml")
     group.add_argument("--task", action="append", metavar="NAME", help="task to measure (repeat for several)")
-    group.add_argument("--dataset", action="append", default=[], metavar="[TASK=]NAME",
-                       help="dataset of the spec file to use for a task (default: the one named like the task)")
+    group.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="[TASK=]NAME",
+        help="dataset of the spec file to use for a task (default: the one named like the task)",
+    )
     group.add_argument("--split", default="train", help="'train', 'eval' or a split name (default: train)")
     group.add_argument("--max-images", type=int, default=256, help="calibration images per task (default: 256)")
     group.add_argument("--batch-size", type=int, default=32)
-    group.add_argument("--no-norms", action="store_true",
-                       help="skip the REAP output norms (faster; the 'reap' criterion is then unavailable)")
+    group.add_argument(
+        "--no-norms",
+        action="store_true",
+        help="skip the REAP output norms (faster; the 'reap' criterion is then unavailable)",
+    )
 
 
 def dataset_names(args: argparse.Namespace) -> dict[str, str]:
@@ -62,8 +70,14 @@ def collect_usages(model, args: argparse.Namespace, split: str | None = None, ke
     usages = {}
     for task in args.task:
         model.config.task_index(task)  # a clear error before any data is read
-        loader = calibration_loader(args.data, task, split=split or args.split, dataset=names.get(task),
-                                    batch_size=args.batch_size, max_images=args.max_images)
+        loader = calibration_loader(
+            args.data,
+            task,
+            split=split or args.split,
+            dataset=names.get(task),
+            batch_size=args.batch_size,
+            max_images=args.max_images,
+        )
         if keep is not None:
             loader = keep[task] = list(loader)
         usages[task] = collect_expert_usage(model, loader, task, output_norms=not args.no_norms, progress=True)
@@ -83,8 +97,14 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(usage.table(args.criterion))
         written.append(usage.save(out / f"usage_{task}.json"))
-    written.append(plot_usage_heatmap(usages, out / "usage_heatmap.png", criterion=args.criterion,
-                                      title=f"{Path(args.model).name}: expert usage ({args.criterion})"))
+    written.append(
+        plot_usage_heatmap(
+            usages,
+            out / "usage_heatmap.png",
+            criterion=args.criterion,
+            title=f"{Path(args.model).name}: expert usage ({args.criterion})",
+        )
+    )
     if args.budget:  # metric vs active FLOPs over top-k (moe_adapt.analysis.budget)
         from moe_adapt.analysis.budget import budget_from_args
 
@@ -99,16 +119,23 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `inspect` to the CLI; returns its parser so that other options can be added."""
     parser = subparsers.add_parser(
-        "inspect", help="per-task expert usage: table, JSON and heatmap",
+        "inspect",
+        help="per-task expert usage: table, JSON and heatmap",
         description="Measure how each task uses the experts of a MoE ViT on calibration data.",
     )
     parser.add_argument("model", metavar="MODEL", help="model folder (save_pretrained) or Hub id")
     add_calibration_arguments(parser)
     parser.add_argument("--criterion", choices=CRITERIA, default="frequency", help="what the table and heatmap show")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: inspect-<model name>)")
-    parser.add_argument("--budget", action="store_true",
-                        help="also write budget.png: each task's metric on its eval split against FLOPs over top-k")
-    parser.add_argument("--budget-top-k", metavar="LIST",
-                        help="top-k settings for --budget: '1,2,4' or ATTN:MLP pairs '2:1,4:2' (default: a sweep)")
+    parser.add_argument(
+        "--budget",
+        action="store_true",
+        help="also write budget.png: each task's metric on its eval split against FLOPs over top-k",
+    )
+    parser.add_argument(
+        "--budget-top-k",
+        metavar="LIST",
+        help="top-k settings for --budget: '1,2,4' or ATTN:MLP pairs '2:1,4:2' (default: a sweep)",
+    )
     parser.set_defaults(func=run)
     return parser

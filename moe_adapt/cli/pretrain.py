@@ -11,10 +11,16 @@ HELP = "multi-task pretraining from a recipe YAML (recipes/configs/*.yaml)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="recipes/configs/mini.yaml", help="recipe YAML file")
     parser.add_argument("--output_dir", "--output-dir", default=None, help="override output_dir")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="resume from the newest checkpoint of output_dir, or from the given checkpoint folder")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50 sampling.strategy=temperature")
-
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="resume from the newest checkpoint of output_dir, or from the given checkpoint folder",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50 sampling.strategy=temperature"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,5 +43,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"normalised MI(tasks; experts) = {results['normalized_mi']['mean']:.4f}")
         print(f"heatmap: {results['heatmap']}")
         print(f"model: {results['model_dir']}   metrics: {os.path.join(config.output_dir, 'metrics.json')}")
-        print(f"training loop: {results['loop_seconds']:.1f} s ({results['steps']} steps, {results['images_per_second']:.1f} images/s)")
+        print(
+            f"training loop: {results['loop_seconds']:.1f} s ({results['steps']} steps, {results['images_per_second']:.1f} images/s)"
+        )
     return 0

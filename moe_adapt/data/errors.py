@@ -11,8 +11,14 @@ class BadSampleError(ValueError):
         row index). problem: what is wrong with it.
     """
 
-    def __init__(self, dataset: str, split: str | None = None, sample: str | None = None,
-                 problem: str | None = None, more: int = 0):
+    def __init__(
+        self,
+        dataset: str,
+        split: str | None = None,
+        sample: str | None = None,
+        problem: str | None = None,
+        more: int = 0,
+    ):
         self.dataset, self.split, self.sample, self.problem, self.more = dataset, split, sample, problem, more
         if split is None:
             # Only a message: how torch's DataLoader re-raises an error from a worker process.

@@ -20,9 +20,12 @@ from .specs import DatasetSpec
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Other spellings of a split, tried when the named split folder does not exist (ADE20K says "training").
 SPLIT_ALIASES = {
-    "train": ("training",), "training": ("train",),
-    "validation": ("val",), "val": ("validation",),
-    "test": ("testing",), "testing": ("test",),
+    "train": ("training",),
+    "training": ("train",),
+    "validation": ("val",),
+    "val": ("validation",),
+    "test": ("testing",),
+    "testing": ("test",),
 }
 
 
@@ -144,11 +147,16 @@ def read_coco(spec: DatasetSpec, split: str, root: Path) -> SplitIndex:
         images, categories = coco["images"], coco["categories"]
         annotations = coco.get("annotations", [])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"dataset {spec.name!r}: {ann_file} is not a COCO instances file ({e!r}); it needs "
-                         f"'images', 'annotations' and 'categories'") from None
+        raise ValueError(
+            f"dataset {spec.name!r}: {ann_file} is not a COCO instances file ({e!r}); it needs "
+            f"'images', 'annotations' and 'categories'"
+        ) from None
     image_dir = next(
-        (d for d in (root / split, root / "images" / split, *(root / a for a in SPLIT_ALIASES.get(split, ())))
-         if d.is_dir()),
+        (
+            d
+            for d in (root / split, root / "images" / split, *(root / a for a in SPLIT_ALIASES.get(split, ())))
+            if d.is_dir()
+        ),
         root,
     )
     cats = sorted(categories, key=lambda c: c["id"])
@@ -185,8 +193,9 @@ def read_coco(spec: DatasetSpec, split: str, root: Path) -> SplitIndex:
         if xyxy is None:
             rec.problem = f"{name}: 'bbox' must be [x, y, width, height], got {ann.get('bbox')!r}"
         elif ann.get("category_id") not in cat_to_label:
-            rec.problem = (f"{name}: category_id {ann.get('category_id')!r} is not in the file's categories "
-                           f"{sorted(cat_to_label)}")
+            rec.problem = (
+                f"{name}: category_id {ann.get('category_id')!r} is not in the file's categories {sorted(cat_to_label)}"
+            )
         else:
             boxes[ann["image_id"]][0].append(xyxy)
             boxes[ann["image_id"]][1].append(cat_to_label[ann["category_id"]])
@@ -223,7 +232,9 @@ def _load_hf_split(spec: DatasetSpec, split: str):
         try:
             return datasets.load_dataset(spec.path, spec.subset, split=split)
         except Exception as e:  # datasets raises many types (offline, unknown split or config, bad files)
-            where = "local folder" if local.exists() else "Hub dataset (no local folder by that name; needs the network)"
+            where = (
+                "local folder" if local.exists() else "Hub dataset (no local folder by that name; needs the network)"
+            )
             raise ValueError(f"dataset {spec.name!r}: cannot load split {split!r} of {where} {spec.path!r}: {e}") from e
     obj = datasets.load_from_disk(str(local))
     if isinstance(obj, datasets.Dataset):
@@ -234,8 +245,10 @@ def _load_hf_split(spec: DatasetSpec, split: str):
     for name in (split, *SPLIT_ALIASES.get(split, ())):
         if name in obj:
             return obj[name]
-    raise ValueError(f"dataset {spec.name!r}: no split {split!r} in {spec.path} (found {list(obj)}); "
-                     f"set 'split' / 'eval_split' in the spec to one of them")
+    raise ValueError(
+        f"dataset {spec.name!r}: no split {split!r} in {spec.path} (found {list(obj)}); "
+        f"set 'split' / 'eval_split' in the spec to one of them"
+    )
 
 
 def _class_names(feature: Any) -> list[str] | None:
@@ -257,8 +270,9 @@ def _as_image_column(ds, column: str, spec: DatasetSpec):
         return ds.cast_column(column, datasets.Image(decode=False))
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
         return ds  # file paths
-    raise ValueError(f"dataset {spec.name!r}: column {column!r} must hold images (datasets.Image) or file "
-                     f"paths, got {feature}")
+    raise ValueError(
+        f"dataset {spec.name!r}: column {column!r} must hold images (datasets.Image) or file paths, got {feature}"
+    )
 
 
 def read_hf(spec: DatasetSpec, split: str) -> SplitIndex:
@@ -267,23 +281,31 @@ def read_hf(spec: DatasetSpec, split: str) -> SplitIndex:
     column = spec.target_column
     for field, col in (("image_column", spec.image_column), ("label_column", column)):
         if col not in ds.column_names:
-            raise ValueError(f"dataset {spec.name!r}: split {split!r} has no column {col!r} (field {field!r}); "
-                             f"its columns are {ds.column_names}")
+            raise ValueError(
+                f"dataset {spec.name!r}: split {split!r} has no column {col!r} (field {field!r}); "
+                f"its columns are {ds.column_names}"
+            )
     ds = _as_image_column(ds, spec.image_column, spec)
     names = [f"row {i}" for i in range(len(ds))]
     if spec.task_type == "semantic_segmentation":
         ds = _as_image_column(ds, column, spec)
         records = [Record(name=names[i], image=i, mask=i) for i in range(len(ds))]
-        return SplitIndex(records, list(spec.label_names or []), hf_table=ds.select_columns([spec.image_column, column]))
+        return SplitIndex(
+            records, list(spec.label_names or []), hf_table=ds.select_columns([spec.image_column, column])
+        )
 
     found = _class_names(ds.features[column])
     if found is None and spec.label_names is None:
-        raise ValueError(f"dataset {spec.name!r}: column {column!r} has no ClassLabel names; list the classes "
-                         f"in the spec's 'label_names'")
+        raise ValueError(
+            f"dataset {spec.name!r}: column {column!r} has no ClassLabel names; list the classes "
+            f"in the spec's 'label_names'"
+        )
     label_names = spec.label_names or found
     if found is not None and spec.label_names is not None and found != spec.label_names:
-        raise ValueError(f"dataset {spec.name!r}: the spec's label_names {spec.label_names} differ from the "
-                         f"names in column {column!r}: {found}; remove 'label_names' or make them equal")
+        raise ValueError(
+            f"dataset {spec.name!r}: the spec's label_names {spec.label_names} differ from the "
+            f"names in column {column!r}: {found}; remove 'label_names' or make them equal"
+        )
     table = ds.select_columns([spec.image_column])
     if spec.task_type == "classification":
         records = []
@@ -297,9 +319,7 @@ def read_hf(spec: DatasetSpec, split: str) -> SplitIndex:
         return SplitIndex(records, label_names, hf_table=table)
 
     image_ids = ds["image_id"] if "image_id" in ds.column_names else range(len(ds))
-    sizes = (
-        zip(ds["height"], ds["width"]) if {"width", "height"} <= set(ds.column_names) else [None] * len(ds)
-    )
+    sizes = zip(ds["height"], ds["width"]) if {"width", "height"} <= set(ds.column_names) else [None] * len(ds)
     records = []
     for i, (objects, image_id, size) in enumerate(zip(ds[column], image_ids, sizes)):
         rec = Record(name=f"row {i} (image_id {image_id})", image=i, image_id=int(image_id), box_names=[])
@@ -323,7 +343,8 @@ def read_hf(spec: DatasetSpec, split: str) -> SplitIndex:
                 rec.problem = f"object {j}: category {category!r} is not an integer class id"
             xyxy.append(box if box is not None else np.zeros(4))
             rec.box_names.append(f"object {j}")
-        rec.boxes, rec.class_labels = _box_arrays(xyxy, [c if isinstance(c, (int, np.integer)) else -1
-                                                           for c in categories])
+        rec.boxes, rec.class_labels = _box_arrays(
+            xyxy, [c if isinstance(c, (int, np.integer)) else -1 for c in categories]
+        )
         records.append(rec)
     return SplitIndex(records, label_names, hf_table=table)

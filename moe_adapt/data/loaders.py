@@ -72,8 +72,11 @@ def box_problem(rec: Record, num_labels: int, image_hw: tuple[int, int] | None) 
             return f"{who}: box (x1, y1, x2, y2) = {shown} has non-positive width or height"
         if image_hw is not None:
             h, w = image_hw
-            if box[0] < -BOX_TOLERANCE or box[1] < -BOX_TOLERANCE or box[2] > w + BOX_TOLERANCE or (
-                box[3] > h + BOX_TOLERANCE
+            if (
+                box[0] < -BOX_TOLERANCE
+                or box[1] < -BOX_TOLERANCE
+                or box[2] > w + BOX_TOLERANCE
+                or (box[3] > h + BOX_TOLERANCE)
             ):
                 return f"{who}: box (x1, y1, x2, y2) = {shown} lies outside the {w}x{h} (w x h) image"
         if not 0 <= label < num_labels:
@@ -86,13 +89,14 @@ def mask_problem(mask: np.ndarray, image_hw: tuple[int, int], num_labels: int) -
     if mask.ndim != 2:
         return f"label mask has shape {mask.shape}; it must be a single-channel image (mode L, P or I)"
     if mask.shape != tuple(image_hw):
-        return (f"label mask is {mask.shape[1]}x{mask.shape[0]} (w x h) but its image is "
-                f"{image_hw[1]}x{image_hw[0]}")
+        return f"label mask is {mask.shape[1]}x{mask.shape[0]} (w x h) but its image is {image_hw[1]}x{image_hw[0]}"
     bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= num_labels))
     if bad.any():
         values = np.unique(mask[bad])[:8].tolist()
-        return (f"label mask holds class values {values} outside 0..{num_labels - 1} (255 = ignore); check "
-                f"'label_names' and 'reduce_labels' in the spec")
+        return (
+            f"label mask holds class values {values} outside 0..{num_labels - 1} (255 = ignore); check "
+            f"'label_names' and 'reduce_labels' in the spec"
+        )
     return None
 
 
@@ -134,8 +138,10 @@ class TaskDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __repr__(self) -> str:
-        return (f"TaskDataset(name={self.spec.name!r}, task_type={self.task_type!r}, split={self.split!r}, "
-                f"samples={len(self)}, num_labels={self.num_labels}, skipped={len(self.skipped)})")
+        return (
+            f"TaskDataset(name={self.spec.name!r}, task_type={self.task_type!r}, split={self.split!r}, "
+            f"samples={len(self)}, num_labels={self.num_labels}, skipped={len(self.skipped)})"
+        )
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -189,8 +195,7 @@ class TaskDataset(torch.utils.data.Dataset):
             hw = (image.height, image.width)
             if self.task_type == "detection":
                 if rec.size is not None and rec.size != hw:
-                    return (f"image is {hw[1]}x{hw[0]} (w x h) but the annotations say "
-                            f"{rec.size[1]}x{rec.size[0]}")
+                    return f"image is {hw[1]}x{hw[0]} (w x h) but the annotations say {rec.size[1]}x{rec.size[0]}"
                 return box_problem(rec, self.num_labels, hw)
             if self.task_type == "semantic_segmentation":
                 return mask_problem(self._read_mask(rec), hw, self.num_labels)

@@ -48,8 +48,18 @@ from .specs import DatasetSpec, load_specs, save_specs
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_HUB_ID = "zalando-datasets/fashion_mnist"
 # Folder-safe Fashion-MNIST class names, in the dataset's label order.
-FASHION_CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat",
-                   "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
+FASHION_CLASSES = [
+    "tshirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+]
 DIGIT_CLASSES = [str(d) for d in range(10)]
 
 SIZES = {
@@ -101,12 +111,18 @@ def load_fashion_mnist(source_dir: str | Path | None = None) -> dict[str, tuple[
         out[split] = (_read_idx(files[0]), _read_idx(files[1]))
     else:
         return out
-    offline = any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-    hint = ("install Debian's package (sudo apt-get install dataset-fashion-mnist, or `make sources`), "
-            "or pass the folder holding train-images-idx3-ubyte.gz & co. as fashion_dir / --fashion-dir")
+    offline = any(
+        os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    )
+    hint = (
+        "install Debian's package (sudo apt-get install dataset-fashion-mnist, or `make sources`), "
+        "or pass the folder holding train-images-idx3-ubyte.gz & co. as fashion_dir / --fashion-dir"
+    )
     if offline:
-        raise FileNotFoundError(f"Fashion-MNIST IDX files not found in {folder} and the Hub is off "
-                                f"(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): {hint}")
+        raise FileNotFoundError(
+            f"Fashion-MNIST IDX files not found in {folder} and the Hub is off "
+            f"(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): {hint}"
+        )
     try:
         import datasets
 
@@ -116,8 +132,10 @@ def load_fashion_mnist(source_dir: str | Path | None = None) -> dict[str, tuple[
             images = np.stack([np.asarray(im, dtype=np.uint8) for im in ds["image"]])
             out[split] = (images, np.asarray(ds["label"], dtype=np.int64))
     except Exception as e:
-        raise FileNotFoundError(f"Fashion-MNIST IDX files not found in {folder} and the Hub copy "
-                                f"{FASHION_HUB_ID} could not be loaded ({e}): {hint}") from e
+        raise FileNotFoundError(
+            f"Fashion-MNIST IDX files not found in {folder} and the Hub copy "
+            f"{FASHION_HUB_ID} could not be loaded ({e}): {hint}"
+        ) from e
     return out
 
 
@@ -228,8 +246,11 @@ def _build_digits(root: Path, digits: tuple, sizes: tuple[int, int], rng: np.ran
     pools = dict(zip(("train", "test"), _split_per_class(labels, 400, rng)))
     sources = {}
     for split, n in zip(("train", "test"), sizes):
-        coco = {"images": [], "annotations": [],
-                "categories": [{"id": d + 1, "name": name} for d, name in enumerate(DIGIT_CLASSES)]}
+        coco = {
+            "images": [],
+            "annotations": [],
+            "categories": [{"id": d + 1, "name": name} for d, name in enumerate(DIGIT_CLASSES)],
+        }
         for image_id in range(1, n + 1):
             ids = rng.choice(pools[split], size=int(rng.integers(DIGITS_PER_IMAGE[0], DIGITS_PER_IMAGE[1] + 1)))
             canvas, placed = _digit_canvas([images[i] for i in ids], rng)
@@ -237,10 +258,16 @@ def _build_digits(root: Path, digits: tuple, sizes: tuple[int, int], rng: np.ran
             _save_png(canvas, root / split / file_name)
             coco["images"].append({"id": image_id, "file_name": file_name, "width": CANVAS, "height": CANVAS})
             for k, box in placed:
-                coco["annotations"].append({
-                    "id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": int(labels[ids[k]]) + 1,
-                    "bbox": box, "area": box[2] * box[3], "iscrowd": 0,
-                })
+                coco["annotations"].append(
+                    {
+                        "id": len(coco["annotations"]) + 1,
+                        "image_id": image_id,
+                        "category_id": int(labels[ids[k]]) + 1,
+                        "bbox": box,
+                        "area": box[2] * box[3],
+                        "iscrowd": 0,
+                    }
+                )
             sources[f"{split}/{file_name}"] = [f"mnist/{ids[k]}" for k, _ in placed]
         (root / "annotations").mkdir(parents=True, exist_ok=True)
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
@@ -252,8 +279,9 @@ def _build_fashion_seg(root: Path, fashion: dict, sizes: tuple[int, int], rng: n
     for (split, folder), n in zip((("train", "training"), ("test", "validation")), sizes):
         images, labels = fashion[split]
         for j in range(n):
-            ids = rng.choice(len(labels), size=int(rng.integers(ITEMS_PER_IMAGE[0], ITEMS_PER_IMAGE[1] + 1)),
-                             replace=False)
+            ids = rng.choice(
+                len(labels), size=int(rng.integers(ITEMS_PER_IMAGE[0], ITEMS_PER_IMAGE[1] + 1)), replace=False
+            )
             canvas, mask, pasted = _item_canvas([images[i] for i in ids], [int(labels[i]) for i in ids], rng)
             file_name = f"{j:06d}.png"
             _save_png(canvas, root / "images" / folder / file_name)
@@ -266,25 +294,52 @@ def mini_specs() -> list[DatasetSpec]:
     """The specs of the three mini tasks, with paths relative to the benchmark folder."""
     sizes = {"fashion": 32, "digits-det": 64, "fashion-seg": 64}
     return [
-        DatasetSpec(name="fashion", task_type="classification", format="imagefolder", path="fashion",
-                    split="train", eval_split="test", label_names=FASHION_CLASSES, image_size=sizes["fashion"]),
-        DatasetSpec(name="digits-det", task_type="detection", format="coco", path="digits-det",
-                    split="train", eval_split="test", label_names=DIGIT_CLASSES, image_size=sizes["digits-det"]),
-        DatasetSpec(name="fashion-seg", task_type="semantic_segmentation", format="ade20k", path="fashion-seg",
-                    split="training", eval_split="validation", label_names=["background", *FASHION_CLASSES],
-                    image_size=sizes["fashion-seg"]),
+        DatasetSpec(
+            name="fashion",
+            task_type="classification",
+            format="imagefolder",
+            path="fashion",
+            split="train",
+            eval_split="test",
+            label_names=FASHION_CLASSES,
+            image_size=sizes["fashion"],
+        ),
+        DatasetSpec(
+            name="digits-det",
+            task_type="detection",
+            format="coco",
+            path="digits-det",
+            split="train",
+            eval_split="test",
+            label_names=DIGIT_CLASSES,
+            image_size=sizes["digits-det"],
+        ),
+        DatasetSpec(
+            name="fashion-seg",
+            task_type="semantic_segmentation",
+            format="ade20k",
+            path="fashion-seg",
+            split="training",
+            eval_split="validation",
+            label_names=["background", *FASHION_CLASSES],
+            image_size=sizes["fashion-seg"],
+        ),
     ]
 
 
 def _sha256_tree(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
 def build_mini_benchmark(
-    out_dir: str | Path, seed: int = 0, small: bool = False, force: bool = False,
+    out_dir: str | Path,
+    seed: int = 0,
+    small: bool = False,
+    force: bool = False,
     fashion_dir: str | Path | None = None,
 ) -> dict[str, DatasetSpec]:
     """Build the mini benchmark into `out_dir` (see the module docstring); returns its specs by name,
@@ -295,27 +350,39 @@ def build_mini_benchmark(
     """
     out = Path(out_dir).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --force "
-                              f"to replace it")
+        raise FileExistsError(
+            f"{out} already exists and is not empty; choose another --out or pass --force to replace it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     fashion = load_fashion_mnist(fashion_dir)
     digits = load_mnist_digits()
     sizes = SIZES[bool(small)]
 
     with atomic_dir(out) as tmp:
-        builders = {"fashion": (_build_fashion, fashion), "digits-det": (_build_digits, digits),
-                    "fashion-seg": (_build_fashion_seg, fashion)}
+        builders = {
+            "fashion": (_build_fashion, fashion),
+            "digits-det": (_build_digits, digits),
+            "fashion-seg": (_build_fashion_seg, fashion),
+        }
         sources = {}
         for k, (name, (build, source)) in enumerate(builders.items()):
             # One independent stream per task, so changing one task's recipe leaves the others' bytes alone.
             rng = np.random.default_rng([seed, k])
             sources[name] = build(tmp / name, source, sizes[name], rng)
         specs = mini_specs()
-        save_specs(specs, tmp / "specs.yaml",
-                   header=f"moe-adapt mini benchmark (seed {seed}, small: {bool(small)}); paths are relative "
-                          f"to this file's folder.\nLoad with moe_adapt.data.load_specs(<this file>).")
-        manifest = {"builder_version": BUILDER_VERSION, "seed": seed, "small": bool(small),
-                    "sizes": {name: dict(zip(("train", "eval"), n)) for name, n in sizes.items()},
-                    "sources": sources, "sha256": _sha256_tree(tmp)}
+        save_specs(
+            specs,
+            tmp / "specs.yaml",
+            header=f"moe-adapt mini benchmark (seed {seed}, small: {bool(small)}); paths are relative "
+            f"to this file's folder.\nLoad with moe_adapt.data.load_specs(<this file>).",
+        )
+        manifest = {
+            "builder_version": BUILDER_VERSION,
+            "seed": seed,
+            "small": bool(small),
+            "sizes": {name: dict(zip(("train", "eval"), n)) for name, n in sizes.items()},
+            "sources": sources,
+            "sha256": _sha256_tree(tmp),
+        }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return load_specs(out / "specs.yaml")

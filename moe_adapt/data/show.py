@@ -62,8 +62,15 @@ def draw_samples(dataset: TaskDataset, out: str | Path, n: int = 16, seed: int =
                 x1, y1, x2, y2 = box
                 # Box edges are pixel edges; imshow centres pixel (i, j) on (j, i), hence the -0.5.
                 ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, lw=1.2, ec=colors[c]))
-                ax.text(x1 - 0.5, y1 - 0.5, dataset.label_names[c], color="white", fontsize=6, va="bottom",
-                        bbox={"facecolor": colors[c], "alpha": 0.8, "pad": 0.5, "lw": 0})
+                ax.text(
+                    x1 - 0.5,
+                    y1 - 0.5,
+                    dataset.label_names[c],
+                    color="white",
+                    fontsize=6,
+                    va="bottom",
+                    bbox={"facecolor": colors[c], "alpha": 0.8, "pad": 0.5, "lw": 0},
+                )
             ax.set_title(f"image_id {labels['image_id']}", fontsize=7)
         else:
             mask = labels.numpy()
@@ -94,9 +101,9 @@ def show_task(
 ) -> Path:
     """Draw samples of `spec`'s `split` (default: its training split) at native size, or through the
     training transforms with `augment`."""
-    transform = build_transforms(spec.task_type, spec.image_size if augment else None, train=augment,
-                                 normalize=False)
+    transform = build_transforms(spec.task_type, spec.image_size if augment else None, train=augment, normalize=False)
     dataset = load_task_dataset(spec, split, transform=transform)
     what = "training transforms" if augment else "as stored"
-    return draw_samples(dataset, out, n=n, seed=seed,
-                        title=f"{spec.name} ({dataset.split}, {len(dataset)} samples, {what})")
+    return draw_samples(
+        dataset, out, n=n, seed=seed, title=f"{spec.name} ({dataset.split}, {len(dataset)} samples, {what})"
+    )

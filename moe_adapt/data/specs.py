@@ -173,8 +173,9 @@ class DatasetSpec:
         if self.task_type not in TASK_TYPES:
             raise bad("task_type", f"must be one of {list(TASK_TYPES)}, got {self.task_type!r}")
         if self.format not in FORMATS[self.task_type]:
-            raise bad("format", f"must be one of {list(FORMATS[self.task_type])} for {self.task_type}, "
-                                f"got {self.format!r}")
+            raise bad(
+                "format", f"must be one of {list(FORMATS[self.task_type])} for {self.task_type}, got {self.format!r}"
+            )
         for field in ("eval_split", "subset", "label_column"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, str) or not value):
@@ -189,8 +190,11 @@ class DatasetSpec:
             if dups:
                 raise bad("label_names", f"has duplicate names {dups}")
             if len(self.label_names) > IGNORE_INDEX and self.task_type == "semantic_segmentation":
-                raise bad("label_names", f"has {len(self.label_names)} classes; at most {IGNORE_INDEX} fit "
-                                         f"below the ignore index {IGNORE_INDEX}")
+                raise bad(
+                    "label_names",
+                    f"has {len(self.label_names)} classes; at most {IGNORE_INDEX} fit "
+                    f"below the ignore index {IGNORE_INDEX}",
+                )
         if self.image_size is not None and (
             isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0
         ):
@@ -221,8 +225,10 @@ def load_specs(source: str | Path | Iterable[Mapping[str, Any]] | Mapping[str, A
         if path.is_dir():
             path = path / "specs.yaml"
         if not path.is_file():
-            raise FileNotFoundError(f"no dataset spec file at {path}; build the mini benchmark with "
-                                    f"`moe-adapt data mini --out DIR` or write a YAML list of specs")
+            raise FileNotFoundError(
+                f"no dataset spec file at {path}; build the mini benchmark with "
+                f"`moe-adapt data mini --out DIR` or write a YAML list of specs"
+            )
         with open(path) as f:
             source = yaml.safe_load(f)
         base_dir = path.parent
@@ -231,8 +237,10 @@ def load_specs(source: str | Path | Iterable[Mapping[str, Any]] | Mapping[str, A
         where = "the given specs"
     blocks = source.get("datasets") if isinstance(source, Mapping) else source
     if not isinstance(blocks, list) or not blocks:
-        raise ValueError(f"{where}: expected a non-empty list of dataset specs (or a mapping with a "
-                         f"'datasets:' list), got {type(blocks).__name__}")
+        raise ValueError(
+            f"{where}: expected a non-empty list of dataset specs (or a mapping with a "
+            f"'datasets:' list), got {type(blocks).__name__}"
+        )
     specs: dict[str, DatasetSpec] = {}
     for i, block in enumerate(blocks):
         try:

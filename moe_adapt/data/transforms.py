@@ -73,9 +73,9 @@ def resize(sample: Sample, size: int | Sequence[int]) -> Sample:
     )[0]
     if sample.get("mask") is not None:
         mask = sample["mask"]
-        sample["mask"] = F.interpolate(mask[None, None].float(), size=(out_h, out_w), mode="nearest-exact")[
-            0, 0
-        ].to(mask.dtype)
+        sample["mask"] = F.interpolate(mask[None, None].float(), size=(out_h, out_w), mode="nearest-exact")[0, 0].to(
+            mask.dtype
+        )
     if sample.get("boxes") is not None:
         sample["boxes"] = scale_boxes(sample["boxes"], (in_h, in_w), (out_h, out_w))
     return sample

@@ -21,7 +21,9 @@ class ClassificationHead(nn.Module):
     task_type = "classification"
     defaults: dict[str, Any] = {"pooling": None, "dropout": 0.0, "label_smoothing": 0.0}
 
-    def __init__(self, config, num_labels: int, pooling: str | None = None, dropout: float = 0.0, label_smoothing: float = 0.0):
+    def __init__(
+        self, config, num_labels: int, pooling: str | None = None, dropout: float = 0.0, label_smoothing: float = 0.0
+    ):
         super().__init__()
         self.pooling = pooling or config.pooling
         if self.pooling not in ("cls", "mean"):

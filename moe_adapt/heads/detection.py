@@ -26,7 +26,9 @@ from .box_ops import batched_nms, generalized_box_iou
 from .pyramid import SimpleFeaturePyramid, group_norm
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def sigmoid_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
     """Summed focal loss (Lin et al., 2017): logits, targets `[n, C]` (targets 0/1) → scalar.
 
     FL = −α_t (1 − p_t)^γ log p_t, with p_t the probability of the true 0/1 value and α_t = α for positives.
@@ -71,9 +73,19 @@ class FCOSHead(nn.Module):
 
     task_type = "detection"
     defaults: dict[str, Any] = {
-        "channels": 256, "scales": [2, 1, 0.5], "feature_layers": None, "num_convs": 4, "center_radius": 1.5,
-        "size_ranges": None, "focal_alpha": 0.25, "focal_gamma": 2.0, "prior_prob": 0.01, "score_threshold": 0.05,
-        "nms_threshold": 0.6, "pre_nms_top_k": 1000, "max_detections": 100,
+        "channels": 256,
+        "scales": [2, 1, 0.5],
+        "feature_layers": None,
+        "num_convs": 4,
+        "center_radius": 1.5,
+        "size_ranges": None,
+        "focal_alpha": 0.25,
+        "focal_gamma": 2.0,
+        "prior_prob": 0.01,
+        "score_threshold": 0.05,
+        "nms_threshold": 0.6,
+        "pre_nms_top_k": 1000,
+        "max_detections": 100,
     }
 
     def __init__(
@@ -105,7 +117,9 @@ class FCOSHead(nn.Module):
         else:
             self.size_ranges = [(float(lo), float(hi)) for lo, hi in size_ranges]
             if len(self.size_ranges) != len(self.strides):
-                raise ValueError(f"size_ranges={size_ranges} must give one (low, high) pair per level ({len(self.strides)}).")
+                raise ValueError(
+                    f"size_ranges={size_ranges} must give one (low, high) pair per level ({len(self.strides)})."
+                )
         self.center_radius, self.focal_alpha, self.focal_gamma = center_radius, focal_alpha, focal_gamma
         self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
         self.pre_nms_top_k, self.max_detections = pre_nms_top_k, max_detections
@@ -113,7 +127,11 @@ class FCOSHead(nn.Module):
         def tower():
             layers = []
             for _ in range(num_convs):
-                layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), group_norm(channels), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                    group_norm(channels),
+                    nn.ReLU(inplace=True),
+                ]
             return nn.Sequential(*layers)
 
         self.cls_tower, self.box_tower = tower(), tower()
@@ -194,7 +212,11 @@ class FCOSHead(nn.Module):
     def loss(self, outputs: Mapping[str, Any], labels: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
         """Focal loss over all locations (normalised by the number of positives) + GIoU loss and centerness
         BCE over positives (the GIoU term weighted by the centerness targets, as in FCOS)."""
-        logits, pred_boxes, pred_ctr = outputs["logits"].float(), outputs["pred_boxes"].float(), outputs["pred_centerness"].float()
+        logits, pred_boxes, pred_ctr = (
+            outputs["logits"].float(),
+            outputs["pred_boxes"].float(),
+            outputs["pred_centerness"].float(),
+        )
         points, point_strides = outputs["points"], outputs["point_strides"]
         if not isinstance(labels, Sequence) or len(labels) != logits.shape[0]:
             raise ValueError(
@@ -249,7 +271,9 @@ class FCOSHead(nn.Module):
         """Per image `{"boxes": [k, 4] xyxy, "scores": [k], "labels": [k]}` (`decode_detections` with this head's
         options, each overridable here)."""
         return decode_detections(
-            outputs, target_sizes, input_sizes,
+            outputs,
+            target_sizes,
+            input_sizes,
             score_threshold=self.score_threshold if score_threshold is None else score_threshold,
             nms_threshold=self.nms_threshold if nms_threshold is None else nms_threshold,
             pre_nms_top_k=self.pre_nms_top_k,
@@ -285,10 +309,14 @@ def decode_detections(
             idx = idx[scores[idx].topk(pre_nms_top_k).indices]
         loc, cls = idx // num_labels, idx % num_labels
         boxes, sc = outputs["pred_boxes"][i, loc].float(), scores[idx]
-        h, w = (float(v) for v in input_sizes[i]) if input_sizes is not None else (
-            (float(full[0]), float(full[1])) if full is not None else (math.inf, math.inf)
+        h, w = (
+            (float(v) for v in input_sizes[i])
+            if input_sizes is not None
+            else ((float(full[0]), float(full[1])) if full is not None else (math.inf, math.inf))
         )
-        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], -1)
+        boxes = torch.stack(
+            [boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], -1
+        )
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes, sc, cls = boxes[valid], sc[valid], cls[valid]
         kept = batched_nms(boxes, sc, cls, nms_threshold)[:max_detections]

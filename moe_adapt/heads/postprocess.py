@@ -26,7 +26,9 @@ def detection_references(labels: Sequence[Mapping[str, torch.Tensor]]) -> list[d
     return refs
 
 
-def detection_sizes(labels: Sequence[Mapping[str, torch.Tensor]]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def detection_sizes(
+    labels: Sequence[Mapping[str, torch.Tensor]],
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """`(input_sizes, target_sizes)` for `FCOSHead.postprocess` from loader targets (`size`, `orig_size`)."""
     inputs = [tuple(int(v) for v in t["size"]) for t in labels]
     targets = [tuple(int(v) for v in t.get("orig_size", t["size"])) for t in labels]

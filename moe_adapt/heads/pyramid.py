@@ -27,7 +27,9 @@ def group_norm(channels: int) -> nn.GroupNorm:
     channel count keeps its groups, so trained heads load unchanged.
     """
     if channels < 2:
-        raise ValueError(f"A dense head needs at least 2 channels (its GroupNorms normalise groups of >= 2); got {channels}.")
+        raise ValueError(
+            f"A dense head needs at least 2 channels (its GroupNorms normalise groups of >= 2); got {channels}."
+        )
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
     if groups == channels:
         groups = max(1, channels // 4)
@@ -50,7 +52,9 @@ def tokens_to_map(hidden: torch.Tensor, height: int, width: int) -> torch.Tensor
 def _rescale(hidden_size: int, channels: int, scale: float) -> nn.Module:
     if scale == 4.0:
         return nn.Sequential(
-            nn.ConvTranspose2d(hidden_size, channels, 2, 2), group_norm(channels), nn.GELU(),
+            nn.ConvTranspose2d(hidden_size, channels, 2, 2),
+            group_norm(channels),
+            nn.GELU(),
             nn.ConvTranspose2d(channels, channels, 2, 2),
         )
     if scale == 2.0:
@@ -91,7 +95,9 @@ class SimpleFeaturePyramid(nn.Module):
         super().__init__()
         scales = [float(s) for s in scales]
         if list(scales) != sorted(scales, reverse=True) or len(set(scales)) != len(scales):
-            raise ValueError(f"Feature pyramid scales must be distinct and finest first (e.g. [4, 2, 1, 0.5]); got {scales}.")
+            raise ValueError(
+                f"Feature pyramid scales must be distinct and finest first (e.g. [4, 2, 1, 0.5]); got {scales}."
+            )
         layers = list(feature_layers) if feature_layers is not None else default_feature_layers(num_layers, len(scales))
         if len(layers) != len(scales):
             raise ValueError(f"feature_layers={layers} must give one block per scale ({len(scales)} scales: {scales}).")
@@ -100,7 +106,10 @@ class SimpleFeaturePyramid(nn.Module):
         self.scales, self.feature_layers, self.num_layers = scales, [int(i) for i in layers], num_layers
         # Inner blocks' outputs are the un-normalised residual stream; the last block's output is already normed.
         self.norms = nn.ModuleList(
-            [nn.Identity() if i == num_layers else nn.LayerNorm(hidden_size, eps=layer_norm_eps) for i in self.feature_layers]
+            [
+                nn.Identity() if i == num_layers else nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+                for i in self.feature_layers
+            ]
         )
         self.rescale = nn.ModuleList([_rescale(hidden_size, channels, s) for s in scales])
         self.out_norms = nn.ModuleList([group_norm(channels) for _ in scales])

@@ -58,7 +58,11 @@ class UperNetHead(nn.Module):
 
     task_type = "semantic_segmentation"
     defaults: dict[str, Any] = {
-        "channels": 256, "scales": [4, 2, 1, 0.5], "feature_layers": None, "pool_scales": [1, 2, 3, 6], "dropout": 0.1,
+        "channels": 256,
+        "scales": [4, 2, 1, 0.5],
+        "feature_layers": None,
+        "pool_scales": [1, 2, 3, 6],
+        "dropout": 0.1,
     }
 
     def __init__(
@@ -93,10 +97,16 @@ class UperNetHead(nn.Module):
         tops = [self.ppm(feats[-1])]
         for i in range(len(feats) - 2, -1, -1):
             lateral = self.lateral[i](feats[i])
-            tops.insert(0, lateral + F.interpolate(tops[0], size=lateral.shape[-2:], mode="bilinear", align_corners=False))
+            tops.insert(
+                0, lateral + F.interpolate(tops[0], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            )
         outs = [self.fpn_out[i](tops[i]) for i in range(len(feats) - 1)] + [tops[-1]]
         size = outs[0].shape[-2:]
-        fused = self.fuse(torch.cat([outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]], 1))
+        fused = self.fuse(
+            torch.cat(
+                [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]], 1
+            )
+        )
         return {"logits": self.classifier(self.dropout(fused))}
 
     def loss(self, outputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:

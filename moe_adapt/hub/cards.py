@@ -58,8 +58,12 @@ class CardSelection:
     healed: dict | None = None  # the `HealReport` of a slice healed after slicing (its weights are then not rebuilt)
 
 
-_HEAL_GROUP_TEXT = {"routers": "router rows", "norms": "LayerNorms", "biases": "biases",
-                    "weights": "other backbone tensors: matrices, expert tensors, embeddings"}
+_HEAL_GROUP_TEXT = {
+    "routers": "router rows",
+    "norms": "LayerNorms",
+    "biases": "biases",
+    "weights": "other backbone tensors: matrices, expert tensors, embeddings",
+}
 
 
 def _heal_groups_text(groups) -> str:
@@ -71,7 +75,9 @@ def _heal_groups_text(groups) -> str:
 def _compact_json(data) -> str:
     """Indented JSON with lists of numbers kept on one line."""
     text = json.dumps(data, indent=1)
-    return re.sub(r"\[\s*([-\d.e,\s]*?)\s*\]", lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+    return re.sub(
+        r"\[\s*([-\d.e,\s]*?)\s*\]", lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text
+    )
 
 
 def _task_table(config) -> list[str]:
@@ -79,7 +85,9 @@ def _task_table(config) -> list[str]:
     for t in config.tasks:
         labels = (config.task_labels or {}).get(t) or []
         shown = ", ".join(labels[:10]) + (" …" if len(labels) > 10 else "")
-        rows.append(f"| {t} | {config.task_types.get(t, 'classification')} | {len(labels) or '–'}{': ' + shown if shown else ''} |")
+        rows.append(
+            f"| {t} | {config.task_types.get(t, 'classification')} | {len(labels) or '–'}{': ' + shown if shown else ''} |"
+        )
     return rows
 
 
@@ -101,10 +109,18 @@ def _usage_lines(config) -> list[str]:
     head = ["import moe_adapt  # registers the model classes with transformers' Auto classes"]
     if len(tasks) == 1:
         tag = PIPELINE_TAGS[config.task_types.get(tasks[0], "classification")]
-        return [*head, "from transformers import pipeline", f'predict = pipeline("{tag}", model="PATH_OR_REPO")',
-                'predict("image.png")']
-    return [*head, "from moe_adapt import AutoModelForMultiTask", 'model = AutoModelForMultiTask.from_pretrained("PATH_OR_REPO")',
-            f"outputs = model(pixel_values, task={tasks[0]!r})"]
+        return [
+            *head,
+            "from transformers import pipeline",
+            f'predict = pipeline("{tag}", model="PATH_OR_REPO")',
+            'predict("image.png")',
+        ]
+    return [
+        *head,
+        "from moe_adapt import AutoModelForMultiTask",
+        'model = AutoModelForMultiTask.from_pretrained("PATH_OR_REPO")',
+        f"outputs = model(pixel_values, task={tasks[0]!r})",
+    ]
 
 
 def build_model_card(
@@ -161,20 +177,31 @@ def _card_data(config, report, base_model, datasets, model_name: str, license) -
     ds_map = dict(datasets) if isinstance(datasets, Mapping) else {}
     ds_list = list(dict.fromkeys(ds_map.values() if ds_map else (datasets or [])))
     eval_results = []
-    for task, t in (report.tasks.items() if report is not None else ()):
+    for task, t in report.tasks.items() if report is not None else ():
         m = t.get("metric")
         if m:
-            eval_results.append(EvalResult(
-                task_type=PIPELINE_TAGS.get(config.task_types.get(task), "image-classification"),
-                dataset_type=ds_map.get(task, task), dataset_name=ds_map.get(task, task),
-                metric_type=m["name"], metric_value=round(m["submodel"], 6), task_name=task,
-                metric_name=f"{m['name']} (parent {m['parent']:.4f})",
-            ))
+            eval_results.append(
+                EvalResult(
+                    task_type=PIPELINE_TAGS.get(config.task_types.get(task), "image-classification"),
+                    dataset_type=ds_map.get(task, task),
+                    dataset_name=ds_map.get(task, task),
+                    metric_type=m["name"],
+                    metric_value=round(m["submodel"], 6),
+                    task_name=task,
+                    metric_name=f"{m['name']} (parent {m['parent']:.4f})",
+                )
+            )
     types = {config.task_types.get(t, "classification") for t in tasks}
     return ModelCardData(
         library_name="transformers",  # the Hub shows transformers' widget and snippet for the pipeline tag
-        tags=["moe-adapt", "moe_vit", "mixture-of-experts", "vision-transformer", "sliced-model",
-              *sorted(PIPELINE_TAGS[t] for t in types)],
+        tags=[
+            "moe-adapt",
+            "moe_vit",
+            "mixture-of-experts",
+            "vision-transformer",
+            "sliced-model",
+            *sorted(PIPELINE_TAGS[t] for t in types),
+        ],
         base_model=str(base_model) if base_model else None,
         datasets=ds_list or None,
         eval_results=eval_results or None,
@@ -213,17 +240,23 @@ def _card_body(config, selection, report, heal, command, block: dict, model_name
     if report is not None:
         body += ["## Size, cost and agreement with the parent", "", report.to_markdown(), ""]
         if not report.renormalized:
-            body += ["The parent does not renormalise its top-k gates, so each MoE layer of the slice scales its output "
-                     "by 1 / (parent router mass on the kept experts); see `max_gate_scale` in verification.json.", ""]
+            body += [
+                "The parent does not renormalise its top-k gates, so each MoE layer of the slice scales its output "
+                "by 1 / (parent router mass on the kept experts); see `max_gate_scale` in verification.json.",
+                "",
+            ]
     if heal:
         body += [
-            "## Healing", "",
+            "## Healing",
+            "",
             f"After slicing, the slice's {_heal_groups_text(heal['train'])} ({heal['trained_params']:,} parameters; groups "
             f"{', '.join(heal['train'])}) were fitted for {heal['steps']} steps (lr {heal['lr']}) so that the slice's last "
             "hidden states match the parent's on the calibration images (`moe_adapt.surgery.heal_submodel`): mean "
             f"squared difference {heal['loss_before']:.4g} → {heal['loss_after']:.4g}"
-            + (" (no improvement: the slice was kept as sliced)" if heal.get("restored") else "") + ". "
-            "`--from-card` rebuilds the slice before healing; the command below heals it again.", "",
+            + (" (no improvement: the slice was kept as sliced)" if heal.get("restored") else "")
+            + ". "
+            "`--from-card` rebuilds the slice before healing; the command below heals it again.",
+            "",
         ]
     if command:
         body += ["## How it was made", "", "```bash", command, "```", ""]
@@ -272,9 +305,14 @@ def read_card_selection(card: ModelCard | str | os.PathLike) -> CardSelection:
     if block.get("format") != "moe_adapt.card_selection":
         raise ValueError(f"The selection block of {where} has an unknown format {block.get('format')!r}.")
     selection = ExpertSelection.from_dict(block["selection"], source=f"the selection block of {where}")
-    return CardSelection(selection=selection, tasks=list(block["tasks"]), base_model=block.get("base_model"),
-                         parent_fingerprint=block.get("parent_fingerprint"),
-                         submodel_fingerprint=block.get("submodel_fingerprint"), healed=block.get("healed"))
+    return CardSelection(
+        selection=selection,
+        tasks=list(block["tasks"]),
+        base_model=block.get("base_model"),
+        parent_fingerprint=block.get("parent_fingerprint"),
+        submodel_fingerprint=block.get("submodel_fingerprint"),
+        healed=block.get("healed"),
+    )
 
 
 def rebuild_from_card(card: ModelCard | str | os.PathLike, parent: nn.Module, check: bool = True) -> nn.Module:

@@ -58,7 +58,9 @@ def check_model_location(name_or_path: str | os.PathLike) -> None:
     else:
         text = os.fspath(name_or_path)
         if text.startswith(("/", ".", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text):
-            raise FileNotFoundError(f"{text}: no such model folder (give a folder written by save_pretrained, or a Hub id).")
+            raise FileNotFoundError(
+                f"{text}: no such model folder (give a folder written by save_pretrained, or a Hub id)."
+            )
 
 
 def weights_fingerprint(model: nn.Module) -> str:

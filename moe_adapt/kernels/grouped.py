@@ -148,11 +148,11 @@ def _cpu_grouped_offsets(bounds, xs: torch.Tensor, weight: torch.Tensor) -> torc
     call per expert: ~3% of the ViT-S MoE layer), else None (another device or dtype, operands it rejects, or output
     rows that are not a multiple of 16 bytes, which it would pad)."""
     if (
-        xs.device.type != "cpu" or xs.dtype != weight.dtype
+        xs.device.type != "cpu"
+        or xs.dtype != weight.dtype
         or xs.dtype not in (torch.float32, torch.bfloat16, torch.float16)
         or (weight.shape[1] * weight.element_size()) % 16
         or not _cpu_grouped_mm_ok(xs, weight, weight.transpose(1, 2))
     ):
         return None
     return torch.tensor([t for _, t in bounds], dtype=torch.int32)
-

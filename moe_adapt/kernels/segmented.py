@@ -67,8 +67,11 @@ class SegmentedLinear(torch.autograd.Function):
             dw = grad.new_empty(n_exp, n_out, n_in) if need_w else None
             none = [None] * n_exp
             for g, w_e, dx_e, x_e, dw_e in zip(
-                grad.split(sizes), weight.unbind(0), none if dxs is None else dxs.split(sizes),
-                none if dw is None else xs.split(sizes), none if dw is None else dw.unbind(0),
+                grad.split(sizes),
+                weight.unbind(0),
+                none if dxs is None else dxs.split(sizes),
+                none if dw is None else xs.split(sizes),
+                none if dw is None else dw.unbind(0),
             ):
                 if not g.shape[0]:  # an idle expert: zero weight gradient
                     if dw_e is not None:
@@ -162,8 +165,9 @@ class CombineSorted(torch.autograd.Function):
             with _cpu_sparse_ops():
                 if need_y:  # sorted pair s gets gate · grad[token(s)]
                     rows = torch.arange(sorted_tokens.numel(), device=grad.device)
-                    dy = F.embedding_bag(sorted_tokens, grad, rows, mode="sum",
-                                         per_sample_weights=g_pairs.index_select(0, perm))
+                    dy = F.embedding_bag(
+                        sorted_tokens, grad, rows, mode="sum", per_sample_weights=g_pairs.index_select(0, perm)
+                    )
                 if need_gates:
                     # d gate[t, j] = <grad[t], y[pair (t, j)]>: one sampled matmul on the (token, pair) CSR pattern
                     # reads grad and y where a row-dot would first gather grad into pair order
@@ -175,7 +179,8 @@ class CombineSorted(torch.autograd.Function):
                     pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), zeros, size=(tokens, y.shape[0]))
                     vals = torch.sparse.sampled_addmm(pattern, grad, y.t(), beta=0.0).values()
                     dgate = torch.empty(ctx.gates_shape, dtype=vals.dtype, device=vals.device).scatter_(
-                        1, order, vals.view(ctx.gates_shape))
+                        1, order, vals.view(ctx.gates_shape)
+                    )
         else:  # per sorted pair: the token's gradient, then (for the gates) a row-dot before scaling
             dy = grad.index_select(0, sorted_tokens)
             if need_gates:

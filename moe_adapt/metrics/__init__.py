@@ -53,6 +53,13 @@ def load(name: str, **kwargs: Any):
 from .evaluate import METRIC_FOR, PRIMARY_METRIC, EvaluationResult, TaskMetric, evaluate, task_model_of  # noqa: E402
 
 __all__ = [
-    "METRICS", "METRIC_FOR", "MODULES_DIR", "PRIMARY_METRIC", "EvaluationResult", "TaskMetric", "evaluate", "load",
+    "METRICS",
+    "METRIC_FOR",
+    "MODULES_DIR",
+    "PRIMARY_METRIC",
+    "EvaluationResult",
+    "TaskMetric",
+    "evaluate",
+    "load",
     "task_model_of",
 ]

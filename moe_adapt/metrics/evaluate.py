@@ -100,7 +100,9 @@ class TaskMetric:
         self.task = task
         self.task_type = self.model.config.task_types.get(task, "classification")
         self.accelerator = accelerator
-        options = {"num_labels": self.model.config.num_labels_for(task)} if self.task_type == "semantic_segmentation" else {}
+        options = (
+            {"num_labels": self.model.config.num_labels_for(task)} if self.task_type == "semantic_segmentation" else {}
+        )
         self.metric = load(METRIC_FOR[self.task_type], **options)
         self.num_samples = 0
 
@@ -113,13 +115,17 @@ class TaskMetric:
         if kind == "detection":
             missing = [i for i, t in enumerate(labels) if "size" not in t]
             if missing:
-                raise ValueError(f"evaluate: detection target {missing[0]} of a batch has no 'size' (the (h, w) of "
-                                 "its image in pixel_values); collate detection items with moe_adapt.data.")
+                raise ValueError(
+                    f"evaluate: detection target {missing[0]} of a batch has no 'size' (the (h, w) of "
+                    "its image in pixel_values); collate detection items with moe_adapt.data."
+                )
             input_sizes, target_sizes = detection_sizes(labels)
             preds = self.model.postprocess(outputs, target_sizes=target_sizes, input_sizes=input_sizes)
             refs = detection_references(labels)
-            return ([{k: v.cpu().numpy() for k, v in p.items()} for p in preds],
-                    [{k: v.cpu().numpy() for k, v in r.items()} for r in refs])
+            return (
+                [{k: v.cpu().numpy() for k, v in p.items()} for p in preds],
+                [{k: v.cpu().numpy() for k, v in r.items()} for r in refs],
+            )
         masks = list(labels)
         preds = self.model.postprocess(outputs, target_sizes=[tuple(m.shape[-2:]) for m in masks])
         return [p.cpu().numpy() for p in preds], [m.cpu().numpy() for m in masks]
@@ -143,8 +149,10 @@ class TaskMetric:
 def _batch_parts(batch: Any, index: int, task: str) -> tuple[torch.Tensor, Any]:
     if not (isinstance(batch, Mapping) and "pixel_values" in batch and "labels" in batch):
         what = f"a dict with keys {sorted(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
-        raise ValueError(f"evaluate: batch {index} of task {task!r} is {what}; expected a dict with 'pixel_values' "
-                         "and 'labels' (collate items with moe_adapt.data.collate_fn_for).")
+        raise ValueError(
+            f"evaluate: batch {index} of task {task!r} is {what}; expected a dict with 'pixel_values' "
+            "and 'labels' (collate items with moe_adapt.data.collate_fn_for)."
+        )
     return batch["pixel_values"], batch["labels"]
 
 
@@ -183,7 +191,9 @@ def evaluate(
     try:
         with torch.inference_mode():
             for index, batch in enumerate(data):
-                if (max_batches is not None and index >= max_batches) or (max_samples is not None and seen >= max_samples):
+                if (max_batches is not None and index >= max_batches) or (
+                    max_samples is not None and seen >= max_samples
+                ):
                     break
                 pixels, labels = _batch_parts(batch, index, task)
                 if max_samples is not None and seen + len(pixels) > max_samples:

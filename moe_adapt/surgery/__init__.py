@@ -8,6 +8,13 @@ from .heal import HealReport, heal_submodel
 from .verify import VerificationReport, verify_submodel
 
 __all__ = [
-    "HealReport", "VerificationReport", "add_task", "extract_submodel", "freeze_old_tasks", "heal_submodel",
-    "sliced_config", "trainable_optimizer", "verify_submodel",
+    "HealReport",
+    "VerificationReport",
+    "add_task",
+    "extract_submodel",
+    "freeze_old_tasks",
+    "heal_submodel",
+    "sliced_config",
+    "trainable_optimizer",
+    "verify_submodel",
 ]

@@ -54,7 +54,9 @@ def _new_counts(config: MoEViTConfig, kind: str, new) -> list[int]:
         new = [new if c else 0 for c in counts]
     new = [int(n) for n in new]
     if len(new) != depth:
-        raise ValueError(f"new_{kind}_experts has {len(new)} entries but the model has {depth} layers: give one per layer.")
+        raise ValueError(
+            f"new_{kind}_experts has {len(new)} entries but the model has {depth} layers: give one per layer."
+        )
     for i, (n, c) in enumerate(zip(new, counts)):
         if c == 0 and n != 0:
             raise ValueError(
@@ -67,7 +69,9 @@ def _new_counts(config: MoEViTConfig, kind: str, new) -> list[int]:
                 f"{kind}_top_k={k}. add_task only adds experts: give a count >= 0."
             )
         if n < 0:
-            raise ValueError(f"new_{kind}_experts[{i}]={n} is negative: add_task only adds experts (give a count >= 0).")
+            raise ValueError(
+                f"new_{kind}_experts[{i}]={n} is negative: add_task only adds experts (give a count >= 0)."
+            )
     return new
 
 
@@ -257,7 +261,9 @@ def add_task(
     new_names = {n for n, _ in _new_task_parameters(grown, [name])}
     stray = [k for k in missing if k not in new_names and k in dict(grown.named_parameters())]
     if stray:
-        raise RuntimeError(f"add_task: the grown model has parameters that are neither old nor the new task's: {stray[:10]}.")
+        raise RuntimeError(
+            f"add_task: the grown model has parameters that are neither old nor the new task's: {stray[:10]}."
+        )
     if isinstance(getattr(grown, "heads", None), nn.ModuleDict) and name not in grown.heads:
         raise ValueError(
             f"{type(model).__name__} holds no {task_type} heads, so it cannot learn {name!r}: grow a "
@@ -397,30 +403,60 @@ def learn_new_task(
     batches = check_images if isinstance(check_images, Mapping) else {t: check_images for t in old_tasks}
     missing = [t for t in old_tasks if t not in batches]
     if missing:
-        raise ValueError(f"check_images has no batch for old task(s) {missing}: give one batch for all or one per task.")
+        raise ValueError(
+            f"check_images has no batch for old task(s) {missing}: give one batch for all or one per task."
+        )
     before = {t: task_outputs(model, batches[t], [t])[t] for t in old_tasks}
     trainable = freeze_old_tasks(model, [task])
     accelerator = accelerator or make_accelerator(TrainConfig(max_steps=steps), find_unused_parameters=True)
     opt_cfg = optimizer or OptimizerConfig(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
-    opt = adamw([p for p in model.parameters() if p.requires_grad], accelerator.device, lr=opt_cfg.lr,
-                weight_decay=opt_cfg.weight_decay, betas=opt_cfg.betas, eps=opt_cfg.eps)
-    loader = accelerator.prepare(torch.utils.data.DataLoader(
-        train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) >= batch_size,
-        collate_fn=collate_fn_for("classification"), generator=torch.Generator().manual_seed(seed)))
+    opt = adamw(
+        [p for p in model.parameters() if p.requires_grad],
+        accelerator.device,
+        lr=opt_cfg.lr,
+        weight_decay=opt_cfg.weight_decay,
+        betas=opt_cfg.betas,
+        eps=opt_cfg.eps,
+    )
+    loader = accelerator.prepare(
+        torch.utils.data.DataLoader(
+            train_set,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=len(train_set) >= batch_size,
+            collate_fn=collate_fn_for("classification"),
+            generator=torch.Generator().manual_seed(seed),
+        )
+    )
 
     def loss_fn(m, batch):
         return m(pixel_values=batch["pixel_values"], labels=batch["labels"], task=task, return_dict=True).loss
 
     train_new_tasks(model)
-    result = train_loop(model, opt, build_scheduler(opt, opt_cfg, steps), lambda start: repeat_loader(loader, start),
-                        loss_fn, accelerator, max_steps=steps, seed=seed, max_grad_norm=opt_cfg.max_grad_norm,
-                        log_every=log_every, progress_bar=False, desc=f"learn {task}")
+    result = train_loop(
+        model,
+        opt,
+        build_scheduler(opt, opt_cfg, steps),
+        lambda start: repeat_loader(loader, start),
+        loss_fn,
+        accelerator,
+        max_steps=steps,
+        seed=seed,
+        max_grad_norm=opt_cfg.max_grad_norm,
+        log_every=log_every,
+        progress_bar=False,
+        desc=f"learn {task}",
+    )
     trained = accelerator.unwrap_model(result.model)
     trained.eval()
     after = {t: task_outputs(trained, batches[t], [t])[t] for t in old_tasks}
-    return NewTaskResult(model=trained, trainable=trainable, losses=result.losses,
-                         old_task_change=max_output_change(before, after),
-                         old_tasks_identical=outputs_identical(before, after))
+    return NewTaskResult(
+        model=trained,
+        trainable=trainable,
+        losses=result.losses,
+        old_task_change=max_output_change(before, after),
+        old_tasks_identical=outputs_identical(before, after),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,7 +465,9 @@ def learn_new_task(
 
 
 @torch.no_grad()
-def task_outputs(model: nn.Module, pixel_values: torch.Tensor, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+def task_outputs(
+    model: nn.Module, pixel_values: torch.Tensor, tasks: Sequence[str]
+) -> dict[str, dict[str, torch.Tensor]]:
     """Every tensor output (logits, boxes, ...) of `model` for each task on one batch, in eval mode:
     `{task: {field: tensor}}`. Compare two snapshots with `max_output_change`."""
     was_training = model.training
@@ -447,7 +485,9 @@ def max_output_change(before: dict, after: dict) -> dict[str, float]:
     """`{task: max |after - before|}` over every output tensor (0.0 exactly when bit-identical)."""
     change = {}
     for task, fields in before.items():
-        diffs = [(after[task][k].float() - v.float()).abs().max().item() if v.numel() else 0.0 for k, v in fields.items()]
+        diffs = [
+            (after[task][k].float() - v.float()).abs().max().item() if v.numel() else 0.0 for k, v in fields.items()
+        ]
         change[task] = max(diffs, default=0.0)
     return change
 

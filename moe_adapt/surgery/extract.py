@@ -80,7 +80,8 @@ def sliced_config(config, selection: ExpertSelection, tasks: list[str]):
             router_sizes[t][kind][i] = sum(1 for e in ids if e < e_t)
     # a task whose router reaches every kept expert needs no entry
     router_sizes = {
-        t: sizes for t, sizes in router_sizes.items()
+        t: sizes
+        for t, sizes in router_sizes.items()
         if sizes["attn"] != counts["attn"] or sizes["mlp"] != counts["mlp"]
     }
     default = config.default_task if config.default_task in tasks else None
@@ -101,9 +102,12 @@ def sliced_config(config, selection: ExpertSelection, tasks: list[str]):
     )
     # other per-task settings (e.g. head_configs): dicts keyed by task names keep only the kept tasks
     for key, value in list(data.items()):
-        if key not in ("task_types", "task_labels", "task_router_sizes", "id2label", "label2id") and isinstance(
-            value, dict
-        ) and value and set(value) <= set(config.tasks):
+        if (
+            key not in ("task_types", "task_labels", "task_router_sizes", "id2label", "label2id")
+            and isinstance(value, dict)
+            and value
+            and set(value) <= set(config.tasks)
+        ):
             data[key] = {t: v for t, v in value.items() if t in tasks}
     if labels:
         data["id2label"] = dict(enumerate(labels))
@@ -165,7 +169,7 @@ def extract_submodel(model: nn.Module, selection: ExpertSelection, tasks: list[s
     parent_state = model.state_dict()
     state = {}
     for key, target in sub.state_dict().items():
-        local = key[len(prefix):] if key.startswith(prefix) else None
+        local = key[len(prefix) :] if key.startswith(prefix) else None
         match = _EXPERT_KEY.match(local) if local is not None else None
         if match:
             i, module_name = int(match.group(1)), match.group(2)

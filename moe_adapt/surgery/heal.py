@@ -125,7 +125,9 @@ def _task_batches(data, tasks: list[str]) -> dict[str, torch.Tensor]:
             raise ValueError(f"heal_submodel: the calibration data of task {t!r} is empty.")
         shapes = {tuple(b.shape[1:]) for b in batches}
         if len(shapes) > 1:
-            raise ValueError(f"heal_submodel: task {t!r}'s calibration batches have different image shapes {sorted(shapes)}.")
+            raise ValueError(
+                f"heal_submodel: task {t!r}'s calibration batches have different image shapes {sorted(shapes)}."
+            )
         out[t] = torch.cat(batches)
     return out
 
@@ -188,6 +190,7 @@ def heal_submodel(
     sub_backbone.eval()
     targets = {t: targets_of(parent_backbone, t) for t in tasks}
     before = {t: loss_on_all(t, targets[t]) for t in tasks}
+
     def batches_from(start):  # round robin over the tasks, one random batch of one task per step
         generator = torch.Generator().manual_seed(seed)
         for step in itertools.count():
@@ -198,8 +201,10 @@ def heal_submodel(
 
     def distillation_loss(model, batch):
         t, idx = batch
-        return F.mse_loss(model(pixels[t].index_select(0, idx), task=t, return_dict=True).last_hidden_state,
-                          targets[t].index_select(0, idx))
+        return F.mse_loss(
+            model(pixels[t].index_select(0, idx), task=t, return_dict=True).last_hidden_state,
+            targets[t].index_select(0, idx),
+        )
 
     try:
         for name, p in sub_backbone.named_parameters():
@@ -207,8 +212,17 @@ def heal_submodel(
         # in eval mode: no dropout, the same function the slice computes at inference; Adam = AdamW without decay
         accelerator = Accelerator(device_placement=False)
         optimizer = adamw(list(params.values()), device, lr=lr, weight_decay=0.0)
-        train_loop(sub_backbone, optimizer, get_scheduler("constant", optimizer), batches_from, distillation_loss,
-                   accelerator, max_steps=steps, progress_bar=False, desc="heal")
+        train_loop(
+            sub_backbone,
+            optimizer,
+            get_scheduler("constant", optimizer),
+            batches_from,
+            distillation_loss,
+            accelerator,
+            max_steps=steps,
+            progress_bar=False,
+            desc="heal",
+        )
     finally:
         for name, p in sub_backbone.named_parameters():
             p.requires_grad_(flags[name])
@@ -223,8 +237,14 @@ def heal_submodel(
     parent_backbone.train(was_training[0])
     sub_backbone.train(was_training[1])
     return HealReport(
-        steps=steps, lr=lr, batch_size=batch_size, train=list(train),
-        trained_params=sum(p.numel() for p in params.values()), images={t: len(pixels[t]) for t in tasks},
-        loss_before=sum(before.values()) / len(tasks), loss_after=sum(after.values()) / len(tasks),
-        per_task={t: {"loss_before": before[t], "loss_after": after[t]} for t in tasks}, restored=restored,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        train=list(train),
+        trained_params=sum(p.numel() for p in params.values()),
+        images={t: len(pixels[t]) for t in tasks},
+        loss_before=sum(before.values()) / len(tasks),
+        loss_after=sum(after.values()) / len(tasks),
+        per_task={t: {"loss_before": before[t], "loss_after": after[t]} for t in tasks},
+        restored=restored,
     )

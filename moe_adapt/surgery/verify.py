@@ -67,8 +67,10 @@ class VerificationReport:
         lines = [f"parameters: {p['parent']['total']:,} -> {p['submodel']['total']:,} ({100 * p['ratio']:.1f}%)"]
         for task, t in self.tasks.items():
             f = self.flops.get(task, {})
-            line = (f"{task}: FLOPs/image {f.get('parent', 0) / 1e6:.2f}M -> {f.get('submodel', 0) / 1e6:.2f}M; "
-                    f"max |diff| {t['max_abs_diff']:.3g}")
+            line = (
+                f"{task}: FLOPs/image {f.get('parent', 0) / 1e6:.2f}M -> {f.get('submodel', 0) / 1e6:.2f}M; "
+                f"max |diff| {t['max_abs_diff']:.3g}"
+            )
             if t.get("top1_agreement") is not None:
                 line += f"; top-1 agreement {100 * t['top1_agreement']:.2f}%"
             m = t.get("metric")
@@ -81,18 +83,27 @@ class VerificationReport:
     def to_markdown(self) -> str:
         """Tables for a model card."""
         p = self.params
-        out = ["| | parent | slice | slice / parent |", "|---|---:|---:|---:|",
-               f"| parameters | {p['parent']['total']:,} | {p['submodel']['total']:,} | {p['ratio']:.3f} |"]
+        out = [
+            "| | parent | slice | slice / parent |",
+            "|---|---:|---:|---:|",
+            f"| parameters | {p['parent']['total']:,} | {p['submodel']['total']:,} | {p['ratio']:.3f} |",
+        ]
         for task, f in self.flops.items():
             out.append(f"| FLOPs / image ({task}) | {f['parent']:,} | {f['submodel']:,} | {f['ratio']:.3f} |")
-        out += ["", "| task | images | top-1 agreement | max abs logit diff | metric (parent → slice) | "
-                "tokens routed outside kept set |", "|---|---:|---:|---:|---|---:|"]
+        out += [
+            "",
+            "| task | images | top-1 agreement | max abs logit diff | metric (parent → slice) | "
+            "tokens routed outside kept set |",
+            "|---|---:|---:|---:|---|---:|",
+        ]
         for task, t in self.tasks.items():
             m = t.get("metric")
             metric = f"{m['name']}: {m['parent']:.4f} → {m['submodel']:.4f}" if m else "–"
             agree = "–" if t.get("top1_agreement") is None else f"{t['top1_agreement']:.4f}"
-            out.append(f"| {task} | {t['num_images']} | {agree} | {t['max_abs_diff']:.3g} | {metric} | "
-                       f"{t['routing_left_kept_set']['any_layer']:.4f} |")
+            out.append(
+                f"| {task} | {t['num_images']} | {agree} | {t['max_abs_diff']:.3g} | {metric} | "
+                f"{t['routing_left_kept_set']['any_layer']:.4f} |"
+            )
         return "\n".join(out)
 
 
@@ -107,8 +118,10 @@ def _split_batch(batch, index: int):
     elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         pixels, labels = batch[0], (batch[1] if len(batch) > 1 else None)
     else:
-        raise ValueError(f"calibration batch {index} is a {type(batch).__name__}; expected a pixel tensor, a dict "
-                         "with 'pixel_values' or a (pixels, labels) tuple.")
+        raise ValueError(
+            f"calibration batch {index} is a {type(batch).__name__}; expected a pixel tensor, a dict "
+            "with 'pixel_values' or a (pixels, labels) tuple."
+        )
     if pixels.dim() == 3:
         pixels = pixels.unsqueeze(0)
     return pixels, labels
@@ -183,8 +196,9 @@ def _kept_experts(parent: nn.Module, submodel: nn.Module) -> tuple[dict[str, nn.
     return layers, kept
 
 
-def _kept_masks(parent: nn.Module, task: str, layers: dict[str, nn.Module], kept: dict[str, list[int]],
-                device: torch.device) -> dict[str, torch.Tensor]:
+def _kept_masks(
+    parent: nn.Module, task: str, layers: dict[str, nn.Module], kept: dict[str, list[int]], device: torch.device
+) -> dict[str, torch.Tensor]:
     """Per MoE layer, a `[E_t]` bool mask over `task`'s router outputs in the parent: True for a kept expert."""
     masks = {}
     for name, m in layers.items():
@@ -195,8 +209,17 @@ def _kept_masks(parent: nn.Module, task: str, layers: dict[str, nn.Module], kept
     return masks
 
 
-def _compare_batch(s: _Stats, parent: nn.Module, submodel: nn.Module, task: str, task_type: str,
-                   pixels: torch.Tensor, labels, masks: dict[str, torch.Tensor], captured: dict[str, tuple]) -> None:
+def _compare_batch(
+    s: _Stats,
+    parent: nn.Module,
+    submodel: nn.Module,
+    task: str,
+    task_type: str,
+    pixels: torch.Tensor,
+    labels,
+    masks: dict[str, torch.Tensor],
+    captured: dict[str, tuple],
+) -> None:
     """Run both models on one batch and add to `s` its output differences, top-1 agreement, metric inputs (with
     `labels`) and, from the parent's routing `captured` by the hooks, the tokens routed outside the kept set."""
     captured.clear()
@@ -256,8 +279,13 @@ def _task_entry(s: _Stats, layers: Iterable[str], renormalized: bool) -> dict:
     if s.metrics:
         result_p, result_s = s.metrics["parent"].compute(), s.metrics["submodel"].compute()
         mp, ms = result_p.score, result_s.score
-        entry["metric"] = {"name": result_p.primary, "parent": mp, "submodel": ms, "delta": ms - mp,
-                           "relative": ms / mp if mp else None}
+        entry["metric"] = {
+            "name": result_p.primary,
+            "parent": mp,
+            "submodel": ms,
+            "delta": ms - mp,
+            "relative": ms / mp if mp else None,
+        }
     return entry
 
 
@@ -288,8 +316,9 @@ def verify_submodel(
     layers, kept = _kept_experts(parent, submodel)
 
     report = VerificationReport(renormalized=bool(parent.config.router_renormalize))
-    report.kept_experts = {n: [len(kept[n]), m.router.num_experts if hasattr(m.router, "num_experts") else None]
-                           for n, m in layers.items()}
+    report.kept_experts = {
+        n: [len(kept[n]), m.router.num_experts if hasattr(m.router, "num_experts") else None] for n, m in layers.items()
+    }
     report.params = {"parent": count_parameters(parent), "submodel": count_parameters(submodel)}
     report.params["ratio"] = report.params["submodel"]["total"] / max(report.params["parent"]["total"], 1)
 
@@ -333,8 +362,12 @@ def verify_submodel(
             # FLOPs at the size of the images actually verified (position embeddings interpolate)
             f_parent = flops_per_image(parent, task=task, image_size=s.image_hw)["total"]
             f_sub = flops_per_image(submodel, task=task, image_size=s.image_hw)["total"]
-            report.flops[task] = {"parent": f_parent, "submodel": f_sub, "ratio": f_sub / max(f_parent, 1),
-                                  "image_size": list(s.image_hw)}
+            report.flops[task] = {
+                "parent": f_parent,
+                "submodel": f_sub,
+                "ratio": f_sub / max(f_parent, 1),
+                "image_size": list(s.image_hw),
+            }
             report.tasks[task] = _task_entry(s, layers, report.renormalized)
     finally:
         for h in handles:

@@ -152,8 +152,10 @@ class OptimizerConfig:
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"optimizer.lr must be positive; got {self.lr}.")
         if (self.warmup_steps is not None and self.warmup_steps < 0) or not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"optimizer: warmup_steps must be >= 0 and warmup_ratio in [0, 1); got "
-                             f"{self.warmup_steps}, {self.warmup_ratio}.")
+            raise ValueError(
+                f"optimizer: warmup_steps must be >= 0 and warmup_ratio in [0, 1); got "
+                f"{self.warmup_steps}, {self.warmup_ratio}."
+            )
         from transformers import SchedulerType
 
         names = [s.value for s in SchedulerType]
@@ -198,8 +200,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"train.{name} must be a positive integer; got {value!r}.")
-        if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
-                                             or self.num_threads < 1):
+        if self.num_threads is not None and (
+            isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int) or self.num_threads < 1
+        ):
             raise ValueError(f"train.num_threads={self.num_threads!r}: give a positive int or null.")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"train.mixed_precision={self.mixed_precision!r}: choose 'no', 'bf16' or 'fp16'.")
@@ -214,7 +217,10 @@ class PretrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     optimizer: OptimizerConfig = dataclasses.field(
-        default_factory=lambda: OptimizerConfig(lr=1e-3, weight_decay=0.05, warmup_steps=50, min_lr=1e-6, max_grad_norm=1.0))
+        default_factory=lambda: OptimizerConfig(
+            lr=1e-3, weight_decay=0.05, warmup_steps=50, min_lr=1e-6, max_grad_norm=1.0
+        )
+    )
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     loss_weighting: str = "fixed"
     seed: int = 0
@@ -266,7 +272,8 @@ class ContinualConfig:
     output_dir: str | None = None
     seed: int = 0
     optimizer: OptimizerConfig = dataclasses.field(
-        default_factory=lambda: OptimizerConfig(lr=5e-3, weight_decay=0.3, warmup_ratio=0.05))
+        default_factory=lambda: OptimizerConfig(lr=5e-3, weight_decay=0.3, warmup_ratio=0.05)
+    )
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(max_steps=800, log_every=50))
     source: str | None = None
 
@@ -286,7 +293,9 @@ _INTERNAL = ("source",)  # fields a recipe file does not set
 
 def _dataclass_in(hint) -> type | None:
     """The dataclass `hint` names (`X`, `X | None`), else None."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else ()
+    options = (
+        typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else ()
+    )
     for option in (hint, *options):
         if dataclasses.is_dataclass(option):
             return option
@@ -311,8 +320,11 @@ def _build(cls, data, where: str, base=None):
         args = typing.get_args(hints[name])
         if sub is not None and isinstance(value, Mapping):
             field = fields[name]
-            default = getattr(base, name) if base is not None else (
-                field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+            default = (
+                getattr(base, name)
+                if base is not None
+                else (field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+            )
             kwargs[name] = _build(sub, value, path, default if dataclasses.is_dataclass(default) else None)
         elif typing.get_origin(hints[name]) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
             if not isinstance(value, Mapping):
@@ -322,8 +334,11 @@ def _build(cls, data, where: str, base=None):
             kwargs[name] = value
     if base is not None:
         return dataclasses.replace(base, **kwargs)
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ValueError(f"{where or 'top level'}: missing required key(s) {missing}.")
     return cls(**kwargs)

@@ -52,7 +52,9 @@ class TaskData:
         dataset = self.eval
         if max_samples is not None and max_samples < len(dataset):
             dataset = torch.utils.data.Subset(dataset, range(max_samples))
-        return torch.utils.data.DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate_fn)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate_fn
+        )
 
 
 class SeededItems(torch.utils.data.Dataset):
@@ -83,8 +85,15 @@ class TaskBatchStream:
     """
 
     def __init__(
-        self, dataset, batch_size: int, collate_fn, seed: int = 0, task_index: int = 0, rank: int = 0,
-        world_size: int = 1, num_workers: int = 0,
+        self,
+        dataset,
+        batch_size: int,
+        collate_fn,
+        seed: int = 0,
+        task_index: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
     ):
         self.dataset, self.batch_size, self.collate_fn = dataset, int(batch_size), collate_fn
         self.seed, self.task_index, self.rank, self.world_size = int(seed), int(task_index), int(rank), int(world_size)
@@ -111,7 +120,9 @@ class TaskBatchStream:
 
     def keys(self, draw: int) -> list[tuple[int, int]]:
         """`(index, augmentation seed)` of every item of this rank's share of draw `draw`."""
-        return [(i, hash_seed(self.seed, self.task_index, draw, j, self.rank)) for j, i in enumerate(self.indices(draw))]
+        return [
+            (i, hash_seed(self.seed, self.task_index, draw, j, self.rank)) for j, i in enumerate(self.indices(draw))
+        ]
 
     def batch(self, draw: int) -> dict[str, Any]:
         """Draw `draw`, read in this process."""
@@ -128,7 +139,10 @@ class TaskBatchStream:
                 draw += 1
 
         loader = torch.utils.data.DataLoader(
-            SeededItems(self.dataset), batch_sampler=plan(), collate_fn=self.collate_fn, num_workers=self.num_workers,
+            SeededItems(self.dataset),
+            batch_sampler=plan(),
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
         )
         return iter(loader)
 
@@ -149,8 +163,12 @@ def resolve_specs(config: PretrainConfig, main_process: bool = True) -> dict[str
         if not (out / "specs.yaml").is_file():
             if not main_process:
                 raise FileNotFoundError(f"The mini benchmark at {out} is not built yet (the main process builds it).")
-            print(f"Building the mini benchmark into {out} (small={bool(data.mini.get('small', False))}) ...", flush=True)
-            build_mini_benchmark(out, seed=int(data.mini.get("seed", 0)), small=bool(data.mini.get("small", False)), force=out.exists())
+            print(
+                f"Building the mini benchmark into {out} (small={bool(data.mini.get('small', False))}) ...", flush=True
+            )
+            build_mini_benchmark(
+                out, seed=int(data.mini.get("seed", 0)), small=bool(data.mini.get("small", False)), force=out.exists()
+            )
         return load_specs(out / "specs.yaml")
     if isinstance(data.specs, (str, Path)):
         return load_specs(Path(data.specs).expanduser())
@@ -168,7 +186,9 @@ def task_spec(config: PretrainConfig, specs: Mapping[str, DatasetSpec], task: st
     return dataclasses.replace(spec, **changes) if changes else spec
 
 
-def load_task_data(config: PretrainConfig, main_process: bool = True, splits: tuple[str, ...] = ("train", "eval")) -> dict[str, TaskData]:
+def load_task_data(
+    config: PretrainConfig, main_process: bool = True, splits: tuple[str, ...] = ("train", "eval")
+) -> dict[str, TaskData]:
     """Read every task of the recipe: `{task: TaskData}` in the recipe's task order."""
     specs = resolve_specs(config, main_process)
     out = {}
@@ -181,8 +201,13 @@ def load_task_data(config: PretrainConfig, main_process: bool = True, splits: tu
             evaluation = load_task_dataset(spec, split=spec.eval_split, transform="eval")
         names = (train or evaluation).label_names if (train or evaluation) is not None else list(spec.label_names or [])
         out[task] = TaskData(
-            name=task, task_type=spec.task_type, label_names=list(names), train=train, eval=evaluation,
-            batch_size=settings.batch_size, eval_batch_size=settings.eval_batch_size or 2 * settings.batch_size,
+            name=task,
+            task_type=spec.task_type,
+            label_names=list(names),
+            train=train,
+            eval=evaluation,
+            batch_size=settings.batch_size,
+            eval_batch_size=settings.eval_batch_size or 2 * settings.batch_size,
         )
     return out
 

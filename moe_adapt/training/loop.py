@@ -36,7 +36,9 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from .config import OptimizerConfig, TrainConfig
 from .data import hash_seed
 
-CUSTOM_STATE = "custom_checkpoint_0.pkl"  # accelerate writes the registered `LoopState` last: a complete checkpoint has it
+CUSTOM_STATE = (
+    "custom_checkpoint_0.pkl"  # accelerate writes the registered `LoopState` last: a complete checkpoint has it
+)
 
 
 def has_accelerator() -> bool:
@@ -44,8 +46,9 @@ def has_accelerator() -> bool:
     return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 
-def make_accelerator(train: TrainConfig, output_dir: str | Path | None = None, find_unused_parameters: bool = False,
-                     **kwargs) -> Accelerator:
+def make_accelerator(
+    train: TrainConfig, output_dir: str | Path | None = None, find_unused_parameters: bool = False, **kwargs
+) -> Accelerator:
     """The run's `Accelerator`: `train.mixed_precision`, `train.gradient_accumulation_steps`, checkpoints under
     `output_dir/checkpoints` (accelerate's automatic naming, the newest `train.keep_checkpoints` kept), the scheduler
     stepped once per optimizer step on any number of processes. Without a GPU, `cpu=True` makes `torchrun` /
@@ -55,12 +58,16 @@ def make_accelerator(train: TrainConfig, output_dir: str | Path | None = None, f
         torch.set_num_threads(train.num_threads)
     project = None
     if output_dir is not None:
-        project = ProjectConfiguration(project_dir=str(output_dir), automatic_checkpoint_naming=True,
-                                       total_limit=train.keep_checkpoints)
+        project = ProjectConfiguration(
+            project_dir=str(output_dir), automatic_checkpoint_naming=True, total_limit=train.keep_checkpoints
+        )
     return Accelerator(
-        cpu=not has_accelerator(), mixed_precision=train.mixed_precision,
-        gradient_accumulation_steps=train.gradient_accumulation_steps, step_scheduler_with_optimizer=False,
-        project_config=project, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+        cpu=not has_accelerator(),
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,
+        project_config=project,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
         **kwargs,
     )
 
@@ -91,11 +98,14 @@ def parameter_groups(module: torch.nn.Module, weight_decay: float, no_decay_rout
 
 def adamw(params, device: torch.device | str = "cpu", **kwargs) -> torch.optim.AdamW:
     """`torch.optim.AdamW`, fused where torch has a fused kernel for `device` (CPU, CUDA, ...)."""
-    return torch.optim.AdamW(params, fused=torch.device(device).type in _get_fused_kernels_supported_devices(), **kwargs)
+    return torch.optim.AdamW(
+        params, fused=torch.device(device).type in _get_fused_kernels_supported_devices(), **kwargs
+    )
 
 
-def build_optimizer(module: torch.nn.Module, cfg: OptimizerConfig, device: torch.device | str = "cpu",
-                    lr: float | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    module: torch.nn.Module, cfg: OptimizerConfig, device: torch.device | str = "cpu", lr: float | None = None
+) -> torch.optim.AdamW:
     """AdamW over `parameter_groups(module)` with the section's settings (`lr` overrides `cfg.lr`)."""
     groups = parameter_groups(module, cfg.weight_decay, cfg.no_decay_router)
     if not groups:
@@ -109,8 +119,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, max_
     from transformers import get_scheduler
 
     extra = {"min_lr": cfg.min_lr} if cfg.scheduler == "cosine_with_min_lr" else None
-    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup(max_steps),
-                         num_training_steps=max_steps, scheduler_specific_kwargs=extra)
+    return get_scheduler(
+        cfg.scheduler,
+        optimizer,
+        num_warmup_steps=cfg.warmup(max_steps),
+        num_training_steps=max_steps,
+        scheduler_specific_kwargs=extra,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,16 +166,20 @@ def resolve_resume(output_dir: str | Path | None, resume: str | bool | None) -> 
         return found[-1] if found else None
     path = Path(resume)
     if not (path / CUSTOM_STATE).is_file():
-        raise FileNotFoundError(f"--resume {path}: not a complete checkpoint folder (no {CUSTOM_STATE}); "
-                                f"see {Path(output_dir or '.') / 'checkpoints'}.")
+        raise FileNotFoundError(
+            f"--resume {path}: not a complete checkpoint folder (no {CUSTOM_STATE}); "
+            f"see {Path(output_dir or '.') / 'checkpoints'}."
+        )
     return path
 
 
 def cpu_fsdp_requested(accelerator: Accelerator) -> bool:
     """Whether FSDP was asked for (`accelerate launch --use_fsdp`) on CPU processes, where accelerate runs DDP-style
     MULTI_CPU only: `shard_on_cpu` then shards the model with torch's own `fully_shard`."""
-    return (accelerator.distributed_type == DistributedType.MULTI_CPU
-            and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+    return (
+        accelerator.distributed_type == DistributedType.MULTI_CPU
+        and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    )
 
 
 def shard_on_cpu(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> None:
@@ -254,13 +273,16 @@ def _prepare_and_resume(model, optimizer, scheduler, accelerator: Accelerator, r
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = LoopState()
     accelerator.register_for_checkpointing(state)
-    checkpoint = resolve_resume(accelerator.project_dir if accelerator.project_configuration.automatic_checkpoint_naming
-                                else None, resume)
+    checkpoint = resolve_resume(
+        accelerator.project_dir if accelerator.project_configuration.automatic_checkpoint_naming else None, resume
+    )
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"Resumed from {checkpoint} at step {state.step}.")
     if accelerator.project_configuration.automatic_checkpoint_naming:  # new checkpoints number on after every old one
-        numbers = [int(p.name.rsplit("_", 1)[1]) for p in (Path(accelerator.project_dir) / "checkpoints").glob("checkpoint_*")]
+        numbers = [
+            int(p.name.rsplit("_", 1)[1]) for p in (Path(accelerator.project_dir) / "checkpoints").glob("checkpoint_*")
+        ]
         accelerator.project_configuration.iteration = max(numbers, default=-1) + 1
     return model, optimizer, scheduler, state
 
@@ -292,8 +314,14 @@ def train_loop(
     start, rank = state.step, accelerator.process_index
     batches = batches_from(start)
     accum = accelerator.gradient_accumulation_steps
-    bar = tqdm(total=max_steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=2.0,
-               disable=not (progress_bar and accelerator.is_main_process))
+    bar = tqdm(
+        total=max_steps,
+        initial=start,
+        desc=desc,
+        dynamic_ncols=True,
+        mininterval=2.0,
+        disable=not (progress_bar and accelerator.is_main_process),
+    )
     smooth: dict[str, float] = {}
     losses, history, train_seconds, stopped_by, saved_at = [], [], 0.0, "max_steps", start
     t_start = time.perf_counter()
@@ -324,8 +352,10 @@ def train_loop(
             history.append({"step": state.step, "lr": scheduler.get_last_lr()[0], **smooth})
             bar.set_postfix({k: f"{v:.4g}" for k, v in smooth.items()}, refresh=False)
             if not progress_bar:
-                accelerator.print(f"step {state.step}/{max_steps}: lr {history[-1]['lr']:.2e} "
-                                  + " ".join(f"{k} {v:.4f}" for k, v in smooth.items()))
+                accelerator.print(
+                    f"step {state.step}/{max_steps}: lr {history[-1]['lr']:.2e} "
+                    + " ".join(f"{k} {v:.4f}" for k, v in smooth.items())
+                )
         if on_step is not None:
             on_step(state.step, out)
         if save_every and state.step % save_every == 0 and state.step < max_steps:
@@ -334,9 +364,17 @@ def train_loop(
     bar.close()
     if save_every and state.step > saved_at:
         accelerator.save_state()
-    return LoopResult(model=model, optimizer=optimizer, step=state.step, start_step=start, stopped_by=stopped_by,
-                      losses=losses, history=history, train_seconds=train_seconds,
-                      loop_seconds=time.perf_counter() - t_start)
+    return LoopResult(
+        model=model,
+        optimizer=optimizer,
+        step=state.step,
+        start_step=start,
+        stopped_by=stopped_by,
+        losses=losses,
+        history=history,
+        train_seconds=train_seconds,
+        loop_seconds=time.perf_counter() - t_start,
+    )
 
 
 def repeat_loader(loader, start: int = 0) -> Iterator:

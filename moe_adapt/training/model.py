@@ -51,15 +51,24 @@ def build_model_config(
     head_configs.update(overrides.pop("head_configs", {}) or {})
     try:
         return MoEViTConfig.from_preset(
-            config.model.preset, tasks=list(config.tasks), layout=config.model.layout,
-            task_types=task_types, task_labels=task_labels, head_configs=head_configs, **overrides,
+            config.model.preset,
+            tasks=list(config.tasks),
+            layout=config.model.layout,
+            task_types=task_types,
+            task_labels=task_labels,
+            head_configs=head_configs,
+            **overrides,
         )
     except UnknownConfigFieldError as err:
         # a misspelt key can only have come from the recipe's model section: say so
-        raise ValueError(f"model.overrides of the recipe (preset {config.model.preset!r}, keys {sorted(overrides)}): {err}") from err
+        raise ValueError(
+            f"model.overrides of the recipe (preset {config.model.preset!r}, keys {sorted(overrides)}): {err}"
+        ) from err
 
 
-def build_model(config: PretrainConfig, label_names: Mapping[str, list[str]] | None = None, specs=None) -> MoEViTForMultiTask:
+def build_model(
+    config: PretrainConfig, label_names: Mapping[str, list[str]] | None = None, specs=None
+) -> MoEViTForMultiTask:
     """A freshly initialised `MoEViTForMultiTask` for the recipe, or the one saved at `model.init_from` (strict
     load: its tasks and heads must match the recipe's)."""
     model_config = build_model_config(config, label_names, specs)

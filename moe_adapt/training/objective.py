@@ -65,7 +65,11 @@ class MultiTaskObjective(nn.Module):
         task_losses, aux = [], None
         for task, batch in micro_batches:
             out = self.model(
-                batch["pixel_values"], task=task, labels=batch["labels"], output_router_probs=mi is not None, return_dict=True
+                batch["pixel_values"],
+                task=task,
+                labels=batch["labels"],
+                output_router_probs=mi is not None,
+                return_dict=True,
             )
             if mi is not None and out.router_probs:
                 mi.accumulate(out.router_probs, config.task_index(task))

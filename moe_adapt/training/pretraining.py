@@ -117,58 +117,105 @@ def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerat
     # DDP needs every parameter in every step's graph (the objective's 0 x sum(p) term); FSDP reduces each block's
     # gradients whole, and its sharded parameters cannot enter a sum outside their block's forward
     sharded = accelerator.distributed_type == DistributedType.FSDP or cpu_fsdp_requested(accelerator)
-    objective = MultiTaskObjective(model, weighting, MutualInformationLoss.from_config(model.config, device=accelerator.device),
-                                   touch_all_parameters=not sharded)
+    objective = MultiTaskObjective(
+        model,
+        weighting,
+        MutualInformationLoss.from_config(model.config, device=accelerator.device),
+        touch_all_parameters=not sharded,
+    )
     optimizer = build_optimizer(objective, config.optimizer, accelerator.device)
     scheduler = build_scheduler(optimizer, config.optimizer, config.train.max_steps)
     sampler = TaskSampler(
-        tasks, config.sampling.strategy, sizes={t: len(d.train) for t, d in data.items()},
-        temperature=config.sampling.temperature, micro_batches_per_step=config.sampling.micro_batches_per_step,
-        rounds=config.sampling.rounds, seed=config.seed,
+        tasks,
+        config.sampling.strategy,
+        sizes={t: len(d.train) for t, d in data.items()},
+        temperature=config.sampling.temperature,
+        micro_batches_per_step=config.sampling.micro_batches_per_step,
+        rounds=config.sampling.rounds,
+        seed=config.seed,
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     streams = {
-        t: TaskBatchStream(d.train, d.batch_size, d.collate_fn, seed=config.seed, task_index=i, rank=rank,
-                           world_size=world, num_workers=config.data.num_workers)
+        t: TaskBatchStream(
+            d.train,
+            d.batch_size,
+            d.collate_fn,
+            seed=config.seed,
+            task_index=i,
+            rank=rank,
+            world_size=world,
+            num_workers=config.data.num_workers,
+        )
         for i, (t, d) in enumerate(data.items())
     }
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "recipe.json", config.to_dict())
-        accelerator.print(f"MoEViTForMultiTask: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-                          f"tasks {tasks}; {sampler}; {world} process(es) x {torch.get_num_threads()} thread(s).")
+        accelerator.print(
+            f"MoEViTForMultiTask: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+            f"tasks {tasks}; {sampler}; {world} process(es) x {torch.get_num_threads()} thread(s)."
+        )
 
     def evaluate(step: int, out: dict) -> None:
         if config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.max_steps:
             if main:
                 scores = evaluate_all(accelerator.unwrap_model(objective).model, data, config)
-                accelerator.print(f"step {step}: " + ", ".join(
-                    f"{t} {PRIMARY_METRIC[data[t].task_type]}={s[PRIMARY_METRIC[data[t].task_type]]:.4f}" for t, s in scores.items()))
+                accelerator.print(
+                    f"step {step}: "
+                    + ", ".join(
+                        f"{t} {PRIMARY_METRIC[data[t].task_type]}={s[PRIMARY_METRIC[data[t].task_type]]:.4f}"
+                        for t, s in scores.items()
+                    )
+                )
             accelerator.wait_for_everyone()
 
     images = [0]
     objective.train()
     result = train_loop(
-        objective, optimizer, scheduler, lambda start: step_batches(sampler, streams, start, accelerator.device, images),
-        objective_loss, accelerator, max_steps=config.train.max_steps, seed=config.seed,
-        max_grad_norm=config.optimizer.max_grad_norm, resume=resume, save_every=config.train.save_every,
-        log_every=max(1, config.train.log_every), max_minutes=config.train.max_minutes, on_step=evaluate,
-        progress_bar=config.train.progress_bar, desc="pretrain",
+        objective,
+        optimizer,
+        scheduler,
+        lambda start: step_batches(sampler, streams, start, accelerator.device, images),
+        objective_loss,
+        accelerator,
+        max_steps=config.train.max_steps,
+        seed=config.seed,
+        max_grad_norm=config.optimizer.max_grad_norm,
+        resume=resume,
+        save_every=config.train.save_every,
+        log_every=max(1, config.train.log_every),
+        max_minutes=config.train.max_minutes,
+        on_step=evaluate,
+        progress_bar=config.train.progress_bar,
+        desc="pretrain",
     )
+
     def fresh_objective():  # the objective's structure, for the weights FSDP gathers from its shards
         fresh = build_model(config, label_names={t: d.label_names for t, d in data.items()})
-        return MultiTaskObjective(fresh, LossWeighting(tasks, config.loss_weighting, {t: s.loss_weight for t, s in config.tasks.items()}),
-                                  MutualInformationLoss.from_config(fresh.config))
+        return MultiTaskObjective(
+            fresh,
+            LossWeighting(tasks, config.loss_weighting, {t: s.loss_weight for t, s in config.tasks.items()}),
+            MutualInformationLoss.from_config(fresh.config),
+        )
 
     unwrapped = gather_model(accelerator, result.model, fresh_objective)  # FSDP: whole on the main process only
     results: dict[str, Any] = {}
     if main:
         results = finish(
-            unwrapped.model, data, config, out_dir, history=result.history, steps=result.step,
-            steps_this_run=result.step - result.start_step, stopped_by=result.stopped_by,
-            train_seconds=result.train_seconds, loop_seconds=result.loop_seconds,
+            unwrapped.model,
+            data,
+            config,
+            out_dir,
+            history=result.history,
+            steps=result.step,
+            steps_this_run=result.step - result.start_step,
+            stopped_by=result.stopped_by,
+            train_seconds=result.train_seconds,
+            loop_seconds=result.loop_seconds,
             images_per_second=images[0] * world / result.train_seconds if result.train_seconds > 0 else None,
-            loss_weights=unwrapped.loss_weighting.weights(), processes=world, threads=torch.get_num_threads(),
+            loss_weights=unwrapped.loss_weighting.weights(),
+            processes=world,
+            threads=torch.get_num_threads(),
         )
     accelerator.wait_for_everyone()
     results.update(model=unwrapped.model if unwrapped is not None else None, history=result.history)
@@ -188,7 +235,9 @@ def finish(model, data: dict, config: PretrainConfig, out_dir: Path, **extra) ->
         if d.eval is None or not model.config.moe_layer_names():  # a dense model has no expert usage
             continue
         loader = d.eval_loader(config.tasks[task].eval_max_samples)
-        usages[task] = collect_expert_usage(model, loader, task, max_batches=config.train.usage_max_batches, output_norms=False)
+        usages[task] = collect_expert_usage(
+            model, loader, task, max_batches=config.train.usage_max_batches, output_norms=False
+        )
         usages[task].save(out_dir / "usage" / f"{task}.json")
     heatmap = plot_usage_heatmap(usages, out_dir / "expert_usage.png", criterion="frequency") if usages else None
     nmi = normalized_task_expert_mi(usages) if len(usages) > 1 else None
@@ -203,7 +252,6 @@ def finish(model, data: dict, config: PretrainConfig, out_dir: Path, **extra) ->
     }
     atomic_write_json(out_dir / "metrics.json", results)
     return results
-
 
 
 __all__ = ["evaluate_all", "finish", "pretrain", "step_batches"]

@@ -16,22 +16,54 @@ TASK_TYPES = ("classification", "detection", "semantic_segmentation")
 # odd blocks a dense attention and a mixture of MLP experts.
 PRESETS: dict[str, dict] = {
     "vit-s": dict(
-        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-        image_size=224, patch_size=16, attn_num_experts=15, attn_top_k=6, mlp_num_experts=16, mlp_top_k=4,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        image_size=224,
+        patch_size=16,
+        attn_num_experts=15,
+        attn_top_k=6,
+        mlp_num_experts=16,
+        mlp_top_k=4,
     ),
     "vit-b": dict(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-        image_size=224, patch_size=16, attn_num_experts=24, attn_top_k=12, mlp_num_experts=16, mlp_top_k=4,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=224,
+        patch_size=16,
+        attn_num_experts=24,
+        attn_top_k=12,
+        mlp_num_experts=16,
+        mlp_top_k=4,
     ),
     # Small enough for unit tests on a laptop CPU (a forward pass takes milliseconds).
     "tiny": dict(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-        image_size=32, patch_size=8, attn_num_experts=6, attn_top_k=2, mlp_num_experts=8, mlp_top_k=2,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        attn_num_experts=6,
+        attn_top_k=2,
+        mlp_num_experts=8,
+        mlp_top_k=2,
     ),
     # The embedded mini benchmark's model (64x64 canvases): trains on 2 CPU cores in minutes.
     "mini": dict(
-        hidden_size=96, num_hidden_layers=6, num_attention_heads=4, intermediate_size=384,
-        image_size=64, patch_size=8, attn_num_experts=8, attn_top_k=4, mlp_num_experts=8, mlp_top_k=2,
+        hidden_size=96,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=384,
+        image_size=64,
+        patch_size=8,
+        attn_num_experts=8,
+        attn_top_k=4,
+        mlp_num_experts=8,
+        mlp_top_k=2,
     ),
 }
 
@@ -39,7 +71,11 @@ PRESETS: dict[str, dict] = {
 def _per_layer(name: str, value, depth: int) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         return [value] * depth
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(hasattr(v, "__index__") for v in value):
+    if (
+        isinstance(value, (str, bytes))
+        or not hasattr(value, "__iter__")
+        or not all(hasattr(v, "__index__") for v in value)
+    ):
         raise ValueError(
             f"MoEViTConfig.{name}={value!r}: expected an integer or one integer per layer (0 = a dense layer)."
         )
@@ -176,7 +212,10 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         self.attn_experts = _per_layer("attn_experts", self.attn_experts if self.attn_experts is not None else 0, depth)
         self.mlp_experts = _per_layer("mlp_experts", self.mlp_experts if self.mlp_experts is not None else 0, depth)
-        for name, counts, k in (("attn", self.attn_experts, self.attn_top_k), ("mlp", self.mlp_experts, self.mlp_top_k)):
+        for name, counts, k in (
+            ("attn", self.attn_experts, self.attn_top_k),
+            ("mlp", self.mlp_experts, self.mlp_top_k),
+        ):
             if any(counts) and k < 1:
                 raise ValueError(f"MoEViTConfig.{name}_top_k={k} must be at least 1.")
             for i, e in enumerate(counts):
@@ -211,7 +250,9 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"MoEViTConfig.tasks={self.tasks!r}: expected a list of task names, e.g. tasks=['cls'].")
         self.tasks = [str(t) for t in self.tasks]
         if not self.tasks:
-            raise ValueError(f"MoEViTConfig.tasks={self.tasks!r} is empty: give at least one task name, e.g. tasks=['cls'].")
+            raise ValueError(
+                f"MoEViTConfig.tasks={self.tasks!r} is empty: give at least one task name, e.g. tasks=['cls']."
+            )
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"MoEViTConfig.tasks has duplicate names: {self.tasks}.")
         self.task_types = dict(self.task_types or {})
@@ -247,7 +288,9 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
         self.task_router_sizes = copy.deepcopy(self.task_router_sizes or {})
         for t, sizes in self.task_router_sizes.items():
             if t not in self.tasks:
-                raise ValueError(f"MoEViTConfig.task_router_sizes names task {t!r}, which is not in tasks={self.tasks}.")
+                raise ValueError(
+                    f"MoEViTConfig.task_router_sizes names task {t!r}, which is not in tasks={self.tasks}."
+                )
             for name in ("attn", "mlp"):
                 counts = getattr(self, f"{name}_experts")
                 k = getattr(self, f"{name}_top_k")
@@ -296,7 +339,7 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
                 "from_preset: unknown MoEViTConfig field(s) "
                 + ", ".join(f"{k!r}" + (f" (did you mean {hints[k][0]!r}?)" if hints[k] else "") for k in stray)
                 + "; the fields are the documented ones of MoEViTConfig, and transformers' own config keywords "
-                "(num_labels, id2label, experts_implementation, attn_implementation, dtype, out_indices, ...) pass too."
+                "(num_labels, id2label, experts_implementation, attn_implementation, dtype, out_indices, ...) pass too.",
             )
         return config
 
@@ -362,13 +405,17 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
                         f"expert_mask[{name!r}] must be bool (a tensor or list, True = keep); got dtype {mask.dtype}."
                     )
                 if mask.shape != (n,):
-                    raise ValueError(f"expert_mask[{name!r}] must have shape ({n},) for task {task!r}; got {tuple(mask.shape)}.")
+                    raise ValueError(
+                        f"expert_mask[{name!r}] must have shape ({n},) for task {task!r}; got {tuple(mask.shape)}."
+                    )
                 if not mask.any():
                     raise ValueError(f"expert_mask[{name!r}] removes every expert of task {task!r}.")
             limit = n if mask is None else int(mask.sum())
             default_k = getattr(self, f"{kind}_top_k")
             if k is not None and not 1 <= int(k) <= limit:
-                raise ValueError(f"top_k={k} for {name} must be between 1 and the {limit} experts available to {task!r}.")
+                raise ValueError(
+                    f"top_k={k} for {name} must be between 1 and the {limit} experts available to {task!r}."
+                )
             if k is None and default_k > limit:
                 raise ValueError(
                     f"top_k={default_k} for {name} is the default, but expert_mask[{name!r}] leaves {limit} experts, "

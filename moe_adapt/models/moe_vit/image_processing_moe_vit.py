@@ -67,8 +67,11 @@ class MoEViTImageProcessor(ViTImageProcessorPil):
         width) when given, else of the model input): detections scoring above `threshold` after class-wise NMS, at
         most `top_k` (default `detection_max_detections`)."""
         results = decode_detections(
-            outputs, target_sizes=target_sizes, score_threshold=threshold,
-            nms_threshold=self.detection_nms_threshold, pre_nms_top_k=self.detection_pre_nms_top_k,
+            outputs,
+            target_sizes=target_sizes,
+            score_threshold=threshold,
+            nms_threshold=self.detection_nms_threshold,
+            pre_nms_top_k=self.detection_pre_nms_top_k,
             max_detections=self.detection_max_detections if top_k is None else top_k,
         )
         return [{"scores": r["scores"], "labels": r["labels"], "boxes": r["boxes"]} for r in results]

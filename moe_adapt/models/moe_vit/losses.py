@@ -137,8 +137,14 @@ class MutualInformationLoss:
     """
 
     def __init__(
-        self, num_tasks: int, weight: float = 0.005, task_prior: str = "token_share", sync: bool = True,
-        num_experts: Sequence[int] | None = None, device: torch.device | str | None = None, concentration: float = 0.0,
+        self,
+        num_tasks: int,
+        weight: float = 0.005,
+        task_prior: str = "token_share",
+        sync: bool = True,
+        num_experts: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+        concentration: float = 0.0,
         top_k: Sequence[int] | None = None,
     ):
         self.num_tasks, self.weight, self.task_prior, self.sync = num_tasks, weight, task_prior, sync
@@ -159,8 +165,13 @@ class MutualInformationLoss:
         `sync=False`)."""
         widths = [getattr(config, f"{kind}_experts")[index] for _, index, kind in config.moe_layers()]
         top_k = [getattr(config, f"{kind}_top_k") for _, _, kind in config.moe_layers()]
-        options = {"weight": config.mi_loss_weight, "task_prior": config.mi_task_prior, "num_experts": widths,
-                   "concentration": getattr(config, "routing_concentration_weight", 0.0), "top_k": top_k}
+        options = {
+            "weight": config.mi_loss_weight,
+            "task_prior": config.mi_task_prior,
+            "num_experts": widths,
+            "concentration": getattr(config, "routing_concentration_weight", 0.0),
+            "top_k": top_k,
+        }
         return cls(len(config.tasks), **(options | kwargs))
 
     def accumulate(self, router_probs: Sequence[torch.Tensor], task: int) -> None:
@@ -172,7 +183,10 @@ class MutualInformationLoss:
             raise ValueError(f"Expected router probabilities for {len(layers)} MoE layers, got {len(router_probs)}.")
         if self.joint is None:
             widths = self.num_experts or [0] * len(router_probs)
-            self.joint = [p.new_zeros(self.num_tasks, max(p.shape[-1], w), dtype=torch.float32) for p, w in zip(router_probs, widths)]
+            self.joint = [
+                p.new_zeros(self.num_tasks, max(p.shape[-1], w), dtype=torch.float32)
+                for p, w in zip(router_probs, widths)
+            ]
         for layer, probs in enumerate(router_probs):
             mass = probs.float().sum(0)
             n = self.joint[layer].shape[1]
@@ -180,7 +194,9 @@ class MutualInformationLoss:
                 self.joint[layer] = torch.cat([self.joint[layer], mass.new_zeros(self.num_tasks, mass.shape[0] - n)], 1)
             elif mass.shape[0] < n:
                 mass = torch.cat([mass, mass.new_zeros(n - mass.shape[0])])
-            row = torch.zeros_like(self.joint[layer]).index_copy(0, torch.tensor([task], device=mass.device), mass[None])
+            row = torch.zeros_like(self.joint[layer]).index_copy(
+                0, torch.tensor([task], device=mass.device), mass[None]
+            )
             self.joint[layer] = self.joint[layer] + row
         if self.concentration:
             self._accumulate_log_probs(router_probs, task)
@@ -197,8 +213,12 @@ class MutualInformationLoss:
             if self.log_sums[layer].shape[1] < width:
                 self.log_sums[layer] = F.pad(self.log_sums[layer], (0, width - self.log_sums[layer].shape[1]))
             logs = F.pad(logs, (0, width - logs.shape[0]), value=math.log(1e-6))
-            self.log_sums[layer] = self.log_sums[layer] + torch.zeros_like(self.log_sums[layer]).index_copy(0, index, logs[None])
-        self.token_counts = self.token_counts.index_add(0, index, torch.tensor([float(router_probs[0].shape[0])], device=index.device))
+            self.log_sums[layer] = self.log_sums[layer] + torch.zeros_like(self.log_sums[layer]).index_copy(
+                0, index, logs[None]
+            )
+        self.token_counts = self.token_counts.index_add(
+            0, index, torch.tensor([float(router_probs[0].shape[0])], device=index.device)
+        )
 
     def joint_counts(self) -> list[torch.Tensor]:
         """The accumulated M per layer, summed across ranks when distributed (differentiable). Distributed, every
@@ -225,7 +245,7 @@ class MutualInformationLoss:
         info = torch.tensor([m.shape[1] for m in joint] + [int(m.requires_grad) for m in joint], device=joint[0].device)
         dist.all_reduce(info, op=dist.ReduceOp.MAX)
         values = info.tolist()
-        widths, grads = values[: len(joint)], values[len(joint):]
+        widths, grads = values[: len(joint)], values[len(joint) :]
         out = []
         for m, width, grad in zip(joint, widths, grads):
             m = F.pad(m, (0, int(width) - m.shape[1]))
@@ -242,7 +262,11 @@ class MutualInformationLoss:
         backend = str(dist.get_backend())  # e.g. "nccl", "gloo", "cuda:nccl,cpu:gloo", "undefined"
         if "nccl" in backend and torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
-        if any(b in backend for b in ("xccl", "hccl")) and hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        if (
+            any(b in backend for b in ("xccl", "hccl"))
+            and hasattr(torch, "accelerator")
+            and torch.accelerator.is_available()
+        ):
             return torch.accelerator.current_accelerator()
         return torch.device("cpu")
 
@@ -279,5 +303,10 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
-__all__ = ["MutualInformationLoss", "load_balancing_loss", "mutual_information_loss", "router_z_loss",
-           "routing_concentration_loss"]
+__all__ = [
+    "MutualInformationLoss",
+    "load_balancing_loss",
+    "mutual_information_loss",
+    "router_z_loss",
+    "routing_concentration_loss",
+]

@@ -57,12 +57,12 @@ class MoEViTEmbeddings(nn.Module):
 
     def check_input(self, pixel_values: torch.Tensor) -> None:
         if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be [batch, channels, height, width]; got shape {tuple(pixel_values.shape)}.")
+            raise ValueError(
+                f"pixel_values must be [batch, channels, height, width]; got shape {tuple(pixel_values.shape)}."
+            )
         _, c, h, w = pixel_values.shape
         if c != self.num_channels:
-            raise ValueError(
-                f"pixel_values has {c} channels but the model expects num_channels={self.num_channels}."
-            )
+            raise ValueError(f"pixel_values has {c} channels but the model expects num_channels={self.num_channels}.")
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(
                 f"Input size {h}x{w} is not a multiple of patch_size={self.patch_size}: resize or pad the image."
@@ -256,7 +256,6 @@ class MoEViTAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
-
 class MoEViTAttentionExperts(nn.Module):
     """E attention experts (heads) stored fused: `q_proj` [E, h, d] (+ `q_proj_bias` [E, h]) and `o_proj` [E, d, h]
     (+ `o_proj_bias` [E, d]), sharing one key and one value head (multi-query attention).
@@ -303,7 +302,9 @@ class MoEViTAttentionExperts(nn.Module):
     def _queries(self, flat, top_k_index, plan):
         """Token rows `[T, d]` → each slot's query `[T, k, h]`."""
         if plan is not None:
-            return plan.project(flat, self.q_proj, self.q_proj_bias, self.config._experts_implementation or "segmented_mm")
+            return plan.project(
+                flat, self.q_proj, self.q_proj_bias, self.config._experts_implementation or "segmented_mm"
+            )
         num, h = self.num_experts, self.head_dim
         q = F.linear(flat, self.q_proj.reshape(num * h, -1), self.q_proj_bias.reshape(-1)).view(-1, num, h)
         return q if top_k_index.shape[-1] == num else q.gather(1, top_k_index.unsqueeze(-1).expand(-1, -1, h))
@@ -321,7 +322,9 @@ class MoEViTAttentionExperts(nn.Module):
             weighted = attn * g if torch.is_grad_enabled() and (attn.requires_grad or g.requires_grad) else attn.mul_(g)
         else:  # each token's k gated outputs (in top-k order) into its expert slots
             weighted = attn * top_k_weights.unsqueeze(-1).to(attn.dtype)
-            weighted = attn.new_zeros(tokens, num, h).scatter_add(1, top_k_index.unsqueeze(-1).expand(-1, -1, h), weighted)
+            weighted = attn.new_zeros(tokens, num, h).scatter_add(
+                1, top_k_index.unsqueeze(-1).expand(-1, -1, h), weighted
+            )
         o_proj = self.o_proj.permute(1, 0, 2).reshape(-1, num * h)  # the experts' inputs side by side
         return add_gated_bias(F.linear(weighted.reshape(tokens, num * h), o_proj), gates, self.o_proj_bias)
 
@@ -355,7 +358,10 @@ class MoEViTMoAttention(nn.Module):
         # over several groups: each group projects only its slots (as tokens with top-1 routing)
         k, h = route.indices.shape[-1], key.shape[-1]
         split, groups = ExpertGroupSplit(route.indices, self.group_sizes), [self.experts, *self.extra_experts]
-        qs = [groups[g](x, top_k_index=idx, stage="query").view(-1, h) for (g, idx), x in zip(split.parts, split.rows(flat))]
+        qs = [
+            groups[g](x, top_k_index=idx, stage="query").view(-1, h)
+            for (g, idx), x in zip(split.parts, split.rows(flat))
+        ]
         q = split.to_pairs(qs).view(b, 1, n * k, h)
         attn = F.scaled_dot_product_attention(q, key, value, dropout_p=self.dropout_p if self.training else 0.0)
         parts = zip(split.parts, split.rows(attn.reshape(b * n * k, h), per_slot=True), split.gates(route.weights))
@@ -542,7 +548,6 @@ class MoEViTPreTrainedModel(PreTrainedModel):
         if image_processor is not False:
             (image_processor or default_image_processor(self.config)).save_pretrained(folder)
 
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = False, **kwargs):
         """`PreTrainedModel.from_pretrained` with safetensors only (never pickle) and the MoE ViT backbone loaded
@@ -584,14 +589,19 @@ class MoEViTPreTrainedModel(PreTrainedModel):
 def _check_load_report(model, path, info: dict, strict: bool, fresh_ok: bool) -> None:
     """Raise naming what transformers' load report lists that this model may not lack: any backbone tensor missing,
     unexpected or mis-shaped; with `strict`, any tensor; a mis-shaped or missing head unless `fresh_ok`."""
-    names = {key: sorted(str(x[0] if isinstance(x, tuple) else x) for x in info.get(key, []))
-             for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    names = {
+        key: sorted(str(x[0] if isinstance(x, tuple) else x) for x in info.get(key, []))
+        for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
     shapes = {str(x[0]): (x[1], x[2]) for x in info.get("mismatched_keys", []) if isinstance(x, tuple)}
     mis = [n for n in names["mismatched_keys"] if strict or not fresh_ok or _is_backbone_key(model, n)]
     if mis:
         backbone = any(_is_backbone_key(model, n) for n in mis)
-        fix = ("Fix config.json (e.g. the per-layer expert counts): backbone tensors are never re-initialised."
-               if backbone else "For a new label set, pass ignore_mismatched_sizes=True to get fresh heads.")
+        fix = (
+            "Fix config.json (e.g. the per-layer expert counts): backbone tensors are never re-initialised."
+            if backbone
+            else "For a new label set, pass ignore_mismatched_sizes=True to get fresh heads."
+        )
         listed = "; ".join(f"{n}: checkpoint {list(shapes[n][0])} vs config {list(shapes[n][1])}" for n in mis[:20])
         raise ValueError(f"Checkpoint {path} disagrees with the config on tensor shapes ({listed}). {fix}")
     problems = []
@@ -632,7 +642,6 @@ def _is_backbone_key(model: nn.Module, key: str) -> bool:
     return top in base._modules or top in base._parameters
 
 
-
 def _refuse_backbone_reinit(backbone: MoEViTModel, module: nn.Module) -> None:
     """Called from `_init_weights` on the backbone's modules. At the end of a load by another model's
     `from_pretrained` (UperNet, DETR: the backbone was built on the meta device and transformers marked each loaded
@@ -642,7 +651,9 @@ def _refuse_backbone_reinit(backbone: MoEViTModel, module: nn.Module) -> None:
     if not backbone._built_on_meta or _LOADING_WITH_REPORT.get():
         return
     # parameters offloaded to disk (`device_map=... "disk"`) stay on the meta device, unmarked, until used
-    fresh = [p for p in module.parameters(recurse=False) if not getattr(p, "_is_hf_initialized", False) and not p.is_meta]
+    fresh = [
+        p for p in module.parameters(recurse=False) if not getattr(p, "_is_hf_initialized", False) and not p.is_meta
+    ]
     if not fresh:
         return
     names = {id(p): n for n, p in backbone.named_parameters()}
@@ -696,7 +707,9 @@ class MoEViTModel(MoEViTPreTrainedModel):
     def __init__(self, config: MoEViTConfig):
         super().__init__(config)
         self.embeddings = MoEViTEmbeddings(config)
-        self.task_embeddings = MoEViTTaskEmbeddings({t: nn.Parameter(torch.zeros(config.hidden_size)) for t in config.tasks})
+        self.task_embeddings = MoEViTTaskEmbeddings(
+            {t: nn.Parameter(torch.zeros(config.hidden_size)) for t in config.tasks}
+        )
         depth = config.num_hidden_layers
         rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.layers = nn.ModuleList([MoEViTLayer(config, i, rates[i]) for i in range(config.num_hidden_layers)])
@@ -757,7 +770,9 @@ class MoEViTModel(MoEViTPreTrainedModel):
         """pixel_values `[batch, C, H, W]` (H, W multiples of patch_size) → `MoEViTModelOutput` (a tuple of its
         non-None fields under `return_dict=False`, as in transformers)."""
         task = self.resolve_task(task)
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         routing = self.routing_plan(task, top_k, expert_mask)
         hidden = self.embeddings(pixel_values)
         task_embedding = self.task_embeddings(task).to(hidden.dtype)
@@ -773,7 +788,9 @@ class MoEViTModel(MoEViTPreTrainedModel):
         pooled = last[:, 0] if self.config.pooling == "cls" else last[:, 1:].mean(1)
         aux = hidden.new_zeros(())
         if routes and self.config.balance_loss_weight:
-            aux = aux + self.config.balance_loss_weight * sum(load_balancing_loss(r.probs, r.indices) for r in routes) / len(routes)
+            aux = aux + self.config.balance_loss_weight * sum(
+                load_balancing_loss(r.probs, r.indices) for r in routes
+            ) / len(routes)
         if routes and self.config.router_z_loss_weight:
             aux = aux + self.config.router_z_loss_weight * sum(router_z_loss(r.logits) for r in routes) / len(routes)
         return MoEViTModelOutput(
@@ -791,8 +808,16 @@ class MoEViTModel(MoEViTPreTrainedModel):
     # -- sparse upcycling ----------------------------------------------------------------------------------------
     @classmethod
     def from_dense(
-        cls, vit, tasks: list[str], num_experts: int = 8, top_k: int = 2, moe_layers: str = "odd",
-        attn_experts: int = 0, attn_top_k: int | None = None, attn_layers: str = "even", **config_kwargs,
+        cls,
+        vit,
+        tasks: list[str],
+        num_experts: int = 8,
+        top_k: int = 2,
+        moe_layers: str = "odd",
+        attn_experts: int = 0,
+        attn_top_k: int | None = None,
+        attn_layers: str = "even",
+        **config_kwargs,
     ):
         """Sparse upcycling: build a MoE ViT from a transformers `ViTModel` / `ViTForImageClassification` (or a
         local path to one). Embeddings, attention and norms are copied; the dense MLP is copied into every MLP
@@ -809,8 +834,16 @@ class MoEViTModel(MoEViTPreTrainedModel):
         from .upcycling import upcycle_dense_vit
 
         return upcycle_dense_vit(
-            cls, vit, tasks, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
-            attn_experts=attn_experts, attn_top_k=attn_top_k, attn_layers=attn_layers, **config_kwargs,
+            cls,
+            vit,
+            tasks,
+            num_experts=num_experts,
+            top_k=top_k,
+            moe_layers=moe_layers,
+            attn_experts=attn_experts,
+            attn_top_k=attn_top_k,
+            attn_layers=attn_layers,
+            **config_kwargs,
         )
 
 
@@ -845,7 +878,9 @@ class MoEViTBackbone(BackboneMixin, MoEViTPreTrainedModel):
             )
         self.post_init()
 
-    def forward(self, pixel_values, output_hidden_states=None, output_attentions=None, return_dict=None, task=None, **kwargs):
+    def forward(
+        self, pixel_values, output_hidden_states=None, output_attentions=None, return_dict=None, task=None, **kwargs
+    ):
         p = self.config.patch_size
         h, w = pixel_values.shape[-2:]
         pad_h, pad_w = (-h) % p, (-w) % p
@@ -854,7 +889,10 @@ class MoEViTBackbone(BackboneMixin, MoEViTPreTrainedModel):
         gh, gw = (h + pad_h) // p, (w + pad_w) // p
         task = task if task is not None else (self.config.backbone_task or self.config.tasks[0])
         out = self.moe_vit(
-            pixel_values, task=task, output_hidden_states=True, return_dict=True,
+            pixel_values,
+            task=task,
+            output_hidden_states=True,
+            return_dict=True,
             output_router_probs=self.config.backbone_output_router_probs,
         )
         maps = []
@@ -864,8 +902,12 @@ class MoEViTBackbone(BackboneMixin, MoEViTPreTrainedModel):
         if self.use_fpn:
             maps = [op(m) for op, m in zip(self.fpn, maps)]
         return MoEViTBackboneOutput(
-            feature_maps=tuple(maps), hidden_states=out.hidden_states if output_hidden_states else None,
-            aux_loss=out.aux_loss, router_probs=out.router_probs, router_indices=out.router_indices, task=out.task,
+            feature_maps=tuple(maps),
+            hidden_states=out.hidden_states if output_hidden_states else None,
+            aux_loss=out.aux_loss,
+            router_probs=out.router_probs,
+            router_indices=out.router_indices,
+            task=out.task,
         )
 
 

@@ -226,10 +226,16 @@ class MoEViTTaskModel(MoEViTPreTrainedModel):
         pixels, "class_labels": [n]}`; segmentation `LongTensor [batch, H, W]`, 255 = ignore)."""
         task = self.resolve_head(task)
         head = self.heads[task]
-        want_hidden = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
+        want_hidden = bool(
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         out = self.moe_vit(
-            pixel_values, task=task, output_router_probs=output_router_probs,
-            output_hidden_states=want_hidden or head.needs_hidden_states, top_k=top_k, expert_mask=expert_mask,
+            pixel_values,
+            task=task,
+            output_router_probs=output_router_probs,
+            output_hidden_states=want_hidden or head.needs_hidden_states,
+            top_k=top_k,
+            expert_mask=expert_mask,
             return_dict=True,
         )
         p = self.config.patch_size
@@ -240,10 +246,16 @@ class MoEViTTaskModel(MoEViTPreTrainedModel):
             task_loss = head.loss(preds, labels)
             loss = task_loss + out.aux_loss
         fields = dict(
-            loss=loss, task_loss=task_loss, aux_loss=out.aux_loss, **preds,
+            loss=loss,
+            task_loss=task_loss,
+            aux_loss=out.aux_loss,
+            **preds,
             hidden_states=out.hidden_states if want_hidden else None,
-            router_probs=out.router_probs, router_logits=out.router_logits, router_indices=out.router_indices,
-            task=task, input_size=(int(pixel_values.shape[-2]), int(pixel_values.shape[-1])),
+            router_probs=out.router_probs,
+            router_logits=out.router_logits,
+            router_indices=out.router_indices,
+            task=task,
+            input_size=(int(pixel_values.shape[-2]), int(pixel_values.shape[-1])),
         )
         cls = self.output_class
         return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
@@ -261,8 +273,12 @@ class MoEViTTaskModel(MoEViTPreTrainedModel):
         `input_sizes[i]`: (h, w) of image i inside a padded batch (default: the whole input).
         """
         if outputs.task is None:
-            raise ValueError("postprocess needs the outputs of a moe_adapt task model's forward (their `task` is unset).")
-        return self.heads[outputs.task].postprocess(outputs, target_sizes=target_sizes, input_sizes=input_sizes, **kwargs)
+            raise ValueError(
+                "postprocess needs the outputs of a moe_adapt task model's forward (their `task` is unset)."
+            )
+        return self.heads[outputs.task].postprocess(
+            outputs, target_sizes=target_sizes, input_sizes=input_sizes, **kwargs
+        )
 
 
 class MoEViTForMultiTask(MoEViTTaskModel):

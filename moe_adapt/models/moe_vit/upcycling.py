@@ -14,7 +14,9 @@ def _load_vit(vit):
         path = os.fspath(vit)
         if not os.path.isdir(path):
             raise ValueError(f"from_dense: {path!r} is not a local directory holding a saved ViT (no downloads here).")
-        vit, info = ViTModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True, output_loading_info=True)
+        vit, info = ViTModel.from_pretrained(
+            path, add_pooling_layer=False, use_safetensors=True, output_loading_info=True
+        )
         # a dense tensor missing from the checkpoint would be initialised at random and copied into every expert
         missing = sorted(info.get("missing_keys", [])) + sorted(str(k[0]) for k in info.get("mismatched_keys", []))
         if missing:
@@ -25,13 +27,23 @@ def _load_vit(vit):
     if isinstance(vit, ViTForImageClassification):
         vit = vit.vit
     if not isinstance(vit, ViTModel):
-        raise ValueError(f"from_dense expects a transformers ViTModel or ViTForImageClassification; got {type(vit).__name__}.")
+        raise ValueError(
+            f"from_dense expects a transformers ViTModel or ViTForImageClassification; got {type(vit).__name__}."
+        )
     return vit
 
 
 def upcycle_dense_vit(
-    model_cls, vit, tasks, num_experts: int = 8, top_k: int = 2, moe_layers: str = "odd",
-    attn_experts: int = 0, attn_top_k: int | None = None, attn_layers: str = "even", **config_kwargs,
+    model_cls,
+    vit,
+    tasks,
+    num_experts: int = 8,
+    top_k: int = 2,
+    moe_layers: str = "odd",
+    attn_experts: int = 0,
+    attn_top_k: int | None = None,
+    attn_layers: str = "even",
+    **config_kwargs,
 ):
     """See `MoEViTModel.from_dense`."""
     from .configuration_moe_vit import MoEViTConfig

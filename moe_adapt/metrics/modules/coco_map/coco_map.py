@@ -31,8 +31,20 @@ Example:
     1.0
 """
 
-_STATS = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
-          "mar_small", "mar_medium", "mar_large"]
+_STATS = [
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+]
 
 
 def _boxes(value, i, what):
@@ -48,8 +60,14 @@ def _annotations(boxes, labels, image_id, start_id, scores=None):
     out = []
     for j, (box, label) in enumerate(zip(boxes, labels)):
         w, h = float(box[2] - box[0]), float(box[3] - box[1])
-        ann = {"id": start_id + j, "image_id": image_id, "category_id": int(label),
-               "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h, "iscrowd": 0}
+        ann = {
+            "id": start_id + j,
+            "image_id": image_id,
+            "category_id": int(label),
+            "bbox": [float(box[0]), float(box[1]), w, h],
+            "area": w * h,
+            "iscrowd": 0,
+        }
         if scores is not None:
             ann["score"] = float(scores[j])
         out.append(ann)
@@ -65,11 +83,16 @@ class CocoMap(evaluate.Metric):
             description=_DESCRIPTION,
             citation="Lin et al., Microsoft COCO: Common Objects in Context, ECCV 2014.",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "predictions": {"boxes": boxes, "scores": datasets.Sequence(datasets.Value("float64")),
-                                "labels": labels},
-                "references": {"boxes": boxes, "labels": labels},
-            }),
+            features=datasets.Features(
+                {
+                    "predictions": {
+                        "boxes": boxes,
+                        "scores": datasets.Sequence(datasets.Value("float64")),
+                        "labels": labels,
+                    },
+                    "references": {"boxes": boxes, "labels": labels},
+                }
+            ),
         )
 
     def _compute(self, predictions, references, class_metrics=False):
@@ -81,13 +104,17 @@ class CocoMap(evaluate.Metric):
             p_boxes, r_boxes = _boxes(pred["boxes"], i, "predicted"), _boxes(ref["boxes"], i, "reference")
             p_labels, r_labels, scores = list(pred["labels"]), list(ref["labels"]), list(pred["scores"])
             if not len(p_boxes) == len(p_labels) == len(scores):
-                raise ValueError(f"coco_map: image {i}: {len(p_boxes)} predicted boxes, {len(scores)} scores and "
-                                 f"{len(p_labels)} labels; they must be equally many")
+                raise ValueError(
+                    f"coco_map: image {i}: {len(p_boxes)} predicted boxes, {len(scores)} scores and "
+                    f"{len(p_labels)} labels; they must be equally many"
+                )
             if len(r_boxes) != len(r_labels):
                 raise ValueError(f"coco_map: image {i}: {len(r_boxes)} reference boxes but {len(r_labels)} labels")
             for what, b in (("predicted", p_boxes), ("reference", r_boxes)):
                 if len(b) and ((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])).any():
-                    raise ValueError(f"coco_map: image {i}: {what} boxes must be x1, y1, x2, y2 with x2 >= x1, y2 >= y1")
+                    raise ValueError(
+                        f"coco_map: image {i}: {what} boxes must be x1, y1, x2, y2 with x2 >= x1, y2 >= y1"
+                    )
             images.append({"id": i})
             gts += _annotations(r_boxes, r_labels, i, len(gts) + 1)
             dts += _annotations(p_boxes, p_labels, i, len(dts) + 1, scores)

@@ -58,15 +58,19 @@ class MeanIoU(evaluate.Metric):
         for i, (pred, ref) in enumerate(zip(predictions, references)):
             pred, ref = np.asarray(pred, dtype=np.int64), np.asarray(ref, dtype=np.int64)
             if pred.shape != ref.shape:
-                raise ValueError(f"mean_iou: image {i}: prediction shape {pred.shape} differs from reference "
-                                 f"shape {ref.shape}; resize predictions to the reference size first")
+                raise ValueError(
+                    f"mean_iou: image {i}: prediction shape {pred.shape} differs from reference "
+                    f"shape {ref.shape}; resize predictions to the reference size first"
+                )
             valid = ref != ignore_index
             pred, ref = pred[valid], ref[valid]
             for what, values in (("prediction", pred), ("reference", ref)):
                 bad = (values < 0) | (values >= num_labels)
                 if bad.any():
-                    raise ValueError(f"mean_iou: image {i}: {what} holds class ids {np.unique(values[bad])[:8].tolist()} "
-                                     f"outside 0..{num_labels - 1} (ignore_index {ignore_index})")
+                    raise ValueError(
+                        f"mean_iou: image {i}: {what} holds class ids {np.unique(values[bad])[:8].tolist()} "
+                        f"outside 0..{num_labels - 1} (ignore_index {ignore_index})"
+                    )
             intersect += np.bincount(pred[pred == ref], minlength=num_labels)
             area_pred += np.bincount(pred, minlength=num_labels)
             area_ref += np.bincount(ref, minlength=num_labels)
