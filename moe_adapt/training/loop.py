@@ -287,6 +287,18 @@ def _prepare_and_resume(model, optimizer, scheduler, accelerator: Accelerator, r
     return model, optimizer, scheduler, state
 
 
+def _progress_bar(max_steps: int, start: int, desc: str, show: bool):
+    """The loop's tqdm bar over `max_steps` steps, from `start` on; hidden unless `show`."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=max_steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=2.0, disable=not show)
+
+
+def _log_line(step: int, max_steps: int, lr: float, smooth: dict[str, float]) -> str:
+    """The log line printed every `log_every` steps when there is no progress bar."""
+    return f"step {step}/{max_steps}: lr {lr:.2e} " + " ".join(f"{k} {v:.4f}" for k, v in smooth.items())
+
+
 def train_loop(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -308,20 +320,11 @@ def train_loop(
 ) -> LoopResult:
     """Train `model` for `max_steps` optimizer steps (see the module docstring). The model's train / eval mode is
     the caller's. Checkpoints need the accelerator's `project_dir` (`make_accelerator(..., output_dir)`)."""
-    from tqdm.auto import tqdm
-
     model, optimizer, scheduler, state = _prepare_and_resume(model, optimizer, scheduler, accelerator, resume)
     start, rank = state.step, accelerator.process_index
     batches = batches_from(start)
     accum = accelerator.gradient_accumulation_steps
-    bar = tqdm(
-        total=max_steps,
-        initial=start,
-        desc=desc,
-        dynamic_ncols=True,
-        mininterval=2.0,
-        disable=not (progress_bar and accelerator.is_main_process),
-    )
+    bar = _progress_bar(max_steps, start, desc, show=progress_bar and accelerator.is_main_process)
     smooth: dict[str, float] = {}
     losses, history, train_seconds, stopped_by, saved_at = [], [], 0.0, "max_steps", start
     t_start = time.perf_counter()
@@ -352,10 +355,7 @@ def train_loop(
             history.append({"step": state.step, "lr": scheduler.get_last_lr()[0], **smooth})
             bar.set_postfix({k: f"{v:.4g}" for k, v in smooth.items()}, refresh=False)
             if not progress_bar:
-                accelerator.print(
-                    f"step {state.step}/{max_steps}: lr {history[-1]['lr']:.2e} "
-                    + " ".join(f"{k} {v:.4f}" for k, v in smooth.items())
-                )
+                accelerator.print(_log_line(state.step, max_steps, history[-1]["lr"], smooth))
         if on_step is not None:
             on_step(state.step, out)
         if save_every and state.step % save_every == 0 and state.step < max_steps:
