@@ -19,6 +19,7 @@ shared machines, makes the run's length depend on time and so gives up that exac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,89 @@ def objective_loss(objective, micro_batches) -> dict:
     return {"loss": out["loss"], "log": {**log, "mi_loss": float(out["mi_loss"])}}
 
 
+def _load_data(config: PretrainConfig, accelerator) -> dict:
+    """Each task's data; the main process builds the mini benchmark if needed, the others read it after."""
+    if accelerator.is_main_process:
+        data = load_task_data(config, main_process=True)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        data = load_task_data(config, main_process=False)
+    return data
+
+
+def _loss_weighting(config: PretrainConfig) -> LossWeighting:
+    return LossWeighting(list(config.tasks), config.loss_weighting, {t: s.loss_weight for t, s in config.tasks.items()})
+
+
+def _build_objective(config: PretrainConfig, model, accelerator) -> MultiTaskObjective:
+    """The `MultiTaskObjective` over `model`: the configured loss weighting and the model's MI loss."""
+    weighting = _loss_weighting(config)
+    # DDP needs every parameter in every step's graph (the objective's 0 x sum(p) term); FSDP reduces each block's
+    # gradients whole, and its sharded parameters cannot enter a sum outside their block's forward
+    sharded = accelerator.distributed_type == DistributedType.FSDP or cpu_fsdp_requested(accelerator)
+    return MultiTaskObjective(
+        model,
+        weighting,
+        MutualInformationLoss.from_config(model.config, device=accelerator.device),
+        touch_all_parameters=not sharded,
+    )
+
+
+def _build_sampler(config: PretrainConfig, data: dict) -> TaskSampler:
+    return TaskSampler(
+        list(config.tasks),
+        config.sampling.strategy,
+        sizes={t: len(d.train) for t, d in data.items()},
+        temperature=config.sampling.temperature,
+        micro_batches_per_step=config.sampling.micro_batches_per_step,
+        rounds=config.sampling.rounds,
+        seed=config.seed,
+    )
+
+
+def _build_streams(config: PretrainConfig, data: dict, accelerator) -> dict[str, TaskBatchStream]:
+    """Each task's `TaskBatchStream`: this rank's share of its batches, a pure function of the seed and position."""
+    return {
+        t: TaskBatchStream(
+            d.train,
+            d.batch_size,
+            d.collate_fn,
+            seed=config.seed,
+            task_index=i,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            num_workers=config.data.num_workers,
+        )
+        for i, (t, d) in enumerate(data.items())
+    }
+
+
+def _periodic_evaluation(config: PretrainConfig, data: dict, objective, accelerator) -> Callable[[int, dict], None]:
+    """The loop's `on_step`: every `train.eval_every` steps (not the last) the main process evaluates every task and
+    prints each task's primary metric; the other processes wait for it."""
+
+    def evaluate_every(step: int, out: dict) -> None:
+        if config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.max_steps:
+            if accelerator.is_main_process:
+                scores = evaluate_all(accelerator.unwrap_model(objective).model, data, config)
+                accelerator.print(
+                    f"step {step}: "
+                    + ", ".join(
+                        f"{t} {PRIMARY_METRIC[data[t].task_type]}={s[PRIMARY_METRIC[data[t].task_type]]:.4f}"
+                        for t, s in scores.items()
+                    )
+                )
+            accelerator.wait_for_everyone()
+
+    return evaluate_every
+
+
+def _fresh_objective(config: PretrainConfig, data: dict) -> MultiTaskObjective:
+    """The objective's structure, for the weights FSDP gathers from its shards."""
+    fresh = build_model(config, label_names={t: d.label_names for t, d in data.items()})
+    return MultiTaskObjective(fresh, _loss_weighting(config), MutualInformationLoss.from_config(fresh.config))
+
+
 def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerator=None) -> dict[str, Any]:
     """Run the recipe. Returns the final metrics (also written to `output_dir/metrics.json`) on the main process,
     and on every process `"model"` (the trained `MoEViTForMultiTask`; under FSDP on the main process only, None on
@@ -104,70 +188,23 @@ def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerat
     accelerator = accelerator or make_accelerator(config.train, out_dir)
     main = accelerator.is_main_process
     set_seed(config.seed)
-    if main:  # the main process builds the mini benchmark if needed, the others read it after
-        data = load_task_data(config, main_process=True)
-    accelerator.wait_for_everyone()
-    if not main:
-        data = load_task_data(config, main_process=False)
-    tasks = list(config.tasks)
+    data = _load_data(config, accelerator)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = compile_model(build_model(config, label_names={t: d.label_names for t, d in data.items()}), config.train)
-    weighting = LossWeighting(tasks, config.loss_weighting, {t: s.loss_weight for t, s in config.tasks.items()})
-    # DDP needs every parameter in every step's graph (the objective's 0 x sum(p) term); FSDP reduces each block's
-    # gradients whole, and its sharded parameters cannot enter a sum outside their block's forward
-    sharded = accelerator.distributed_type == DistributedType.FSDP or cpu_fsdp_requested(accelerator)
-    objective = MultiTaskObjective(
-        model,
-        weighting,
-        MutualInformationLoss.from_config(model.config, device=accelerator.device),
-        touch_all_parameters=not sharded,
-    )
+    objective = _build_objective(config, model, accelerator)
     optimizer = build_optimizer(objective, config.optimizer, accelerator.device)
     scheduler = build_scheduler(optimizer, config.optimizer, config.train.max_steps)
-    sampler = TaskSampler(
-        tasks,
-        config.sampling.strategy,
-        sizes={t: len(d.train) for t, d in data.items()},
-        temperature=config.sampling.temperature,
-        micro_batches_per_step=config.sampling.micro_batches_per_step,
-        rounds=config.sampling.rounds,
-        seed=config.seed,
-    )
-    rank, world = accelerator.process_index, accelerator.num_processes
-    streams = {
-        t: TaskBatchStream(
-            d.train,
-            d.batch_size,
-            d.collate_fn,
-            seed=config.seed,
-            task_index=i,
-            rank=rank,
-            world_size=world,
-            num_workers=config.data.num_workers,
-        )
-        for i, (t, d) in enumerate(data.items())
-    }
+    sampler = _build_sampler(config, data)
+    streams = _build_streams(config, data, accelerator)
+    world = accelerator.num_processes
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "recipe.json", config.to_dict())
         accelerator.print(
             f"MoEViTForMultiTask: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-            f"tasks {tasks}; {sampler}; {world} process(es) x {torch.get_num_threads()} thread(s)."
+            f"tasks {list(config.tasks)}; {sampler}; {world} process(es) x {torch.get_num_threads()} thread(s)."
         )
-
-    def evaluate(step: int, out: dict) -> None:
-        if config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.max_steps:
-            if main:
-                scores = evaluate_all(accelerator.unwrap_model(objective).model, data, config)
-                accelerator.print(
-                    f"step {step}: "
-                    + ", ".join(
-                        f"{t} {PRIMARY_METRIC[data[t].task_type]}={s[PRIMARY_METRIC[data[t].task_type]]:.4f}"
-                        for t, s in scores.items()
-                    )
-                )
-            accelerator.wait_for_everyone()
 
     images = [0]
     objective.train()
@@ -185,20 +222,13 @@ def pretrain(config: PretrainConfig, resume: str | bool | None = None, accelerat
         save_every=config.train.save_every,
         log_every=max(1, config.train.log_every),
         max_minutes=config.train.max_minutes,
-        on_step=evaluate,
+        on_step=_periodic_evaluation(config, data, objective, accelerator),
         progress_bar=config.train.progress_bar,
         desc="pretrain",
     )
 
-    def fresh_objective():  # the objective's structure, for the weights FSDP gathers from its shards
-        fresh = build_model(config, label_names={t: d.label_names for t, d in data.items()})
-        return MultiTaskObjective(
-            fresh,
-            LossWeighting(tasks, config.loss_weighting, {t: s.loss_weight for t, s in config.tasks.items()}),
-            MutualInformationLoss.from_config(fresh.config),
-        )
-
-    unwrapped = gather_model(accelerator, result.model, fresh_objective)  # FSDP: whole on the main process only
+    # the whole model: under FSDP gathered from the shards, on the main process only (None on the others)
+    unwrapped = gather_model(accelerator, result.model, lambda: _fresh_objective(config, data))
     results: dict[str, Any] = {}
     if main:
         results = finish(
