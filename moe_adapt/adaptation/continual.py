@@ -21,25 +21,61 @@ def load_continual_config(path: str | None, overrides: list[str] = ()) -> Contin
     return load_config(ContinualConfig, path, list(overrides))
 
 
+def _grow(model, cfg: ContinualConfig, task: str, labels, calib, source: str, say):
+    """`add_task` the new classification `task` to `model` (new experts, router, task embedding, head; old tasks
+    frozen), reporting the parameters added. Returns `(grown, params_before, params_after)`."""
+    from ..flops import count_parameters
+    from ..surgery.add_task import add_task
+
+    params_before = count_parameters(model)["total"]
+    grown = add_task(
+        model,
+        task,
+        "classification",
+        labels,
+        new_attn_experts=cfg.new_attn_experts,
+        new_mlp_experts=cfg.new_mlp_experts,
+        init=cfg.init,
+        source_task=source,
+        data=calib,
+    )
+    params_after = count_parameters(grown)["total"]
+    say(
+        f"grown by {task!r}: {params_after - params_before:,} parameters added "
+        f"({(params_after - params_before) / params_before:.1%}); experts per layer: attn {grown.config.attn_experts}, "
+        f"mlp {grown.config.mlp_experts}"
+    )
+    return grown, params_before, params_after
+
+
+def _write_summary(summary: dict, grown, task: str, eval_loader, image_size: int, cfg: ContinualConfig, main: bool):
+    """Add the new task's budget curve to `summary` when `cfg.budget` (its plot too, when there is an output folder),
+    and on the main process write `summary.json` to the output folder, if any."""
+    from ..analysis.budget import budget_curve, plot_budget_curve
+    from ..io import atomic_write_json
+
+    out = Path(cfg.output_dir) if cfg.output_dir else None
+    if cfg.budget:
+        curve = budget_curve(grown, task, eval_loader, image_size=image_size)
+        summary["budget"] = [{"top_k": p.top_k, "gflops": p.gflops, "accuracy": p.metric} for p in curve.points]
+        if out is not None and main:
+            summary["budget_png"] = str(plot_budget_curve(curve, out / f"budget_{task}.png"))
+    if out is not None and main:
+        atomic_write_json(out / "summary.json", summary, indent=2)
+
+
 def run_continual(cfg: ContinualConfig) -> dict:
     """Run the continual recipe `cfg` (from `load_continual_config`); returns the summary it also writes."""
     import torch
     from accelerate.utils import set_seed
 
-    from ..analysis.budget import budget_curve, plot_budget_curve
     from ..data import collate_fn_for
-    from ..flops import count_parameters
     from ..hub.loading import load_model
-    from ..io import atomic_write_json
     from ..metrics import evaluate
     from ..models.moe_vit import find_backbone
-    from ..surgery.add_task import add_task, learn_new_task
+    from ..surgery.add_task import learn_new_task
     from ..training.loop import compile_model, make_accelerator
-    from .finetune import (
-        FinetuneConfig,
-        choose_source_task,
-        load_downstream_data,
-    )
+    from .finetune import FinetuneConfig, choose_source_task, load_downstream_data
 
     # A new task routing over two expert groups runs a group only on the tokens it receives: on a rank whose batch
     # sends none to the new group, DDP must accept parameters without a gradient.
@@ -58,26 +94,8 @@ def run_continual(cfg: ContinualConfig) -> dict:
     calib = train_set.pixel_values[: cfg.calibration_images].split(64)
     source, _, entropies = choose_source_task(model, calib, cfg.source_task)
     say(f"source task {source!r} (routing entropy: {', '.join(f'{t} {h:.3f}' for t, h in entropies.items())})")
-
-    params_before = count_parameters(model)["total"]
-    grown = add_task(
-        model,
-        task,
-        "classification",
-        labels,
-        new_attn_experts=cfg.new_attn_experts,
-        new_mlp_experts=cfg.new_mlp_experts,
-        init=cfg.init,
-        source_task=source,
-        data=calib,
-    )
+    grown, params_before, params_after = _grow(model, cfg, task, labels, calib, source, say)
     del model
-    params_after = count_parameters(grown)["total"]
-    say(
-        f"grown by {task!r}: {params_after - params_before:,} parameters added "
-        f"({(params_after - params_before) / params_before:.1%}); experts per layer: attn {grown.config.attn_experts}, "
-        f"mlp {grown.config.mlp_experts}"
-    )
 
     check = eval_set.pixel_values[: cfg.check_images]
     result = learn_new_task(
@@ -114,13 +132,8 @@ def run_continual(cfg: ContinualConfig) -> dict:
         "old_tasks_identical": result.old_tasks_identical,
         "old_task_max_abs_change": result.old_task_change,
     }
-    if cfg.budget:
-        curve = budget_curve(grown, task, eval_loader, image_size=image_size)
-        summary["budget"] = [{"top_k": p.top_k, "gflops": p.gflops, "accuracy": p.metric} for p in curve.points]
-        if out is not None and accelerator.is_main_process:
-            summary["budget_png"] = str(plot_budget_curve(curve, out / f"budget_{task}.png"))
+    _write_summary(summary, grown, task, eval_loader, image_size, cfg, accelerator.is_main_process)
     if out is not None and accelerator.is_main_process:
-        atomic_write_json(out / "summary.json", summary, indent=2)
         say(f"wrote {out / 'model'} and {out / 'summary.json'}")
     if not result.old_tasks_identical:
         raise RuntimeError(f"An old task changed while training {task!r}: {result.old_task_change}.")
