@@ -700,6 +700,85 @@ def _new_task_model(cfg: FinetuneConfig, parent: nn.Module, train_set, task: str
     return model, source, entropies, selection
 
 
+def _save_before_training(cfg: FinetuneConfig, model: nn.Module, selection, out_dir: Path) -> dict[str, str]:
+    """Create `out_dir` and write what is fixed before training: the expert selection (when sliced) and, in
+    LoRA mode, the frozen task model the adapter applies to. Returns the files written, by role."""
+    files: dict[str, str] = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if selection is not None:
+        files["selection"] = str(selection.save(out_dir / "selection.json"))
+    if cfg.mode == "lora":  # the frozen task model the adapter applies to
+        files["base"] = _save_dir(model, out_dir / "base")
+    return files
+
+
+def _train_for_config(cfg: FinetuneConfig, model: nn.Module, train_set, task: str, accelerator, memory, verbose: bool):
+    """`train` with the step count, batch size, learning rates, optimizer and seed `cfg` names; returns what
+    `train` returns."""
+    return train(
+        model,
+        train_set,
+        task,
+        cfg.train.max_steps,
+        cfg.batch_size,
+        cfg.learning_rate,
+        seed=cfg.seed,
+        log_every=cfg.train.log_every if verbose else 0,
+        accelerator=accelerator,
+        memory=memory,
+        head_lr=cfg.whole_module_learning_rate,
+        optimizer=cfg.optimizer,
+    )
+
+
+def _finetune_report(
+    cfg: FinetuneConfig,
+    model: nn.Module,
+    task: str,
+    source: str,
+    *,
+    accuracy: float,
+    speed,
+    memory,
+    flops,
+    losses: list[float],
+    entropies: dict[str, float],
+    selection,
+    train_images: int,
+    eval_images: int,
+    device: str,
+):
+    """The run's `efficiency_report`: accuracy, speed, memory and FLOPs, with the source task, routing entropies,
+    experts kept, final loss (mean of the last 10 steps), data sizes and learning rates under `extra`."""
+    return efficiency_report(
+        model,
+        task,
+        name=f"{task} <- {source}" + (" (sliced)" if cfg.slice else ""),
+        mode=cfg.mode,
+        images_per_s=speed.images_per_s,
+        memory=memory,
+        metric_name="accuracy",
+        metric=accuracy,
+        flops=flops,
+        train_state_mb=speed.train_state_mb,
+        images_per_cpu_s=speed.images_per_cpu_s,
+        train_steps=cfg.train.max_steps,
+        batch_size=cfg.batch_size,
+        device=device,
+        extra={
+            "source_task": source,
+            "routing_entropy": {t: round(h, 4) for t, h in entropies.items()},
+            "experts_kept": None if selection is None else {n: len(v) for n, v in selection.experts.items()},
+            "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+            "train_images": train_images,
+            "eval_images": eval_images,
+            "evaluated_on": evaluated_on(cfg.validation_fraction),
+            "lr": cfg.learning_rate,
+            "head_lr": cfg.whole_module_learning_rate,
+        },
+    )
+
+
 def finetune(
     cfg: FinetuneConfig, verbose: bool = True, memory: MemoryMeter | type[MemoryMeter] | None = None
 ) -> FinetuneResult:
@@ -729,28 +808,11 @@ def finetune(
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     files: dict[str, str] = {}
     if out_dir is not None and accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if selection is not None:
-            files["selection"] = str(selection.save(out_dir / "selection.json"))
-        if cfg.mode == "lora":  # the frozen task model the adapter applies to
-            files["base"] = _save_dir(model, out_dir / "base")
+        files.update(_save_before_training(cfg, model, selection, out_dir))
 
     model = prepare_for_mode(model, cfg.mode, task, cfg.lora, verbose=verbose and accelerator.is_main_process)
     model = compile_model(model, cfg.train)
-    trained, speed, losses = train(
-        model,
-        train_set,
-        task,
-        cfg.train.max_steps,
-        cfg.batch_size,
-        cfg.learning_rate,
-        seed=cfg.seed,
-        log_every=cfg.train.log_every if verbose else 0,
-        accelerator=accelerator,
-        memory=memory,
-        head_lr=cfg.whole_module_learning_rate,
-        optimizer=cfg.optimizer,
-    )
+    trained, speed, losses = _train_for_config(cfg, model, train_set, task, accelerator, memory, verbose)
     model = accelerator.unwrap_model(trained)
     if (
         out_dir is not None and accelerator.is_main_process
@@ -766,32 +828,21 @@ def finetune(
         )
     )
     accuracy = evaluate(trained, eval_loader, task, accelerator=accelerator)["accuracy"]
-    report = efficiency_report(
+    report = _finetune_report(
+        cfg,
         model,
         task,
-        name=f"{task} <- {source}" + (" (sliced)" if cfg.slice else ""),
-        mode=cfg.mode,
-        images_per_s=speed.images_per_s,
+        source,
+        accuracy=accuracy,
+        speed=speed,
         memory=memory,
-        metric_name="accuracy",
-        metric=accuracy,
         flops=flops,
-        train_state_mb=speed.train_state_mb,
-        images_per_cpu_s=speed.images_per_cpu_s,
-        train_steps=cfg.train.max_steps,
-        batch_size=cfg.batch_size,
+        losses=losses,
+        entropies=entropies,
+        selection=selection,
+        train_images=len(train_set),
+        eval_images=len(eval_set),
         device=str(accelerator.device),
-        extra={
-            "source_task": source,
-            "routing_entropy": {t: round(h, 4) for t, h in entropies.items()},
-            "experts_kept": None if selection is None else {n: len(v) for n, v in selection.experts.items()},
-            "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-            "train_images": len(train_set),
-            "eval_images": len(eval_set),
-            "evaluated_on": evaluated_on(cfg.validation_fraction),
-            "lr": cfg.learning_rate,
-            "head_lr": cfg.whole_module_learning_rate,
-        },
     )
     if accelerator.is_main_process:
         say(report.to_console())

@@ -318,6 +318,45 @@ def expert_output_norms(module: nn.Module, hidden: torch.Tensor, indices: torch.
     return out.float().norm(dim=-1)
 
 
+def _usage_hook(name: str, stats: dict[str, dict[str, torch.Tensor]], top_k: dict[str, int], output_norms: bool):
+    """A forward hook (with kwargs) for MoE layer `name` that adds each call's routing to `stats` (in float64 on
+    the CPU): the tokens routed to each expert (`"count"`), the router probability mass (`"mass"`) and, with
+    `output_norms`, the gate-weighted expert output norms (`"reap"`); it records the layer's top-k in `top_k`."""
+
+    def hook(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        route = output[1]
+        e_t = route.probs.shape[-1]
+        idx = route.indices
+        top_k[name] = int(idx.shape[-1])
+        stats["count"][name] += torch.bincount(idx.reshape(-1), minlength=e_t).double().cpu()
+        stats["mass"][name] += route.probs.double().sum(0).cpu()
+        if output_norms:
+            norms = expert_output_norms(module, hidden, idx)
+            weighted = (route.weights.float() * norms).double().reshape(-1)
+            stats["reap"][name] += (
+                torch.zeros(e_t, dtype=torch.float64, device=weighted.device)
+                .index_add(0, idx.reshape(-1), weighted)
+                .cpu()
+            )
+
+    return hook
+
+
+def _with_progress(iterator: Iterable, data: Iterable, max_batches: int | None, task: str) -> Iterable:
+    """`iterator` under a tqdm bar whose total is `len(data)` (where `data` has a length), at most `max_batches`."""
+    from tqdm.auto import tqdm
+
+    total = None
+    try:
+        total = len(data)
+    except TypeError:
+        pass
+    if total is not None and max_batches is not None:
+        total = min(total, max_batches)
+    return tqdm(iterator, total=total, desc=f"usage {task}", unit="batch")
+
+
 def collect_expert_usage(
     model: nn.Module,
     data: Iterable,
@@ -354,43 +393,16 @@ def collect_expert_usage(
     stats = {key: {n: torch.zeros(sizes[n], dtype=torch.float64) for n in names} for key in ("count", "mass", "reap")}
     top_k: dict[str, int] = {}
 
-    def make_hook(name):
-        def hook(module, args, kwargs, output):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            route = output[1]
-            e_t = route.probs.shape[-1]
-            idx = route.indices
-            top_k[name] = int(idx.shape[-1])
-            stats["count"][name] += torch.bincount(idx.reshape(-1), minlength=e_t).double().cpu()
-            stats["mass"][name] += route.probs.double().sum(0).cpu()
-            if output_norms:
-                norms = expert_output_norms(module, hidden, idx)
-                weighted = (route.weights.float() * norms).double().reshape(-1)
-                stats["reap"][name] += (
-                    torch.zeros(e_t, dtype=torch.float64, device=weighted.device)
-                    .index_add(0, idx.reshape(-1), weighted)
-                    .cpu()
-                )
-
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n), with_kwargs=True) for n, m in layers.items()]
+    handles = [
+        m.register_forward_hook(_usage_hook(n, stats, top_k, output_norms), with_kwargs=True) for n, m in layers.items()
+    ]
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
     num_tokens = num_images = batches = 0
     iterator = iter_pixel_batches(data)
     if progress:
-        from tqdm.auto import tqdm
-
-        total = None
-        try:
-            total = len(data)
-        except TypeError:
-            pass
-        if total is not None and max_batches is not None:
-            total = min(total, max_batches)
-        iterator = tqdm(iterator, total=total, desc=f"usage {task}", unit="batch")
+        iterator = _with_progress(iterator, data, max_batches, task)
     try:
         with torch.no_grad():
             for pixels in iterator:

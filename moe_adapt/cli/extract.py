@@ -135,14 +135,9 @@ def _from_card(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.from_card:
-        return _from_card(args)
-    from moe_adapt.analysis import ExpertSelection, plot_usage_heatmap, select_experts
-    from moe_adapt.analysis.calibration import calibration_loader
-    from moe_adapt.hub import build_model_card, load_model, weights_fingerprint
-    from moe_adapt.surgery import extract_submodel, heal_submodel, verify_submodel
-
+def _checked_heal_groups(args: argparse.Namespace) -> tuple[str, ...]:
+    """Check the arguments of a slicing run (one clear error naming the option) and return the `--heal-train`
+    groups."""
     if not args.model:
         raise ValueError("MODEL is required: the parent model folder (save_pretrained) or Hub id.")
     if not args.out:
@@ -161,6 +156,55 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.heal_batch_size is not None and args.heal_batch_size < 1:
         raise ValueError(f"--heal-batch-size must be at least 1, got {args.heal_batch_size}.")
+    return heal_groups
+
+
+def _heal_if_asked(args: argparse.Namespace, parent, sub, calib, heal_groups: tuple[str, ...]):
+    """With `--heal-steps N`, heal `sub` toward `parent` on the calibration batches `calib` (in place) and print
+    the loss before and after. Returns `(HealReport or None, the slice's weights fingerprint before healing or
+    None)`."""
+    from moe_adapt.hub import weights_fingerprint
+    from moe_adapt.surgery import heal_submodel
+
+    heal, slice_fingerprint = None, None
+    if args.heal_steps:
+        slice_fingerprint = weights_fingerprint(sub)  # what --from-card rebuilds: the slice before healing
+        print(f"    healing toward the parent: {args.heal_steps} steps on the calibration images")
+        heal_kw = {} if args.heal_batch_size is None else {"batch_size": args.heal_batch_size}
+        heal = heal_submodel(parent, sub, calib, steps=args.heal_steps, lr=args.heal_lr, train=heal_groups, **heal_kw)
+        print(
+            f"    mean squared difference to the parent {heal.loss_before:.4g} -> {heal.loss_after:.4g}"
+            + (" (no improvement: kept as sliced)" if heal.restored else "")
+        )
+    return heal, slice_fingerprint
+
+
+def _verify_data(args: argparse.Namespace, names: dict[str, str]) -> dict:
+    """`{task: loader}` of the `--verify-split` images the slice is verified on (up to `--verify-images` each)."""
+    from moe_adapt.analysis.calibration import calibration_loader
+
+    return {
+        t: calibration_loader(
+            args.data,
+            t,
+            split=args.verify_split,
+            dataset=names.get(t),
+            batch_size=args.batch_size,
+            max_images=args.verify_images,
+            seed=1,
+        )
+        for t in args.task
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_card:
+        return _from_card(args)
+    from moe_adapt.analysis import ExpertSelection, plot_usage_heatmap, select_experts
+    from moe_adapt.hub import build_model_card, load_model, weights_fingerprint
+    from moe_adapt.surgery import extract_submodel, verify_submodel
+
+    heal_groups = _checked_heal_groups(args)
     with atomic_dir(args.out, overwrite=args.overwrite, hint="pass --overwrite") as stage:
         parent = load_model(args.model)
         print(
@@ -177,33 +221,10 @@ def run(args: argparse.Namespace) -> int:
         print("3/4 slicing")
         sub = extract_submodel(parent, selection, tasks=args.task)
         names = dataset_names(args)
-        heal, slice_fingerprint = None, None
-        if args.heal_steps:
-            slice_fingerprint = weights_fingerprint(sub)  # what --from-card rebuilds: the slice before healing
-            print(f"    healing toward the parent: {args.heal_steps} steps on the calibration images")
-            heal_kw = {} if args.heal_batch_size is None else {"batch_size": args.heal_batch_size}
-            heal = heal_submodel(
-                parent, sub, calib, steps=args.heal_steps, lr=args.heal_lr, train=heal_groups, **heal_kw
-            )
-            print(
-                f"    mean squared difference to the parent {heal.loss_before:.4g} -> {heal.loss_after:.4g}"
-                + (" (no improvement: kept as sliced)" if heal.restored else "")
-            )
+        heal, slice_fingerprint = _heal_if_asked(args, parent, sub, calib, heal_groups)
         sub.save_pretrained(stage)
         print(f"4/4 verifying on {args.verify_split} (up to {args.verify_images} images per task)")
-        verify_data = {
-            t: calibration_loader(
-                args.data,
-                t,
-                split=args.verify_split,
-                dataset=names.get(t),
-                batch_size=args.batch_size,
-                max_images=args.verify_images,
-                seed=1,
-            )
-            for t in args.task
-        }
-        report = verify_submodel(parent, sub, verify_data, progress=True)
+        report = verify_submodel(parent, sub, _verify_data(args, names), progress=True)
         report.save(stage / "verification.json")
         selection.save(stage / "selection.json")
         for task, usage in usages.items():

@@ -132,6 +132,45 @@ def _task_batches(data, tasks: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _round_robin(tasks: list[str], pixels: dict[str, torch.Tensor], batch_size: int, seed: int, device, start: int):
+    """Yield `(task, image indices)` from step `start` on: round robin over `tasks`, one random batch of
+    `batch_size` images (fewer if the task has fewer) of one task per step, drawn by a generator seeded with `seed`
+    (the draws before `start` are made and skipped: a step's batch depends only on the step)."""
+    generator = torch.Generator().manual_seed(seed)
+    for step in itertools.count():
+        t = tasks[step % len(tasks)]
+        idx = torch.randint(0, len(pixels[t]), (min(batch_size, len(pixels[t])),), generator=generator).to(device)
+        if step >= start:
+            yield t, idx
+
+
+def _fit_only(backbone: nn.Module, params: dict[str, nn.Parameter], lr: float, device, steps, batches_from, loss_fn):
+    """Train only `params` of `backbone` for `steps` steps of `train_loop` (Adam at `lr`, constant schedule), then
+    put every parameter's `requires_grad` back as it was and clear the gradients, even when training fails."""
+    flags = {name: p.requires_grad for name, p in backbone.named_parameters()}
+    try:
+        for name, p in backbone.named_parameters():
+            p.requires_grad_(name in params)
+        # the caller leaves it in eval mode: no dropout, the function the slice computes at inference; Adam = AdamW, no decay
+        accelerator = Accelerator(device_placement=False)
+        optimizer = adamw(list(params.values()), device, lr=lr, weight_decay=0.0)
+        train_loop(
+            backbone,
+            optimizer,
+            get_scheduler("constant", optimizer),
+            batches_from,
+            loss_fn,
+            accelerator,
+            max_steps=steps,
+            progress_bar=False,
+            desc="heal",
+        )
+    finally:
+        for name, p in backbone.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = None
+
+
 def heal_submodel(
     parent: nn.Module,
     submodel: nn.Module,
@@ -184,7 +223,6 @@ def heal_submodel(
         return F.mse_loss(targets_of(sub_backbone, t), target).item()
 
     was_training = (parent_backbone.training, sub_backbone.training)
-    flags = {name: p.requires_grad for name, p in sub_backbone.named_parameters()}
     original = {name: p.detach().clone() for name, p in params.items()}
     parent_backbone.eval()
     sub_backbone.eval()
@@ -192,12 +230,7 @@ def heal_submodel(
     before = {t: loss_on_all(t, targets[t]) for t in tasks}
 
     def batches_from(start):  # round robin over the tasks, one random batch of one task per step
-        generator = torch.Generator().manual_seed(seed)
-        for step in itertools.count():
-            t = tasks[step % len(tasks)]
-            idx = torch.randint(0, len(pixels[t]), (min(batch_size, len(pixels[t])),), generator=generator).to(device)
-            if step >= start:
-                yield t, idx
+        return _round_robin(tasks, pixels, batch_size, seed, device, start)
 
     def distillation_loss(model, batch):
         t, idx = batch
@@ -206,27 +239,7 @@ def heal_submodel(
             targets[t].index_select(0, idx),
         )
 
-    try:
-        for name, p in sub_backbone.named_parameters():
-            p.requires_grad_(name in params)
-        # in eval mode: no dropout, the same function the slice computes at inference; Adam = AdamW without decay
-        accelerator = Accelerator(device_placement=False)
-        optimizer = adamw(list(params.values()), device, lr=lr, weight_decay=0.0)
-        train_loop(
-            sub_backbone,
-            optimizer,
-            get_scheduler("constant", optimizer),
-            batches_from,
-            distillation_loss,
-            accelerator,
-            max_steps=steps,
-            progress_bar=False,
-            desc="heal",
-        )
-    finally:
-        for name, p in sub_backbone.named_parameters():
-            p.requires_grad_(flags[name])
-            p.grad = None
+    _fit_only(sub_backbone, params, lr, device, steps, batches_from, distillation_loss)
     after = {t: loss_on_all(t, targets[t]) for t in tasks}
     restored = sum(after.values()) >= sum(before.values())
     if restored:  # healing did not help on the calibration images (e.g. the slice was exact already): undo it
