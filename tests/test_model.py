@@ -783,13 +783,13 @@ def test_routing_overrides_are_validated_and_task_models_delegate():
 def _all_reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from moe_adapt.models.moe_vit.losses import _AllReduceSum
+    from moe_adapt.kernels.distributed import all_reduce_sum
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         x = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)
         x.requires_grad_(True)
-        total = _AllReduceSum.apply(x)
+        total = all_reduce_sum(x)
         (total * torch.tensor([1.0, 10.0, 100.0]) * (rank + 1)).sum().backward()
         torch.save({"total": total.detach(), "grad": x.grad}, f"{out_dir}/rank{rank}.pt")
     finally:

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ...kernels.distributed import all_reduce_sum
+
 
 def mutual_information_loss(joint_counts: torch.Tensor, task_prior: str = "token_share") -> torch.Tensor:
     r"""−I(T; E) for one MoE layer from soft routing mass.
@@ -87,25 +89,6 @@ def routing_concentration_loss(
     chosen = (m / m.sum(1, keepdim=True) + prior).topk(top_k, dim=1).indices
     ce = -logs.gather(1, chosen).sum(1) / (top_k * n)
     return (ce - math.log(top_k)).mean()
-
-
-def _summed_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    out = tensor.contiguous().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks, differentiable: every rank's input reaches every rank's output, so the backward sums the
-    incoming gradients over ranks too. (What `torch.distributed.nn.functional.all_reduce` did; torch deprecates it.)"""
-
-    @staticmethod
-    def forward(ctx, tensor):
-        return _summed_over_ranks(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _summed_over_ranks(grad)
 
 
 class MutualInformationLoss:
@@ -251,7 +234,7 @@ class MutualInformationLoss:
             m = F.pad(m, (0, int(width) - m.shape[1]))
             if grad and not m.requires_grad:  # a leaf, so this rank's backward runs the all-reduce too
                 m = m.detach().requires_grad_(True)
-            out.append(_AllReduceSum.apply(m))
+            out.append(all_reduce_sum(m))
         return out
 
     def _collective_device(self) -> torch.device:

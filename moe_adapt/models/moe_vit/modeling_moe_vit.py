@@ -35,7 +35,7 @@ from ...kernels.dispatch import add_gated_bias, gates_full
 from .configuration_moe_vit import MoEViTConfig
 from .image_processing_moe_vit import default_image_processor
 from .losses import load_balancing_loss, router_z_loss
-from .weights_files import _check_weights_readable, _keep_other_files, realign_cpu_tensors
+from .weights_files import _check_load_report, _check_weights_readable, _keep_other_files, realign_cpu_tensors
 
 # ----------------------------------------------------------------------------------------------------------------
 # Embeddings
@@ -584,62 +584,6 @@ class MoEViTPreTrainedModel(PreTrainedModel):
         backbone_of(model)._built_on_meta = False  # loaded: later initialisations are its user's
         realign_cpu_tensors(model)
         return (model, info) if want_info else model
-
-
-def _check_load_report(model, path, info: dict, strict: bool, fresh_ok: bool) -> None:
-    """Raise naming what transformers' load report lists that this model may not lack: any backbone tensor missing,
-    unexpected or mis-shaped; with `strict`, any tensor; a mis-shaped or missing head unless `fresh_ok`."""
-    names = {
-        key: sorted(str(x[0] if isinstance(x, tuple) else x) for x in info.get(key, []))
-        for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
-    }
-    shapes = {str(x[0]): (x[1], x[2]) for x in info.get("mismatched_keys", []) if isinstance(x, tuple)}
-    mis = [n for n in names["mismatched_keys"] if strict or not fresh_ok or _is_backbone_key(model, n)]
-    if mis:
-        backbone = any(_is_backbone_key(model, n) for n in mis)
-        fix = (
-            "Fix config.json (e.g. the per-layer expert counts): backbone tensors are never re-initialised."
-            if backbone
-            else "For a new label set, pass ignore_mismatched_sizes=True to get fresh heads."
-        )
-        listed = "; ".join(f"{n}: checkpoint {list(shapes[n][0])} vs config {list(shapes[n][1])}" for n in mis[:20])
-        raise ValueError(f"Checkpoint {path} disagrees with the config on tensor shapes ({listed}). {fix}")
-    problems = []
-    for key in ("missing_keys", "unexpected_keys"):
-        items = [n for n in names[key] if strict or _is_backbone_key(model, n)]
-        if items:
-            problems.append(f"{key.replace('_', ' ')}: {', '.join(items[:20])}")
-    if problems:
-        what = "" if strict else " on the MoE ViT backbone"
-        raise ValueError(
-            f"Checkpoint {path} does not match the model's config{what} ({'; '.join(problems)}). A missing or "
-            "mis-shaped tensor is never re-initialised silently: load a checkpoint that holds it, or fix its "
-            "config.json (e.g. the per-layer expert counts)."
-        )
-    legacy = sorted({n.split(".")[1] for n in names["unexpected_keys"] if n.startswith("classifiers.")})
-    if legacy and hasattr(model, "_init_missing_heads"):
-        raise ValueError(
-            f"Checkpoint {path} holds classification heads in the layout of moe_adapt before 0.2 "
-            f"(classifiers.{legacy[0]}.*: a Linear on the pooled output), for task(s) {legacy}; this version's "
-            "heads are heads.T.* (LayerNorm, then Linear) and cannot reuse them. Fine-tune a new head on this "
-            "backbone (ignore_mismatched_sizes=True starts one), or load it with the moe_adapt version that saved it."
-        )
-    if hasattr(model, "_init_missing_heads"):  # heads that initialise themselves, skipped by transformers' init
-        model._init_missing_heads({*names["missing_keys"], *names["mismatched_keys"]}, fresh_ok=fresh_ok)
-
-
-def _is_backbone_key(model: nn.Module, key: str) -> bool:
-    """Whether state-dict `key` of `model` (a moe_vit model class) names a tensor of the MoE ViT backbone
-    (`MoEViTModel`), as opposed to a task head or a backbone adapter such as `MoEViTBackbone`'s pyramid."""
-    base = model if isinstance(model, MoEViTModel) else getattr(model, "moe_vit", None)
-    if not isinstance(base, MoEViTModel):
-        return False
-    prefix = model.base_model_prefix + "."
-    top = key.removeprefix(prefix).split(".", 1)[0]
-    if base is not model and not key.startswith(prefix) and (top in model._modules or top in model._parameters):
-        return False  # a task model's own tensor (a head, a pyramid)
-    # a task model loading a base checkpoint reports the base's extra tensors without the prefix
-    return top in base._modules or top in base._parameters
 
 
 def _refuse_backbone_reinit(backbone: MoEViTModel, module: nn.Module) -> None:
