@@ -7,7 +7,7 @@ Prints ONE JSON line per model and appends it to `--jsonl` when given.
 For every task of the model, on the recipe's data (`--config`, default `recipes/configs/mini.yaml`):
 
 - `entropy`: the normalised routing entropy (mean over MoE layers of H(mean gate) / log E, the quantity
-  `moe_adapt.adaptation.usage_entropy` measures: 1 = spread evenly over every expert, 0 = one expert) on
+  `moe_adapt.adaptation.finetune.usage_entropy` measures: 1 = spread evenly over every expert, 0 = one expert) on
   `--calibration-images` training images (eval transforms);
 - `parent`: the parent's metric on the eval split (accuracy / COCO mAP / mean IoU);
 - `curve`: for each selection policy of `--policies` (`policy:criterion:value`, value = n, percent or fraction), the

@@ -277,3 +277,15 @@ def test_resume_latest_continues_from_the_newest_checkpoint_and_accelerate_keeps
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint_3", "checkpoint_4"]  # numbering continued
     fresh = run(5, resume=None)  # resume=None: a fresh start, whatever the folder holds
     assert fresh.start_step == 0
+
+
+# -- recipe settings the loop would ignore ---------------------------------------------------------------------------
+def test_finetune_and_continual_refuse_pretraining_only_train_settings():
+    from moe_adapt.adaptation.finetune import FinetuneConfig
+    from moe_adapt.training import ContinualConfig, TrainConfig
+
+    with pytest.raises(ValueError, match=r"train.save_every=5: the finetune recipe does not use it"):
+        FinetuneConfig(model="m", dataset="builtin:digits", train=TrainConfig(save_every=5))
+    with pytest.raises(ValueError, match=r"train.max_minutes=3.0: the continual recipe does not use it"):
+        ContinualConfig(model="m", train=TrainConfig(max_minutes=3))
+    assert ContinualConfig(model="m", train=TrainConfig(max_steps=10, num_threads=1)).train.max_steps == 10

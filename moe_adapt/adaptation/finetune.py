@@ -12,7 +12,7 @@ The path, each step taking the previous step's object (`finetune(FinetuneConfig(
 3. **Attach the new task**: a single-task model for the new task whose router in every MoE layer starts as the
    source router's kept rows, whose task embedding starts as the source task's, and whose head is new
    (`attach_task`).
-4. **Train** in one of three modes (a plain accelerate loop): `lora` (peft LoRA on the fused expert tensors and the
+4. **Train** in one of three modes (the project's one training loop): `lora` (peft LoRA on the fused expert tensors and the
    attention projections, head and router in `modules_to_save`), `router` (router and head only) or `full`.
 5. **Evaluate** (`moe_adapt.metrics.evaluate`), **report, save**: the efficiency report (`report.json`), the adapter (`adapter/`, with the frozen
    task model it applies to in `base/`) or the whole model (`model/`), and with `merge=True` a standalone merged
@@ -20,8 +20,9 @@ The path, each step taking the previous step's object (`finetune(FinetuneConfig(
 
 ```python
 >>> from moe_adapt.adaptation.finetune import FinetuneConfig, finetune
->>> result = finetune(FinetuneConfig(model="runs/pretrain/final", dataset="builtin:digits", output_dir="runs/digits",
-...                                  mode="lora", steps=300, merge=True))
+>>> from moe_adapt.training import TrainConfig
+>>> result = finetune(FinetuneConfig(model="runs/mini/model", dataset="builtin:digits", output_dir="runs/digits",
+...                                  mode="lora", train=TrainConfig(max_steps=300), merge=True))
 >>> print(result.report.to_console())
 ```
 """
@@ -157,6 +158,8 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: choose one of {MODES}.")
+        if isinstance(self.train, TrainConfig):
+            self.train.refuse_pretraining_only("finetune")
         if self.merge and self.mode != "lora":
             raise ValueError(
                 f"merge=True needs a LoRA adapter to merge, but mode={self.mode!r} trains the model's own tensors "

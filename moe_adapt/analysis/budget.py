@@ -132,7 +132,7 @@ def budget_curve(
     """Metric and active FLOPs per image of `task` at every top-k setting.
 
     Args:
-        model: a MoE ViT (bare or a task model).
+        model: a MoE ViT (bare or a task model; a task model when `evaluate` is labelled batches).
         task: the task to measure.
         evaluate: `fn(model) -> float` run with the setting in place, or labelled batches (a DataLoader as
             `moe_adapt.data` collates them) scored by `moe_adapt.metrics.evaluate` (the task type's primary metric).

@@ -143,7 +143,7 @@ def _cpu_grouped_mm_ok(*mats: torch.Tensor) -> bool:
 
 
 def _cpu_grouped_offsets(bounds, xs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """int32 end offsets of the expert blocks when `_SegmentedLinear` can run its per-expert matmuls as one CPU
+    """int32 end offsets of the expert blocks when `SegmentedLinear` can run its per-expert matmuls as one CPU
     `F.grouped_mm` call (the same MKL matmul on each block, so bit-identical to the loop, without one Python-level
     call per expert: ~3% of the ViT-S MoE layer), else None (another device or dtype, operands it rejects, or output
     rows that are not a multiple of 16 bytes, which it would pad)."""

@@ -11,7 +11,7 @@ The sub-model is the same class as the parent, built from a new config and fille
   kept expert; a slice of a slice maps back to the first parent).
 
 A layer that keeps exactly k experts has a router that chooses all of them, which the model runs as one fused
-dense layer (`MoEViTExperts.forward_all`, or k-head attention): dense speed, same output.
+dense layer (`the experts' forward (their fused dense path)`, or k-head attention): dense speed, same output.
 
 Exactness. With renormalised top-k gates (`router_renormalize=True`, the default) the slice computes exactly what
 the parent computes whenever the parent's routing stays inside the kept set: the softmax over fewer experts

@@ -193,6 +193,19 @@ class TrainConfig:
     progress_bar: bool = True
     usage_max_batches: int | None = 8
 
+    #: settings only pretraining's loop acts on (checkpoints, evaluations, a wall-clock cap)
+    PRETRAINING_ONLY = ("max_minutes", "eval_every", "save_every", "keep_checkpoints")
+
+    def refuse_pretraining_only(self, recipe: str) -> None:
+        """Raise naming a pretraining-only setting that the `recipe` (finetune, continual) would silently ignore."""
+        default = TrainConfig()
+        for name in self.PRETRAINING_ONLY:
+            if getattr(self, name) != getattr(default, name):
+                raise ValueError(
+                    f"train.{name}={getattr(self, name)!r}: the {recipe} recipe does not use it (pretraining does); "
+                    "remove it from the recipe."
+                )
+
     def __post_init__(self):
         if self.max_minutes is not None:
             self.max_minutes = _number(self.max_minutes, "train.max_minutes")
@@ -282,6 +295,7 @@ class ContinualConfig:
             raise ValueError("model is not set: give --model DIR (a pretrained MoE ViT) or model: in the YAML.")
         if self.optimizer.lr is None:
             raise ValueError("optimizer.lr: give the new task's learning rate.")
+        self.train.refuse_pretraining_only("continual")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+)
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from .config import OptimizerConfig, TrainConfig
@@ -64,7 +69,10 @@ def make_accelerator(
     return Accelerator(
         cpu=not has_accelerator(),
         mixed_precision=train.mixed_precision,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        # a loader that repeats (`repeat_loader`) must not force an extra optimizer step at each epoch's end
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=train.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
         step_scheduler_with_optimizer=False,
         project_config=project,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],

@@ -612,12 +612,7 @@ def backbone_of(model: nn.Module) -> MoEViTModel:
     """The `MoEViTModel` of a model: itself, a task model's `.moe_vit`, or that of the model a peft wrapper holds."""
     if hasattr(model, "get_base_model") and not isinstance(model, PreTrainedModel):
         model = model.get_base_model()
-    if isinstance(model, MoEViTModel):
-        return model
-    base = getattr(model, "moe_vit", None)
-    if isinstance(base, MoEViTModel):
-        return base
-    raise TypeError(f"{type(model).__name__} holds no MoEViTModel (neither is one nor has .moe_vit).")
+    return find_backbone(model)[0]
 
 
 def find_backbone(model: nn.Module) -> tuple[MoEViTModel, str]:
