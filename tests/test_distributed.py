@@ -6,13 +6,11 @@ checkpoint: every rank ends with the same weights, and the resumed run with the 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -84,29 +82,7 @@ def launch(cmd: list[str], out: Path) -> list[dict]:
     """Run the worker under `cmd` (a 2-process launcher) and return each rank's report."""
     script = out / "worker.py"
     script.write_text(WORKER)
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        OMP_WAIT_POLICY="PASSIVE",
-        HF_HUB_OFFLINE="1",
-        MPLBACKEND="Agg",
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.Popen(
-        [*cmd, str(script), str(out)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers: leave no process behind
-        output, _ = proc.communicate()
-    assert proc.returncode == 0, output[-4000:]
+    run_two_processes([*cmd, script, out])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

@@ -5,9 +5,6 @@ it reads a peft-wrapped model, a slice and (two gloo processes) an accelerate-pr
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -15,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import trained_like
+from helpers import run_two_processes, trained_like
 from torch.utils.data import DataLoader, Subset
 
 from moe_adapt import MoEViTConfig, MoEViTForMultiTask, metrics
@@ -274,14 +271,6 @@ def test_two_processes_gather_every_sample_once(model, mini_data_dir, mini_specs
     `gather_for_metrics` drops; each rank reports the single-process metric over all 11."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        OMP_WAIT_POLICY="PASSIVE",
-        HF_HUB_OFFLINE="1",
-        MPLBACKEND="Agg",
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
     cmd = [
         sys.executable,
         "-m",
@@ -294,15 +283,7 @@ def test_two_processes_gather_every_sample_once(model, mini_data_dir, mini_specs
         str(tmp_path),
         str(Path(__file__).parent),
     ]
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers: leave no process behind
-        output, _ = proc.communicate()
-    assert proc.returncode == 0, output[-4000:]
+    run_two_processes(cmd)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for task in TASKS:
         single = evaluate(model, loader(mini_specs[task], 4), task)

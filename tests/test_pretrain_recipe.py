@@ -5,9 +5,6 @@ ranks in lockstep with the MI statistics all-reduced."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -15,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import run_two_processes
 
 from moe_adapt.training import PretrainConfig, build_model, build_model_config, load_pretrain_config, pretrain
 
@@ -217,7 +215,6 @@ def test_two_process_gloo_run_keeps_ranks_identical_and_all_reduces_mi(mini_data
     script.write_text(WORKER)
     recipe = tiny_recipe(mini_data_dir, tmp_path / "run", max_steps=3)
     recipe["sampling"] = {"strategy": "proportional", "micro_batches_per_step": 2}  # steps that leave a task out
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
     cmd = [
         sys.executable,
         "-m",
@@ -229,15 +226,7 @@ def test_two_process_gloo_run_keeps_ranks_identical_and_all_reduces_mi(mini_data
         json.dumps(recipe),
         str(tmp_path),
     ]
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers: leave no process behind
-        output, _ = proc.communicate()
-    assert proc.returncode == 0, output[-4000:]
+    run_two_processes(cmd)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["digest"] == r1["digest"]  # DDP kept the replicas identical
@@ -273,16 +262,7 @@ def test_readme_torchrun_command_exits_zero_on_every_rank(mini_data_dir, tmp_pat
         "train.num_threads=1",
     ]
     cmd += [f"tasks.{t}.eval_max_samples=8" for t in ("fashion", "digits-det", "fashion-seg")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-    assert proc.returncode == 0, output[-4000:]
+    output = run_two_processes(cmd)
     assert "Traceback" not in output, output[-4000:]
     assert output.count("fashion: accuracy = ") == 1  # the main process reports, once
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
