@@ -49,7 +49,7 @@ SECTIONS: dict[str, dict] = {
     "decomposition": {
         "title": "Decomposition out of the box",
         "guide": "decomposition.md",
-        "about": "Pretraining variants of the demo recipe at a fixed 286 steps (1 thread), seeds 0 and 1: per task, "
+        "about": "Pretraining variants of the demo recipe at a fixed 286 steps (1 thread; one at 500), seeds 0 and 1: per task, "
         "the routing entropy (mean over MoE layers of H(mean gate) / log E), the parent's metric beside the "
         "single-task dense baseline of the same seed, the default `moe-adapt extract` slice (Mod-Squad's 3% "
         "threshold) and the k-expert slice (`--policy top_n`) as parameters kept / metric kept, and the "
@@ -59,7 +59,7 @@ SECTIONS: dict[str, dict] = {
     "pretrain_mini_dense": {
         "title": "Single-task dense baselines at the decomposition runs' length",
         "guide": "pretraining.md",
-        "about": "The dense ViT per task with the MoE's active compute, 286 steps, per seed.",
+        "about": "The dense ViT per task with the MoE's active compute, per seed and number of steps.",
         "rows": "tasks",
         "columns": {"seed": "/seed", "metric": "metric", "single-task dense": "single_task_dense", "steps": "/steps"},
     },
@@ -246,18 +246,18 @@ def _pair(point) -> str:
 def _decomposition(runs: list[dict], all_runs: dict[str, list[dict]]) -> list[str]:
     """The variants table, then per task the parameters-kept / metric-kept curve of every selection policy for the
     baseline and the last (chosen) variant."""
-    dense = {str(r.get("seed")): r["tasks"] for r in all_runs.get("pretrain_mini_dense", [])}
+    dense = {(str(r.get("seed")), str(r.get("steps"))): r["tasks"] for r in all_runs.get("pretrain_mini_dense", [])}
     out = [
-        "| variant | seed | task | routing entropy | parent (dense) | default slice | k-expert slice | healed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | seed | steps | task | routing entropy | parent (dense) | default slice | k-expert slice | healed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         for task, t in run["tasks"].items():
             curve = {p["policy"]: p for p in t.get("curve", [])}
-            base = dense.get(str(run.get("seed")), {}).get(task, {}).get("single_task_dense")
+            base = dense.get((str(run.get("seed")), str(run.get("steps"))), {}).get(task, {}).get("single_task_dense")
             healed = t.get("default", {}).get("healed_kept")
             out.append(
-                f"| {run['variant']} | {run.get('seed')} | {task} | {t['entropy']:.2f} | {t['parent']:.4f} "
+                f"| {run['variant']} | {run.get('seed')} | {run.get('steps')} | {task} | {t['entropy']:.2f} | {t['parent']:.4f} "
                 f"({fmt(base)}) | {_pair(t.get('default') or curve.get('default'))} | "
                 f"{_pair(curve.get('top_n:gate_mass:k'))} | {f'{100 * healed:.1f}%' if healed else '—'} |"
             )
@@ -270,7 +270,9 @@ def _decomposition(runs: list[dict], all_runs: dict[str, list[dict]]) -> list[st
             "",
             f"**{task}**: parameters kept / metric kept per selection policy, before healing",
             "",
-            "| policy | " + " | ".join(f"{r['variant']}, seed {r.get('seed')}" for r in shown) + " |",
+            "| policy | "
+            + " | ".join(f"{r['variant']}, seed {r.get('seed')}, {r.get('steps')} steps" for r in shown)
+            + " |",
             "|---|" + "---|" * len(shown),
         ]
         for policy in policies:
