@@ -58,7 +58,15 @@ from ..kernels import EXPERTS_IMPLEMENTATIONS
 from ..metrics import evaluate
 from ..models.moe_vit import TASK_MODEL_CLASSES, MoEViTConfig, MoEViTForImageClassification, find_backbone
 from ..training.config import OptimizerConfig, TrainConfig, config_to_dict, load_config
-from ..training.loop import adamw, build_scheduler, compile_model, make_accelerator, repeat_loader, train_loop
+from ..training.loop import (
+    adamw,
+    build_scheduler,
+    compile_model,
+    make_accelerator,
+    repeat_loader,
+    shuffled_loader,
+    train_loop,
+)
 from .downstream import resolve_dataset_spec
 from .lora import apply_lora, lora_config, merge_lora
 from .report import (
@@ -607,16 +615,7 @@ def train(
         eps=opt_cfg.eps,
     )
     scheduler = build_scheduler(opt, opt_cfg, steps)
-    loader = accelerator.prepare(
-        torch.utils.data.DataLoader(
-            train_set,
-            batch_size=batch_size,
-            shuffle=True,
-            drop_last=len(train_set) >= batch_size,
-            collate_fn=collate_fn_for("classification"),
-            generator=torch.Generator().manual_seed(seed),
-        )
-    )
+    loader = accelerator.prepare(shuffled_loader(train_set, batch_size, seed, collate_fn_for("classification")))
     speed, saved, first = Throughput(warmup=1), SavedTensorMeter(model), [True]
 
     def loss_fn(m, batch):

@@ -396,7 +396,7 @@ def learn_new_task(
     """
     from ..data import collate_fn_for
     from ..training.config import OptimizerConfig, TrainConfig
-    from ..training.loop import adamw, build_scheduler, make_accelerator, repeat_loader, train_loop
+    from ..training.loop import adamw, build_scheduler, make_accelerator, repeat_loader, shuffled_loader, train_loop
 
     config = _backbone(model).config
     old_tasks = [t for t in config.tasks if t != task]
@@ -418,16 +418,7 @@ def learn_new_task(
         betas=opt_cfg.betas,
         eps=opt_cfg.eps,
     )
-    loader = accelerator.prepare(
-        torch.utils.data.DataLoader(
-            train_set,
-            batch_size=batch_size,
-            shuffle=True,
-            drop_last=len(train_set) >= batch_size,
-            collate_fn=collate_fn_for("classification"),
-            generator=torch.Generator().manual_seed(seed),
-        )
-    )
+    loader = accelerator.prepare(shuffled_loader(train_set, batch_size, seed, collate_fn_for("classification")))
 
     def loss_fn(m, batch):
         return m(pixel_values=batch["pixel_values"], labels=batch["labels"], task=task, return_dict=True).loss

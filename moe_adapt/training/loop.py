@@ -385,6 +385,18 @@ def train_loop(
     )
 
 
+def shuffled_loader(dataset, batch_size: int, seed: int, collate_fn) -> torch.utils.data.DataLoader:
+    """A seeded, shuffled DataLoader of `dataset` that drops a short last batch unless the set is smaller than one."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(dataset) >= batch_size,
+        collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 def repeat_loader(loader, start: int = 0) -> Iterator:
     """`loader`'s batches epoch after epoch (`set_epoch` each epoch where it has one), the first `start` skipped."""
     epoch, seen = 0, 0
