@@ -243,10 +243,24 @@ def _pair(point) -> str:
     return f"{point['params']:.3f} / {100 * point['kept']:.1f}%" + (" ✓" if ok else "")
 
 
+def _recipe_overrides(overrides) -> str:
+    """A dense baseline's recipe overrides other than the seed, as one string ("" for the recipe itself)."""
+    return " ".join(o for o in overrides or [] if not o.startswith("seed="))
+
+
+def _dense_key(run: dict, overrides: str) -> tuple[str, str, str]:
+    """Which dense baseline a decomposition run compares with: same seed, steps and recipe overrides (a
+    decomposition line's `dense_overrides`, "" by default)."""
+    return str(run.get("seed")), str(run.get("steps")), overrides
+
+
 def _decomposition(runs: list[dict], all_runs: dict[str, list[dict]]) -> list[str]:
     """The variants table, then per task the parameters-kept / metric-kept curve of every selection policy for the
     baseline and the last (chosen) variant."""
-    dense = {(str(r.get("seed")), str(r.get("steps"))): r["tasks"] for r in all_runs.get("pretrain_mini_dense", [])}
+    dense = {
+        _dense_key(r, _recipe_overrides(r.get("overrides"))): r["tasks"]
+        for r in all_runs.get("pretrain_mini_dense", [])
+    }
     out = [
         "| variant | seed | steps | task | routing entropy | parent (dense) | default slice | k-expert slice | healed |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -254,7 +268,7 @@ def _decomposition(runs: list[dict], all_runs: dict[str, list[dict]]) -> list[st
     for run in runs:
         for task, t in run["tasks"].items():
             curve = {p["policy"]: p for p in t.get("curve", [])}
-            base = dense.get((str(run.get("seed")), str(run.get("steps"))), {}).get(task, {}).get("single_task_dense")
+            base = dense.get(_dense_key(run, run.get("dense_overrides", "")), {}).get(task, {}).get("single_task_dense")
             healed = t.get("default", {}).get("healed_kept")
             out.append(
                 f"| {run['variant']} | {run.get('seed')} | {run.get('steps')} | {task} | {t['entropy']:.2f} | {t['parent']:.4f} "
