@@ -49,8 +49,8 @@ SECTIONS: dict[str, dict] = {
     "decomposition": {
         "title": "Decomposition out of the box",
         "guide": "decomposition.md",
-        "about": "Pretraining variants of the demo recipe at a fixed 286 steps (1 thread; one at 500), seeds 0 and 1: per task, "
-        "the routing entropy (mean over MoE layers of H(mean gate) / log E), the parent's metric beside the "
+        "about": "Pretraining variants of the demo recipe (1 thread) at 286 steps (the earlier recipe) and 500 steps, "
+        "seeds 0 and 1, the last rows being the recipe's current settings: per task, the routing entropy (mean over MoE layers of H(mean gate) / log E), the parent's metric beside the "
         "single-task dense baseline of the same seed, the default `moe-adapt extract` slice (Mod-Squad's 3% "
         "threshold) and the k-expert slice (`--policy top_n`) as parameters kept / metric kept, and the "
         "default slice healed for 100 steps. ✓: at most 50% of the parameters and at least 99% of the metric.",
@@ -59,7 +59,8 @@ SECTIONS: dict[str, dict] = {
     "pretrain_mini_dense": {
         "title": "Single-task dense baselines at the decomposition runs' length",
         "guide": "pretraining.md",
-        "about": "The dense ViT per task with the MoE's active compute, per seed and number of steps.",
+        "about": "The dense ViT per task with the MoE's active compute, per seed, number of steps and recipe "
+        "overrides (the fashion-seg head's width changes its baseline; the MoE layout does not change a dense model).",
         "rows": "tasks",
         "columns": {"seed": "/seed", "metric": "metric", "single-task dense": "single_task_dense", "steps": "/steps"},
     },

@@ -1,5 +1,6 @@
-"""`benchmarks/moe_layer.py` (issue 2) prints its one JSON line with the keys the README and the issue name; a small
-shape keeps this a smoke test (the README's numbers come from the full-size run)."""
+"""Benchmarks print their one JSON line with the keys the docs and the issues name: `benchmarks/moe_layer.py` and
+`benchmarks/task_gradients.py`; small shapes keep these smoke tests (the documented numbers come from full-size
+runs)."""
 
 import json
 import os
@@ -68,3 +69,34 @@ def test_moe_layer_benchmark_takes_the_vit_b_preset():
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["preset"] == "vit-b" and result["hidden_size"] == 768 and result["tokens"] == 197
     assert result["best_vs_dense"] > 0
+
+
+def test_task_gradients_benchmark_measures_each_tasks_share_of_the_shared_gradient(mini_data_dir):
+    """`benchmarks/task_gradients.py` on the recipe's model at initialisation, one small-benchmark batch per task:
+    every task sends gradient into the shared backbone and its own head, the equal-norm loss weights give every task
+    the smallest task's shared-gradient norm, and each shared tensor is counted for exactly one task."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "task_gradients.py"),
+        "--model",
+        "init",
+        "--batches",
+        "1",
+        f"data.mini.out={mini_data_dir}",
+        "data.mini.small=true",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    tasks = ["fashion", "digits-det", "fashion-seg"]
+    assert list(result["norms"]) == tasks
+    for task in tasks:
+        assert result["norms"][task]["shared"] > 0 and result["norms"][task]["head"] > 0, task
+    shared = {t: result["norms"][t]["shared"] for t in tasks}
+    weights = result["loss_weights_equal_norm"]
+    assert weights[min(shared, key=shared.get)] == 1.0
+    for task in tasks:
+        assert abs(weights[task] * shared[task] - min(shared.values())) <= 1e-3 * shared[task] + 1e-4, task
+    assert sum(result["largest_on_shared_tensors"].values()) == result["shared_tensors"] > 0
+    assert set(result["shared_cosine"]) == {"fashion|digits-det", "fashion|fashion-seg", "digits-det|fashion-seg"}
