@@ -253,7 +253,7 @@ def _recipe_overrides(overrides) -> str:
 
 def _dense_key(run: dict, overrides: str) -> tuple[str, str, str]:
     """Which dense baseline a decomposition run compares with: same seed, steps and recipe overrides (a
-    decomposition line's `dense_overrides`, "" by default)."""
+    decomposition line's `dense_overrides`, one string or one per task; "" by default)."""
     return str(run.get("seed")), str(run.get("steps")), overrides
 
 
@@ -271,7 +271,10 @@ def _decomposition(runs: list[dict], all_runs: dict[str, list[dict]]) -> list[st
     for run in runs:
         for task, t in run["tasks"].items():
             curve = {p["policy"]: p for p in t.get("curve", [])}
-            base = dense.get(_dense_key(run, run.get("dense_overrides", "")), {}).get(task, {}).get("single_task_dense")
+            overrides = run.get("dense_overrides", "")
+            if isinstance(overrides, dict):  # per task: a head's width changes only its own task's baseline
+                overrides = overrides.get(task, "")
+            base = dense.get(_dense_key(run, overrides), {}).get(task, {}).get("single_task_dense")
             healed = t.get("default", {}).get("healed_kept")
             out.append(
                 f"| {run['variant']} | {run.get('seed')} | {run.get('steps')} | {task} | {t['entropy']:.2f} | {t['parent']:.4f} "
