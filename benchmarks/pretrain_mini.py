@@ -88,6 +88,10 @@ def main(argv=None) -> int:
         out = args.data or str(Path(tempfile.gettempdir()) / "moe_adapt_mini_small")
         base.data.mini = {"out": out, "small": bool(args.quick), "seed": 0}
     tasks = list(base.tasks)
+    dense_tasks = args.dense_tasks.split(",") if args.dense_tasks else tasks
+    unknown = sorted(set(dense_tasks) - set(tasks))
+    if unknown:
+        raise SystemExit(f"error: --dense-tasks: unknown task(s) {unknown}; tasks: {tasks}")
 
     with contextlib.ExitStack() as stack:
         root = (
@@ -122,10 +126,6 @@ def main(argv=None) -> int:
 
             mc = MoEViTConfig.from_preset(base.model.preset, tasks=tasks, **base.model.overrides)
             dense_changes = dict(attn_experts=0, mlp_experts=0, intermediate_size=mc.mlp_top_k * mc.mlp_expert_size)
-            dense_tasks = args.dense_tasks.split(",") if args.dense_tasks else tasks
-            unknown = sorted(set(dense_tasks) - set(tasks))
-            if unknown:
-                raise SystemExit(f"error: --dense-tasks: unknown task(s) {unknown}; tasks: {tasks}")
             dense = {t: run(f"single_task_dense_{t}", tasks=[t], **dense_changes) for t in dense_tasks}
         done = {
             "multitask_moe": moe,
