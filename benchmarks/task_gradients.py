@@ -54,7 +54,10 @@ def parameter_group(name: str) -> str:
 
 
 def task_gradients(model, data: dict, batches: int, seed: int) -> dict:
-    """`{task: {parameter name: gradient}}`: each task's mean loss gradient over `batches` training batches."""
+    """`{task: {parameter name: gradient}}`: each task's mean loss gradient over `batches` training batches, on
+    every parameter some task's loss reached (zero where this task's did not)."""
+    import torch
+
     from moe_adapt.training.data import TaskBatchStream
 
     grads = {}
@@ -68,7 +71,9 @@ def task_gradients(model, data: dict, batches: int, seed: int) -> dict:
         grads[task] = {
             n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None
         }
-    return grads
+    # a parameter some task reached and another did not: a zero gradient for the other
+    reached = {n: g for task_grads in grads.values() for n, g in task_grads.items()}
+    return {t: {n: g.get(n, torch.zeros_like(reached[n])) for n in reached} for t, g in grads.items()}
 
 
 def summarise(grads: dict) -> dict:
@@ -84,19 +89,15 @@ def summarise(grads: dict) -> dict:
         norms[task] = {group: round(s**0.5, 4) for group, s in sorted(squares.items())}
     shared = sorted({n for g in grads.values() for n in g if parameter_group(n) == "shared"})
 
-    def vector(task):
-        return torch.cat([grads[task][n].flatten() if n in grads[task] else torch.zeros(0) for n in shared])
-
-    vectors = {t: vector(t) for t in tasks}
+    vectors = {t: torch.cat([grads[t][n].flatten() for n in shared]) for t in tasks}
     cosine = {
         f"{a}|{b}": round(float(torch.nn.functional.cosine_similarity(vectors[a], vectors[b], dim=0)), 3)
         for i, a in enumerate(tasks)
         for b in tasks[i + 1 :]
-        if vectors[a].numel() == vectors[b].numel()
     }
     largest = dict.fromkeys(tasks, 0)
     for name in shared:
-        sizes = {t: float(grads[t][name].norm()) if name in grads[t] else 0.0 for t in tasks}
+        sizes = {t: float(grads[t][name].norm()) for t in tasks}
         largest[max(sizes, key=sizes.get)] += 1
     shared_norm = {t: norms[t].get("shared", 0.0) for t in tasks}
     smallest = min(shared_norm.values())
