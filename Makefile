@@ -44,7 +44,7 @@ test: $(STAMP) sources
 	$(BIN)/python -m pytest -q -x --timeout 600 tests
 
 # The model the adaptation benchmark is measured on: the mini recipe with a longer schedule (2000 steps instead of the
-# demo's 300, ~17 min on 1 thread here).
+# demo's 600, ~17 min on 1 thread here).
 mini-full: $(STAMP) sources
 	$(BIN)/python recipes/pretrain.py --config recipes/configs/mini_full.yaml
 

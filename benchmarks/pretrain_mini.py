@@ -1,6 +1,6 @@
 """Benchmark: multi-task MoE pretraining vs single-task dense baselines on the mini benchmark. Prints ONE JSON line.
 
-    python benchmarks/pretrain_mini.py                      # the mini recipe's settings, its 500 steps per run
+    python benchmarks/pretrain_mini.py                      # the mini recipe's settings, its 600 steps per run
     python benchmarks/pretrain_mini.py --steps 100          # shorter
     python benchmarks/pretrain_mini.py --quick              # smoke run on the small benchmark (numbers not meaningful)
     python benchmarks/pretrain_mini.py --runs single_task_dense --dense-tasks fashion-seg seed=1   # one baseline

@@ -118,6 +118,31 @@ def test_pick_threads_takes_one_thread_on_a_busy_machine(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_each_launched_process_takes_its_share_of_the_cores(monkeypatch, capsys):
+    """`train.num_threads: 2` (the demo recipe) under `torchrun --nproc_per_node 2` on 2 cores: 1 thread each, said
+    once; alone on the same cores the process keeps its 2 (and `make_accelerator` sets them)."""
+    from moe_adapt.training.loop import make_accelerator, threads_per_process
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    try:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        assert threads_per_process(2) == 1 and threads_per_process(1) == 1
+        assert capsys.readouterr().out == "train.num_threads=2: 2 process(es) on 2 core(s), so 1 thread(s) each.\n"
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        assert threads_per_process(2) == 1 and capsys.readouterr().out == ""
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+        assert threads_per_process(4) == 1
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        monkeypatch.delenv("LOCAL_RANK")
+        assert threads_per_process(2) == 2 and threads_per_process(3) == 2
+        make_accelerator(TrainConfig(num_threads=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's /proc")
 def test_rss_meter_measures_the_tracked_stretch_above_live_data():
     """The benchmarks' meter: baseline = VmRSS after the allocator's free memory went back, peak = VmHWM reset at

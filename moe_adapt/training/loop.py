@@ -51,6 +51,23 @@ def has_accelerator() -> bool:
     return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 
+def threads_per_process(requested: int) -> int:
+    """`requested` torch threads, or fewer when this machine's processes would then run more threads than it has
+    cores: with `LOCAL_WORLD_SIZE` processes (set by `torchrun` and `accelerate launch`) on C usable cores, each takes
+    at most max(1, C // processes). A note says so on the first process."""
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested * processes <= cores:
+        return requested
+    fitted = max(1, cores // processes)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(
+            f"train.num_threads={requested}: {processes} process(es) on {cores} core(s), so {fitted} thread(s) each.",
+            flush=True,
+        )
+    return fitted
+
+
 def make_accelerator(
     train: TrainConfig, output_dir: str | Path | None = None, find_unused_parameters: bool = False, **kwargs
 ) -> Accelerator:
@@ -60,7 +77,7 @@ def make_accelerator(
     `accelerate launch` processes run as MULTI_CPU (gloo). DDP or FSDP come from the launcher (`accelerate launch
     --use_fsdp`, `accelerate config`)."""
     if train.num_threads is not None:
-        torch.set_num_threads(train.num_threads)
+        torch.set_num_threads(threads_per_process(train.num_threads))
     project = None
     if output_dir is not None:
         project = ProjectConfiguration(
