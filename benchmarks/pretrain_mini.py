@@ -36,7 +36,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,6 +145,7 @@ def main(argv=None) -> int:
         image_size = {t: base.tasks[t].image_size or any_run["model"].config.image_size for t in reported}
         result = {
             "benchmark": "pretrain_mini",
+            "seed": base.seed,
             "steps": any_run["steps"],
             "overrides": list(args.overrides),
             "tasks": {

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/demo}
 BIN=${BIN:-.venv/bin}
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg OMP_WAIT_POLICY=PASSIVE  # idle threads sleep: faster on a shared CPU
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg
 start=$(date +%s)
 step() { printf '\n=== [%ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 

@@ -15,8 +15,6 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
-# Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning threads slow every process down.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from moe_adapt.cli import recipe_main  # noqa: E402
 
