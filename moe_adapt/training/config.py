@@ -172,10 +172,11 @@ class TrainConfig:
     """How the loop runs; the same section in every recipe.
 
     `max_steps`: optimizer steps. `max_minutes`: optional wall-clock budget: the loop stops when it is spent (the
-    schedule still follows `max_steps`; exact resume no longer holds). `num_threads`: torch threads per process (a positive
-    int; fewer when the launcher's processes would then outnumber the cores), or null (torch's default). `mixed_precision`: accelerate's "no", "bf16" or "fp16". `gradient_accumulation_steps`:
-    batches per optimizer step (accelerate's `accumulate`; pretraining accumulates over the tasks of a step in its
-    objective instead and keeps 1). `compile`: `torch.compile` the model (off by default). `eval_every` /
+    schedule still follows `max_steps`; exact resume no longer holds). `num_threads`: torch threads per process (a
+    positive int; fewer when the launcher's processes would then outnumber the cores), or null (torch's default).
+    `mixed_precision`: accelerate's "no", "bf16" or "fp16". `gradient_accumulation_steps`: batches per optimizer step
+    (accelerate's `accumulate`; pretraining accumulates over the tasks of a step in its objective instead and keeps
+    1). `compile`: `torch.compile` the model (off by default). `eval_every` /
     `save_every`: steps between evaluations / checkpoints (0: only at the end / none); `keep_checkpoints`: how many
     checkpoints accelerate keeps. `usage_max_batches`: pretraining's calibration batches per task for the final
     expert-usage statistics."""
