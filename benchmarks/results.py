@@ -154,9 +154,8 @@ def _pretraining(run):
     tasks = run["tasks"].values()
     above = sum(t["multitask_moe"] >= t["single_task_dense"] for t in tasks)
     mi = run.get("normalized_mi", {})
-    seed = next((o.split("=", 1)[1] for o in run.get("overrides") or [] if o.startswith("seed=")), "0")
     return (
-        f"seed {seed}, {run.get('steps')} steps: at or above {above} of {len(run['tasks'])} single-task dense "
+        f"seed {run.get('seed')}, {run.get('steps')} steps: at or above {above} of {len(run['tasks'])} single-task dense "
         "baselines (other seeds: [results](docs/results.md#decomposition-out-of-the-box)); normalised I(T;E) "
         f"{mi.get('with_mi_loss', float('nan')):.2f} vs {mi.get('without_mi_loss', float('nan')):.2f} without the MI loss"
     )
