@@ -74,6 +74,25 @@ def test_mutual_information_loss_adds_the_term_with_its_weight_and_top_k_from_th
         MutualInformationLoss(num_tasks=2, concentration=0.1)
 
 
+def test_concentration_extra_widens_each_tasks_expert_set_up_to_the_layers_experts():
+    base = MoEViTConfig.from_preset("tiny", tasks=["a", "b"], routing_concentration_weight=0.3)
+    wide = MoEViTConfig.from_preset("tiny", tasks=["a", "b"], routing_concentration_weight=0.3, routing_concentration_extra=1)
+    layers = list(base.moe_layers())
+    widths = [getattr(base, f"{kind}_experts")[i] for _, i, kind in layers]
+    assert MutualInformationLoss.from_config(wide).top_k == [
+        min(k + 1, e) for k, e in zip(MutualInformationLoss.from_config(base).top_k, widths)
+    ]
+    huge = MoEViTConfig.from_preset("tiny", tasks=["a", "b"], routing_concentration_weight=0.3, routing_concentration_extra=99)
+    assert MutualInformationLoss.from_config(huge).top_k == widths
+    # a set of k + 1: tokens spread over those k + 1 experts pay nothing, tokens on only k of them pay
+    three = torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0]] * 4)
+    assert routing_concentration_loss(*stats([three]), top_k=3).item() == pytest.approx(0.0, abs=1e-5)
+    assert routing_concentration_loss(*stats([three]), top_k=2).item() > 0.0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="routing_concentration_extra"):
+            MoEViTConfig(tasks=["a"], routing_concentration_extra=bad)
+
+
 def test_tasks_starting_from_uniform_routing_are_pulled_toward_different_experts():
     # zero-initialised routers: every task's tokens spread evenly; a plain top-k would give all three the same set
     uniform = [torch.full((5, 8), 1 / 8) for _ in range(3)]

@@ -130,6 +130,9 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
     - `router_z_loss_weight`, `balance_loss_weight` (default 0): Switch-style auxiliary losses, added to
       `aux_loss` of each forward. `mi_loss_weight` (0.005) and `mi_task_prior` (`"token_share"` or
       `"uniform"`) configure [`MutualInformationLoss`], which spans every micro-batch of an optimisation step.
+    - `routing_concentration_weight` (default 0) adds to it, per MoE layer, how far each task's tokens are from
+      routing inside one set of that layer's top-k + `routing_concentration_extra` (default 0) experts
+      (`routing_concentration_loss`): the set a task's default slice keeps.
     - `task_router_sizes` (`dict[task, {"attn": [...], "mlp": [...]}]`, optional): the number of leading experts
       a task's router may choose in each layer. Absent means all experts. Tasks added by continual learning
       leave old tasks routing over exactly their old experts this way.
@@ -188,7 +191,8 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
     balance_loss_weight: float = 0.0
     mi_loss_weight: float = 0.005
     mi_task_prior: str = "token_share"
-    routing_concentration_weight: float = 0.0  # weight of each task's routing entropy (MutualInformationLoss)
+    routing_concentration_weight: float = 0.0
+    routing_concentration_extra: int = 0
     task_router_sizes: dict | None = None
     attn_expert_groups: list | None = None
     mlp_expert_groups: list | None = None
@@ -228,6 +232,9 @@ class MoEViTConfig(BackboneConfigMixin, PreTrainedConfig):
             self.attn_expert_head_size = 2 * self.hidden_size // self.num_attention_heads
         if self.mlp_expert_size is None:
             self.mlp_expert_size = max(1, 4 * self.hidden_size // max(self.mlp_top_k, 1))
+        extra = self.routing_concentration_extra
+        if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+            raise ValueError(f"MoEViTConfig.routing_concentration_extra={extra!r}: expected an integer >= 0.")
         if self.mi_task_prior not in ("token_share", "uniform"):
             raise ValueError(f"MoEViTConfig.mi_task_prior={self.mi_task_prior!r}: expected 'token_share' or 'uniform'.")
         if self.pooling not in ("cls", "mean"):

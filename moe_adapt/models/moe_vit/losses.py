@@ -109,8 +109,8 @@ class MutualInformationLoss:
 
     `compute()` returns `weight · Σ_layers mutual_information_loss(M_layer)`, plus
     `concentration · Σ_layers routing_concentration_loss(M_layer, L_layer, n, k_layer)` when `concentration` (the config's
-    `routing_concentration_weight`) is above 0; `top_k` (one k per MoE layer; `from_config` fills it in) is then
-    required. Under `torch.distributed`, M is
+    `routing_concentration_weight`) is above 0; `top_k` (one set size per MoE layer: `from_config` gives the layer's
+    top-k plus the config's `routing_concentration_extra`) is then required. Under `torch.distributed`, M is
     summed across ranks with a differentiable all-reduce, so every rank sees the statistics of the global step
     and (with DDP's gradient averaging) receives the exact gradient of the global loss.
 
@@ -144,10 +144,15 @@ class MutualInformationLoss:
     @classmethod
     def from_config(cls, config, **kwargs) -> MutualInformationLoss:
         """Sized and weighted by a `MoEViTConfig`: its tasks, `mi_loss_weight`, `mi_task_prior`,
-        `routing_concentration_weight` and the expert count and top-k of every MoE layer (`kwargs` override, e.g.
+        `routing_concentration_weight` and the expert count of every MoE layer; the concentration term's set per
+        layer is its top-k plus `routing_concentration_extra`, at most its expert count (`kwargs` override, e.g.
         `sync=False`)."""
         widths = [getattr(config, f"{kind}_experts")[index] for _, index, kind in config.moe_layers()]
-        top_k = [getattr(config, f"{kind}_top_k") for _, _, kind in config.moe_layers()]
+        extra = int(getattr(config, "routing_concentration_extra", 0))
+        top_k = [
+            min(getattr(config, f"{kind}_top_k") + extra, width)
+            for (_, _, kind), width in zip(config.moe_layers(), widths)
+        ]
         options = {
             "weight": config.mi_loss_weight,
             "task_prior": config.mi_task_prior,
