@@ -50,7 +50,8 @@ SECTIONS: dict[str, dict] = {
         "title": "Decomposition out of the box",
         "guide": "decomposition.md",
         "about": "Pretraining variants of the demo recipe at 286 steps (the earlier recipe) and 500 steps on 1 thread, "
-        "seeds 0 to 3, and the recipe now (600 steps on 2 threads) on seeds 0 to 5 in the last rows: per task, "
+        "seeds 0 to 3, then 600 steps on 2 threads on seeds 0 to 5: each task held to its k experts per layer, and "
+        "the recipe now (each task on k + 1 experts per layer) in the last rows: per task, "
         "the routing entropy (mean over MoE layers of H(mean gate) / log E), the parent's metric beside the "
         "single-task dense baseline of the same seed, the default `moe-adapt extract` slice (Mod-Squad's 3% "
         "threshold) and the k-expert slice (`--policy top_n`) as parameters kept / metric kept, and the "

@@ -34,8 +34,9 @@ from .inspect import add_calibration_arguments, collect_usages, dataset_names
 
 #: what `moe-adapt extract` selects with no selection option (benchmarks/decomposition.py measures the same):
 #: Mod-Squad's rule, experts chosen by more than 3% of the task's tokens. On a model pretrained with
-#: `routing_concentration_weight` it keeps each mini task within half the parent's parameters and its metric within
-#: 1%, without healing (docs/results.md); the k-expert `top_n` slice is smaller but needs healing for classification.
+#: `routing_concentration_weight` it keeps each task's top-k + `routing_concentration_extra` experts per layer: each
+#: mini task within half the parent's parameters and its metric within 1%, without healing (docs/results.md); the
+#: k-expert `top_n` slice is smaller and runs dense, but needs healing when that extra is above 0.
 DEFAULT_SELECTION = {"policy": "threshold", "criterion": None, "threshold": 3.0}
 
 #: `--heal-train`'s default: `heal_submodel`'s own (the small tensors)
