@@ -83,3 +83,14 @@ def test_repository_documents_are_up_to_date(results, tmp_path):
     results.render(results.RESULTS, docs, readme)
     assert docs.read_text() == (ROOT / "docs" / "results.md").read_text()
     assert readme.read_text() == (ROOT / "README.md").read_text()
+
+
+def test_slices_headline_shows_the_latest_run_of_the_default_policy(results):
+    def run(policy, ratio):
+        task = {"params": {"ratio": ratio}, "metric": {"ratio": 1.0}, "speed_sliced_vs_vit": 0.9}
+        return {"policy": {"policy": policy}, "tasks": {"a": task}}
+
+    runs = [run("threshold", 0.4), run("threshold", 0.38), run("top_n", 0.26)]
+    assert results._default_policy_run(runs) is runs[1]
+    assert results._slices(results._default_policy_run(runs)).startswith("policy `threshold`: 38.0% of the parameters")
+    assert results._default_policy_run(runs[2:]) is runs[2]  # no default-policy run: the latest
