@@ -76,13 +76,17 @@ def test_mutual_information_loss_adds_the_term_with_its_weight_and_top_k_from_th
 
 def test_concentration_extra_widens_each_tasks_expert_set_up_to_the_layers_experts():
     base = MoEViTConfig.from_preset("tiny", tasks=["a", "b"], routing_concentration_weight=0.3)
-    wide = MoEViTConfig.from_preset("tiny", tasks=["a", "b"], routing_concentration_weight=0.3, routing_concentration_extra=1)
+    wide = MoEViTConfig.from_preset(
+        "tiny", tasks=["a", "b"], routing_concentration_weight=0.3, routing_concentration_extra=1
+    )
     layers = list(base.moe_layers())
     widths = [getattr(base, f"{kind}_experts")[i] for _, i, kind in layers]
     assert MutualInformationLoss.from_config(wide).top_k == [
         min(k + 1, e) for k, e in zip(MutualInformationLoss.from_config(base).top_k, widths)
     ]
-    huge = MoEViTConfig.from_preset("tiny", tasks=["a", "b"], routing_concentration_weight=0.3, routing_concentration_extra=99)
+    huge = MoEViTConfig.from_preset(
+        "tiny", tasks=["a", "b"], routing_concentration_weight=0.3, routing_concentration_extra=99
+    )
     assert MutualInformationLoss.from_config(huge).top_k == widths
     # a set of k + 1: tokens spread over those k + 1 experts pay nothing, tokens on only k of them pay
     three = torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0]] * 4)
